@@ -1,0 +1,121 @@
+"""Baselines with the same interface as ModularNet: a plain isometric ResNet used as a
+shared trunk with one head per task, and independent plain networks, one per task."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from isomod.blocks import ResidualModule
+from isomod.network import ModelConfig, TaskModel, TaskSpec, check_input, make_norm
+
+
+class PlainResNet(TaskModel):
+    """An isometric ResNet of `config.steps` distinct blocks with shared norms.
+
+    The same blocks as ModularNet's pool, run once each in order; every task shares
+    stem, blocks and norms and owns only its head (the shared-trunk baseline).
+
+    Args:
+        config: the shape; `num_modules`, `mixing` and the route fields are ignored.
+        tasks: tasks (heads) to create at once.
+    """
+
+    def __init__(self, config: ModelConfig, tasks: list[TaskSpec] = ()):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.stem = nn.Conv2d(config.in_channels, c, 3, stride=config.stem_stride, padding=1)
+        self.blocks = nn.ModuleList(
+            ResidualModule(c, config.kernel_size, config.residual_scale) for _ in range(config.steps)
+        )
+        self.norms = nn.ModuleList(make_norm(c) for _ in range(2 * config.steps + 1))
+        self.heads = nn.ModuleDict()
+        self.specs: dict[str, TaskSpec] = {}
+        for spec in tasks:
+            self.add_task(spec)
+
+    def add_task(self, spec: TaskSpec) -> None:
+        self.check_spec(spec, self.config.in_channels)
+        self.heads[spec.name] = nn.Linear(self.config.channels, spec.num_classes).to(self.stem.weight.device)
+        self.specs[spec.name] = spec
+
+    def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        check_input(x, self.config.in_channels)
+        h = self.stem(x)  # (B, C, H', W')
+        for l, block in enumerate(self.blocks):
+            h = block(h, self.norms[2 * l], self.norms[2 * l + 1])
+        h = F.relu(self.norms[-1](h))
+        return h.mean(dim=(2, 3))  # (B, C)
+
+    def forward_head(self, h: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return self.heads[task](h)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {
+            "stem": list(self.stem.parameters()),
+            "pool": list(self.blocks.parameters()),
+            "norms": list(self.norms.parameters()),
+            "heads": list(self.heads.parameters()),
+        }
+        return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+
+    def task_param_count(self, task: str) -> int:
+        self.check_task(task)
+        return sum(p.numel() for p in self.heads[task].parameters())
+
+    def to_config(self) -> dict:
+        return {"model": asdict(self.config), "tasks": [asdict(s) for s in self.specs.values()]}
+
+    @classmethod
+    def from_config(cls, data: dict) -> "PlainResNet":
+        return cls(ModelConfig.from_dict(data["model"]), [TaskSpec(**s) for s in data.get("tasks", [])])
+
+
+class IndependentNets(TaskModel):
+    """One PlainResNet per task, sharing nothing (the independent-networks baseline)."""
+
+    def __init__(self, config: ModelConfig, tasks: list[TaskSpec] = ()):
+        super().__init__()
+        self.config = config
+        self.nets = nn.ModuleDict()
+        self.specs: dict[str, TaskSpec] = {}
+        for spec in tasks:
+            self.add_task(spec)
+
+    def add_task(self, spec: TaskSpec) -> None:
+        self.check_spec(spec, self.config.in_channels)
+        device = next(iter(self.nets.values())).stem.weight.device if self.nets else None
+        self.nets[spec.name] = PlainResNet(replace(self.config), [spec]).to(device)
+        self.specs[spec.name] = spec
+
+    def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return self.nets[task].forward_features(x, task)
+
+    def forward_head(self, h: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return self.nets[task].forward_head(h, task)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups: dict[str, list[nn.Parameter]] = {}
+        for net in self.nets.values():
+            for k, v in net.param_groups().items():
+                groups.setdefault(k, []).extend(v)
+        return groups
+
+    def task_param_count(self, task: str) -> int:
+        self.check_task(task)
+        return self.nets[task].param_count()
+
+    def to_config(self) -> dict:
+        return {"model": asdict(self.config), "tasks": [asdict(s) for s in self.specs.values()]}
+
+    @classmethod
+    def from_config(cls, data: dict) -> "IndependentNets":
+        return cls(ModelConfig.from_dict(data["model"]), [TaskSpec(**s) for s in data.get("tasks", [])])

@@ -1,0 +1,1 @@
+"""Task and suite definitions; generated and real data loaders."""

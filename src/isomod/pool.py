@@ -1,0 +1,80 @@
+"""ModulePool: the `N` interchangeable residual modules a model owns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from isomod.blocks import ResidualModule
+from isomod.errors import IsomodError
+
+
+class ModulePool(nn.Module):
+    """A list of residual modules of one shape, with add / freeze / remove.
+
+    Modules are kept as separate parameters (not one stacked tensor) so that freezing
+    one module is `requires_grad=False` on its own tensors; `stacked()` builds the
+    `(N, C, C, k, k)` view that weight mixing needs.
+
+    Args:
+        num_modules: initial pool size `N`.
+        channels: block width `C`.
+        kernel_size: convolution size `k`.
+        residual_scale: initial scale of each module's second convolution.
+    """
+
+    def __init__(self, num_modules: int, channels: int, kernel_size: int = 3, residual_scale: float = 0.5):
+        super().__init__()
+        if num_modules < 1:
+            raise IsomodError(f"a pool needs at least 1 module, got {num_modules}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.residual_scale = residual_scale
+        self.blocks = nn.ModuleList(
+            ResidualModule(channels, kernel_size, residual_scale) for _ in range(num_modules)
+        )
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both weight stacks, each `(N, C, C, k, k)`."""
+        w1 = torch.stack([b.w1 for b in self.blocks])
+        w2 = torch.stack([b.w2 for b in self.blocks])
+        return w1, w2
+
+    def _check(self, indices: Iterable[int]) -> list[int]:
+        indices = list(indices)
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise IsomodError(f"module index {bad[0]} out of range: the pool has modules 0..{len(self) - 1}")
+        return indices
+
+    def add(self, count: int = 1) -> list[int]:
+        """Append `count` freshly initialised, trainable modules; returns their indices."""
+        start = len(self)
+        device = self.blocks[0].w1.device
+        for _ in range(count):
+            self.blocks.append(ResidualModule(self.channels, self.kernel_size, self.residual_scale).to(device))
+        return list(range(start, start + count))
+
+    def freeze(self, indices: Iterable[int] | None = None) -> None:
+        """Stop training the given modules (all when `indices` is None)."""
+        for i in self._check(range(len(self)) if indices is None else indices):
+            self.blocks[i].requires_grad_(False)
+
+    def unfreeze(self, indices: Iterable[int] | None = None) -> None:
+        for i in self._check(range(len(self)) if indices is None else indices):
+            self.blocks[i].requires_grad_(True)
+
+    def frozen(self) -> list[bool]:
+        return [not b.w1.requires_grad for b in self.blocks]
+
+    def remove(self, index: int) -> None:
+        """Delete module `index`; the modules after it move down by one."""
+        (index,) = self._check([index])
+        if len(self) == 1:
+            raise IsomodError("cannot remove the last module of a pool")
+        del self.blocks[index]

@@ -1,0 +1,169 @@
+"""Figures and markdown from a benchmark's `results.json`: module-usage maps, task
+similarity from routes, training curves and the results table.
+
+Only this module (and the benchmarks through it) imports matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def route_similarity(usage: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """Similarity of tasks `a, b`: the mean over steps of `sum_n w_a[l, n] w_b[l, n]`,
+    the probability that both run the same module at a step (1 for identical discrete
+    routes, 0 for routes that never share a module at the same step)."""
+    names = list(usage)
+    w = np.stack([np.asarray(usage[n], dtype=np.float64) for n in names])  # (T, L, N)
+    sim = np.einsum("aln,bln->ab", w, w) / w.shape[1]
+    return names, sim
+
+
+def plot_usage(usage: dict[str, np.ndarray], path: Path, chosen: dict[str, list[int]] | None = None,
+               title: str = "module usage per task (route weights; dots: discrete choice)") -> Path:
+    """One steps x modules heat map per task."""
+    plt = _plt()
+    names = list(usage)
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        w = np.asarray(usage[name])  # (L, N)
+        ax.imshow(w, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        if chosen and chosen.get(name):
+            ax.scatter(chosen[name], range(len(chosen[name])), s=12, c="crimson")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("module", fontsize=8)
+        ax.set_ylabel("step", fontsize=8)
+        ax.set_xticks(range(w.shape[1]))
+        ax.set_yticks(range(w.shape[0]))
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_similarity(usage: dict[str, np.ndarray], path: Path, title: str = "task similarity from routes") -> Path:
+    plt = _plt()
+    names, sim = route_similarity(usage)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.6 + 0.6 * len(names)))
+    im = ax.imshow(sim, cmap="viridis", vmin=0, vmax=1)
+    short = [n.rsplit("/", 1)[-1] for n in names]
+    ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), short, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if sim[i, j] < 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(logs: dict[str, list[dict]], path: Path) -> Path:
+    """Training loss and mean running train accuracy against step, one line per run."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, records in logs.items():
+        rec = [r for r in records if "loss" in r]
+        if not rec:
+            continue
+        steps = [r["step"] for r in rec]
+        ax1.plot(steps, [r["loss"] for r in rec], label=label)
+        ax2.plot(steps, [np.mean(list(r["train_acc"].values())) for r in rec], label=label)
+        for r in records:
+            if r.get("event") == "discretize":
+                ax1.axvline(r["step"], color="gray", ls=":", lw=1)
+    ax1.set(xlabel="step", ylabel="training loss (EMA)", yscale="log")
+    ax2.set(xlabel="step", ylabel="train accuracy (running, mean over tasks)")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_task_accuracy(rows: list[dict], path: Path, metric: str = "test_acc") -> Path:
+    """Grouped bars: per-task metric, one bar per method (mean over seeds)."""
+    plt = _plt()
+    table = mean_table(rows, metric)
+    methods = list(table)
+    tasks = [t for t in next(iter(table.values())) if t != "mean"] + ["mean"]
+    x = np.arange(len(tasks))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(tasks), 3.6))
+    for i, m in enumerate(methods):
+        ax.bar(x + i * width, [table[m].get(t, np.nan) for t in tasks], width, label=m)
+    ax.set_xticks(x + 0.4 - width / 2, [t.rsplit("/", 1)[-1] for t in tasks], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def mean_table(rows: list[dict], metric: str = "test_acc") -> dict[str, dict[str, float]]:
+    """method -> task -> metric averaged over seeds; `mean` recomputed from per-task values."""
+    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["metric"] == metric and r["task"] != "mean":
+            acc[r["method"]][r["task"]].append(r["value"])
+    table = {m: {t: float(np.mean(v)) for t, v in per.items()} for m, per in acc.items()}
+    for per in table.values():
+        per["mean"] = float(np.mean(list(per.values())))
+    return table
+
+
+def params_table(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """method -> (total parameters, mean parameters owned per task)."""
+    out: dict[str, tuple[int, list[int]]] = {}
+    for r in rows:
+        if r["task"] == "mean":
+            continue
+        total, per = out.setdefault(r["method"], (r["params_total"], []))
+        per.append(r["params_task"])
+    return {m: (t, int(np.mean(p))) for m, (t, p) in out.items()}
+
+
+def markdown_results(rows: list[dict], metric: str = "test_acc") -> str:
+    """Tasks as rows, methods as columns, then the mean and the parameter counts."""
+    table = mean_table(rows, metric)
+    params = params_table(rows)
+    methods = list(table)
+    tasks = [t for t in table[methods[0]] if t != "mean"]
+    lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{100 * table[m].get(t, float('nan')):.1f}" for m in methods) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{100 * table[m]['mean']:.1f}**" for m in methods) + " |")
+    lines.append("| params total | " + " | ".join(f"{params[m][0]:,}" for m in methods) + " |")
+    lines.append("| params per task | " + " | ".join(f"{params[m][1]:,}" for m in methods) + " |")
+    return "\n".join(lines)

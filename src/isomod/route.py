@@ -1,0 +1,127 @@
+"""Route: a task's choice of module at each step, soft then discrete."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from isomod.errors import IsomodError
+
+ROUTE_INITS = ("random", "uniform", "cyclic", "permutation")
+
+
+class Route(nn.Module):
+    """Learnable logits over the pool at each of `L` steps.
+
+    Soft: the weights at step `l` are `softmax(logits[l] / temperature)`. Discrete:
+    `choice[l]` holds one module index per step (`-1` while soft) and the weights are
+    one-hot. `discretize()` moves from the first to the second; the temperature is a
+    buffer so that an annealing schedule survives a checkpoint.
+
+    Args:
+        steps: number of steps `L`.
+        num_modules: pool size `N`.
+        init: `random` (small Gaussian logits), `uniform` (all zero), `cyclic` (step
+            `l` starts biased towards module `l mod N`), or `permutation` (step `l`
+            starts biased towards `perm[l mod N]` for a random permutation of the pool,
+            so different tasks start on different modules).
+        init_scale: standard deviation of `random` logits, or the bias of the others.
+        temperature: initial softmax temperature.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        num_modules: int,
+        init: str = "random",
+        init_scale: float = 0.1,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        if init not in ROUTE_INITS:
+            raise IsomodError(f"unknown route init {init!r}; known: {', '.join(ROUTE_INITS)}")
+        logits = torch.zeros(steps, num_modules)
+        if init == "random":
+            logits.normal_(0.0, init_scale)
+        elif init in ("cyclic", "permutation"):
+            order = torch.arange(num_modules) if init == "cyclic" else torch.randperm(num_modules)
+            logits[torch.arange(steps), order[torch.arange(steps) % num_modules]] = init_scale
+        self.logits = nn.Parameter(logits)  # (L, N)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("choice", torch.full((steps,), -1, dtype=torch.long))  # (L,)
+
+    @classmethod
+    def fixed(cls, pattern: Sequence[int], num_modules: int) -> "Route":
+        """A route that is discrete from the start, e.g. `[0, 1, 2, 3, 0, 1, 2, 3]`."""
+        route = cls(len(pattern), num_modules, init="uniform")
+        route.set_choice(pattern)
+        return route
+
+    @property
+    def steps(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_modules(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def is_discrete(self) -> bool:
+        return bool((self.choice >= 0).all())
+
+    def set_choice(self, pattern: Sequence[int]) -> None:
+        """Make the route discrete with the given module index per step."""
+        pattern = [int(p) for p in pattern]
+        if len(pattern) != self.steps:
+            raise IsomodError(f"a route pattern needs {self.steps} steps, got {len(pattern)}")
+        if any(not 0 <= p < self.num_modules for p in pattern):
+            raise IsomodError(f"route pattern {pattern} names a module outside 0..{self.num_modules - 1}")
+        self.choice.copy_(torch.tensor(pattern, dtype=torch.long))
+        self.logits.requires_grad_(False)
+
+    def weights(self) -> torch.Tensor:
+        """Route weights `(L, N)`, rows summing to one (one-hot once discrete)."""
+        if self.is_discrete:
+            return F.one_hot(self.choice, self.num_modules).to(self.logits.dtype)
+        return torch.softmax(self.logits / self.temperature, dim=-1)
+
+    def entropy(self) -> torch.Tensor:
+        """Mean entropy (nats) of the step weights; zero for a discrete route."""
+        if self.is_discrete:
+            return self.logits.new_zeros(())
+        logp = torch.log_softmax(self.logits / self.temperature, dim=-1)
+        return -(logp.exp() * logp).sum(-1).mean()
+
+    def discretize(self) -> None:
+        """Freeze the route to its argmax at every step."""
+        if not self.is_discrete:
+            self.set_choice(self.logits.argmax(-1).tolist())
+
+    def indices(self) -> list[int]:
+        """The module chosen at each step (argmax while soft)."""
+        return self.choice.tolist() if self.is_discrete else self.logits.argmax(-1).tolist()
+
+    def add_modules(self, count: int) -> None:
+        """Extend to a pool grown by `count` modules, which this route never picks."""
+        # A large finite logit, not -inf: its weight underflows to exactly zero while
+        # the entropy stays finite (0 * log 0 would be NaN).
+        pad = self.logits.new_full((self.steps, count), -1e9)
+        grad = self.logits.requires_grad
+        self.logits = nn.Parameter(torch.cat([self.logits.detach(), pad], 1), requires_grad=grad)
+
+    def remove_module(self, index: int) -> None:
+        """Drop module `index` from the pool; later indices move down by one."""
+        if self.is_discrete and index in self.choice.tolist():
+            raise IsomodError(f"module {index} is used by this route and cannot be removed")
+        keep = [i for i in range(self.num_modules) if i != index]
+        grad = self.logits.requires_grad
+        self.logits = nn.Parameter(self.logits.detach()[:, keep].clone(), requires_grad=grad)
+        if self.is_discrete:
+            self.choice.sub_((self.choice > index).long())
+
+    def __str__(self) -> str:
+        text = " ".join(str(i) for i in self.indices())
+        return text if self.is_discrete else f"{text} (soft, T={self.temperature.item():.3g})"

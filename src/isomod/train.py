@@ -1,0 +1,381 @@
+"""Trainer: task-homogeneous batches interleaved across tasks, parameter groups with
+their own learning rates, schedules, route annealing, checkpoints and resume.
+
+The loss lives outside the model: an *objective* maps `(model, x, y, task)` to
+`(loss, logits)`, so multi-task training, route-only transfer and unlabelled adaptation
+are objectives and parameter choices given to one Trainer, not copies of a loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from isomod.checkpoint import check_compatible, load_trainer_state, load_weights, save_checkpoint
+from isomod.data.tasks import TaskData
+from isomod.errors import IsomodError, TrainingDiverged
+from isomod.network import TaskModel
+
+Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
+SCHEDULES = ("cosine", "step", "constant")
+SAMPLINGS = ("uniform", "proportional")
+
+
+def cross_entropy(model: TaskModel, x: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The supervised objective: mean cross-entropy of the task's head."""
+    logits = model(x, task)  # (B, K)
+    return F.cross_entropy(logits, y), logits
+
+
+@dataclass
+class TrainConfig:
+    """A training run's budget and schedule; written as `train_config.json` in the run folder.
+
+    Args:
+        steps: optimiser steps.
+        batch_size: images per task-homogeneous batch.
+        tasks_per_step: tasks (one batch each) whose losses are summed in one step.
+        sampling: `uniform` over tasks or `proportional` to their training-set sizes.
+        lr: learning rate of stem, pool and norms.
+        lr_routes: learning rate of route logits.
+        lr_heads: learning rate of the heads.
+        weight_decay: AdamW decay of stem, pool and heads (never routes or norms).
+        schedule: `cosine` (after a linear warm-up), `step` (x0.1 at 50% and 75%) or `constant`.
+        warmup_steps: linear warm-up length.
+        temperature_start, temperature_end: route softmax temperature, annealed
+            geometrically until routes are discretised.
+        entropy_weight: weight of the mean route entropy added to the loss.
+        discretize_at: fraction of `steps` after which every route is frozen to its
+            argmax; the remaining steps train with one module per step (1 = never).
+        augment: random shifts of up to 2 pixels on training batches.
+        eval_every: evaluate on the test split every this many steps (0: at the end only).
+        checkpoint_every: write the run's checkpoint every this many steps (0: at the end only).
+        log_every: write a training log line every this many steps.
+        seed: seeds model initialisation, batch order and augmentation.
+        device: `auto` (CUDA when present), `cpu` or `cuda`.
+    """
+
+    steps: int = 2000
+    batch_size: int = 64
+    tasks_per_step: int = 1
+    sampling: str = "uniform"
+    lr: float = 2e-3
+    lr_routes: float = 0.05
+    lr_heads: float = 2e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    temperature_start: float = 1.0
+    temperature_end: float = 0.1
+    entropy_weight: float = 0.01
+    discretize_at: float = 0.75
+    augment: bool = True
+    eval_every: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise IsomodError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.sampling not in SAMPLINGS:
+            raise IsomodError(f"unknown sampling {self.sampling!r}; known: {', '.join(SAMPLINGS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.tasks_per_step < 1:
+            raise IsomodError("steps, batch_size and tasks_per_step must all be >= 1")
+        if not 0.0 <= self.discretize_at <= 1.0:
+            raise IsomodError(f"discretize_at must lie in [0, 1], got {self.discretize_at}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise IsomodError(f"unknown train config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        frac = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        if self.schedule == "step":
+            return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
+        return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    @property
+    def discretize_step(self) -> int:
+        return round(self.discretize_at * self.steps)
+
+    def temperature(self, step: int) -> float:
+        frac = min(1.0, step / max(1, self.discretize_step))
+        return self.temperature_start * (self.temperature_end / self.temperature_start) ** frac
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise IsomodError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise IsomodError("device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0)
+
+
+def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Shift each image by up to `max_shift` whole pixels, filling with zeros."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=g)
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=g)
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (B, W)
+    idx = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class Batches:
+    """Epoch-wise shuffled, task-homogeneous batches; its state resumes exactly."""
+
+    def __init__(self, tasks: dict[str, TaskData], batch_size: int, seed: int):
+        self.tasks = tasks
+        self.batch_size = batch_size
+        self.g = torch.Generator().manual_seed(seed)
+        self.order: dict[str, torch.Tensor] = {}
+        self.cursor: dict[str, int] = {}
+
+    def next(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.tasks[task]
+        n = len(data.y_train)
+        if n == 0:
+            raise IsomodError(f"task {task!r} has no training images")
+        idx = []
+        while len(idx) < min(self.batch_size, n):
+            if task not in self.order or self.cursor[task] >= n:
+                self.order[task] = torch.randperm(n, generator=self.g)
+                self.cursor[task] = 0
+            take = min(self.batch_size - len(idx), n - self.cursor[task])
+            idx.extend(self.order[task][self.cursor[task] : self.cursor[task] + take].tolist())
+            self.cursor[task] += take
+        idx_t = torch.tensor(idx)
+        return data.x_train[idx_t], data.y_train[idx_t]
+
+    def state_dict(self) -> dict:
+        return {"g": self.g.get_state(), "order": self.order, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g.set_state(state["g"])
+        self.order, self.cursor = dict(state["order"]), dict(state["cursor"])
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], split: str = "test",
+             batch_size: int = 500) -> dict[str, float]:
+    """Accuracy per task on `split` (`test` or `train`), in eval mode."""
+    if isinstance(tasks, list):
+        tasks = {t.name: t for t in tasks}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for name, data in tasks.items():
+        x_all, y_all = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        correct = 0
+        for i in range(0, len(y_all), batch_size):
+            x = to_float(x_all[i : i + batch_size].to(device))
+            correct += (model(x, name).argmax(-1).cpu() == y_all[i : i + batch_size]).sum().item()
+        out[name] = correct / max(1, len(y_all))
+    model.train(was_training)
+    return out
+
+
+class RunLog:
+    """Appends one JSON object per line to `log.jsonl`."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    """Trains any TaskModel on several tasks with one objective.
+
+    Args:
+        model: ModularNet or a baseline; its trainable parameters are what it leaves
+            with `requires_grad` (freeze pool and stem first for route-only transfer).
+        tasks: the tasks to train, by name or as a list.
+        config: budget and schedule.
+        out_dir: run folder for `checkpoint/`, `log.jsonl` and `train_config.json`;
+            None trains without writing anything.
+        objective: loss function, `cross_entropy` by default.
+        progress: show a progress bar.
+        train_tasks: the subset of `tasks` to draw batches from (default: all).
+    """
+
+    def __init__(self, model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], config: TrainConfig,
+                 out_dir: str | Path | None = None, objective: Objective = cross_entropy, progress: bool = True,
+                 train_tasks: list[str] | None = None):
+        self.tasks = {t.name: t for t in tasks} if isinstance(tasks, list) else dict(tasks)
+        self.train_tasks = list(train_tasks or self.tasks)
+        for name in self.train_tasks:
+            model.check_task(name)
+        self.model = model
+        self.config = config
+        self.objective = objective
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.log = RunLog(self.out_dir / "log.jsonl" if self.out_dir else None)
+        self.step = 0
+        self.history: list[dict] = []
+        self.soft_usage: dict[str, list] | None = None  # route weights just before discretising
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / "checkpoint" if self.out_dir else None
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        lrs = {"stem": c.lr, "pool": c.lr, "norms": c.lr, "routes": c.lr_routes, "heads": c.lr_heads}
+        decay = {"stem": c.weight_decay, "pool": c.weight_decay, "heads": c.weight_decay}
+        groups = [
+            {"params": params, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": decay.get(name, 0.0), "name": name}
+            for name, params in self.model.param_groups().items() if params
+        ]
+        if not groups:
+            raise IsomodError("the model has no trainable parameters")
+        return torch.optim.AdamW(groups, betas=(0.9, 0.99))
+
+    def _task_weights(self) -> torch.Tensor:
+        if self.config.sampling == "uniform":
+            return torch.ones(len(self.train_tasks))
+        return torch.tensor([float(len(self.tasks[t].y_train)) for t in self.train_tasks])
+
+    def _save(self, optimizer: torch.optim.Optimizer, batches: Batches) -> None:
+        if self.checkpoint_path is None:
+            return
+        state = {"step": self.step, "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
+                 "sampler": self.sampler.get_state(), "aug": self.aug.get_state(), "torch_rng": torch.get_rng_state(),
+                 "train_config": asdict(self.config)}
+        save_checkpoint(self.model, self.checkpoint_path, trainer_state=state, extra={"step": self.step})
+
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train to `config.steps`; returns test accuracy per task.
+
+        Args:
+            resume: continue from `out_dir/checkpoint` when it exists (same model config
+                and tasks required; the checkpoint is read, never changed, on mismatch).
+        """
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.model.to(self.device).train()
+        batches = Batches(self.tasks, c.batch_size, c.seed)
+        self.sampler = torch.Generator().manual_seed(c.seed + 1)
+        self.aug = torch.Generator().manual_seed(c.seed + 2)
+        if self.out_dir:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
+        state = None
+        if resume and self.checkpoint_path and (self.checkpoint_path / "config.json").exists():
+            check_compatible(self.model, self.checkpoint_path)
+            state = load_trainer_state(self.checkpoint_path)
+            if state is None:
+                raise IsomodError(f"{self.checkpoint_path}: no trainer state to resume from")
+            load_weights(self.model, self.checkpoint_path)
+        optimizer = self._optimizer()
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            batches.load_state_dict(state["batches"])
+            self.sampler.set_state(state["sampler"])
+            self.aug.set_state(state["aug"])
+            torch.set_rng_state(state["torch_rng"])
+            self.step = state["step"]
+            self.log.write(event="resume", step=self.step)
+        weights = self._task_weights()
+        k = min(c.tasks_per_step, len(self.train_tasks))
+        running = {t: None for t in self.train_tasks}
+        loss_ema = None
+        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+                   desc="train", leave=True)
+        t0 = time.time()
+        while self.step < c.steps:
+            if self.step == c.discretize_step and self.model.soft_routes():
+                self.soft_usage = {n: w.tolist() for n, w in self.model.usage().items()}
+                self.model.discretize()
+                self.log.write(event="discretize", step=self.step, route_weights=self.soft_usage)
+            factor = c.lr_factor(self.step)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            self.model.set_temperature(c.temperature(self.step))
+            chosen = torch.multinomial(weights, k, replacement=False, generator=self.sampler).tolist()
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for i in chosen:
+                task = self.train_tasks[i]
+                x, y = batches.next(task)
+                x, y = to_float(x.to(self.device)), y.to(self.device)
+                if c.augment:
+                    x = random_shift(x, self.aug)
+                loss, logits = self.objective(self.model, x, y, task)
+                total = total + loss / k
+                acc = (logits.argmax(-1) == y).float().mean().item()
+                running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
+            soft = self.model.soft_routes()
+            if soft and c.entropy_weight > 0:
+                total = total + c.entropy_weight * torch.stack([r.entropy() for r in soft]).mean()
+            if not torch.isfinite(total):
+                kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() else None
+                self.log.write(event="diverged", step=self.step)
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss became {total.item()} at step {self.step} (tasks {[self.train_tasks[i] for i in chosen]}); "
+                    f"training stopped, last good checkpoint: {kept or 'none written yet'}"
+                )
+            total.backward()
+            optimizer.step()
+            self.step += 1
+            loss_ema = total.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * total.item()
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                accs = {t: round(a, 4) for t, a in running.items() if a is not None}
+                record = {"step": self.step, "loss": round(loss_ema, 5), "lr": c.lr * factor,
+                          "temperature": c.temperature(self.step), "train_acc": accs,
+                          "time": round(time.time() - t0, 2)}
+                self.history.append(record)
+                self.log.write(**record)
+                bar.set_postfix_str(f"loss {loss_ema:.3f} " + " ".join(f"{short(t)} {a:.2f}" for t, a in accs.items()))
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                accs = evaluate(self.model, {t: self.tasks[t] for t in self.train_tasks})
+                self.log.write(event="eval", step=self.step, test_acc=accs)
+                bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                self._save(optimizer, batches)
+        bar.close()
+        self._save(optimizer, batches)
+        accs = evaluate(self.model, {t: self.tasks[t] for t in self.train_tasks})
+        self.log.write(event="eval", step=self.step, test_acc=accs)
+        return accs
+
+
+def short(task: str) -> str:
+    """A compact task label for progress bars: `glyphs/latin_upper` -> `lat_up`."""
+    tail = task.rsplit("/", 1)[-1]
+    parts = tail.replace("-", "_").split("_")
+    return "_".join(p[:3] for p in parts)

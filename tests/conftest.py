@@ -1,0 +1,48 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from isomod.data import glyphs
+from isomod.data.tasks import from_arrays
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Generated data goes to a private cache, never the user's."""
+    os.environ["ISOMOD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def glyph_task(script: str, train: int = 60, test: int = 15):
+    return from_arrays(f"glyphs/{script}", glyphs.generate(script, train, test), list(glyphs.SCRIPTS[script]))
+
+
+@pytest.fixture(scope="session")
+def digit_tasks():
+    """Two real tasks with in-distribution test sets: MNIST (a subset) and UCI digits."""
+    from isomod.data.tasks import TaskData, load_task
+
+    mnist, uci = load_task("mnist"), load_task("uci-digits")
+    small = TaskData(mnist.spec, mnist.x_train[:1500], mnist.y_train[:1500], mnist.x_test[:500], mnist.y_test[:500])
+    return [small, uci]
+
+
+@pytest.fixture(scope="session")
+def two_tasks():
+    return [glyph_task("digits"), glyph_task("hebrew")]
+
+
+def write_npz(path, n_train=40, n_test=20, classes=3, shape=(12, 12), seed=0, **override):
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+        "y_train": np.arange(n_train) % classes,
+        "x_test": rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
+        "y_test": np.arange(n_test) % classes,
+    }
+    arrays.update(override)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return path

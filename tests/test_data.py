@@ -1,0 +1,126 @@
+"""Embedded data: glyphs, real digits, a user's folder or .npz, and their bad inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from isomod import IsomodError
+from isomod.data import glyphs
+from isomod.data.tasks import load_image_folder, load_suite, load_task, resolve
+
+from conftest import write_npz
+
+
+def test_suite_has_eight_scripts_each_with_disjoint_train_and_test_faces():
+    assert len(glyphs.SUITE) >= 8
+    for script in glyphs.SCRIPTS:
+        train, test = glyphs.faces_for(script)
+        assert train and test, script
+        assert not set(train) & set(test)
+
+
+@pytest.mark.parametrize("script", list(glyphs.SCRIPTS))
+def test_every_glyph_exists_in_every_face_used(script):
+    train, test = glyphs.faces_for(script)
+    for face in train + test:
+        notdef = glyphs.render(face, "\uffff")
+        for ch in glyphs.SCRIPTS[script]:
+            img = glyphs.render(face, ch)
+            assert img is not None and img.max() > 0.5, (face, ch)
+            assert notdef is None or not np.array_equal(img, notdef), (face, ch)
+
+
+def test_glyphs_are_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("ISOMOD_CACHE", str(tmp_path))
+    a = glyphs.generate("digits", 5, 3, seed=3)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1
+    files[0].unlink()
+    b = glyphs.generate("digits", 5, 3, seed=3)
+    c = glyphs.generate("digits", 5, 3, seed=4)
+    for k in a:
+        assert np.array_equal(a[k], b[k])
+    assert not np.array_equal(a["x_train"], c["x_train"])
+    assert a["x_train"].shape == (50, 1, 28, 28) and a["x_train"].dtype == np.uint8
+    assert a["x_test"].shape == (30, 1, 28, 28)
+    assert np.bincount(a["y_train"]).tolist() == [5] * 10
+
+
+def test_real_digit_tasks_have_fixed_disjoint_splits():
+    for name, n in (("mnist", 5000), ("uci-digits", 1797)):
+        t = load_task(name)
+        assert t.spec.num_classes == 10 and t.spec.input_shape == (1, 28, 28)
+        assert len(t.y_train) + len(t.y_test) == n
+        assert t.x_train.dtype == torch.uint8 and t.x_train.max() > 200
+        again = load_task(name)
+        assert torch.equal(t.x_test, again.x_test)
+
+
+def test_unknown_task_and_suite_names():
+    with pytest.raises(IsomodError, match=r"unknown task 'glyphs/klingon'; known tasks: glyphs/latin_upper"):
+        load_task("glyphs/klingon")
+    with pytest.raises(IsomodError, match=r"unknown suite 'nope'; known suites: glyphs, digits"):
+        load_suite("nope")
+    assert resolve(["digits", "mnist"]) == ["mnist", "uci-digits"]
+
+
+def test_npz_task(tmp_path):
+    t = load_task(str(write_npz(tmp_path / "mine.npz")))
+    assert t.name == "mine" and t.spec.num_classes == 3 and t.spec.input_shape == (1, 12, 12)
+    rgb = load_task(str(write_npz(tmp_path / "rgb.npz", shape=(10, 10, 3))))
+    assert rgb.spec.input_shape == (3, 10, 10)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"y_test": None}, r"bad\.npz: missing array\(s\) y_test"),
+    ({"y_train": np.zeros(7, dtype=np.int64)}, r"bad\.npz: x_train has 40 items but y_train has 7"),
+    ({"y_test": np.full(20, 5)}, r"bad\.npz: y_test holds labels outside 0\.\.2"),
+    ({"y_train": -np.ones(40, dtype=np.int64)}, r"bad\.npz: y_train holds labels outside"),
+    ({"x_train": np.full((40, 12, 12), 2.0)}, r"bad\.npz: x_train: float images must lie in \[0, 1\]"),
+])
+def test_bad_npz(tmp_path, override, message):
+    path = write_npz(tmp_path / "bad.npz", **override)
+    with pytest.raises(IsomodError, match=message):
+        load_task(str(path))
+
+
+def test_unreadable_npz(tmp_path):
+    path = tmp_path / "junk.npz"
+    path.write_bytes(b"junk")
+    with pytest.raises(IsomodError, match="junk.npz: not a readable .npz"):
+        load_task(str(path))
+
+
+def _folder(root, classes=("cat", "dog"), n=5, rgb=False):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (16, 16, 3) if rgb else (16, 16), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def test_image_folder(tmp_path):
+    t = load_image_folder(_folder(tmp_path / "pets"), image_size=20)
+    assert t.spec.class_names == ["cat", "dog"] and t.spec.input_shape == (1, 20, 20)
+    assert len(t.y_train) == 8 and len(t.y_test) == 2
+    rgb = load_task(str(_folder(tmp_path / "colour", rgb=True)))
+    assert rgb.spec.input_shape == (3, 28, 28)
+
+
+def test_bad_image_folder(tmp_path):
+    root = _folder(tmp_path / "pets")
+    (root / "dog" / "3.png").write_bytes(b"garbage")
+    with pytest.raises(IsomodError, match=r"3\.png: not a readable image"):
+        load_task(str(root))
+    (root / "dog" / "3.png").unlink()
+    (root / "empty").mkdir()
+    with pytest.raises(IsomodError, match="empty: class folder has no images"):
+        load_task(str(root))
+    lonely = tmp_path / "lonely"
+    (lonely / "only").mkdir(parents=True)
+    with pytest.raises(IsomodError, match="need at least 2 class sub-folders"):
+        load_task(str(lonely))

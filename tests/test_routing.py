@@ -1,0 +1,186 @@
+"""Shapes and routing maths: soft, discrete and output mixing; pool operations."""
+
+import pytest
+import torch
+
+from isomod import IsomodError, ModelConfig, ModularNet, Route, TaskSpec
+
+
+def make_net(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(channels=8, num_modules=4, steps=6, **kw)
+    return ModularNet(cfg, [TaskSpec("a", 10), TaskSpec("b", 5)])
+
+
+def x_batch(n=4):
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def test_shapes():
+    net = make_net()
+    x = x_batch(3)
+    assert net(x, "a").shape == (3, 10)
+    assert net(x, "b").shape == (3, 5)
+    assert net.forward_features(x, "a").shape == (3, 8)
+    assert net.route("a").weights().shape == (6, 4)
+
+
+def test_route_weights_are_softmax_with_temperature():
+    r = Route(5, 3, init="random", init_scale=1.0)
+    w = r.weights()
+    assert torch.allclose(w.sum(-1), torch.ones(5))
+    torch.testing.assert_close(w, torch.softmax(r.logits, -1))
+    r.logits.data.copy_(torch.tensor([0.0, 0.1, 0.3]).repeat(5, 1))  # gaps of at least 0.1
+    r.temperature.fill_(0.01)
+    assert r.weights().max(-1).values.min() > 0.99
+    assert r.entropy() < 0.05
+
+
+def test_discretize_takes_argmax_and_prints_indices():
+    r = Route(8, 8)
+    expected = r.logits.argmax(-1).tolist()
+    r.discretize()
+    assert r.is_discrete and r.indices() == expected
+    assert str(r) == " ".join(map(str, expected))
+    assert torch.equal(r.weights(), torch.eye(8)[expected])
+    assert r.entropy().item() == 0.0
+    assert not r.logits.requires_grad
+
+
+def test_route_str_names_task():
+    net = make_net()
+    net.route("a").set_choice([3, 3, 1, 0, 2, 2])
+    assert net.route_str("a") == "a: 3 3 1 0 2 2"
+    assert "soft" in net.route_str("b")
+
+
+def test_one_hot_soft_equals_discrete_equals_output_mixing():
+    net = make_net().eval()
+    x = x_batch()
+    pattern = [2, 0, 0, 3, 1, 2]
+    logits = torch.full((6, 4), -1e4)
+    logits[torch.arange(6), torch.tensor(pattern)] = 1e4
+    net.route("a").logits.data.copy_(logits)
+    soft_weight = net(x, "a")
+    net.config.mixing = "output"
+    soft_output = net(x, "a")
+    net.route("a").set_choice(pattern)
+    discrete = net(x, "a")
+    torch.testing.assert_close(soft_weight, discrete, rtol=0, atol=1e-6)
+    torch.testing.assert_close(soft_output, discrete, rtol=0, atol=1e-6)
+
+
+def test_soft_weight_mixing_runs_the_mixed_block():
+    """Weight mixing equals running one block whose weights are the route-weighted sum."""
+    from isomod.blocks import residual_block
+
+    net = make_net().eval()
+    x = x_batch()
+    route, norms = net.route("a"), net.tasks["a"].norms
+    w = route.weights()
+    h = net.stem(x)
+    for l in range(6):
+        w1 = sum(w[l, n] * net.pool.blocks[n].w1 for n in range(4))
+        w2 = sum(w[l, n] * net.pool.blocks[n].w2 for n in range(4))
+        h = residual_block(h, w1, w2, norms[2 * l], norms[2 * l + 1])
+    h = torch.relu(norms[-1](h)).mean((2, 3))
+    torch.testing.assert_close(net.tasks["a"].head(h), net(x, "a"), rtol=1e-5, atol=1e-5)
+
+
+def test_output_mixing_differs_from_weight_mixing_when_soft():
+    net = make_net(route_init_scale=2.0).eval()
+    x = x_batch()
+    a = net(x, "a")
+    net.config.mixing = "output"
+    assert not torch.allclose(a, net(x, "a"), atol=1e-4)
+
+
+def test_gradients_reach_routes_pool_norms_and_heads():
+    net = make_net()
+    net(x_batch(), "a").sum().backward()
+    assert net.route("a").logits.grad.abs().sum() > 0
+    assert all(b.w1.grad is not None for b in net.pool.blocks)
+    assert net.tasks["a"].norms[0].weight.grad is not None
+    assert net.route("b").logits.grad is None
+
+
+def test_adding_a_task_leaves_existing_outputs_bit_identical():
+    net = make_net().eval()
+    net.route("b").discretize()
+    x = x_batch()
+    before = {t: net(x, t) for t in ("a", "b")}
+    net.add_task(TaskSpec("c", 7))
+    net.eval()
+    for t in ("a", "b"):
+        assert torch.equal(before[t], net(x, t))
+    assert net(x, "c").shape == (4, 7)
+
+
+def test_add_modules_keeps_outputs_and_new_modules_are_unused():
+    net = make_net().eval()
+    net.route("a").set_choice([0, 1, 2, 3, 0, 1])
+    x = x_batch()
+    before_a, before_b = net(x, "a"), net(x, "b")
+    assert net.add_modules(2) == [4, 5]
+    assert len(net.pool) == 6
+    assert torch.equal(before_a, net(x, "a"))
+    torch.testing.assert_close(before_b, net(x, "b"), rtol=0, atol=1e-6)
+    assert net.route("b").weights()[:, 4:].max() == 0
+
+
+def test_remove_unused_module_renumbers_routes():
+    net = make_net().eval()
+    net.route("a").set_choice([0, 3, 3, 1, 0, 3])
+    net.route("b").set_choice([3, 1, 0, 0, 1, 3])
+    x = x_batch()
+    before = net(x, "a")
+    net.remove_module(2)
+    assert len(net.pool) == 3
+    assert net.route("a").indices() == [0, 2, 2, 1, 0, 2]
+    assert torch.equal(before, net(x, "a"))
+    with pytest.raises(IsomodError, match="module 2 is used by task"):
+        net.remove_module(2)
+
+
+def test_freeze_modules():
+    net = make_net()
+    net.pool.freeze([1, 2])
+    assert net.pool.frozen() == [False, True, True, False]
+    net(x_batch(), "a").sum().backward()
+    assert net.pool.blocks[1].w1.grad is None and net.pool.blocks[0].w1.grad is not None
+    assert len(net.param_groups()["pool"]) == 4
+
+
+def test_param_groups_and_task_parameter_count():
+    net = make_net()
+    groups = net.param_groups()
+    assert set(groups) == {"stem", "pool", "routes", "norms", "heads"}
+    assert len(groups["routes"]) == 2
+    # route logits + (2L + 1) norms of 2C affine parameters + head
+    assert net.task_param_count("a") == 6 * 4 + 13 * 2 * 8 + (8 * 10 + 10)
+    net.freeze_shared()
+    assert net.param_groups()["pool"] == [] and net.param_groups()["stem"] == []
+
+
+def test_bad_inputs_raise_clear_errors():
+    net = make_net()
+    with pytest.raises(IsomodError, match="unknown task 'zz'; this model has: a, b"):
+        net(x_batch(), "zz")
+    with pytest.raises(IsomodError, match="expected input"):
+        net(torch.randn(2, 3, 28, 28), "a")
+    with pytest.raises(IsomodError, match="3-channel inputs"):
+        net.add_task(TaskSpec("rgb", 10, (3, 32, 32)))
+    with pytest.raises(IsomodError, match="already exists"):
+        net.add_task(TaskSpec("a", 10))
+    with pytest.raises(IsomodError, match="unknown mixing"):
+        ModelConfig(mixing="nope")
+    with pytest.raises(IsomodError, match="outside"):
+        net.route("a").set_choice([0, 0, 0, 0, 0, 9])
+
+
+def test_fixed_route_and_repeats():
+    r = Route.fixed([0, 1, 2, 3, 0, 1, 2, 3], 4)
+    assert r.is_discrete and str(r) == "0 1 2 3 0 1 2 3"
+    net = make_net()
+    net.route("a").set_choice([1] * 6)
+    assert net(x_batch(), "a").shape == (4, 10)

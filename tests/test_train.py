@@ -1,0 +1,123 @@
+"""Tiny training runs: learning above chance, resume, divergence, schedules."""
+
+import math
+
+import pytest
+import torch
+
+from isomod import ModelConfig, ModularNet, TrainConfig, Trainer, TrainingDiverged, evaluate
+from isomod.checkpoint import load_checkpoint
+
+from test_checkpoint import snapshot
+
+
+def tiny_model(tasks, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(channels=16, num_modules=4, steps=4, **kw)
+    return ModularNet(cfg, [t.spec for t in tasks])
+
+
+def quick(**kw):
+    base = dict(steps=160, batch_size=32, lr=5e-3, lr_heads=5e-3, warmup_steps=10, log_every=10,
+                checkpoint_every=0, discretize_at=0.75)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_two_task_run_learns_well_above_chance(digit_tasks, tmp_path):
+    two_tasks = digit_tasks
+    model = tiny_model(two_tasks)
+    trainer = Trainer(model, two_tasks, quick(steps=300), out_dir=tmp_path, progress=False)
+    accs = trainer.fit()
+    for name, acc in accs.items():
+        assert acc > 0.5, (name, acc)  # chance is 0.1
+    assert all(model.route(n).is_discrete for n in model.task_names)
+    assert trainer.soft_usage is not None and len(trainer.soft_usage) == 2
+    assert (tmp_path / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "log.jsonl").read_text().count('"step"') >= 16
+    loaded = load_checkpoint(tmp_path / "checkpoint")
+    assert evaluate(loaded, two_tasks) == accs
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(two_tasks, tmp_path):
+    cfg = quick(steps=30, checkpoint_every=10, discretize_at=0.5, log_every=5)
+    full = tiny_model(two_tasks)
+    Trainer(full, two_tasks, cfg, out_dir=tmp_path / "full", progress=False).fit()
+
+    calls = {"n": 0}
+
+    def crashing(model, x, y, task):
+        calls["n"] += 1
+        if calls["n"] == 24:
+            raise KeyboardInterrupt  # a killed run, after the step-20 checkpoint
+        from isomod.train import cross_entropy
+        return cross_entropy(model, x, y, task)
+
+    broken = tiny_model(two_tasks)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(broken, two_tasks, cfg, out_dir=tmp_path / "run", objective=crashing, progress=False).fit()
+    resumed = tiny_model(two_tasks, seed=123)  # a fresh process: weights come from the checkpoint
+    trainer = Trainer(resumed, two_tasks, cfg, out_dir=tmp_path / "run", progress=False)
+    trainer.fit(resume=True)
+    assert trainer.step == 30
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(two_tasks, tmp_path):
+    cfg = quick(steps=20, checkpoint_every=5)
+
+    def poisoned(model, x, y, task):
+        from isomod.train import cross_entropy
+        loss, logits = cross_entropy(model, x, y, task)
+        return (loss * float("nan") if trainer.step >= 12 else loss), logits
+
+    model = tiny_model(two_tasks)
+    trainer = Trainer(model, two_tasks, cfg, out_dir=tmp_path, objective=poisoned, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 12 .* last good checkpoint: .*checkpoint"):
+        trainer.fit()
+    ck = tmp_path / "checkpoint"
+    assert '"step": 10' in (ck / "config.json").read_text()
+    before = snapshot(ck)
+    load_checkpoint(ck)
+    assert snapshot(ck) == before
+
+
+def test_resume_refuses_an_incompatible_checkpoint(two_tasks, tmp_path):
+    from isomod import CheckpointError
+
+    Trainer(tiny_model(two_tasks), two_tasks, quick(steps=4), out_dir=tmp_path, progress=False).fit()
+    before = snapshot(tmp_path / "checkpoint")
+    torch.manual_seed(0)
+    other = ModularNet(ModelConfig(channels=8, num_modules=4, steps=4), [t.spec for t in two_tasks])
+    with pytest.raises(CheckpointError, match="channels: 16 in checkpoint vs 8"):
+        Trainer(other, two_tasks, quick(steps=8), out_dir=tmp_path, progress=False).fit(resume=True)
+    assert snapshot(tmp_path / "checkpoint") == before
+
+
+def test_schedules_and_temperature():
+    cfg = TrainConfig(steps=100, warmup_steps=10, temperature_start=1.0, temperature_end=0.01, discretize_at=0.5)
+    assert cfg.lr_factor(0) == pytest.approx(0.1)
+    assert cfg.lr_factor(10) == pytest.approx(1.0)
+    assert cfg.lr_factor(99) < 0.01
+    assert cfg.temperature(0) == 1.0 and cfg.temperature(50) == pytest.approx(0.01)
+    assert cfg.temperature(25) == pytest.approx(0.1)
+    step = TrainConfig(steps=100, warmup_steps=0, schedule="step")
+    assert [step.lr_factor(s) for s in (0, 60, 90)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_proportional_sampling_and_several_tasks_per_step(two_tasks):
+    model = tiny_model(two_tasks)
+    trainer = Trainer(model, two_tasks, quick(steps=6, tasks_per_step=2, sampling="proportional"), progress=False)
+    trainer.fit()
+    assert set(trainer.history[-1]["train_acc"]) == {t.name for t in two_tasks}
+    assert math.isfinite(trainer.history[-1]["loss"])
+
+
+def test_frozen_pool_trains_only_routes_norms_heads(two_tasks):
+    model = tiny_model(two_tasks)
+    model.freeze_shared()
+    pool_before = [b.w1.clone() for b in model.pool.blocks]
+    stem_before = model.stem.weight.clone()
+    Trainer(model, two_tasks, quick(steps=5), progress=False).fit()
+    assert all(torch.equal(a, b.w1) for a, b in zip(pool_before, model.pool.blocks))
+    assert torch.equal(stem_before, model.stem.weight)
