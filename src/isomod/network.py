@@ -9,14 +9,14 @@ step, never to the module, so re-ordering modules cannot mix up statistics.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from isomod.blocks import residual_block
-from isomod.errors import IsomodError
+from isomod.errors import IsomodError, dataclass_from_dict
 from isomod.pool import ModulePool
 from isomod.route import ROUTE_INITS, Route
 
@@ -69,11 +69,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise IsomodError(f"unknown model config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "model config")
 
 
 @dataclass

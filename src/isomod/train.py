@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from isomod.checkpoint import check_compatible, load_trainer_state, load_weights, save_checkpoint
 from isomod.data.tasks import TaskData
-from isomod.errors import IsomodError, TrainingDiverged
+from isomod.errors import IsomodError, TrainingDiverged, dataclass_from_dict
 from isomod.network import TaskModel
 
 Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
@@ -96,11 +96,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise IsomodError(f"unknown train config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "train config")
 
     def lr_factor(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -200,8 +200,8 @@ def load_task(name: str) -> TaskData:
     if path.is_dir():
         return load_image_folder(path)
     raise IsomodError(
-        f"unknown task {name!r}; known tasks: {', '.join(TASKS)}; or give a folder of class "
-        "sub-folders or an .npz file"
+        f"unknown task {name!r}; known suites: {', '.join(SUITES)}; known tasks: {', '.join(TASKS)}; "
+        "or give a folder of class sub-folders or an .npz file"
     )
 
 
