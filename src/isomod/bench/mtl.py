@@ -20,7 +20,7 @@ from isomod.train import TrainConfig, Trainer
 METHODS = {"modular": ModularNet, "independent": IndependentNets, "shared_trunk": PlainResNet}
 
 # The default budget: under 3 minutes per method and seed on 2 CPU cores.
-DEFAULT_MODEL = ModelConfig(channels=32, num_modules=8, steps=8)
+DEFAULT_MODEL = ModelConfig(channels=32, num_modules=16, steps=8)
 DEFAULT_TRAIN = TrainConfig(steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25)
 DEFAULT_SEEDS = [0, 1]
 
