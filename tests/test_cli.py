@@ -46,7 +46,7 @@ def test_config_file_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--tasks", "glyphs/klingon", "--out", "x"], "unknown task 'glyphs/klingon'; known tasks:"),
+    (["train", "--tasks", "glyphs/klingon", "--out", "x"], "unknown task 'glyphs/klingon'; known suites: glyphs, digits; known tasks:"),
     (["bench", "nope", "--out", "x"], "unknown benchmark 'nope'; known: mtl"),
     (["eval", "--from", "does-not-exist"], "does-not-exist: not a checkpoint folder"),
     (["train", "--tasks", "mnist", "--out", "x", "--schedule", "wavy"], "unknown schedule 'wavy'"),

@@ -124,7 +124,7 @@ def plot_task_accuracy(rows: list[dict], path: Path, metric: str = "test_acc") -
     ax.set_xticks(x + 0.4 - width / 2, [t.rsplit("/", 1)[-1] for t in tasks], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(methods), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -141,6 +141,15 @@ def mean_table(rows: list[dict], metric: str = "test_acc") -> dict[str, dict[str
     for per in table.values():
         per["mean"] = float(np.mean(list(per.values())))
     return table
+
+
+def seed_means(rows: list[dict], metric: str = "test_acc") -> dict[str, dict[int, float]]:
+    """method -> seed -> mean over that seed's per-task values."""
+    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["metric"] == metric and r["task"] != "mean":
+            acc[r["method"]][r["seed"]].append(r["value"])
+    return {m: {s: float(np.mean(v)) for s, v in sorted(per.items())} for m, per in acc.items()}
 
 
 def params_table(rows: list[dict]) -> dict[str, tuple[int, int]]:
@@ -164,6 +173,10 @@ def markdown_results(rows: list[dict], metric: str = "test_acc") -> str:
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(f"{100 * table[m].get(t, float('nan')):.1f}" for m in methods) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{100 * table[m]['mean']:.1f}**" for m in methods) + " |")
+    by_seed = seed_means(rows, metric)
+    if any(len(v) > 1 for v in by_seed.values()):
+        lines.append("| mean, each seed | " + " | ".join(
+            " / ".join(f"{100 * v:.1f}" for v in by_seed[m].values()) for m in methods) + " |")
     lines.append("| params total | " + " | ".join(f"{params[m][0]:,}" for m in methods) + " |")
     lines.append("| params per task | " + " | ".join(f"{params[m][1]:,}" for m in methods) + " |")
     return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""Report maths: route similarity, means recomputed from per-task rows, the table."""
+
+import numpy as np
+import pytest
+
+from isomod.report import markdown_results, mean_table, route_similarity, seed_means
+
+
+def test_route_similarity_of_discrete_routes():
+    eye = np.eye(4)
+    usage = {"a": eye[[0, 1, 2, 3]], "b": eye[[0, 1, 3, 3]], "c": eye[[1, 0, 0, 0]]}
+    names, sim = route_similarity(usage)
+    assert names == ["a", "b", "c"]
+    assert np.allclose(np.diag(sim), 1.0)
+    assert sim[0, 1] == 0.75 and sim[0, 2] == 0.0 and sim[1, 0] == sim[0, 1]
+
+
+def rows():
+    out = []
+    for seed, (a, b) in enumerate([(0.8, 0.6), (0.6, 0.4)]):
+        for task, v in (("t1", a), ("t2", b)):
+            out.append({"method": "m", "task": task, "metric": "test_acc", "value": v, "params_total": 100,
+                        "params_task": 10, "seed": seed})
+        out.append({"method": "m", "task": "mean", "metric": "test_acc", "value": 0.0, "params_total": 100,
+                    "params_task": 10, "seed": seed})  # a stale mean row is ignored, never trusted
+    return out
+
+
+def test_means_are_recomputed_from_per_task_rows():
+    table = mean_table(rows())
+    assert table["m"] == pytest.approx({"t1": 0.7, "t2": 0.5, "mean": 0.6})
+    assert seed_means(rows()) == {"m": pytest.approx({0: 0.7, 1: 0.5})}
+    text = markdown_results(rows())
+    assert "| **mean** | **60.0** |" in text and "| mean, each seed | 70.0 / 50.0 |" in text
+    assert "| params total | 100 |" in text
