@@ -121,3 +121,14 @@ def test_frozen_pool_trains_only_routes_norms_heads(two_tasks):
     Trainer(model, two_tasks, quick(steps=5), progress=False).fit()
     assert all(torch.equal(a, b.w1) for a, b in zip(pool_before, model.pool.blocks))
     assert torch.equal(stem_before, model.stem.weight)
+
+
+def test_training_one_task_leaves_other_routes_soft_and_untouched(two_tasks):
+    model = tiny_model(two_tasks)
+    other = two_tasks[1].name
+    logits = model.route(other).logits.detach().clone()
+    Trainer(model, two_tasks, quick(steps=8, discretize_at=0.5), progress=False, train_tasks=[two_tasks[0].name]).fit()
+    assert model.route(two_tasks[0].name).is_discrete
+    assert not model.route(other).is_discrete
+    assert torch.equal(model.route(other).logits, logits)
+    assert model.route(other).temperature.item() == 1.0

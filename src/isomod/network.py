@@ -140,11 +140,12 @@ class TaskModel(nn.Module):
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, task), task)
 
-    def soft_routes(self) -> list[Route]:
+    def soft_routes(self, tasks: list[str] | None = None) -> list[Route]:
+        """The routes of `tasks` (default: all) that are still soft."""
         return []
 
-    def set_temperature(self, temperature: float) -> None:
-        for route in self.soft_routes():
+    def set_temperature(self, temperature: float, tasks: list[str] | None = None) -> None:
+        for route in self.soft_routes(tasks):
             route.temperature.fill_(temperature)
 
     def discretize(self, task: str | None = None) -> None:
@@ -247,8 +248,9 @@ class ModularNet(TaskModel):
         return self.branch(task).head(h)  # (B, K)
 
     # --- routes ------------------------------------------------------------------
-    def soft_routes(self) -> list[Route]:
-        return [b.route for b in self.tasks.values() if not b.route.is_discrete]
+    def soft_routes(self, tasks: list[str] | None = None) -> list[Route]:
+        routes = [self.route(t) for t in (self.task_names if tasks is None else tasks)]
+        return [r for r in routes if not r.is_discrete]
 
     def discretize(self, task: str | None = None) -> None:
         """Freeze one task's route (all tasks' when `task` is None) to its argmax."""
@@ -258,9 +260,9 @@ class ModularNet(TaskModel):
     def route_str(self, task: str) -> str:
         return f"{task}: {self.route(task)}"
 
-    def usage(self) -> dict[str, torch.Tensor]:
-        """Each task's route weights `(L, N)`, detached on the CPU."""
-        return {name: self.route(name).weights().detach().cpu() for name in self.task_names}
+    def usage(self, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Route weights `(L, N)` of `tasks` (default: all), detached on the CPU."""
+        return {name: self.route(name).weights().detach().cpu() for name in (tasks or self.task_names)}
 
     # --- pool operations ---------------------------------------------------------
     def add_modules(self, count: int = 1) -> list[int]:

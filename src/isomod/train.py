@@ -312,14 +312,15 @@ class Trainer:
                    desc="train", leave=True)
         t0 = time.time()
         while self.step < c.steps:
-            if self.step == c.discretize_step and self.model.soft_routes():
-                self.soft_usage = {n: w.tolist() for n, w in self.model.usage().items()}
-                self.model.discretize()
+            if self.step == c.discretize_step and self.model.soft_routes(self.train_tasks):
+                self.soft_usage = {n: w.tolist() for n, w in self.model.usage(self.train_tasks).items()}
+                for task in self.train_tasks:
+                    self.model.discretize(task)
                 self.log.write(event="discretize", step=self.step, route_weights=self.soft_usage)
             factor = c.lr_factor(self.step)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            self.model.set_temperature(c.temperature(self.step))
+            self.model.set_temperature(c.temperature(self.step), self.train_tasks)
             chosen = torch.multinomial(weights, k, replacement=False, generator=self.sampler).tolist()
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
@@ -333,7 +334,7 @@ class Trainer:
                 total = total + loss / k
                 acc = (logits.argmax(-1) == y).float().mean().item()
                 running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
-            soft = self.model.soft_routes()
+            soft = self.model.soft_routes(self.train_tasks)
             if soft and c.entropy_weight > 0:
                 total = total + c.entropy_weight * torch.stack([r.entropy() for r in soft]).mean()
             if not torch.isfinite(total):
