@@ -4,6 +4,7 @@
     isomod train --tasks glyphs --out runs/x [--config cfg.yaml] [--steps 500] [--resume]
                  (model options take a prefix: --model-channels 16 --model-steps 6)
     isomod eval --from runs/x/checkpoint
+    isomod transfer --from runs/x/checkpoint --task uci-digits [--shots 10] --out runs/y
     isomod bench mtl --out runs/bench-mtl [--seeds 0 1]
     isomod report runs/bench-mtl     redraw figures and report.md from results.json
     isomod tasks                     list registered suites and tasks
@@ -120,6 +121,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_transfer(args) -> int:
+    from isomod.adapt import TRANSFER_TRAIN, few_shot, fit_route
+    from isomod.checkpoint import load_checkpoint
+    from isomod.data.tasks import load_task
+
+    model = load_checkpoint(args.from_)
+    _, train_cfg = build_configs(args, model.config, TRANSFER_TRAIN)
+    task = few_shot(load_task(args.task), args.shots, seed=train_cfg.seed)
+    before = model.param_count()
+    accs = fit_route(model, task, train_cfg, out_dir=args.out, init_from=args.init_from,
+                     progress=not args.no_progress)
+    added = model.param_count() - before
+    print(f"{model.route_str(task.name)}    test acc {accs[task.name]:.4f}")
+    print(f"added {added:,} parameters ({100 * added / before:.2f}% of the {before:,} before); "
+          f"checkpoint: {Path(args.out) / 'checkpoint'} (serves all {len(model.task_names)} tasks)")
+    return 0
+
+
 def print_table(results: dict) -> None:
     from isomod.report import markdown_results
 
@@ -197,6 +216,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, train_config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("transfer", help="add a task to a trained model, learning only its route, norms and head")
+    p.add_argument("--config", help="YAML or JSON file with a 'train:' section")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_dataclass_args(p, TrainConfig, "train")
+    p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a trained ModularNet")
+    p.add_argument("--task", required=True, help="the new task: a registered name, a folder or an .npz")
+    p.add_argument("--shots", type=int, help="training images per class (default: all)")
+    p.add_argument("--init-from", help="an existing task whose step norms the new task starts from")
+    p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
+    p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint on its tasks")
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder")

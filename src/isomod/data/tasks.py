@@ -128,10 +128,67 @@ def uci_digits_task() -> TaskData:
     return from_arrays("uci-digits", {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]})
 
 
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+FASHION_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+                 "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), plain or gzipped, as a numpy array."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise IsomodError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise IsomodError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise IsomodError(f"{path}: IDX header promises {shape} but holds {body.size} bytes")
+    return body.reshape(shape).copy()
+
+
+def fashion_dirs(data_dir: str | None = None) -> list[Path]:
+    """Where Fashion-MNIST is looked for: `data_dir`, `$ISOMOD_DATA`, then Debian's package."""
+    import os
+
+    dirs = [data_dir, os.environ.get("ISOMOD_DATA"), "/usr/share/datasets/fashion-mnist"]
+    out = []
+    for d in dirs:
+        if d:
+            out += [Path(d) / "fashion-mnist", Path(d)]
+    return out
+
+
+def fashion_mnist_task(data_dir: str | None = None) -> TaskData:
+    """Real Fashion-MNIST (60k train / 10k test) from its four IDX files."""
+    for folder in fashion_dirs(data_dir):
+        found = {}
+        for key, stem in FASHION_FILES.items():
+            for name in (stem, stem + ".gz"):
+                if (folder / name).is_file():
+                    found[key] = folder / name
+                    break
+        if len(found) == len(FASHION_FILES):
+            arrays = {k: read_idx(p) for k, p in found.items()}
+            return from_arrays("fashion-mnist", arrays, FASHION_CLASSES, num_classes=10)
+    looked = ", ".join(str(d) for d in fashion_dirs(data_dir))
+    raise IsomodError(
+        f"Fashion-MNIST not found (looked in {looked}); install Debian's dataset-fashion-mnist package, "
+        f"or put {', '.join(FASHION_FILES.values())} (optionally .gz) in $ISOMOD_DATA"
+    )
+
+
 TASKS: dict[str, Callable[[], TaskData]] = {
     **{f"glyphs/{s}": partial(glyph_task, s) for s in glyphs.SCRIPTS},
     "mnist": mnist_task,
     "uci-digits": uci_digits_task,
+    "fashion-mnist": fashion_mnist_task,
 }
 SUITES: dict[str, list[str]] = {
     "glyphs": [f"glyphs/{s}" for s in glyphs.SUITE],
