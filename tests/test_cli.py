@@ -91,3 +91,14 @@ def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
     assert "| **mean** |" in done.stdout
     if command == ["demo"]:
         assert "learned routes (module per step):" in done.stdout and "glyphs/hebrew: " in done.stdout
+
+
+def test_help_documents_every_option_with_the_command_s_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model-num-modules INT pool size `N`. (default 16)" in text
+    assert "--steps INT optimiser steps. (default 2000)" in text
+    with pytest.raises(SystemExit):
+        main(["transfer", "--help"])
+    assert "optimiser steps. (default 600)" in " ".join(capsys.readouterr().out.split())

@@ -29,13 +29,35 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, prefix: str = "") -> None:
-    """One `--PREFIXfield-name` option per dataclass field, defaulting to None (= not given)."""
+def docstring_args(cls) -> dict[str, str]:
+    """Field descriptions from the `Args:` block of a class docstring."""
+    out: dict[str, str] = {}
+    names: list[str] = []
+    lines = (cls.__doc__ or "").split("Args:", 1)[-1].splitlines()
+    for line in lines[1:]:
+        text = line.strip()
+        head, sep, rest = text.partition(": ")
+        if sep and all(n.strip().isidentifier() for n in head.split(",")):
+            names = [n.strip() for n in head.split(",")]
+            for n in names:
+                out[n] = rest
+        elif text and names:
+            for n in names:
+                out[n] += " " + text
+    return out
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, base, title: str, prefix: str = "") -> None:
+    """One `--PREFIXfield-name` option per field of the dataclass instance `base`, whose
+    values the help shows as defaults; the parsed value is None when not given."""
+    cls = type(base)
     group = parser.add_argument_group(f"{title} options")
+    docs = docstring_args(cls)
     for f in dataclasses.fields(cls):
         kind = {"int": int, "float": float, "bool": _bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{title}.{f.name}", type=kind, default=None,
-                           metavar=kind.__name__.upper().lstrip("_"), help=f"(default {f.default!r})")
+                           metavar=kind.__name__.upper().lstrip("_"),
+                           help=f"{docs.get(f.name, '')} (default {getattr(base, f.name)!r})".replace("%", "%%").strip())
 
 
 def read_config_file(path: str | None) -> dict:
@@ -193,6 +215,8 @@ def cmd_report(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from isomod.adapt import TRANSFER_TRAIN
+    from isomod.bench import mtl
     from isomod.network import ModelConfig
     from isomod.train import TrainConfig
 
@@ -200,14 +224,15 @@ def make_parser() -> argparse.ArgumentParser:
                                      "a pool of residual modules, a learned route per task.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_configs(p):
+    def with_configs(p, model=ModelConfig(), train=TrainConfig()):
         p.add_argument("--config", help="YAML or JSON file with 'model:' and 'train:' sections")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        add_dataclass_args(p, ModelConfig, "model", prefix="model-")
-        add_dataclass_args(p, TrainConfig, "train")
+        add_dataclass_args(p, model, "model", prefix="model-")
+        add_dataclass_args(p, train, "train")
         return p
 
-    p = with_configs(sub.add_parser("demo", help="the main job: modular vs baselines on glyphs, with a report"))
+    p = with_configs(sub.add_parser("demo", help="the main job: modular vs baselines on glyphs, with a report"),
+                     mtl.DEFAULT_MODEL, mtl.DEFAULT_TRAIN)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.set_defaults(func=cmd_demo)
 
@@ -220,7 +245,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transfer", help="add a task to a trained model, learning only its route, norms and head")
     p.add_argument("--config", help="YAML or JSON file with a 'train:' section")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_dataclass_args(p, TrainConfig, "train")
+    add_dataclass_args(p, TRANSFER_TRAIN, "train")
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a trained ModularNet")
     p.add_argument("--task", required=True, help="the new task: a registered name, a folder or an .npz")
     p.add_argument("--shots", type=int, help="training images per class (default: all)")
@@ -234,7 +259,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.set_defaults(func=cmd_eval)
 
-    p = with_configs(sub.add_parser("bench", help="run a benchmark: mtl"))
+    p = with_configs(sub.add_parser("bench", help="run a benchmark: mtl"), mtl.DEFAULT_MODEL, mtl.DEFAULT_TRAIN)
     p.add_argument("name", help="benchmark name: mtl")
     p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
     p.add_argument("--suite", default="glyphs")
