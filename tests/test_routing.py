@@ -184,3 +184,11 @@ def test_fixed_route_and_repeats():
     net = make_net()
     net.route("a").set_choice([1] * 6)
     assert net(x_batch(), "a").shape == (4, 10)
+
+
+def test_output_mixing_updates_each_step_s_first_norm_once_per_forward():
+    net = make_net(mixing="output", route_init_scale=0.0)  # uniform weights: all 4 modules run
+    norm1 = net.tasks["a"].norms[0]
+    net.train()
+    net(x_batch(), "a")
+    assert norm1.num_batches_tracked.item() == 1

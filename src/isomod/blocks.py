@@ -28,10 +28,14 @@ def residual_block(
         w1, w2: convolution weights `(C, C, k, k)`, `k` odd.
         norm1, norm2: normalisation layers over `C` channels.
     """
+    return x + residual_branch(F.relu(norm1(x)), w1, w2, norm2)
+
+
+def residual_branch(a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, norm2: nn.Module) -> torch.Tensor:
+    """`f(x)` of the block from its pre-activated input `a = relu(norm1(x))`."""
     pad = w1.shape[-1] // 2
-    h = F.conv2d(F.relu(norm1(x)), w1, padding=pad)  # (B, C, H, W)
-    h = F.conv2d(F.relu(norm2(h)), w2, padding=pad)  # (B, C, H, W)
-    return x + h
+    h = F.conv2d(a, w1, padding=pad)  # (B, C, H, W)
+    return F.conv2d(F.relu(norm2(h)), w2, padding=pad)  # (B, C, H, W)
 
 
 class ResidualModule(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isomod.blocks import residual_block
+from isomod.blocks import residual_block, residual_branch
 from isomod.errors import IsomodError, dataclass_from_dict
 from isomod.pool import ModulePool
 from isomod.route import ROUTE_INITS, Route
@@ -236,13 +236,16 @@ class ModularNet(TaskModel):
     def _output_mix(self, h: torch.Tensor, w: torch.Tensor, norm1: nn.Module, norm2: nn.Module) -> torch.Tensor:
         # Exact soft ordering: every module with a non-negligible weight runs on the same
         # input; the kept weights are renormalised so a near one-hot route equals its module.
+        # With weights summing to one, sum_n w_n (h + f_n(h)) = h + sum_n w_n f_n(h), so the
+        # step's first norm runs once. Its second norm sees every kept module's activations.
         keep = (w > self.config.output_threshold).nonzero().flatten().tolist()
         total = w[keep].sum()
+        a = F.relu(norm1(h))  # (B, C, H, W)
         out = 0.0
         for n in keep:
             block = self.pool.blocks[n]
-            out = out + (w[n] / total) * residual_block(h, block.w1, block.w2, norm1, norm2)
-        return out
+            out = out + (w[n] / total) * residual_branch(a, block.w1, block.w2, norm2)
+        return h + out
 
     def forward_head(self, h: torch.Tensor, task: str) -> torch.Tensor:
         return self.branch(task).head(h)  # (B, K)
