@@ -131,13 +131,18 @@ def plot_task_accuracy(rows: list[dict], path: Path, metric: str = "test_acc") -
     return path
 
 
-def mean_table(rows: list[dict], metric: str = "test_acc") -> dict[str, dict[str, float]]:
-    """method -> task -> metric averaged over seeds; `mean` recomputed from per-task values."""
-    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def _means_by(rows: list[dict], metric: str, key: str) -> dict[str, dict]:
+    """method -> row[key] -> mean of the per-task values (rows of task `mean` are ignored)."""
+    acc: dict[str, dict] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["metric"] == metric and r["task"] != "mean":
-            acc[r["method"]][r["task"]].append(r["value"])
-    table = {m: {t: float(np.mean(v)) for t, v in per.items()} for m, per in acc.items()}
+            acc[r["method"]][r[key]].append(r["value"])
+    return {m: {k: float(np.mean(v)) for k, v in per.items()} for m, per in acc.items()}
+
+
+def mean_table(rows: list[dict], metric: str = "test_acc") -> dict[str, dict[str, float]]:
+    """method -> task -> metric averaged over seeds; `mean` recomputed from per-task values."""
+    table = _means_by(rows, metric, "task")
     for per in table.values():
         per["mean"] = float(np.mean(list(per.values())))
     return table
@@ -145,11 +150,7 @@ def mean_table(rows: list[dict], metric: str = "test_acc") -> dict[str, dict[str
 
 def seed_means(rows: list[dict], metric: str = "test_acc") -> dict[str, dict[int, float]]:
     """method -> seed -> mean over that seed's per-task values."""
-    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["metric"] == metric and r["task"] != "mean":
-            acc[r["method"]][r["seed"]].append(r["value"])
-    return {m: {s: float(np.mean(v)) for s, v in sorted(per.items())} for m, per in acc.items()}
+    return {m: dict(sorted(per.items())) for m, per in _means_by(rows, metric, "seed").items()}
 
 
 def params_table(rows: list[dict]) -> dict[str, tuple[int, int]]:
