@@ -3,7 +3,7 @@ shared trunk with one head per task, and independent plain networks, one per tas
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -69,12 +69,6 @@ class PlainResNet(TaskModel):
         self.check_task(task)
         return sum(p.numel() for p in self.heads[task].parameters())
 
-    def to_config(self) -> dict:
-        return {"model": asdict(self.config), "tasks": [asdict(s) for s in self.specs.values()]}
-
-    @classmethod
-    def from_config(cls, data: dict) -> "PlainResNet":
-        return cls(ModelConfig.from_dict(data["model"]), [TaskSpec(**s) for s in data.get("tasks", [])])
 
 
 class IndependentNets(TaskModel):
@@ -112,10 +106,3 @@ class IndependentNets(TaskModel):
     def task_param_count(self, task: str) -> int:
         self.check_task(task)
         return self.nets[task].param_count()
-
-    def to_config(self) -> dict:
-        return {"model": asdict(self.config), "tasks": [asdict(s) for s in self.specs.values()]}
-
-    @classmethod
-    def from_config(cls, data: dict) -> "IndependentNets":
-        return cls(ModelConfig.from_dict(data["model"]), [TaskSpec(**s) for s in data.get("tasks", [])])

@@ -109,9 +109,10 @@ class TaskBranch(nn.Module):
 class TaskModel(nn.Module):
     """The interface the trainer, the benchmarks and the checkpoints rely on.
 
-    Subclasses set `self.specs` (task name -> TaskSpec) and implement
-    `forward_features`, `forward_head`, `param_groups`, `task_param_count`,
-    `to_config` and `from_config`. Models without routes inherit no-op route methods.
+    Subclasses take `(config, tasks)`, set `self.config` and `self.specs` (task name ->
+    TaskSpec) and implement `forward_features`, `forward_head`, `param_groups` and
+    `task_param_count`; they override `to_config` / `from_config` only when a checkpoint
+    must hold more than shape and tasks. Models without routes inherit no-op route methods.
     """
 
     specs: dict[str, TaskSpec]
@@ -153,6 +154,14 @@ class TaskModel(nn.Module):
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def to_config(self) -> dict:
+        """The JSON-serialisable shape and tasks a checkpoint stores."""
+        return {"model": asdict(self.config), "tasks": [asdict(s) for s in self.specs.values()]}
+
+    @classmethod
+    def from_config(cls, data: dict) -> "TaskModel":
+        return cls(ModelConfig.from_dict(data["model"]), [TaskSpec(**s) for s in data.get("tasks", [])])
 
 
 def check_input(x: torch.Tensor, in_channels: int) -> None:
