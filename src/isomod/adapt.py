@@ -3,7 +3,6 @@ norms of its steps and its head; pool, stem and every other task stay as they we
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,6 +62,6 @@ def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_
     branch.norms.requires_grad_(True)
     branch.head.requires_grad_(True)
     branch.route.logits.requires_grad_(not branch.route.is_discrete)
-    trainer = Trainer(model, {task.name: task}, replace(config), out_dir=out_dir, progress=progress,
+    trainer = Trainer(model, {task.name: task}, config, out_dir=out_dir, progress=progress,
                       train_tasks=[task.name])
     return trainer.fit()

@@ -70,7 +70,6 @@ class PlainResNet(TaskModel):
         return sum(p.numel() for p in self.heads[task].parameters())
 
 
-
 class IndependentNets(TaskModel):
     """One PlainResNet per task, sharing nothing (the independent-networks baseline)."""
 

@@ -274,7 +274,7 @@ class ModularNet(TaskModel):
 
     def usage(self, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Route weights `(L, N)` of `tasks` (default: all), detached on the CPU."""
-        return {name: self.route(name).weights().detach().cpu() for name in (tasks or self.task_names)}
+        return {name: self.route(name).weights().detach().cpu() for name in (self.task_names if tasks is None else tasks)}
 
     # --- pool operations ---------------------------------------------------------
     def add_modules(self, count: int = 1) -> list[int]:
