@@ -25,7 +25,9 @@ def digit_tasks():
     from isomod.data.tasks import TaskData, load_task
 
     mnist, uci = load_task("mnist"), load_task("uci-digits")
-    small = TaskData(mnist.spec, mnist.x_train[:1500], mnist.y_train[:1500], mnist.x_test[:500], mnist.y_test[:500])
+    g = torch.Generator().manual_seed(0)  # the split is ordered by class: draw at random
+    tr, te = torch.randperm(len(mnist.y_train), generator=g)[:1500], torch.randperm(len(mnist.y_test), generator=g)[:500]
+    small = TaskData(mnist.spec, mnist.x_train[tr], mnist.y_train[tr], mnist.x_test[te], mnist.y_test[te])
     return [small, uci]
 
 

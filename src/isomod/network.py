@@ -210,6 +210,12 @@ class ModularNet(TaskModel):
         self.specs[spec.name] = spec
         return branch
 
+    def remove_task(self, task: str) -> None:
+        """Delete a task's route, norms and head; the pool and other tasks stay as they are."""
+        self.check_task(task)
+        del self.tasks[task]
+        del self.specs[task]
+
     def branch(self, task: str) -> TaskBranch:
         self.check_task(task)
         return self.tasks[task]

@@ -216,6 +216,7 @@ class Trainer:
     Args:
         model: ModularNet or a baseline; its trainable parameters are what it leaves
             with `requires_grad` (freeze pool and stem first for route-only transfer).
+            A norm whose affine parameters are all frozen keeps its running statistics.
         tasks: the tasks to train, by name or as a list.
         config: budget and schedule.
         out_dir: run folder for `checkpoint/`, `log.jsonl` and `train_config.json`;
@@ -246,6 +247,17 @@ class Trainer:
     @property
     def checkpoint_path(self) -> Path | None:
         return self.out_dir / "checkpoint" if self.out_dir else None
+
+    def _train_mode(self) -> None:
+        # A norm whose affine parameters are all frozen keeps its running statistics too,
+        # so a frozen feature extractor (a linear probe's) computes the same features in
+        # training as at test time.
+        self.model.train()
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                params = list(m.parameters(recurse=False))
+                if params and not any(p.requires_grad for p in params):
+                    m.eval()
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -281,7 +293,8 @@ class Trainer:
         """
         c = self.config
         torch.manual_seed(c.seed)
-        self.model.to(self.device).train()
+        self.model.to(self.device)
+        self._train_mode()
         batches = Batches(self.tasks, c.batch_size, c.seed)
         self.sampler = torch.Generator().manual_seed(c.seed + 1)
         self.aug = torch.Generator().manual_seed(c.seed + 2)
@@ -360,6 +373,7 @@ class Trainer:
                 bar.set_postfix_str(f"loss {loss_ema:.3f} " + " ".join(f"{short(t)} {a:.2f}" for t, a in accs.items()))
             if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                 accs = evaluate(self.model, {t: self.tasks[t] for t in self.train_tasks})
+                self._train_mode()
                 self.log.write(event="eval", step=self.step, test_acc=accs)
                 bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:

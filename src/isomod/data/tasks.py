@@ -247,8 +247,13 @@ def load_image_folder(path: Path, image_size: int = 28, test_fraction: float = 0
     return from_arrays(path.name, arrays, classes, source=str(path), num_classes=len(classes))
 
 
-def load_task(name: str) -> TaskData:
-    """A registered task by name, or a user's folder / `.npz` by path."""
+def load_task(name: str, data_dir: str | None = None) -> TaskData:
+    """A registered task by name, or a user's folder / `.npz` by path.
+
+    `data_dir` is where data that is not embedded (Fashion-MNIST) is looked for first.
+    """
+    if name == "fashion-mnist":
+        return fashion_mnist_task(data_dir)
     if name in TASKS:
         return TASKS[name]()
     path = Path(name)
