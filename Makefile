@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench-mtl clean
+.PHONY: demo test bench-mtl bench-transfer bench-continual clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(VENV)/.installed-dev
 
 bench-mtl: $(VENV)/.installed
 	$(BIN)/isomod bench mtl --out runs/bench-mtl
+
+bench-transfer: $(VENV)/.installed
+	$(BIN)/isomod bench transfer --out runs/bench-transfer
+
+bench-continual: $(VENV)/.installed
+	$(BIN)/isomod bench continual --out runs/bench-continual
 
 clean:
 	rm -rf runs .pytest_cache

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from isomod import load_checkpoint
 from isomod.cli import main
 
 from conftest import write_npz
@@ -47,7 +48,7 @@ def test_config_file_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--tasks", "glyphs/klingon", "--out", "x"], "unknown task 'glyphs/klingon'; known suites: glyphs, digits; known tasks:"),
-    (["bench", "nope", "--out", "x"], "unknown benchmark 'nope'; known: mtl"),
+    (["report", "."], "results.json not found: run a benchmark with --out . first"),
     (["eval", "--from", "does-not-exist"], "does-not-exist: not a checkpoint folder"),
     (["train", "--tasks", "mnist", "--out", "x", "--schedule", "wavy"], "unknown schedule 'wavy'"),
 ])
@@ -56,6 +57,16 @@ def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("isomod: error: ") and message in err and err.count("\n") == 1
+
+
+def test_unknown_benchmark_and_config_section(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "nope", "--out", "x"])
+    assert "invalid choice: 'nope' (choose from 'mtl', 'transfer', 'continual')" in capsys.readouterr().err
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("grow:\n  threshold: 0.5\n")
+    assert main(["train", "--tasks", "mnist", "--out", str(tmp_path / "r"), "--config", str(cfg)]) == 2
+    assert "this command's config holds only 'model:', 'train:' sections" in capsys.readouterr().err
 
 
 def test_bad_npz_through_the_cli(tmp_path, capsys):
@@ -95,10 +106,77 @@ def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
 
 def test_help_documents_every_option_with_the_command_s_defaults(capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "--help"])
+        main(["bench", "mtl", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--model-num-modules INT pool size `N`. (default 16)" in text
     assert "--steps INT optimiser steps. (default 2000)" in text
     with pytest.raises(SystemExit):
+        main(["bench", "continual", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model-num-modules INT pool size `N`. (default 4)" in text and "(default 500)" in text
+    assert "--grow-threshold FLOAT validation accuracy a route over the frozen pool must reach" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "transfer", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--pretrain-steps INT optimiser steps. (default 2000)" in text and "(default 400)" in text
+    with pytest.raises(SystemExit):
         main(["transfer", "--help"])
     assert "optimiser steps. (default 600)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
+def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, capsys):
+    pre = [str(write_npz(tmp_path / f"pre{i}.npz", shape=(16, 16), seed=i)) for i in range(2)]
+    new = [str(write_npz(tmp_path / f"new{i}.npz", shape=(16, 16), seed=10 + i, classes=4)) for i in range(2)]
+    out = tmp_path / "bench"
+    argv = ["bench", "transfer", "--out", str(out), "--pretrain-tasks", *pre, "--held-out", *new,
+            "--shots", "2", "all", "--steps", "3", "--pretrain-steps", "4", "--pretrain-batch-size", "8",
+            "--pretrain-warmup-steps", "1", "--warmup-steps", "1", "--batch-size", "8", *TINY[:6], "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["bench"] == "transfer"
+    rows = results["rows"]
+    assert {(r["method"], r["task"], r["shots"]) for r in rows} == {
+        (m, t, k) for m in ("route_only", "head_only", "norm_head", "finetune", "scratch") for t in ("new0", "new1")
+        for k in (2, "all")}
+    for r in rows:
+        assert r["metric"] == "test_acc" and 0 <= r["value"] <= 1 and r["seed"] == 0
+        assert r["params_total"] == results["pretrain"]["s0"]["params"] + r["params_task"]
+    by = {(r["method"], r["task"], r["shots"]): r["params_task"] for r in rows}
+    assert by[("head_only", "new0", 2)] < by[("norm_head", "new0", 2)] < by[("route_only", "new0", 2)] \
+        < by[("finetune", "new0", 2)]
+    report = (out / "report.md").read_text()
+    assert "| new0 | all |" in report and "| **mean** | 2 |" in report
+    for png in ("accuracy_vs_params.png", "routes.png"):
+        assert (out / png).stat().st_size > 1000 and png in report
+    capsys.readouterr()
+    seconds = results["train_seconds"]
+    assert main(argv) == 0  # the same command again: every row is there, nothing retrains
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == rows and again["train_seconds"] == seconds
+    assert main(["report", str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_bench_continual_end_to_end(tmp_path, capsys):
+    stream = [str(write_npz(tmp_path / f"t{i}.npz", shape=(16, 16), seed=i, n_train=60)) for i in range(3)]
+    out = tmp_path / "bench"
+    assert main(["bench", "continual", "--out", str(out), "--stream", *stream, "--steps", "4", "--warmup-steps",
+                 "1", "--grow-threshold", "1.0", "--grow-val-fraction", "0.2", *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["bench"] == "continual"
+    rows = results["rows"]
+    assert {r["method"] for r in rows} == {"modular_grow", "independent", "finetune_seq"}
+    for method in ("modular_grow", "independent", "finetune_seq"):
+        sel = [r for r in rows if r["method"] == method]
+        assert [r["after_index"] for r in sel] == [1, 2, 2, 3, 3, 3]
+        assert [r["task"] for r in sel if r["after_index"] == 3] == ["t0", "t1", "t2"]
+    grow = results["methods"]["modular_grow"]
+    assert all(grow["exact_outputs"].values()) and len(grow["outcomes"]) == 3
+    params = {m: max(r["params_total"] for r in rows if r["method"] == m) for m in ("modular_grow", "independent")}
+    assert params["modular_grow"] < params["independent"]
+    report = (out / "report.md").read_text()
+    assert "| **mean** |" in report and "bit-identical" in report
+    for png in ("continual.png", "forgetting.png"):
+        assert (out / png).stat().st_size > 1000
+    assert load_checkpoint(out / "modular_grow" / "checkpoint").task_names == ["t0", "t1", "t2"]

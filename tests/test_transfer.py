@@ -1,14 +1,15 @@
 """Route-only transfer: a new task learns its route, norms and head on a frozen pool;
 earlier tasks keep their exact outputs. Plus the Fashion-MNIST IDX loader."""
 
+import copy
 import gzip
 
 import numpy as np
 import pytest
 import torch
 
-from isomod import IsomodError, ModelConfig, ModularNet, TrainConfig, Trainer, load_checkpoint
-from isomod.adapt import few_shot, fit_route
+from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, TrainConfig, Trainer, load_checkpoint
+from isomod.adapt import TRANSFER_METHODS, few_shot, fit_route, select_source, transfer
 from isomod.cli import main
 from isomod.data.tasks import load_task, read_idx
 
@@ -74,10 +75,20 @@ def test_transfer_cli(tmp_path, capsys):
     assert main(["transfer", "--from", str(tmp_path / "pre" / "checkpoint"), "--task", b, "--shots", "3",
                  "--out", str(tmp_path / "tr"), "--steps", "4", *tiny]) == 0
     out = capsys.readouterr().out
-    assert "b: " in out and "added" in out and "serves all 2 tasks" in out
-    assert main(["transfer", "--from", str(tmp_path / "pre" / "checkpoint"), "--task", b, "--shots", "50",
-                 "--out", str(tmp_path / "tr2"), *tiny]) == 2
-    assert "--shots 50 is outside 1..10" in capsys.readouterr().err
+    assert "b: test acc" in out and "added" in out and "holds 2 task(s)" in out and "(started from task a)" in out
+    assert load_checkpoint(tmp_path / "tr" / "checkpoint").task_names == ["a", "b"]
+    rgb = str(write_npz(tmp_path / "rgb.npz", shape=(16, 16, 3)))
+    for extra, message in [(["--task", b, "--shots", "50"], "--shots 50 is outside 1..10: the smallest class"),
+                           (["--task", b, "--source", "greek"], "unknown task 'greek'; this model has: a"),
+                           (["--task", rgb], "task 'rgb' has 3-channel inputs; this model's stem takes 1")]:
+        assert main(["transfer", "--from", str(tmp_path / "pre" / "checkpoint"), *extra,
+                     "--out", str(tmp_path / "tr2"), *tiny]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "tr2").exists()
+    assert main(["transfer", "--from", str(tmp_path / "pre" / "checkpoint"), "--task", b, "--method", "scratch",
+                 "--out", str(tmp_path / "tr3"), "--steps", "4", *tiny]) == 0
+    assert load_checkpoint(tmp_path / "tr3" / "checkpoint").task_names == ["b"]
 
 
 def write_idx(path, array):
@@ -100,8 +111,75 @@ def test_fashion_mnist_idx_loader(tmp_path, monkeypatch):
 
     t = tasks.fashion_mnist_task()
     assert t.spec.num_classes == 10 and t.x_train.shape == (20, 1, 28, 28) and t.spec.class_names[0] == "t-shirt"
+    monkeypatch.delenv("ISOMOD_DATA")
+    mine = tmp_path / "mine" / "fashion-mnist"  # --data-dir is looked in first, sub-folder included
+    mine.mkdir(parents=True)
+    for name, arr in files.items():
+        write_idx(mine / name, arr[:10])
+    assert load_task("fashion-mnist", data_dir=str(tmp_path / "mine")).x_train.shape == (10, 1, 28, 28)
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setattr(tasks, "fashion_dirs", lambda data_dir=None: [empty])
     with pytest.raises(IsomodError, match="Fashion-MNIST not found .* install Debian's dataset-fashion-mnist"):
         tasks.fashion_mnist_task()
+
+
+def mnist_only(pretrained):
+    """A copy of the pre-trained model with only its pre-training task (other tests add tasks)."""
+    model = copy.deepcopy(pretrained)
+    for name in model.task_names[1:]:
+        model.remove_task(name)
+    return model
+
+
+def test_every_transfer_method_learns_and_counts_what_it_added(pretrained, digit_tasks):
+    mnist, uci = digit_tasks
+    pretrained = mnist_only(pretrained)
+    x = mnist.x_test[:32].float() / 255
+    before = pretrained.eval()(x, "mnist")
+    cfg = TrainConfig(steps=60, batch_size=32, lr=5e-3, lr_heads=5e-3, warmup_steps=5, checkpoint_every=0)
+    added = {}
+    for method in TRANSFER_METHODS:
+        model = copy.deepcopy(pretrained)
+        result = transfer(model, uci, method, cfg, source="mnist", progress=False)
+        assert result.test_acc > 0.2, (method, result.test_acc)  # chance is 0.1
+        added[method] = result.params_task
+        if method == "finetune":  # trains a copy: the model handed in is untouched
+            assert result.model is not model and "uci-digits" not in model.specs
+        if method in ("route_only", "head_only", "norm_head"):  # in place, earlier tasks unchanged
+            assert result.model is model and torch.equal(before, model.eval()(x, "mnist"))
+    branch = result.model.branch("uci-digits")  # the last method is scratch: a fresh one-task network
+    assert result.model.task_names == ["uci-digits"] and added["scratch"] == result.model.param_count()
+    head = sum(p.numel() for p in branch.head.parameters())
+    norms = sum(p.numel() for p in branch.norms.parameters())
+    assert added["head_only"] == head and added["norm_head"] == head + norms
+    assert added["route_only"] == head + norms + branch.route.logits.numel()
+    assert added["finetune"] == head + norms + sum(p.numel() for p in pretrained.stem.parameters()) + \
+        sum(p.numel() for p in pretrained.pool.parameters())
+
+
+def test_head_only_keeps_the_source_norm_statistics(pretrained, digit_tasks):
+    """A linear probe trains on the frozen features it is tested on: its norms, copied from
+    the source task and frozen, must not update their running statistics in training."""
+    cfg = TrainConfig(steps=20, batch_size=32, warmup_steps=2, checkpoint_every=0)
+    pretrained = mnist_only(pretrained)
+    result = transfer(copy.deepcopy(pretrained), digit_tasks[1], "head_only", cfg, source="mnist", progress=False)
+    new, old = result.model.branch("uci-digits").norms, pretrained.branch("mnist").norms
+    for a, b in zip(new, old):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    assert result.model.route("uci-digits").indices() == pretrained.route("mnist").indices()
+
+
+def test_select_source_prefers_the_task_whose_features_separate_the_classes(pretrained, digit_tasks):
+    model = mnist_only(pretrained)
+    model.add_task(TaskSpec("blind", 10, (1, 28, 28)))
+    model.route("blind").set_choice(model.route("mnist").indices())
+    final = model.branch("blind").norms[-1]
+    with torch.no_grad():  # every feature is relu(0) = 0: nothing to separate classes with
+        final.weight.zero_()
+        final.bias.zero_()
+    best, scores = select_source(model, digit_tasks[1])
+    assert best == "mnist" and set(scores) == {"mnist", "blind"}
+    assert scores["mnist"] > 0.5 > scores["blind"]
+    with pytest.raises(IsomodError, match="unknown transfer method 'magic'; known: route_only, head_only"):
+            transfer(model, digit_tasks[1], "magic")

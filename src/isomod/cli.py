@@ -6,6 +6,8 @@
     isomod eval --from runs/x/checkpoint
     isomod transfer --from runs/x/checkpoint --task uci-digits [--shots 10] --out runs/y
     isomod bench mtl --out runs/bench-mtl [--seeds 0 1]
+    isomod bench transfer --out runs/bench-transfer [--shots 10 100 all]
+    isomod bench continual --out runs/bench-continual [--grow-threshold 0.9]
     isomod report runs/bench-mtl     redraw figures and report.md from results.json
     isomod tasks                     list registered suites and tasks
 """
@@ -27,6 +29,14 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _shots(text: str) -> int | None:
+    if text == "all":
+        return None
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number of images per class or 'all', got {text!r}")
 
 
 def docstring_args(cls) -> dict[str, str]:
@@ -60,8 +70,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, base, title: str, prefix
                            help=f"{docs.get(f.name, '')} (default {getattr(base, f.name)!r})".replace("%", "%%").strip())
 
 
-def read_config_file(path: str | None) -> dict:
-    """A YAML or JSON file with optional `model:` and `train:` sections."""
+def read_config_file(path: str | None, sections: list[str]) -> dict:
+    """A YAML or JSON file whose top-level keys are some of `sections` (e.g. `model:`, `train:`)."""
     if path is None:
         return {}
     file = Path(path)
@@ -77,24 +87,22 @@ def read_config_file(path: str | None) -> dict:
             data = json.loads(text)
     except Exception as exc:
         raise IsomodError(f"{path}: cannot parse config ({type(exc).__name__}: {exc})") from None
-    if not isinstance(data, dict) or set(data) - {"model", "train"}:
-        raise IsomodError(f"{path}: a config holds only 'model:' and 'train:' sections")
+    if not isinstance(data, dict) or set(data) - set(sections):
+        raise IsomodError(f"{path}: this command's config holds only {', '.join(repr(s + ':') for s in sections)} sections")
     return data
 
 
-def build_configs(args: argparse.Namespace, model_base, train_base):
-    """Defaults <- config file <- command-line options."""
-    from isomod.network import ModelConfig
-    from isomod.train import TrainConfig
+def build_configs(args: argparse.Namespace, **bases) -> dict:
+    """One dataclass per section, e.g. `model=ModelConfig()`: defaults <- config file <- options."""
+    from isomod.errors import dataclass_from_dict
 
-    file = read_config_file(getattr(args, "config", None))
-    merged = {"model": {**dataclasses.asdict(model_base), **file.get("model", {})},
-              "train": {**dataclasses.asdict(train_base), **file.get("train", {})}}
+    file = read_config_file(getattr(args, "config", None), list(bases))
+    merged = {name: {**dataclasses.asdict(base), **(file.get(name) or {})} for name, base in bases.items()}
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)
             merged[section][name] = value
-    return ModelConfig.from_dict(merged["model"]), TrainConfig.from_dict(merged["train"])
+    return {name: dataclass_from_dict(type(base), merged[name], f"{name} config") for name, base in bases.items()}
 
 
 def cmd_tasks(args) -> int:
@@ -113,8 +121,9 @@ def cmd_train(args) -> int:
     from isomod.network import ModelConfig, ModularNet
     from isomod.train import TrainConfig, Trainer
 
-    model_cfg, train_cfg = build_configs(args, ModelConfig(), TrainConfig())
-    tasks = [load_task(n) for n in resolve(args.tasks)]
+    cfg = build_configs(args, model=ModelConfig(), train=TrainConfig())
+    model_cfg, train_cfg = cfg["model"], cfg["train"]
+    tasks = [load_task(n, data_dir=args.data_dir) for n in resolve(args.tasks)]
     channels = {t.spec.input_shape[0] for t in tasks}
     if len(channels) > 1:
         raise IsomodError(f"tasks mix {sorted(channels)}-channel inputs; one model takes one channel count")
@@ -135,7 +144,7 @@ def cmd_eval(args) -> int:
 
     model = load_checkpoint(args.from_)
     names = resolve(args.tasks) if args.tasks else model.task_names
-    tasks = [load_task(model.check_task(n).source or n) for n in names]
+    tasks = [load_task(model.check_task(n).source or n, data_dir=args.data_dir) for n in names]
     accs = evaluate(model, dict(zip(names, tasks)), split=args.split)
     for name, acc in accs.items():
         route = f"   route {model.route(name)}" if hasattr(model, "route") else ""
@@ -144,20 +153,28 @@ def cmd_eval(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from isomod.adapt import TRANSFER_TRAIN, few_shot, fit_route
+    from isomod.adapt import TRANSFER_TRAIN, few_shot, transfer
     from isomod.checkpoint import load_checkpoint
     from isomod.data.tasks import load_task
+    from isomod.network import ModularNet
 
     model = load_checkpoint(args.from_)
-    _, train_cfg = build_configs(args, model.config, TRANSFER_TRAIN)
-    task = few_shot(load_task(args.task), args.shots, seed=train_cfg.seed)
+    if not isinstance(model, ModularNet):
+        raise IsomodError(f"{args.from_}: transfer needs a ModularNet checkpoint, this one holds a {type(model).__name__}")
+    if args.source is not None:
+        model.check_task(args.source)
+    train_cfg = build_configs(args, train=TRANSFER_TRAIN)["train"]
+    task = load_task(args.task, data_dir=args.data_dir)
+    model.check_spec(task.spec, model.config.in_channels)
+    task = few_shot(task, args.shots, seed=train_cfg.seed)
     before = model.param_count()
-    accs = fit_route(model, task, train_cfg, out_dir=args.out, init_from=args.init_from,
-                     progress=not args.no_progress)
-    added = model.param_count() - before
-    print(f"{model.route_str(task.name)}    test acc {accs[task.name]:.4f}")
-    print(f"added {added:,} parameters ({100 * added / before:.2f}% of the {before:,} before); "
-          f"checkpoint: {Path(args.out) / 'checkpoint'} (serves all {len(model.task_names)} tasks)")
+    result = transfer(model, task, args.method, train_cfg, source=args.source, out_dir=args.out,
+                      progress=not args.no_progress)
+    out = Path(args.out) / "checkpoint"
+    print(f"{task.name}: test acc {result.test_acc:.4f}    route {result.model.route(task.name)}    "
+          f"(started from task {result.source})")
+    print(f"added {result.params_task:,} parameters ({100 * result.params_task / before:.2f}% of the {before:,} before); "
+          f"checkpoint: {out} (holds {len(result.model.task_names)} task(s))")
     return 0
 
 
@@ -167,16 +184,43 @@ def print_table(results: dict) -> None:
     print(markdown_results(results["rows"]))
 
 
-def cmd_bench(args) -> int:
+def cmd_bench_mtl(args) -> int:
     from isomod.bench import mtl
 
-    if args.name != "mtl":
-        raise IsomodError(f"unknown benchmark {args.name!r}; known: mtl")
-    model_cfg, train_cfg = build_configs(args, mtl.DEFAULT_MODEL, mtl.DEFAULT_TRAIN)
-    results = mtl.run(args.out, suite=args.suite, model_config=model_cfg, train_config=train_cfg,
+    cfg = build_configs(args, model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
+    results = mtl.run(args.out, suite=args.suite, model_config=cfg["model"], train_config=cfg["train"],
                       seeds=args.seeds or mtl.DEFAULT_SEEDS, progress=not args.no_progress)
     print_table(results)
-    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    return wrote(args.out)
+
+
+def cmd_bench_transfer(args) -> int:
+    from isomod.bench import transfer
+
+    cfg = build_configs(args, model=transfer.DEFAULT_MODEL, pretrain=transfer.DEFAULT_PRETRAIN,
+                        train=transfer.DEFAULT_TRANSFER)
+    results = transfer.run(args.out, pretrain_tasks=args.pretrain_tasks or transfer.PRETRAIN,
+                           held_out=args.held_out or transfer.HELD_OUT, shots=args.shots or transfer.SHOTS,
+                           methods=args.methods or transfer.TRANSFER_METHODS, model_config=cfg["model"],
+                           pretrain_config=cfg["pretrain"], transfer_config=cfg["train"], seeds=args.seeds or [0],
+                           data_dir=args.data_dir, progress=not args.no_progress)
+    print(transfer.markdown_table(results))
+    return wrote(args.out)
+
+
+def cmd_bench_continual(args) -> int:
+    from isomod.bench import continual
+
+    cfg = build_configs(args, model=continual.DEFAULT_MODEL, train=continual.DEFAULT_TRAIN, grow=continual.DEFAULT_GROW)
+    results = continual.run(args.out, stream=args.stream or continual.STREAM, methods=args.methods or continual.METHODS,
+                            model_config=cfg["model"], train_config=cfg["train"], grow=cfg["grow"],
+                            data_dir=args.data_dir, progress=not args.no_progress)
+    print(continual.final_table(results))
+    return wrote(args.out)
+
+
+def wrote(out: str) -> int:
+    print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
     return 0
 
 
@@ -184,7 +228,8 @@ def cmd_demo(args) -> int:
     from isomod.bench import mtl
     from isomod.data.tasks import load_suite
 
-    model_cfg, train_cfg = build_configs(args, mtl.DEFAULT_MODEL, mtl.DEFAULT_TRAIN)
+    cfg = build_configs(args, model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
+    model_cfg, train_cfg = cfg["model"], cfg["train"]
     print("isomod demo: a modular network, independent networks and a shared trunk on the 'glyphs' suite")
     print("(8 scripts rendered from matplotlib's fonts; test images use font faces never seen in training)")
     tasks = load_suite("glyphs")
@@ -204,19 +249,22 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from isomod.bench import mtl
+    from isomod.bench import continual, mtl, transfer
 
     file = Path(args.dir) / "results.json"
     if not file.is_file():
         raise IsomodError(f"{file} not found: run a benchmark with --out {args.dir} first")
     results = json.loads(file.read_text())
-    print(f"wrote {mtl.write_report(Path(args.dir), results)}")
+    writers = {"mtl": mtl.write_report, "transfer": transfer.write_report, "continual": continual.write_report}
+    if results.get("bench") not in writers:
+        raise IsomodError(f"{file}: unknown benchmark {results.get('bench')!r}; known: {', '.join(writers)}")
+    print(f"wrote {writers[results['bench']](Path(args.dir), results)}")
     return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from isomod.adapt import TRANSFER_TRAIN
-    from isomod.bench import mtl
+    from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN
+    from isomod.bench import continual, mtl, transfer
     from isomod.network import ModelConfig
     from isomod.train import TrainConfig
 
@@ -224,32 +272,38 @@ def make_parser() -> argparse.ArgumentParser:
                                      "a pool of residual modules, a learned route per task.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_configs(p, model=ModelConfig(), train=TrainConfig()):
-        p.add_argument("--config", help="YAML or JSON file with 'model:' and 'train:' sections")
+    def with_configs(p, **bases):
+        p.add_argument("--config", help=f"YAML or JSON file with {', '.join(repr(s + ':') for s in bases)} sections")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        add_dataclass_args(p, model, "model", prefix="model-")
-        add_dataclass_args(p, train, "train")
+        p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST's IDX "
+                       "files); then $ISOMOD_DATA, then /usr/share/datasets")
+        for name, base in bases.items():
+            add_dataclass_args(p, base, name, prefix="" if name == "train" else f"{name}-")
         return p
 
     p = with_configs(sub.add_parser("demo", help="the main job: modular vs baselines on glyphs, with a report"),
-                     mtl.DEFAULT_MODEL, mtl.DEFAULT_TRAIN)
+                     model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.set_defaults(func=cmd_demo)
 
-    p = with_configs(sub.add_parser("train", help="train a modular network on tasks or suites"))
+    p = with_configs(sub.add_parser("train", help="train a modular network on tasks or suites"),
+                     model=ModelConfig(), train=TrainConfig())
     p.add_argument("--tasks", nargs="+", required=True, help="task or suite names, or paths to folders / .npz")
     p.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, train_config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("transfer", help="add a task to a trained model, learning only its route, norms and head")
-    p.add_argument("--config", help="YAML or JSON file with a 'train:' section")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_dataclass_args(p, TRANSFER_TRAIN, "train")
+    p = with_configs(sub.add_parser("transfer", help="add a task to a trained model, learning only its route, "
+                                    "norms and head"), train=TRANSFER_TRAIN)
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a trained ModularNet")
     p.add_argument("--task", required=True, help="the new task: a registered name, a folder or an .npz")
     p.add_argument("--shots", type=int, help="training images per class (default: all)")
-    p.add_argument("--init-from", help="an existing task whose step norms the new task starts from")
+    p.add_argument("--source", "--init-from", dest="source",
+                   help="the checkpoint's task to start from (its norms; its route for the baselines); "
+                        "default: the one whose features separate the new classes best")
+    p.add_argument("--method", default="route_only", choices=TRANSFER_METHODS,
+                   help="route_only (default) leaves every earlier task unchanged; the others are the baselines "
+                        "of `bench transfer` (finetune changes the shared pool, scratch keeps only the new task)")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_transfer)
 
@@ -257,14 +311,33 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder")
     p.add_argument("--tasks", nargs="*", help="tasks to evaluate (default: all of the checkpoint's)")
     p.add_argument("--split", default="test", choices=("test", "train"))
+    p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST)")
     p.set_defaults(func=cmd_eval)
 
-    p = with_configs(sub.add_parser("bench", help="run a benchmark: mtl"), mtl.DEFAULT_MODEL, mtl.DEFAULT_TRAIN)
-    p.add_argument("name", help="benchmark name: mtl")
-    p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
+    bench = sub.add_parser("bench", help="run a benchmark: mtl, transfer, continual").add_subparsers(
+        dest="bench", required=True, metavar="{mtl,transfer,continual}")
+    p = with_configs(bench.add_parser("mtl", help="modular vs independent networks vs a shared trunk"),
+                     model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
     p.add_argument("--suite", default="glyphs")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench_mtl)
+    p = with_configs(bench.add_parser("transfer", help="route-only transfer vs head-only, norms+head, fine-tuning "
+                                      "and scratch on held-out tasks"),
+                     model=transfer.DEFAULT_MODEL, pretrain=transfer.DEFAULT_PRETRAIN, train=transfer.DEFAULT_TRANSFER)
+    p.add_argument("--pretrain-tasks", nargs="+", help=f"default {' '.join(transfer.PRETRAIN)}")
+    p.add_argument("--held-out", nargs="+", help=f"default {' '.join(transfer.HELD_OUT)}")
+    p.add_argument("--shots", nargs="+", type=_shots, help="images per class, integers or 'all' (default 10 100 all)")
+    p.add_argument("--methods", nargs="+", choices=TRANSFER_METHODS, help="default: all")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0")
+    p.set_defaults(func=cmd_bench_transfer)
+    p = with_configs(bench.add_parser("continual", help="a stream of tasks: growing pool vs independent networks vs "
+                                      "sequential fine-tuning"),
+                     model=continual.DEFAULT_MODEL, train=continual.DEFAULT_TRAIN, grow=continual.DEFAULT_GROW)
+    p.add_argument("--stream", nargs="+", help=f"task names in order (default {' '.join(continual.STREAM)})")
+    p.add_argument("--methods", nargs="+", choices=continual.METHODS, help="default: all")
+    p.set_defaults(func=cmd_bench_continual)
+    for p in bench.choices.values():
+        p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
 
     p = sub.add_parser("report", help="redraw figures and report.md from DIR/results.json")
     p.add_argument("dir")

@@ -22,6 +22,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
 def route_similarity(usage: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
     """Similarity of tasks `a, b`: the mean over steps of `sum_n w_a[l, n] w_b[l, n]`,
     the probability that both run the same module at a step (1 for identical discrete
@@ -33,11 +41,11 @@ def route_similarity(usage: dict[str, np.ndarray]) -> tuple[list[str], np.ndarra
 
 
 def plot_usage(usage: dict[str, np.ndarray], path: Path, chosen: dict[str, list[int]] | None = None,
-               title: str = "module usage per task (route weights; dots: discrete choice)") -> Path:
-    """One steps x modules heat map per task."""
+               title: str = "module usage per task (route weights; dots: discrete choice)", cols: int = 4) -> Path:
+    """One steps x modules heat map per task, `cols` to a row."""
     plt = _plt()
     names = list(usage)
-    cols = min(4, len(names))
+    cols = min(cols, len(names))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
@@ -54,10 +62,7 @@ def plot_usage(usage: dict[str, np.ndarray], path: Path, chosen: dict[str, list[
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_similarity(usage: dict[str, np.ndarray], path: Path, title: str = "task similarity from routes") -> Path:
@@ -74,10 +79,7 @@ def plot_similarity(usage: dict[str, np.ndarray], path: Path, title: str = "task
                     color="white" if sim[i, j] < 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -104,10 +106,7 @@ def plot_curves(logs: dict[str, list[dict]], path: Path) -> Path:
     ax2.set(xlabel="step", ylabel="train accuracy (running, mean over tasks)")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_task_accuracy(rows: list[dict], path: Path, metric: str = "test_acc") -> Path:
@@ -125,10 +124,7 @@ def plot_task_accuracy(rows: list[dict], path: Path, metric: str = "test_acc") -
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(methods), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _means_by(rows: list[dict], metric: str, key: str) -> dict[str, dict]:
@@ -181,3 +177,81 @@ def markdown_results(rows: list[dict], metric: str = "test_acc") -> str:
     lines.append("| params total | " + " | ".join(f"{params[m][0]:,}" for m in methods) + " |")
     lines.append("| params per task | " + " | ".join(f"{params[m][1]:,}" for m in methods) + " |")
     return "\n".join(lines)
+
+
+TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
+                  "finetune": ("^", "tab:purple"), "scratch": ("v", "tab:gray")}
+
+
+def plot_transfer(rows: list[dict], path: Path) -> Path:
+    """Test accuracy against the parameters a task added (log scale), one panel per shot
+    count, one marker per method, averaged over held-out tasks and seeds."""
+    plt = _plt()
+    shots = list(dict.fromkeys(r["shots"] for r in rows))
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False, sharey=True)
+    for ax, k in zip(axes[0], shots):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            sel = [r for r in rows if r["shots"] == k and r["method"] == method]
+            if not sel:
+                continue
+            marker, color = TRANSFER_STYLE.get(method, ("x", None))
+            ax.scatter([r["params_task"] for r in sel], [100 * r["value"] for r in sel], marker=marker, color=color,
+                       alpha=0.35, s=18)
+            ax.scatter([np.mean([r["params_task"] for r in sel])], [100 * np.mean([r["value"] for r in sel])],
+                       marker=marker, color=color, s=90, edgecolor="black", label=method)
+        ax.set_xscale("log")
+        ax.set_title(f"{k} images per class" if k != "all" else "all training images", fontsize=10)
+        ax.set_xlabel("parameters added for the task")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("small markers: one held-out task; large: their mean", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_continual(rows: list[dict], stream: list[str], path: Path) -> Path:
+    """Mean test accuracy over the tasks seen so far, and total parameters, after each
+    task of a stream; one line per method."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = range(1, len(stream) + 1)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        acc = [100 * np.mean([r["value"] for r in sel if r["after_index"] == i]) for i in steps]
+        params = [next(r["params_total"] for r in sel if r["after_index"] == i) for i in steps]
+        ax1.plot(steps, acc, marker="o", label=method)
+        ax2.plot(steps, params, marker="o", label=method)
+    ax1.set_ylabel("mean test accuracy, tasks so far (%)")
+    ax2.set_ylabel("parameters")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("tasks learned")
+        ax.set_xticks(list(steps))
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_forgetting(rows: list[dict], stream: list[str], path: Path) -> Path:
+    """Per method, a tasks x stream-position map of test accuracy (blank before a task arrives)."""
+    plt = _plt()
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 + 3.0 * len(methods), 0.8 + 0.35 * len(stream)),
+                             squeeze=False)
+    short = [t.rsplit("/", 1)[-1] for t in stream]
+    for ax, method in zip(axes[0], methods):
+        acc = np.full((len(stream), len(stream)), np.nan)
+        for r in rows:
+            if r["method"] == method:
+                acc[stream.index(r["task"]), r["after_index"] - 1] = 100 * r["value"]
+        im = ax.imshow(acc, cmap="viridis", vmin=0, vmax=100)
+        for i in range(len(stream)):
+            for j in range(len(stream)):
+                if not np.isnan(acc[i, j]):
+                    ax.text(j, i, f"{acc[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if acc[i, j] < 50 else "black")
+        ax.set_title(method, fontsize=10)
+        ax.set_xticks(range(len(stream)), range(1, len(stream) + 1), fontsize=7)
+        ax.set_yticks(range(len(stream)), short if ax is axes[0][0] else [""] * len(stream), fontsize=7)
+        ax.set_xlabel("after task", fontsize=8)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.02)
+    return _save(fig, path, tight=False)

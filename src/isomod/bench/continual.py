@@ -1,0 +1,163 @@
+"""`isomod bench continual`: a stream of tasks learned one by one by a growing modular
+network, by independent networks, and by sequential fine-tuning of one plain network.
+
+After every task, every task seen so far is evaluated on its test split, so the rows show
+both the final accuracy and what each method forgot on the way. For the modular network
+the logits of each task on a fixed batch of its test images are recorded right after it is
+learned and compared bit for bit after the last task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from isomod import report
+from isomod.baselines import IndependentNets, PlainResNet
+from isomod.checkpoint import save_checkpoint
+from isomod.continual import GrowConfig, learn_task
+from isomod.data.tasks import TaskData, load_task
+from isomod.network import ModelConfig, ModularNet, TaskModel
+from isomod.train import TrainConfig, Trainer, evaluate, to_float
+
+METHODS = ("modular_grow", "independent", "finetune_seq")
+STREAM = ["glyphs/latin_upper", "glyphs/digits", "glyphs/greek", "mnist", "glyphs/cyrillic", "glyphs/armenian",
+          "uci-digits", "glyphs/georgian", "glyphs/hebrew", "glyphs/latin_lower"]
+DEFAULT_MODEL = ModelConfig(channels=32, num_modules=4, steps=8)
+DEFAULT_TRAIN = TrainConfig(steps=500, batch_size=128, lr=5e-3, lr_heads=5e-3, warmup_steps=20, checkpoint_every=0,
+                            log_every=25)
+DEFAULT_GROW = GrowConfig(threshold=0.9, modules=2)
+PROBE = 64  # test images per task whose logits must stay bit-identical
+
+
+@torch.no_grad()
+def probe_logits(model: TaskModel, task: TaskData) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    return model(to_float(task.x_test[:PROBE].to(device)), task.name).cpu()
+
+
+def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
+               grow: GrowConfig, out: Path, progress: bool) -> tuple[list[dict], dict]:
+    """Learn the stream with one method; rows after every task, plus what the method did."""
+    torch.manual_seed(train_config.seed)
+    cfg0 = replace(model_config, in_channels=stream[0].spec.input_shape[0])
+    model: TaskModel = {"modular_grow": ModularNet, "independent": IndependentNets, "finetune_seq": PlainResNet}[method](cfg0)
+    rows, info = [], {"outcomes": [], "steps": 0, "seconds": 0.0}
+    probes: dict[str, torch.Tensor] = {}
+    t0 = time.time()
+    for i, task in enumerate(stream):
+        if progress:
+            print(f"== {method}: task {i + 1}/{len(stream)} {task.name}", flush=True)
+        if method == "modular_grow":
+            outcome = learn_task(model, task, train_config, grow, progress=progress)
+            info["outcomes"].append(asdict(outcome))
+            info["steps"] += outcome.steps
+            probes[task.name] = probe_logits(model, task)
+        else:
+            model.add_task(task.spec)
+            if method == "independent":
+                model.requires_grad_(False)
+                model.nets[task.name].requires_grad_(True)
+            Trainer(model, [task], train_config, progress=progress).fit()
+            info["steps"] += train_config.steps
+        seen = stream[: i + 1]
+        accs = evaluate(model, {t.name: t for t in seen})
+        total = model.param_count()
+        rows += [{"method": method, "task": t.name, "metric": "test_acc", "value": round(accs[t.name], 5),
+                  "after_task": task.name, "after_index": i + 1, "params_total": total,
+                  "params_task": model.task_param_count(t.name), "seed": train_config.seed} for t in seen]
+    info["seconds"] = round(time.time() - t0, 1)
+    if method == "modular_grow":
+        info["exact_outputs"] = {t.name: bool(torch.equal(probes[t.name], probe_logits(model, t))) for t in stream}
+        info["pool_size"] = len(model.pool)
+        info["routes"] = {n: model.route(n).indices() for n in model.task_names}
+        save_checkpoint(model, out / "modular_grow" / "checkpoint")
+    return rows, info
+
+
+def run(out_dir: str | Path, stream: list[str] = tuple(STREAM), methods: list[str] = METHODS,
+        model_config: ModelConfig = DEFAULT_MODEL, train_config: TrainConfig = DEFAULT_TRAIN,
+        grow: GrowConfig = DEFAULT_GROW, data_dir: str | None = None, progress: bool = True) -> dict:
+    """Learn the stream with every method; write `results.json`, figures and `report.md`.
+
+    Args:
+        out_dir: output folder.
+        stream: task names, in arrival order.
+        methods: a subset of `METHODS`.
+        model_config: the shape; `num_modules` is the modular network's starting pool.
+        train_config: the budget of one training run, the same for every method and task.
+        grow: the modular network's growth threshold and size.
+        data_dir: where to look for data that is not embedded (Fashion-MNIST).
+        progress: show progress bars.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [load_task(t, data_dir=data_dir) for t in stream]
+    rows, infos = [], {}
+    for method in methods:
+        method_rows, infos[method] = run_method(method, tasks, model_config, train_config, grow, out, progress)
+        rows += method_rows
+    results = {"bench": "continual",
+               "config": {"stream": list(stream), "task_names": [t.name for t in tasks], "methods": list(methods), "model": asdict(model_config),
+                          "train": asdict(train_config), "grow": asdict(grow)},
+               "rows": rows, "methods": infos}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(out, results)
+    return results
+
+
+def final_table(results: dict) -> str:
+    """Accuracy of every task after the last one, and right after it was learned."""
+    stream = results["config"]["task_names"]
+    methods = [m for m in results["config"]["methods"] if m in results["methods"]]
+    last = {(r["method"], r["task"]): r for r in results["rows"] if r["after_index"] == len(stream)}
+    first = {(r["method"], r["task"]): r for r in results["rows"] if r["after_task"] == r["task"]}
+    lines = ["| task | " + " | ".join(f"{m} end (just learned)" for m in methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    for t in stream:
+        cells = [f"{100 * last[(m, t)]['value']:.1f} ({100 * first[(m, t)]['value']:.1f})" for m in methods]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    means = [f"**{100 * np.mean([last[(m, t)]['value'] for t in stream]):.1f}** "
+             f"({100 * np.mean([first[(m, t)]['value'] for t in stream]):.1f})" for m in methods]
+    lines.append("| **mean** | " + " | ".join(means) + " |")
+    lines.append("| params at the end | " + " | ".join(f"{last[(m, stream[-1])]['params_total']:,}" for m in methods) + " |")
+    lines.append("| training steps | " + " | ".join(f"{results['methods'][m]['steps']:,}" for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, results: dict) -> Path:
+    cfg = results["config"]
+    rows = results["rows"]
+    parts = ["# isomod bench continual", "",
+             f"{len(cfg['task_names'])} tasks arrive one by one; each training run is {cfg['train']['steps']} steps of "
+             f"{cfg['train']['batch_size']} images. `modular_grow` starts with {cfg['model']['num_modules']} modules; "
+             f"a task whose route over the frozen pool scores below {cfg['grow']['threshold']:.0%} on validation data "
+             f"gets {cfg['grow']['modules']} fresh modules (a second run). Test accuracy (%) after the last task, and in "
+             "brackets right after the task was learned:", "", final_table(results), ""]
+    grow = results["methods"].get("modular_grow")
+    if grow:
+        exact = grow["exact_outputs"]
+        parts += [f"`modular_grow`: earlier tasks' logits after the last task are bit-identical to those right "
+                  f"after learning them for {sum(exact.values())} of {len(exact)} tasks; final pool "
+                  f"{grow['pool_size']} modules.", "", "| task | grew | modules added | val acc, route over frozen "
+                  "pool | val acc, grown | test acc | route |", "|---|---|---:|---:|---:|---:|---|"]
+        for o in grow["outcomes"]:
+            vr = "" if o["val_route"] is None else f"{100 * o['val_route']:.1f}"
+            vg = "" if o["val_grown"] is None else f"{100 * o['val_grown']:.1f}"
+            parts.append(f"| {o['task']} | {'yes' if o['grew'] else 'no'} | {o['modules_added']} | {vr} | {vg} | "
+                         f"{100 * o['test_acc']:.1f} | {' '.join(map(str, o['route']))} |")
+        parts.append("")
+    report.plot_continual(rows, cfg["task_names"], out / "continual.png")
+    parts += ["![accuracy and parameters along the stream](continual.png)", ""]
+    report.plot_forgetting(rows, cfg["task_names"], out / "forgetting.png")
+    parts += ["Test accuracy of each task (row) after each task of the stream (column):", "",
+              "![forgetting](forgetting.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path

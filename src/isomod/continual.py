@@ -1,0 +1,159 @@
+"""Continual learning by growing the pool: tasks arrive one by one; each reuses the frozen
+pool through a new route or, when a route alone falls short of a threshold, adds `k` fresh
+modules trained for it while every older module stays frozen.
+
+Earlier tasks keep their exact outputs: their routes are discrete, their norms and heads
+frozen, and the modules they use never change again. Routes never pick modules added
+after them (`Route.add_modules`), so growing the pool leaves them bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from isomod.adapt import ROUTE_BIAS, fit_route, select_source
+from isomod.checkpoint import save_checkpoint
+from isomod.data.tasks import TaskData
+from isomod.errors import IsomodError
+from isomod.network import ModularNet
+from isomod.train import TrainConfig, Trainer, evaluate
+
+
+@dataclass
+class GrowConfig:
+    """When and how the pool grows.
+
+    Args:
+        threshold: validation accuracy a route over the frozen pool must reach; below
+            it the task gets fresh modules.
+        modules: modules added for such a task (the `k` of "add k modules").
+        val_fraction: share of each class's training images held out for that decision.
+        route_lr: learning rate of the run over the frozen pool (route, norms and head:
+            a few thousand numbers on frozen features take a far larger rate than modules).
+    """
+
+    threshold: float = 0.9
+    modules: int = 2
+    val_fraction: float = 0.1
+    route_lr: float = 5e-2
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise IsomodError(f"grow threshold must lie in [0, 1], got {self.threshold}")
+        if self.modules < 1:
+            raise IsomodError(f"growing must add at least 1 module, got {self.modules}")
+        if self.route_lr <= 0:
+            raise IsomodError(f"route_lr must be positive, got {self.route_lr}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise IsomodError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TaskOutcome:
+    """What learning one task of the stream did."""
+
+    task: str
+    grew: bool
+    modules_added: int
+    val_route: float | None  # validation accuracy of the route over the frozen pool
+    val_grown: float | None  # ... and after growing (None when the pool did not grow)
+    test_acc: float
+    steps: int  # optimiser steps spent on the task
+    route: list[int]
+
+
+def split_validation(task: TaskData, fraction: float, seed: int = 0) -> TaskData:
+    """The task with `fraction` of each class's training images moved to its test split
+    (a validation set), so that deciding to grow never looks at test data."""
+    g = torch.Generator().manual_seed(seed)
+    fit, val = [], []
+    for c in range(task.spec.num_classes):
+        idx = torch.nonzero(task.y_train == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = int(round(fraction * len(idx)))
+        if len(idx) - n_val < 1 or n_val < 1:
+            raise IsomodError(f"task {task.name!r}: class {c} has {len(idx)} training images, too few to hold "
+                              f"{fraction:.0%} out for validation")
+        val.append(idx[:n_val])
+        fit.append(idx[n_val:])
+    fit_idx, val_idx = torch.cat(fit).sort().values, torch.cat(val).sort().values
+    return TaskData(task.spec, task.x_train[fit_idx], task.y_train[fit_idx], task.x_train[val_idx],
+                    task.y_train[val_idx])
+
+
+def _grown_route_logits(model: ModularNet, task: str, previous: list[int], new: list[int]) -> None:
+    # Each step starts tied between the module the frozen-pool route chose and every
+    # fresh module, so the fresh ones are trained wherever they help; a strong bias keeps
+    # the many other modules of a grown pool from diluting the start.
+    route = model.route(task)
+    with torch.no_grad():
+        route.logits.zero_()
+        route.logits[torch.arange(route.steps), torch.tensor(previous)] = ROUTE_BIAS
+        route.logits[:, new] = ROUTE_BIAS
+
+
+def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: GrowConfig = GrowConfig(),
+               out_dir: str | Path | None = None, progress: bool = True) -> TaskOutcome:
+    """Add the next task of a stream to `model`.
+
+    The first task trains stem, pool, route, norms and head. Every later one first learns
+    a route over the frozen pool (`fit_route`, starting from the norms and route of the task
+    `select_source` picks, at `grow.route_lr`); when its validation accuracy is below
+    `grow.threshold`, `grow.modules` fresh modules join the pool and are trained with a new
+    route, norms and head; they are kept only when validation accuracy improves. At the end
+    everything is frozen, so no later task can change this one.
+
+    Args:
+        model: the model of the stream so far (possibly without tasks).
+        task: the new task.
+        config: the budget of each training run (a grown task runs two).
+        grow: threshold and growth size.
+        out_dir: folder for the task's checkpoint and logs (None: nothing written).
+        progress: show progress bars.
+    """
+    name = task.name
+    run_dir = Path(out_dir) if out_dir is not None else None
+    if not model.task_names:
+        model.add_task(task.spec)
+        model.requires_grad_(True)
+        acc = Trainer(model, [task], config, out_dir=run_dir, progress=progress).fit()[name]
+        model.requires_grad_(False)
+        return TaskOutcome(name, True, len(model.pool), None, None, acc, config.steps, model.route(name).indices())
+    model.freeze_shared()
+    fit = split_validation(task, grow.val_fraction, seed=config.seed)
+    source = select_source(model, fit, seed=config.seed)[0]
+    route_config = replace(config, lr=grow.route_lr, lr_heads=grow.route_lr)
+    val_route = fit_route(model, fit, route_config, init_from=source, progress=progress)[name]
+    outcome = TaskOutcome(name, False, 0, val_route, None, 0.0, config.steps, model.route(name).indices())
+    if val_route < grow.threshold:
+        saved = copy.deepcopy(model.branch(name).state_dict())
+        model.remove_task(name)
+        new = model.add_modules(grow.modules)
+        branch = model.add_task(task.spec)
+        for part in (branch.norms, branch.head):  # start from what the frozen-pool run learned
+            prefix = "norms." if part is branch.norms else "head."
+            part.load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+        _grown_route_logits(model, name, outcome.route, new)
+        model.requires_grad_(False)
+        model.pool.unfreeze(new)
+        branch.requires_grad_(True)
+        grown_config = replace(config, lr_heads=grow.route_lr)
+        trainer = Trainer(model, {name: fit}, grown_config, progress=progress, train_tasks=[name])
+        outcome.val_grown = trainer.fit()[name]
+        outcome.steps += config.steps
+        if outcome.val_grown > val_route:
+            outcome.grew, outcome.modules_added, outcome.route = True, len(new), model.route(name).indices()
+        else:  # growing did not help: back to the frozen-pool route, the fresh modules go
+            model.remove_task(name)
+            for index in reversed(new):
+                model.remove_module(index)
+            model.add_task(task.spec).load_state_dict(saved)
+    model.requires_grad_(False)
+    outcome.test_acc = evaluate(model, {name: task})[name]
+    if run_dir is not None:
+        save_checkpoint(model, run_dir / "checkpoint")
+    return outcome
