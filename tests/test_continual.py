@@ -51,8 +51,11 @@ def test_growing_stream_keeps_earlier_tasks_bit_identical(stream, tmp_path):
     assert len(model.pool) == 2 + sum(o.modules_added for o in rest)
     for o in rest:
         assert o.val_route is not None and o.val_grown is not None and o.steps == 2 * CFG.steps
-        assert o.modules_added == (2 if o.grew else 0) and o.grew == (o.val_grown > o.val_route)
+        assert 0 <= o.modules_added <= 2 and o.grew == (o.modules_added > 0)
+        assert o.val_grown > o.val_route or not o.grew
         assert 0.0 <= o.test_acc <= 1.0
+    used = {m for name in model.task_names for m in model.route(name).indices()}
+    assert set(range(2, len(model.pool))) <= used  # every module kept for a task is run by it
     assert outcomes[0].test_acc > 0.3  # UCI digits, chance 0.1
     loaded = load_checkpoint(tmp_path / stream[-1].name.replace("/", "_") / "checkpoint")
     assert loaded.pool.frozen() == [True] * len(model.pool)
@@ -100,3 +103,24 @@ def test_grow_config_errors():
         GrowConfig(threshold=1.5)
     with pytest.raises(IsomodError, match="growing must add at least 1 module"):
         GrowConfig(modules=0)
+
+
+def test_fresh_modules_the_grown_route_does_not_use_are_removed(stream, monkeypatch):
+    torch.manual_seed(0)
+    model = ModularNet(ModelConfig(channels=8, num_modules=2, steps=3))
+    learn_task(model, stream[0], CFG, progress=False)
+    seen = {}
+
+    class OldModulesOnly(continual.Trainer):  # the grown run wins but routes around the fresh modules
+        def fit(self, resume=False):
+            super().fit(resume)
+            (name,) = self.train_tasks
+            self.model.route(name).set_choice([1, 0, 1])
+            seen["logits"] = probe(self.model, stream[1])
+            return {name: 1.0}
+
+    monkeypatch.setattr(continual, "Trainer", OldModulesOnly)
+    outcome = learn_task(model, stream[1], CFG, GrowConfig(threshold=1.0), progress=False)
+    assert outcome.val_grown == 1.0 and not outcome.grew and outcome.modules_added == 0
+    assert len(model.pool) == 2 and outcome.route == [1, 0, 1]
+    assert torch.equal(seen["logits"], probe(model, stream[1]))

@@ -104,7 +104,8 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
     a route over the frozen pool (`fit_route`, starting from the norms and route of the task
     `select_source` picks, at `grow.route_lr`); when its validation accuracy is below
     `grow.threshold`, `grow.modules` fresh modules join the pool and are trained with a new
-    route, norms and head; they are kept only when validation accuracy improves. At the end
+    route, norms and head; that run is kept only when validation accuracy improves, and
+    then only with the fresh modules its route uses. At the end
     everything is frozen, so no later task can change this one.
 
     Args:
@@ -146,7 +147,13 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
         outcome.val_grown = trainer.fit()[name]
         outcome.steps += config.steps
         if outcome.val_grown > val_route:
-            outcome.grew, outcome.modules_added, outcome.route = True, len(new), model.route(name).indices()
+            # Keep the run, but only the fresh modules its discrete route uses: removing
+            # the others changes nothing the task computes.
+            unused = [i for i in new if i not in model.route(name).indices()]
+            for index in reversed(unused):
+                model.remove_module(index)
+            outcome.modules_added = len(new) - len(unused)
+            outcome.grew, outcome.route = outcome.modules_added > 0, model.route(name).indices()
         else:  # growing did not help: back to the frozen-pool route, the fresh modules go
             model.remove_task(name)
             for index in reversed(new):
