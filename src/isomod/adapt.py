@@ -152,10 +152,6 @@ def select_source(model: ModularNet, task: TaskData, max_images: int = 1000, see
     return max(scores, key=scores.get), scores
 
 
-def _copy_route(model: ModularNet, source: str, task: str) -> None:
-    model.route(task).set_choice(model.route(source).indices())
-
-
 def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig = TRANSFER_TRAIN,
              source: str | None = None, out_dir: str | Path | None = None, progress: bool = True) -> TransferResult:
     """Learn a new task on a trained model with one of `TRANSFER_METHODS`.
@@ -197,9 +193,8 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
         trained = list(target.parameters())
     else:
         target = copy.deepcopy(model) if method == "finetune" else model
-        target.check_spec(task.spec, target.config.in_channels)
         branch = target.add_task(task.spec, copy_norms_from=source)
-        _copy_route(target, source, task.name)
+        branch.route.set_choice(target.route(source).indices())
         target.requires_grad_(False)
         trained = list(branch.head.parameters())
         if method in ("norm_head", "finetune"):

@@ -135,9 +135,8 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
         model.remove_task(name)
         new = model.add_modules(grow.modules)
         branch = model.add_task(task.spec)
-        for part in (branch.norms, branch.head):  # start from what the frozen-pool run learned
-            prefix = "norms." if part is branch.norms else "head."
-            part.load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+        # Norms and head start from what the frozen-pool run learned; the route is new.
+        branch.load_state_dict({k: v for k, v in saved.items() if not k.startswith("route.")}, strict=False)
         _grown_route_logits(model, name, outcome.route, new)
         model.requires_grad_(False)
         model.pool.unfreeze(new)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from isomod import report
 from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
+from isomod.data.cache import write_atomic
 from isomod.data.tasks import TaskData, load_task
 from isomod.network import ModelConfig, ModularNet
 from isomod.train import TrainConfig, Trainer
@@ -55,9 +55,7 @@ def pretrain(out: Path, tasks: list[TaskData], model_config: ModelConfig, train_
 
 
 def _write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def run(out_dir: str | Path, pretrain_tasks: list[str] = tuple(PRETRAIN), held_out: list[str] = tuple(HELD_OUT),
@@ -199,7 +197,7 @@ def write_report(out: Path, results: dict) -> Path:
     cfg = results["config"]
     rows = results["rows"]
     glyph_tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"].startswith("glyphs/")))
-    parts = [f"# isomod bench transfer", "",
+    parts = ["# isomod bench transfer", "",
              f"A {cfg['model']['num_modules']}-module pool pre-trained on {', '.join(cfg['pretrain_tasks'])} "
              f"({cfg['pretrain']['steps']} steps), then each held-out task learned by every method with the same "
              f"budget: {cfg['transfer']['steps']} steps of up to {cfg['transfer']['batch_size']} images (learning rate "
@@ -223,7 +221,8 @@ def write_report(out: Path, results: dict) -> Path:
                 continue
             task = key.rsplit("/", 1)[0]
             new = np.asarray(route["soft_at_discretize"] or np.eye(n)[route["discrete"]])
-            sims = {p: float(np.mean(new[np.arange(len(r)), r])) for p, r in pre_routes.items()}
+            names, sim = report.route_similarity({"new": new, **{p: np.eye(n)[r] for p, r in pre_routes.items()}})
+            sims = dict(zip(names[1:], sim[0, 1:].tolist()))
             panels[f"new: {task}"] = new
             chosen[f"new: {task}"] = route["discrete"]
             for p in sorted(sims, key=sims.get, reverse=True)[:2]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -17,15 +19,21 @@ def cache_dir() -> Path:
     return path
 
 
-def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write an `.npz` so that readers see either the old file or the whole new one."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write` on a temporary file beside `path`, then rename it into place, so that
+    readers see either the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """Write an `.npz` atomically (see `write_atomic`)."""
+    write_atomic(path, lambda f: np.savez(f, **arrays))
