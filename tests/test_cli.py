@@ -47,7 +47,7 @@ def test_config_file_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--tasks", "glyphs/klingon", "--out", "x"], "unknown task 'glyphs/klingon'; known suites: glyphs, digits; known tasks:"),
+    (["train", "--tasks", "glyphs/klingon", "--out", "x"], "unknown task 'glyphs/klingon'; known suites: glyphs, digits, digits5; known tasks:"),
     (["report", "."], "results.json not found: run a benchmark with --out . first"),
     (["eval", "--from", "does-not-exist"], "does-not-exist: not a checkpoint folder"),
     (["train", "--tasks", "mnist", "--out", "x", "--schedule", "wavy"], "unknown schedule 'wavy'"),
@@ -62,7 +62,7 @@ def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
 def test_unknown_benchmark_and_config_section(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "nope", "--out", "x"])
-    assert "invalid choice: 'nope' (choose from 'mtl', 'transfer', 'continual')" in capsys.readouterr().err
+    assert "invalid choice: 'nope' (choose from 'mtl', 'transfer', 'continual', 'adapt')" in capsys.readouterr().err
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("grow:\n  threshold: 0.5\n")
     assert main(["train", "--tasks", "mnist", "--out", str(tmp_path / "r"), "--config", str(cfg)]) == 2

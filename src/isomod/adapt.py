@@ -71,7 +71,8 @@ def prepare_route(model: ModularNet, task: TaskData, init_from: str | None = Non
     model.requires_grad_(False)
     branch = model.branch(task.name)
     branch.norms.requires_grad_(True)
-    branch.head.requires_grad_(True)
+    if branch.head is not None:  # a head shared with other domains stays as it is
+        branch.head.requires_grad_(True)
     branch.route.logits.requires_grad_(not branch.route.is_discrete)
 
 
@@ -196,7 +197,7 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
         branch = target.add_task(task.spec, copy_norms_from=source)
         branch.route.set_choice(target.route(source).indices())
         target.requires_grad_(False)
-        trained = list(branch.head.parameters())
+        trained = list(branch.head.parameters()) if branch.head is not None else []
         if method in ("norm_head", "finetune"):
             trained += list(branch.norms.parameters())
         if method == "finetune":

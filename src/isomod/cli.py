@@ -5,9 +5,11 @@
                  (model options take a prefix: --model-channels 16 --model-steps 6)
     isomod eval --from runs/x/checkpoint
     isomod transfer --from runs/x/checkpoint --task uci-digits [--shots 10] --out runs/y
+    isomod adapt --from runs/x/checkpoint --target digits5/mnistm --out runs/z [--method route_select]
     isomod bench mtl --out runs/bench-mtl [--seeds 0 1]
     isomod bench transfer --out runs/bench-transfer [--shots 10 100 all]
     isomod bench continual --out runs/bench-continual [--grow-threshold 0.9]
+    isomod bench adapt --out runs/bench-adapt [--targets digits5/mnistm] [--seeds 0 1]
     isomod report runs/bench-mtl     redraw figures and report.md from results.json
     isomod tasks                     list registered suites and tasks
 """
@@ -178,6 +180,29 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    from isomod.checkpoint import load_checkpoint, save_checkpoint
+    from isomod.data.tasks import load_task
+    from isomod.network import ModularNet
+    from isomod.train import evaluate
+    from isomod.uda import ADAPT_TRAIN, adapt
+
+    model = load_checkpoint(args.from_)
+    if not isinstance(model, ModularNet):
+        raise IsomodError(f"{args.from_}: adaptation needs a ModularNet checkpoint, this one holds a {type(model).__name__}")
+    train_cfg = build_configs(args, train=ADAPT_TRAIN)["train"]
+    target = load_task(args.target, data_dir=args.data_dir)
+    res = adapt(model, target, args.method, train_cfg, out_dir=args.out, progress=not args.no_progress)
+    out = save_checkpoint(model, Path(args.out) / "checkpoint", extra={"adapted": target.name, "method": args.method})
+    acc = evaluate(model, {target.name: target})[target.name]  # the target's labels are read here, and only here
+    scores = ", ".join(f"{n} {v:.3f}" for n, v in res.scores.items())
+    print(f"{target.name}: {args.method} started from {res.source} (by {res.score}, lower is better: {scores})")
+    print(f"route {model.route(target.name)}    test acc {acc:.4f} (labels used for this line only)")
+    print(f"the target changed {res.params_task:,} numbers; pool, stem, head and sources are unchanged; "
+          f"checkpoint: {out}")
+    return 0
+
+
 def print_table(results: dict) -> None:
     from isomod.report import markdown_results
 
@@ -219,6 +244,20 @@ def cmd_bench_continual(args) -> int:
     return wrote(args.out)
 
 
+def cmd_bench_adapt(args) -> int:
+    from isomod.bench import adapt
+
+    cfg = build_configs(args, model=adapt.DEFAULT_MODEL, source=adapt.DEFAULT_SOURCE, train=adapt.DEFAULT_ADAPT)
+    results = adapt.run(args.out, targets=args.targets or adapt.DOMAINS, methods=args.methods or adapt.ADAPT_METHODS,
+                        model_config=cfg["model"], source_config=cfg["source"], adapt_config=cfg["train"],
+                        seeds=args.seeds or adapt.SEEDS, progress=not args.no_progress)
+    from isomod.report import markdown_results
+
+    print(markdown_results(results["rows"]))
+    print("\n".join(adapt.checks(results)))
+    return wrote(args.out)
+
+
 def wrote(out: str) -> int:
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
     return 0
@@ -249,13 +288,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from isomod.bench import continual, mtl, transfer
+    from isomod.bench import adapt, continual, mtl, transfer
 
     file = Path(args.dir) / "results.json"
     if not file.is_file():
         raise IsomodError(f"{file} not found: run a benchmark with --out {args.dir} first")
     results = json.loads(file.read_text())
-    writers = {"mtl": mtl.write_report, "transfer": transfer.write_report, "continual": continual.write_report}
+    writers = {"mtl": mtl.write_report, "transfer": transfer.write_report, "continual": continual.write_report,
+               "adapt": adapt.write_report}
     if results.get("bench") not in writers:
         raise IsomodError(f"{file}: unknown benchmark {results.get('bench')!r}; known: {', '.join(writers)}")
     print(f"wrote {writers[results['bench']](Path(args.dir), results)}")
@@ -264,8 +304,9 @@ def cmd_report(args) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN
-    from isomod.bench import continual, mtl, transfer
+    from isomod.bench import adapt, continual, mtl, transfer
     from isomod.network import ModelConfig
+    from isomod.uda import ADAPT_METHODS, ADAPT_TRAIN
     from isomod.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="isomod", description="Compositional modular networks: "
@@ -307,6 +348,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_transfer)
 
+    p = with_configs(sub.add_parser("adapt", help="add an unlabelled target domain to a multi-source model by "
+                                    "re-ordering its modules (pool, stem and head unchanged)"), train=ADAPT_TRAIN)
+    p.add_argument("--from", dest="from_", required=True, help="checkpoint of a ModularNet trained on source domains")
+    p.add_argument("--target", required=True, help="the new domain, e.g. digits5/mnistm; its labels are read only to "
+                   "report the final test accuracy")
+    p.add_argument("--method", default="route_select", choices=ADAPT_METHODS,
+                   help="route_select (default), route_im and route_entropy change the route and norm statistics; "
+                        "source_only, adabn and tent are the baselines of `bench adapt`")
+    p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
+    p.set_defaults(func=cmd_adapt)
+
     p = sub.add_parser("eval", help="accuracy of a checkpoint on its tasks")
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder")
     p.add_argument("--tasks", nargs="*", help="tasks to evaluate (default: all of the checkpoint's)")
@@ -314,8 +366,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST)")
     p.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="run a benchmark: mtl, transfer, continual").add_subparsers(
-        dest="bench", required=True, metavar="{mtl,transfer,continual}")
+    bench = sub.add_parser("bench", help="run a benchmark: mtl, transfer, continual, adapt").add_subparsers(
+        dest="bench", required=True, metavar="{mtl,transfer,continual,adapt}")
     p = with_configs(bench.add_parser("mtl", help="modular vs independent networks vs a shared trunk"),
                      model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
     p.add_argument("--suite", default="glyphs")
@@ -336,6 +388,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", nargs="+", help=f"task names in order (default {' '.join(continual.STREAM)})")
     p.add_argument("--methods", nargs="+", choices=continual.METHODS, help="default: all")
     p.set_defaults(func=cmd_bench_continual)
+    p = with_configs(bench.add_parser("adapt", help="unsupervised multi-source domain adaptation on digits5, leave "
+                                      "one domain out: route methods vs source-only, AdaBN and TENT"),
+                     model=adapt.DEFAULT_MODEL, source=adapt.DEFAULT_SOURCE, train=adapt.DEFAULT_ADAPT)
+    p.add_argument("--targets", nargs="+", choices=adapt.DOMAINS, help="default: all five domains")
+    p.add_argument("--methods", nargs="+", choices=ADAPT_METHODS, help="default: all")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
+    p.set_defaults(func=cmd_bench_adapt)
     for p in bench.choices.values():
         p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
 

@@ -78,6 +78,8 @@ class TaskSpec:
 
     `source` says where its data comes from (a registered name, or the path of a
     user's folder or `.npz`), so a checkpoint can be evaluated without naming the data.
+    `label_space` names the classes a task shares with others: tasks of one model with
+    the same non-empty label space are *domains* and share one head ("" = an own head).
     """
 
     name: str
@@ -85,6 +87,7 @@ class TaskSpec:
     input_shape: tuple[int, int, int] = (1, 28, 28)
     class_names: list[str] = field(default_factory=list)
     source: str = ""
+    label_space: str = ""
 
     def __post_init__(self):
         self.input_shape = tuple(int(s) for s in self.input_shape)
@@ -97,13 +100,14 @@ def make_norm(channels: int) -> nn.Module:
 
 
 class TaskBranch(nn.Module):
-    """What one task owns: its route, the norms of its `L` steps plus the final norm, its head."""
+    """What one task owns: its route, the norms of its `L` steps plus the final norm, and
+    its head unless the task shares its label space's head (then `head` is None)."""
 
     def __init__(self, spec: TaskSpec, config: ModelConfig, num_modules: int):
         super().__init__()
         self.route = Route(config.steps, num_modules, config.route_init, config.route_init_scale)
         self.norms = nn.ModuleList(make_norm(config.channels) for _ in range(2 * config.steps + 1))
-        self.head = nn.Linear(config.channels, spec.num_classes)
+        self.head = None if spec.label_space else nn.Linear(config.channels, spec.num_classes)
 
 
 class TaskModel(nn.Module):
@@ -132,6 +136,14 @@ class TaskModel(nn.Module):
             raise IsomodError(f"task {spec.name!r} already exists in this model")
         if not spec.name or "." in spec.name:
             raise IsomodError(f"task name {spec.name!r} must be non-empty and contain no '.'")
+        if "." in spec.label_space:
+            raise IsomodError(f"label space {spec.label_space!r} of task {spec.name!r} must contain no '.'")
+        shared = [s for s in self.specs.values() if spec.label_space and s.label_space == spec.label_space]
+        if shared and shared[0].num_classes != spec.num_classes:
+            raise IsomodError(
+                f"task {spec.name!r} has {spec.num_classes} classes but label space {spec.label_space!r} "
+                f"(task {shared[0].name!r}) has {shared[0].num_classes}; domains of one label space share the classes"
+            )
         if spec.input_shape[0] != in_channels:
             raise IsomodError(
                 f"task {spec.name!r} has {spec.input_shape[0]}-channel inputs; "
@@ -190,6 +202,7 @@ class ModularNet(TaskModel):
         self.stem = nn.Conv2d(config.in_channels, c, 3, stride=config.stem_stride, padding=1)
         self.pool = ModulePool(config.num_modules, c, config.kernel_size, config.residual_scale)
         self.tasks = nn.ModuleDict()
+        self.heads = nn.ModuleDict()  # label space -> the head its domains share
         self.specs: dict[str, TaskSpec] = {}
         for spec in tasks:
             self.add_task(spec)
@@ -206,15 +219,20 @@ class ModularNet(TaskModel):
         branch = TaskBranch(spec, self.config, len(self.pool)).to(self.stem.weight.device)
         if copy_norms_from is not None:
             branch.norms.load_state_dict(self.branch(copy_norms_from).norms.state_dict())
+        if spec.label_space and spec.label_space not in self.heads:
+            self.heads[spec.label_space] = nn.Linear(self.config.channels, spec.num_classes).to(self.stem.weight.device)
         self.tasks[spec.name] = branch
         self.specs[spec.name] = spec
         return branch
 
     def remove_task(self, task: str) -> None:
-        """Delete a task's route, norms and head; the pool and other tasks stay as they are."""
-        self.check_task(task)
+        """Delete a task's route, norms and own head (a shared head goes with its last
+        domain); the pool and other tasks stay as they are."""
+        space = self.check_task(task).label_space
         del self.tasks[task]
         del self.specs[task]
+        if space and not any(s.label_space == space for s in self.specs.values()):
+            del self.heads[space]
 
     def branch(self, task: str) -> TaskBranch:
         self.check_task(task)
@@ -222,6 +240,11 @@ class ModularNet(TaskModel):
 
     def route(self, task: str) -> Route:
         return self.branch(task).route
+
+    def head_of(self, task: str) -> nn.Linear:
+        """The task's classifier: its own head, or the one its label space shares."""
+        space = self.check_task(task).label_space
+        return self.heads[space] if space else self.tasks[task].head
 
     # --- forward -----------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
@@ -263,7 +286,7 @@ class ModularNet(TaskModel):
         return h + out
 
     def forward_head(self, h: torch.Tensor, task: str) -> torch.Tensor:
-        return self.branch(task).head(h)  # (B, K)
+        return self.head_of(task)(h)  # (B, K)
 
     # --- routes ------------------------------------------------------------------
     def soft_routes(self, tasks: list[str] | None = None) -> list[Route]:
@@ -312,12 +335,14 @@ class ModularNet(TaskModel):
             "pool": list(self.pool.parameters()),
             "routes": [b.route.logits for b in self.tasks.values()],
             "norms": [p for b in self.tasks.values() for p in b.norms.parameters()],
-            "heads": [p for b in self.tasks.values() for p in b.head.parameters()],
+            "heads": [p for b in self.tasks.values() if b.head is not None for p in b.head.parameters()]
+            + list(self.heads.parameters()),
         }
         return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
 
     def task_param_count(self, task: str) -> int:
-        """Parameters a task owns: its route logits, step norms and head."""
+        """Parameters a task owns: its route logits, step norms and own head (a shared
+        head belongs to its label space, not to one domain)."""
         return sum(p.numel() for p in self.branch(task).parameters())
 
     def to_config(self) -> dict:

@@ -82,6 +82,22 @@ def plot_similarity(usage: dict[str, np.ndarray], path: Path, title: str = "task
     return _save(fig, path)
 
 
+def plot_samples(images: dict[str, np.ndarray], path: Path, title: str = "samples per domain") -> Path:
+    """One row of uint8 images `(n, C, H, W)` per name."""
+    plt = _plt()
+    cols = max(len(x) for x in images.values())
+    fig, axes = plt.subplots(len(images), cols, figsize=(0.8 * cols + 1.0, 0.85 * len(images)), squeeze=False)
+    for row, (name, x) in zip(axes, images.items()):
+        for ax in row:
+            ax.axis("off")
+        for ax, img in zip(row, x):
+            img = np.asarray(img).transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        row[0].text(-0.1, 0.5, name, transform=row[0].transAxes, ha="right", va="center", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path, tight=False)
+
+
 def read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []

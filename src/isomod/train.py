@@ -216,19 +216,24 @@ class Trainer:
     Args:
         model: ModularNet or a baseline; its trainable parameters are what it leaves
             with `requires_grad` (freeze pool and stem first for route-only transfer).
-            A norm whose affine parameters are all frozen keeps its running statistics.
-        tasks: the tasks to train, by name or as a list.
+            A norm whose affine parameters are all frozen keeps its running statistics
+            unless `frozen_norm_stats` is False.
+        tasks: the tasks to train, by name or as a list. Unlabelled data carries labels
+            of -1 (see `isomod.uda`); tasks without test images are not evaluated.
         config: budget and schedule.
         out_dir: run folder for `checkpoint/`, `log.jsonl` and `train_config.json`;
             None trains without writing anything.
         objective: loss function, `cross_entropy` by default.
         progress: show a progress bar.
         train_tasks: the subset of `tasks` to draw batches from (default: all).
+        frozen_norm_stats: False lets every norm of a trained task normalise with batch
+            statistics, even with its affine parameters frozen (statistics that follow a
+            route being learned on new data).
     """
 
     def __init__(self, model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], config: TrainConfig,
                  out_dir: str | Path | None = None, objective: Objective = cross_entropy, progress: bool = True,
-                 train_tasks: list[str] | None = None):
+                 train_tasks: list[str] | None = None, frozen_norm_stats: bool = True):
         self.tasks = {t.name: t for t in tasks} if isinstance(tasks, list) else dict(tasks)
         self.train_tasks = list(train_tasks or self.tasks)
         for name in self.train_tasks:
@@ -237,6 +242,7 @@ class Trainer:
         self.config = config
         self.objective = objective
         self.progress = progress
+        self.frozen_norm_stats = frozen_norm_stats
         self.device = resolve_device(config.device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log = RunLog(self.out_dir / "log.jsonl" if self.out_dir else None)
@@ -253,11 +259,16 @@ class Trainer:
         # so a frozen feature extractor (a linear probe's) computes the same features in
         # training as at test time.
         self.model.train()
+        if not self.frozen_norm_stats:
+            return
         for m in self.model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 params = list(m.parameters(recurse=False))
                 if params and not any(p.requires_grad for p in params):
                     m.eval()
+
+    def _labelled(self) -> dict[str, TaskData]:
+        return {t: self.tasks[t] for t in self.train_tasks if len(self.tasks[t].y_test)}
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -330,6 +341,12 @@ class Trainer:
                 for task in self.train_tasks:
                     self.model.discretize(task)
                 self.log.write(event="discretize", step=self.step, route_weights=self.soft_usage)
+                if not any(p.requires_grad for p in self.model.parameters()):
+                    # Only routes were trained: the remaining steps would change nothing.
+                    self.log.write(event="nothing left to train", step=self.step)
+                    bar.update(c.steps - self.step)
+                    self.step = c.steps
+                    break
             factor = c.lr_factor(self.step)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
@@ -345,8 +362,9 @@ class Trainer:
                     x = random_shift(x, self.aug)
                 loss, logits = self.objective(self.model, x, y, task)
                 total = total + loss / k
-                acc = (logits.argmax(-1) == y).float().mean().item()
-                running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
+                if (y >= 0).any():
+                    acc = (logits.argmax(-1) == y).float().mean().item()
+                    running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
             soft = self.model.soft_routes(self.train_tasks)
             if soft and c.entropy_weight > 0:
                 total = total + c.entropy_weight * torch.stack([r.entropy() for r in soft]).mean()
@@ -372,7 +390,7 @@ class Trainer:
                 self.log.write(**record)
                 bar.set_postfix_str(f"loss {loss_ema:.3f} " + " ".join(f"{short(t)} {a:.2f}" for t, a in accs.items()))
             if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
-                accs = evaluate(self.model, {t: self.tasks[t] for t in self.train_tasks})
+                accs = evaluate(self.model, self._labelled())
                 self._train_mode()
                 self.log.write(event="eval", step=self.step, test_acc=accs)
                 bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
@@ -380,7 +398,7 @@ class Trainer:
                 self._save(optimizer, batches)
         bar.close()
         self._save(optimizer, batches)
-        accs = evaluate(self.model, {t: self.tasks[t] for t in self.train_tasks})
+        accs = evaluate(self.model, self._labelled())
         self.log.write(event="eval", step=self.step, test_acc=accs)
         return accs
 

@@ -101,8 +101,14 @@ def faces_for(script: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return train, test
 
 
-def _augment(proto: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random geometric and photometric changes: `(B, CANVAS, CANVAS)` -> uint8 `(B, OUT, OUT)`."""
+def warp(proto: torch.Tensor, g: torch.Generator, out: int = OUT, zoom: float = 1.0,
+         max_angle: float = 15.0) -> torch.Tensor:
+    """Random stroke width, rotation, shear, scale, aspect and offset:
+    `(B, CANVAS, CANVAS)` float glyphs -> `(B, out, out)` float ink in [0, 1].
+
+    `zoom` enlarges the glyph relative to the output (1: a 28-pixel output shows the
+    whole canvas).
+    """
     b = proto.shape[0]
 
     def u(lo: float, hi: float) -> torch.Tensor:
@@ -111,13 +117,13 @@ def _augment(proto: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     x = proto[:, None]  # (B, 1, CANVAS, CANVAS)
     # Stroke width: erode (-1), keep (0) or dilate (1) by one canvas pixel.
     stroke = torch.randint(-1, 2, (b,), generator=g)
-    out = x.clone()
-    out[stroke > 0] = F.max_pool2d(x[stroke > 0], 3, 1, 1)
-    out[stroke < 0] = -F.max_pool2d(-x[stroke < 0], 3, 1, 1)
+    thick = x.clone()
+    thick[stroke > 0] = F.max_pool2d(x[stroke > 0], 3, 1, 1)
+    thick[stroke < 0] = -F.max_pool2d(-x[stroke < 0], 3, 1, 1)
     # Affine map from output to canvas coordinates (grid_sample's convention).
-    angle = u(-15, 15) * math.pi / 180
+    angle = u(-max_angle, max_angle) * math.pi / 180
     shear = u(-0.3, 0.3)
-    scale = u(0.8, 1.15)
+    scale = u(0.8, 1.15) * zoom
     aspect = u(0.85, 1.15)
     sx, sy = 1 / (scale * aspect), aspect / scale
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -128,11 +134,17 @@ def _augment(proto: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     theta[:, 1, 1] = sy * (cos + shear * sin)
     theta[:, 0, 2] = u(-0.12, 0.12)
     theta[:, 1, 2] = u(-0.12, 0.12)
-    grid = F.affine_grid(theta, (b, 1, 2 * OUT, 2 * OUT), align_corners=False)
-    y = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = F.avg_pool2d(y, 2)[:, 0]  # (B, OUT, OUT)
-    ink = u(0.7, 1.0)[:, None, None]
-    noise = u(0.0, 0.08)[:, None, None] * torch.randn(y.shape, generator=g)
+    grid = F.affine_grid(theta, (b, 1, 2 * out, 2 * out), align_corners=False)
+    y = F.grid_sample(thick, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.avg_pool2d(y, 2)[:, 0]  # (B, out, out)
+
+
+def _augment(proto: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """`warp`, then random contrast and noise: `(B, CANVAS, CANVAS)` -> uint8 `(B, OUT, OUT)`."""
+    y = warp(proto, g)
+    b = y.shape[0]
+    ink = (0.7 + 0.3 * torch.rand(b, generator=g))[:, None, None]
+    noise = (0.08 * torch.rand(b, generator=g))[:, None, None] * torch.randn(y.shape, generator=g)
     y = (y * ink + noise).clamp(0, 1)
     return (y * 255).round().to(torch.uint8)
 

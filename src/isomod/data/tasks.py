@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isomod.data import glyphs
+from isomod.data import digits5, glyphs
 from isomod.errors import IsomodError
 from isomod.network import TaskSpec
 
@@ -184,8 +184,16 @@ def fashion_mnist_task(data_dir: str | None = None) -> TaskData:
     )
 
 
+def digits5_task(domain: str) -> TaskData:
+    """One domain of `digits5` (see `isomod.data.digits5`); its domains share the label space."""
+    task = from_arrays(f"digits5/{domain}", digits5.generate(domain), [str(i) for i in range(10)], num_classes=10)
+    task.spec.label_space = "digits5"
+    return task
+
+
 TASKS: dict[str, Callable[[], TaskData]] = {
     **{f"glyphs/{s}": partial(glyph_task, s) for s in glyphs.SCRIPTS},
+    **{f"digits5/{d}": partial(digits5_task, d) for d in digits5.DOMAINS},
     "mnist": mnist_task,
     "uci-digits": uci_digits_task,
     "fashion-mnist": fashion_mnist_task,
@@ -193,6 +201,7 @@ TASKS: dict[str, Callable[[], TaskData]] = {
 SUITES: dict[str, list[str]] = {
     "glyphs": [f"glyphs/{s}" for s in glyphs.SUITE],
     "digits": ["mnist", "uci-digits"],
+    "digits5": [f"digits5/{d}" for d in digits5.DOMAINS],
 }
 
 

@@ -1,0 +1,238 @@
+"""`isomod bench adapt`: unsupervised multi-source domain adaptation on `digits5`,
+leave one domain out.
+
+For every target domain and seed, a ModularNet is trained on the four other domains (one
+route and set of step norms per domain; shared stem, pool and head). The target's
+training images, without labels, are then given to every method of `isomod.uda`; its
+test images and labels score the result. Besides those methods, `source_only_each`
+rows hold every source route as it is (rows carry `source`).
+
+The source model of each (target, seed) is kept in `OUT/sources-{target}-s{seed}` and
+reused when the command runs again; rows already in `results.json` (same configuration)
+are skipped, so a stopped benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from isomod import report
+from isomod.data import digits5
+from isomod.data.cache import write_atomic
+from isomod.data.tasks import TaskData, load_task
+from isomod.network import ModelConfig, ModularNet
+from isomod.train import TrainConfig, Trainer, evaluate
+from isomod.uda import ADAPT_METHODS, ADAPT_TRAIN, ROUTE_METHODS, adapt, add_as_copy
+
+DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
+# `permutation` starts every source domain on its own order of the shared modules, so
+# the sources end with different routes and choosing among them matters.
+DEFAULT_MODEL = ModelConfig(in_channels=3, channels=32, num_modules=8, steps=8, route_init="permutation")
+DEFAULT_SOURCE = TrainConfig(steps=800, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=400, log_every=25)
+DEFAULT_ADAPT = replace(ADAPT_TRAIN, steps=200)
+SEEDS = [0, 1]
+ROW_NAME = {"source_only": "source_only_best"}
+
+
+def short(task: str) -> str:
+    return task.rsplit("/", 1)[-1]
+
+
+def train_sources(out: Path, sources: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
+                  seed: int, progress: bool) -> tuple[ModularNet, dict[str, float]]:
+    """Train (or, when its checkpoint is complete, reload) the multi-source model."""
+    torch.manual_seed(seed)
+    model = ModularNet(model_config, [t.spec for t in sources])
+    trainer = Trainer(model, sources, replace(train_config, seed=seed), out_dir=out, progress=progress)
+    return model, trainer.fit(resume=True)
+
+
+def _write(path: Path, data: dict) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def run(out_dir: str | Path, targets: list[str] = tuple(DOMAINS), methods: list[str] = ADAPT_METHODS,
+        model_config: ModelConfig = DEFAULT_MODEL, source_config: TrainConfig = DEFAULT_SOURCE,
+        adapt_config: TrainConfig = DEFAULT_ADAPT, seeds: list[int] = tuple(SEEDS), domains: list[str] = tuple(DOMAINS),
+        progress: bool = True) -> dict:
+    """Leave each target out of `domains`, train on the rest, adapt to it with every
+    method; write `results.json`, figures and `report.md`.
+
+    Args:
+        out_dir: output folder.
+        targets: the domains adapted to, each in turn (the others are its sources).
+        methods: a subset of `ADAPT_METHODS`.
+        model_config: the multi-source model's shape.
+        source_config: the supervised multi-source training budget.
+        adapt_config: the budget of every adaptation method that trains.
+        seeds: one source model and one set of adaptations per seed and target.
+        domains: all domains of the benchmark.
+        progress: show progress bars.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"domains": list(domains), "targets": list(targets), "methods": list(methods), "seeds": list(seeds),
+              "model": asdict(model_config), "source": asdict(source_config), "adapt": asdict(adapt_config)}
+    path = out / "results.json"
+    results = {"bench": "adapt", "config": config, "rows": [], "source_models": {}, "routes": {}, "seconds": {}}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("config") == config:
+            results = old
+    done = {(r["method"], r["task"], r["seed"], r.get("source")) for r in results["rows"]}
+    data = {d: load_task(d) for d in domains}
+    for seed in seeds:
+        for target in targets:
+            sources = [d for d in domains if d != target]
+            key = f"{short(target)}-s{seed}"
+            if progress:
+                print(f"== sources {', '.join(map(short, sources))} -> target {short(target)} (seed {seed})", flush=True)
+            t0 = time.time()
+            base, accs = train_sources(out / f"sources-{key}", [data[s] for s in sources], model_config,
+                                       source_config, seed, progress)
+            base.eval()
+            routes = results["routes"].setdefault(key, {})
+            routes["sources"] = {s: base.route(s).indices() for s in sources}
+            results["source_models"][key] = {"test_acc": accs, "seconds": round(time.time() - t0, 1)}
+            tgt = data[target]
+            for s in sources:
+                if ("source_only_each", target, seed, s) in done:
+                    continue
+                model = copy.deepcopy(base)
+                add_as_copy(model, tgt.spec, s)
+                acc = evaluate(model, {target: tgt})[target]
+                results["rows"].append(_row("source_only_each", target, acc, model.param_count(), 0, seed, source=s))
+            for method in methods:
+                name = ROW_NAME.get(method, method)
+                if (name, target, seed, None) in done:
+                    continue
+                if progress:
+                    print(f"== {name} -> {short(target)} (seed {seed})", flush=True)
+                t0 = time.time()
+                model = copy.deepcopy(base)
+                res = adapt(model, tgt, method, replace(adapt_config, seed=seed), progress=progress)
+                acc = evaluate(model, {target: tgt})[target]  # the only place target labels are read
+                results["seconds"][f"{name}/{key}"] = round(time.time() - t0, 1)
+                results["rows"].append(_row(name, target, acc, model.param_count(), res.params_task, seed,
+                                            chosen=res.source, score=res.score, scores=res.scores))
+                if method in ROUTE_METHODS:
+                    routes[name] = {"discrete": model.route(target).indices(), "soft_at_discretize": res.soft_route}
+                _write(path, results)
+            _write(path, results)
+    _write(path, results)
+    write_report(out, results)
+    return results
+
+
+def _row(method: str, task: str, acc: float, params_total: int, params_task: int, seed: int, **extra) -> dict:
+    return {"method": method, "task": task, "metric": "test_acc", "value": round(acc, 5),
+            "params_total": params_total, "params_task": params_task, "seed": seed, **extra}
+
+
+def summary(results: dict) -> dict[str, float]:
+    """Mean test accuracy over targets (each the mean over seeds) per method."""
+    table = report.mean_table(results["rows"])
+    return {m: per["mean"] for m, per in table.items()}
+
+
+def checks(results: dict) -> list[str]:
+    """The issue's targets: the best route method >= source_only_best + 5 points, and
+    above TENT and AdaBN, on the mean over targets."""
+    s = summary(results)
+    route = {m: v for m, v in s.items() if m.startswith("route_")}
+    if not route or "source_only_best" not in s:
+        return []
+    best = max(route, key=route.get)
+    r = route[best]
+    lines = [f"- best route method: {best}, mean {100 * r:.1f}",
+             f"- vs source_only_best {100 * s['source_only_best']:.1f}: {100 * (r - s['source_only_best']):+.1f} points "
+             f"(target +5: {'met' if r - s['source_only_best'] >= 0.05 else 'missed'})"]
+    for m in ("tent", "adabn"):
+        if m in s:
+            lines.append(f"- vs {m} {100 * s[m]:.1f}: {100 * (r - s[m]):+.1f} points "
+                         f"(target > 0: {'met' if r > s[m] else 'missed'})")
+    return lines
+
+
+def per_source_table(results: dict) -> str:
+    """Target x source route accuracy (mean over seeds), with what each method chose."""
+    rows = results["rows"]
+    targets = list(dict.fromkeys(r["task"] for r in rows))
+    sources = list(dict.fromkeys(r["source"] for r in rows if r["method"] == "source_only_each"))
+    lines = ["| target | " + " | ".join(short(s) for s in sources) + " | chosen by IM (source_only) | chosen by "
+             "statistics (route_select) |", "|---|" + "---:|" * len(sources) + "---|---|"]
+    for t in targets:
+        cells = []
+        for s in sources:
+            v = [r["value"] for r in rows if r["method"] == "source_only_each" and r["task"] == t and r["source"] == s]
+            cells.append(f"{100 * np.mean(v):.1f}" if v else "-")
+        chosen = []
+        for m in ("source_only_best", "route_select"):
+            picks = [short(r["chosen"]) for r in sorted((r for r in rows if r["method"] == m and r["task"] == t),
+                                                        key=lambda r: r["seed"])]
+            chosen.append(" / ".join(picks) or "-")
+        lines.append(f"| {short(t)} | " + " | ".join(cells) + f" | {chosen[0]} | {chosen[1]} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, results: dict) -> Path:
+    """Draw the figures and write `report.md` from `results`."""
+    cfg = results["config"]
+    rows = results["rows"]
+    parts = ["# isomod bench adapt", "",
+             "Unsupervised multi-source domain adaptation on `digits5`, leave one domain out: a modular network "
+             f"({cfg['model']['num_modules']} modules, {cfg['model']['steps']} steps, {cfg['model']['channels']} "
+             f"channels) is trained on the four other domains ({cfg['source']['steps']} steps), then each method "
+             f"adapts it to the target from the target's unlabelled training images ({cfg['adapt']['steps']} steps "
+             "for the methods that train). Pool, stem and the shared head never change. Test accuracy (%) on the "
+             f"target's test images, mean over seeds {cfg['seeds']}; `source_only_each` is the mean over the four "
+             "source routes; params per task = numbers the target changed (route logits, norm parameters, norm "
+             "statistics).", "", report.markdown_results(rows), ""]
+    lines = checks(results)
+    if lines:
+        parts += ["Targets (mean over targets):", "", *lines, ""]
+    parts += ["## Each source route on each target", "",
+              "Accuracy of every source route, as trained, on each target (mean over seeds), and the source each "
+              "unsupervised choice picked (per seed).", "", per_source_table(results), ""]
+    if rows:
+        report.plot_task_accuracy(rows, out / "accuracy.png")
+        parts += ["![accuracy per target](accuracy.png)", ""]
+    first = min(cfg["seeds"]) if cfg["seeds"] else None
+    panels, chosen = {}, {}
+    n = cfg["model"]["num_modules"]
+    for key, r in results.get("routes", {}).items():
+        if not key.endswith(f"-s{first}"):
+            continue
+        target = key.rsplit("-s", 1)[0]
+        for s, route in r.get("sources", {}).items():
+            label = f"{target}: source {short(s)}"
+            panels[label], chosen[label] = np.eye(n)[route], route
+        learned = r.get("route_im") or next((r[m] for m in r if m.startswith("route_")), None)
+        if learned:
+            label = f"{target}: learned (target)"
+            panels[label] = np.asarray(learned["soft_at_discretize"] or np.eye(n)[learned["discrete"]])
+            chosen[label] = learned["discrete"]
+    if panels:
+        report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=5,
+                          title="per target: the four source routes and the target's learned route (route_im, soft "
+                                "weights before discretising; dots: final choice)")
+        parts += ["## Routes", "", f"Seed {first}.", "", "![routes](routes.png)", ""]
+    report.plot_samples({short(d): digits5.generate(short(d))["x_test"][:12] for d in cfg["domains"]},
+                        out / "samples.png")
+    parts += ["## digits5 samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
+    models = results.get("source_models", {})
+    if models:
+        parts += ["## Source models", "", "| target left out, seed | source test accuracy | seconds |", "|---|---|---:|"]
+        parts += [f"| {k} | " + ", ".join(f"{short(t)} {100 * a:.1f}" for t, a in v["test_acc"].items())
+                  + f" | {v['seconds']} |" for k, v in models.items()]
+        parts.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path

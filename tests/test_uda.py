@@ -1,0 +1,195 @@
+"""digits5, domains sharing a head, and unsupervised domain adaptation (`isomod.uda`)."""
+
+import copy
+from dataclasses import replace
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from isomod import load_checkpoint, save_checkpoint
+from isomod.cli import main
+from isomod.data import digits5
+from isomod.data.tasks import TaskData, load_task
+from isomod.errors import IsomodError
+from isomod.network import ModelConfig, ModularNet, TaskSpec
+from isomod.train import TrainConfig, Trainer, evaluate
+from isomod.uda import (ADAPT_METHODS, ADAPT_TRAIN, MIN_TARGET_IMAGES, add_as_copy, adapt, estimate_norm_stats,
+                        stats_distance)
+
+SMALL = ModelConfig(in_channels=3, channels=8, num_modules=3, steps=3, route_init="permutation")
+QUICK_ADAPT = TrainConfig(steps=12, batch_size=32, lr=1e-3, lr_routes=5e-2, warmup_steps=2, augment=False,
+                          checkpoint_every=0, discretize_at=0.5)
+
+
+def subset(task: TaskData, n_train: int, n_test: int) -> TaskData:
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(len(task.y_train), generator=g)[:n_train]
+    te = torch.randperm(len(task.y_test), generator=g)[:n_test]
+    return TaskData(task.spec, task.x_train[tr], task.y_train[tr], task.x_test[te], task.y_test[te])
+
+
+@pytest.fixture(scope="module")
+def domains():
+    return {d: subset(load_task(f"digits5/{d}"), 600, 300) for d in ("mnist", "synth", "uci")}
+
+
+@pytest.fixture(scope="module")
+def sources_model(domains):
+    torch.manual_seed(0)
+    sources = [domains["mnist"], domains["synth"]]
+    model = ModularNet(replace(SMALL, channels=16), [t.spec for t in sources])
+    Trainer(model, sources, TrainConfig(steps=500, batch_size=64, lr=5e-3, lr_heads=5e-3, warmup_steps=5,
+                                        checkpoint_every=0), progress=False).fit()
+    return model.eval()
+
+
+def digest(x: np.ndarray) -> set[str]:
+    return {hashlib.sha1(img.tobytes()).hexdigest() for img in x}
+
+
+@pytest.mark.parametrize("domain", digits5.DOMAINS)
+def test_digits5_domains_are_32x32_rgb_ten_classes_with_disjoint_splits(domain):
+    arrays = digits5.generate(domain)
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        assert x.dtype == np.uint8 and x.shape[1:] == (3, 32, 32) and len(x) == len(y)
+        assert sorted(np.unique(y)) == list(range(10))
+    assert not digest(arrays["x_train"]) & digest(arrays["x_test"])
+    task = load_task(f"digits5/{domain}")
+    assert task.spec.label_space == "digits5" and task.spec.input_shape == (3, 32, 32)
+
+
+def test_digits5_generation_is_deterministic():
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = digits5.make_street("test", g1), digits5.make_street("test", g2)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert digits5.make_street("test", torch.Generator().manual_seed(4))[0].tobytes() != a[0].tobytes()
+
+
+def test_domains_share_one_head_and_it_survives_a_checkpoint(tmp_path):
+    model = ModularNet(SMALL, [TaskSpec("a", 10, (3, 32, 32), label_space="d"), TaskSpec("b", 10, (3, 32, 32), label_space="d"),
+                               TaskSpec("own", 4, (3, 32, 32))])
+    assert model.head_of("a") is model.head_of("b") is model.heads["d"]
+    assert model.branch("a").head is None and model.head_of("own") is model.branch("own").head
+    assert model.task_param_count("a") == model.task_param_count("own") - model.head_of("own").weight.numel() - 4
+    with pytest.raises(IsomodError, match="label space 'd'.*has 10"):
+        model.add_task(TaskSpec("c", 5, (3, 32, 32), label_space="d"))
+    save_checkpoint(model, tmp_path / "ck")
+    loaded = load_checkpoint(tmp_path / "ck").eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded(x, "b"), model.eval()(x, "b"))
+    model.remove_task("a")
+    assert "d" in model.heads
+    model.remove_task("b")
+    assert "d" not in model.heads
+
+
+def test_estimate_norm_stats_is_the_target_mean(sources_model, domains):
+    model = copy.deepcopy(sources_model)
+    target = domains["uci"]
+    add_as_copy(model, target.spec, "digits5/mnist")
+    assert stats_distance(model, target.name, "digits5/mnist") == 0.0
+    x = target.x_train[:100]
+    estimate_norm_stats(model, target.name, x, batch_size=100)
+    with torch.no_grad():
+        h = model.stem(x.float() / 255)  # what the first norm sees
+    assert torch.allclose(model.branch(target.name).norms[0].running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert stats_distance(model, target.name, "digits5/mnist") > 0.0
+
+
+@pytest.mark.parametrize("method", ADAPT_METHODS)
+def test_adaptation_never_reads_target_labels_and_changes_nothing_shared(sources_model, domains, method):
+    target = domains["uci"]
+    g = torch.Generator().manual_seed(1)
+    shuffled = TaskData(target.spec, target.x_train, target.y_train[torch.randperm(len(target.y_train), generator=g)],
+                        target.x_test, target.y_test[torch.randperm(len(target.y_test), generator=g)])
+    states = []
+    for data in (target, shuffled):
+        model = copy.deepcopy(sources_model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res = adapt(model, data, method, QUICK_ADAPT, progress=False)
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), "a shared or source parameter changed"
+        assert model.route(target.name).is_discrete and res.source in sources_model.task_names
+        states.append(after)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_adaptation_is_above_chance_and_adabn_helps_on_a_shifted_domain(sources_model, domains):
+    target = domains["uci"]
+    accs = {}
+    for method in ("source_only", "adabn", "route_select"):
+        model = copy.deepcopy(sources_model)
+        adapt(model, target, method, QUICK_ADAPT, progress=False)
+        accs[method] = evaluate(model, {target.name: target})[target.name]
+    # Measured: source-only 35%, AdaBN and route_select 59% (chance 10%).
+    assert accs["adabn"] > 0.3 and accs["route_select"] > 0.3 and accs["adabn"] > accs["source_only"] + 0.1, accs
+
+
+def test_adaptation_errors(sources_model, domains):
+    model = copy.deepcopy(sources_model)
+    with pytest.raises(IsomodError, match="already a domain of this model"):
+        adapt(model, domains["mnist"], "adabn", progress=False)
+    t = domains["uci"]
+    five = TaskData(TaskSpec("digits5/five", 5, (3, 32, 32), label_space="digits5"), t.x_train, t.y_train % 5,
+                    t.x_test, t.y_test % 5)
+    with pytest.raises(IsomodError, match="has 5 classes; the source domains"):
+        adapt(model, five, "adabn", progress=False)
+    few = TaskData(t.spec, t.x_train[: MIN_TARGET_IMAGES - 1], t.y_train[: MIN_TARGET_IMAGES - 1], t.x_test, t.y_test)
+    with pytest.raises(IsomodError, match=f"needs at least {MIN_TARGET_IMAGES}"):
+        adapt(model, few, "adabn", progress=False)
+    alone = TaskData(TaskSpec("mine", 10, (3, 32, 32)), t.x_train, t.y_train, t.x_test, t.y_test)
+    with pytest.raises(IsomodError, match="no label space"):
+        adapt(model, alone, "adabn", progress=False)
+    with pytest.raises(IsomodError, match="unknown adaptation method"):
+        adapt(model, t, "magic", progress=False)
+    assert model.task_names == sources_model.task_names
+
+
+def test_route_only_training_stops_once_routes_are_discrete(domains):
+    # With only route logits trainable, the steps after discretising train nothing; the
+    # trainer used to crash there (a loss with no gradient).
+    task = domains["mnist"]
+    model = ModularNet(SMALL, [task.spec])
+    model.requires_grad_(False)
+    model.route(task.name).logits.requires_grad_(True)
+    trainer = Trainer(model, [task], TrainConfig(steps=6, batch_size=16, warmup_steps=1, discretize_at=0.5,
+                                                 checkpoint_every=0), progress=False)
+    trainer.fit()
+    assert trainer.step == 6 and model.route(task.name).is_discrete
+
+
+@pytest.mark.slow
+def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "adapt", "--out", str(out), "--targets", "digits5/uci", "--seeds", "0", "--model-channels", "8",
+            "--model-num-modules", "3", "--model-steps", "3", "--source-steps", "10", "--source-batch-size", "32",
+            "--steps", "6", "--batch-size", "32", "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    methods = {r["method"] for r in results["rows"]}
+    assert methods == {"source_only_each", "source_only_best", "adabn", "tent", "route_select", "route_entropy",
+                       "route_im"}
+    assert all(r["task"] == "digits5/uci" and r["metric"] == "test_acc" for r in results["rows"])
+    assert sum(r["method"] == "source_only_each" for r in results["rows"]) == 4
+    for png in ("accuracy.png", "routes.png", "samples.png"):
+        assert (out / png).stat().st_size > 0
+    assert "best route method" in (out / "report.md").read_text()
+    n = len(results["rows"])
+    assert main(argv) == 0  # a second run resumes: nothing new
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == n
+    capsys.readouterr()
+    ck = out / "sources-uci-s0" / "checkpoint"
+    assert main(["adapt", "--from", str(ck), "--target", "digits5/uci", "--out", str(tmp_path / "a"), "--steps", "4",
+                 "--batch-size", "32", "--method", "route_im", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "digits5/uci: route_im started from" in printed and "test acc" in printed
+    adapted = load_checkpoint(tmp_path / "a" / "checkpoint")
+    assert "digits5/uci" in adapted.task_names and adapted.route("digits5/uci").is_discrete
+    assert main(["adapt", "--from", str(ck), "--target", "digits5/mnist", "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 2
+    assert "already a domain of this model" in capsys.readouterr().err
