@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench-mtl bench-transfer bench-continual clean
+.PHONY: demo test bench-mtl bench-transfer bench-continual bench-adapt clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +32,9 @@ bench-transfer: $(VENV)/.installed
 
 bench-continual: $(VENV)/.installed
 	$(BIN)/isomod bench continual --out runs/bench-continual
+
+bench-adapt: $(VENV)/.installed
+	$(BIN)/isomod bench adapt --out runs/bench-adapt
 
 clean:
 	rm -rf runs .pytest_cache

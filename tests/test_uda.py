@@ -193,3 +193,16 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     assert main(["adapt", "--from", str(ck), "--target", "digits5/mnist", "--out", str(tmp_path / "b"),
                  "--no-progress"]) == 2
     assert "already a domain of this model" in capsys.readouterr().err
+
+
+def test_a_learned_route_that_scores_worse_than_its_start_is_undone(sources_model, domains, monkeypatch):
+    from isomod import uda
+
+    # IM scores: the two source routes (choosing the start), the start with target
+    # statistics, then the learned route: worse than its start.
+    calls = iter([-1.0, -0.5, -1.0, 0.0])
+    monkeypatch.setattr(uda, "im_score", lambda model, task, x: next(calls))
+    model = copy.deepcopy(sources_model)
+    res = adapt(model, domains["uci"], "route_im", QUICK_ADAPT, progress=False)
+    assert res.kept is False
+    assert model.route("digits5/uci").indices() == model.route(res.source).indices()

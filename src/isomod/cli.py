@@ -198,6 +198,9 @@ def cmd_adapt(args) -> int:
     scores = ", ".join(f"{n} {v:.3f}" for n, v in res.scores.items())
     print(f"{target.name}: {args.method} started from {res.source} (by {res.score}, lower is better: {scores})")
     print(f"route {model.route(target.name)}    test acc {acc:.4f} (labels used for this line only)")
+    if res.kept is not None:
+        print("the learned route scored better than its start and was kept" if res.kept else
+              f"the learned route scored worse than its start ({res.source}'s route), which was restored")
     print(f"the target changed {res.params_task:,} numbers; pool, stem, head and sources are unchanged; "
           f"checkpoint: {out}")
     return 0
@@ -355,7 +358,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "report the final test accuracy")
     p.add_argument("--method", default="route_select", choices=ADAPT_METHODS,
                    help="route_select (default), route_im and route_entropy change the route and norm statistics; "
-                        "source_only, adabn and tent are the baselines of `bench adapt`")
+                        "source_only, adabn and tent are the baselines of `bench adapt` (where tent scored best)")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_adapt)
 

@@ -139,7 +139,7 @@ def plot_task_accuracy(rows: list[dict], path: Path, metric: str = "test_acc") -
     ax.set_xticks(x + 0.4 - width / 2, [t.rsplit("/", 1)[-1] for t in tasks], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(methods), frameon=False)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(methods)), frameon=False)
     return _save(fig, path)
 
 

@@ -16,10 +16,11 @@ Methods (`ADAPT_METHODS`); none reads a target label:
   on them; the route whose target statistics lie closest to its own source statistics
   (`stats_distance`, a domain similarity) is kept, with the target statistics.
 - `route_entropy`, `route_im`: the target's route is learned, starting from a mixture
-  of the source routes that favours `route_select`'s, by minimising prediction entropy
+  of the source routes that favours `source_only`'s, by minimising prediction entropy
   or by information maximisation (confident and diverse predictions); norm statistics
   follow the route (batch statistics while learning, re-estimated at the end). Only the
-  route logits are trained.
+  route logits are trained. The learned route is kept only when its `im_score` beats
+  the starting route's; otherwise the starting route comes back.
 
 Choosing a route by prediction confidence after re-estimating statistics is a trap: on
 `digits5/mnistm`, the MNIST route becomes the most confident (IM -1.59 against -1.32)
@@ -44,7 +45,7 @@ ROUTE_METHODS = ("route_entropy", "route_im")
 ADAPT_TRAIN = TrainConfig(steps=300, batch_size=128, lr=1e-3, lr_routes=5e-2, lr_heads=0.0, weight_decay=0.0,
                           warmup_steps=20, augment=False, checkpoint_every=0, log_every=20)
 MIN_TARGET_IMAGES = 64
-SELECTED_BIAS = 4.0  # route logits start here on route_select's module at each step ...
+SELECTED_BIAS = 4.0  # route logits start here on the chosen source's module at each step ...
 OTHER_SOURCE_BIAS = 2.0  # ... and here on the other sources' modules at that step
 
 
@@ -160,8 +161,8 @@ def estimate_norm_stats(model: ModularNet, task: str, x: torch.Tensor, batch_siz
 class AdaptResult:
     """One adaptation: the method, the source whose route (or whose norms) the target
     started from, every source's unsupervised score (`score`: `im` or `stats_distance`,
-    lower is better), the numbers the target changed, and its route weights before
-    discretising (route methods)."""
+    lower is better), the numbers the target changed, its route weights before
+    discretising, and whether the learned route was kept (route methods)."""
 
     method: str
     source: str
@@ -169,6 +170,7 @@ class AdaptResult:
     scores: dict[str, float]
     params_task: int
     soft_route: list | None = None
+    kept: bool | None = None  # route methods: whether the learned route beat its start
 
 
 def add_as_copy(model: ModularNet, spec: TaskSpec, source: str) -> None:
@@ -205,7 +207,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_im", config:
     spec, x = target.spec, target.x_train
     sources = check_target(model, spec, len(x))
     model.requires_grad_(False)
-    if method in ("route_select", *ROUTE_METHODS):
+    if method == "route_select":
         score, scores = "stats_distance", {}
         for s in sources:
             add_as_copy(model, spec, s)
@@ -226,6 +228,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_im", config:
         objective, frozen_stats = entropy_objective, True
     else:
         route = branch.route
+        start = (route.indices(), im_score(model, spec.name, x))  # the source route, target statistics
         route.choice.fill_(-1)
         with torch.no_grad():
             route.logits.zero_()
@@ -244,5 +247,14 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_im", config:
     model.discretize(spec.name)
     estimate_norm_stats(model, spec.name, x)
     model.requires_grad_(False)
+    kept = None
+    if method in ROUTE_METHODS:
+        # A learned route that collapsed (confident but on few classes) scores worse than
+        # the route it started from; then the starting route comes back.
+        kept = im_score(model, spec.name, x) < start[1]
+        if not kept:
+            model.route(spec.name).set_choice(start[0])
+            estimate_norm_stats(model, spec.name, x)
     soft = (trainer.soft_usage or {}).get(spec.name)
-    return AdaptResult(method, source, score, scores, sum(p.numel() for p in trained) + _stats_count(model, spec.name), soft)
+    changed = sum(p.numel() for p in trained) + _stats_count(model, spec.name)
+    return AdaptResult(method, source, score, scores, changed, soft, kept)

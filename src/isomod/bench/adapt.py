@@ -100,7 +100,8 @@ def run(out_dir: str | Path, targets: list[str] = tuple(DOMAINS), methods: list[
             base.eval()
             routes = results["routes"].setdefault(key, {})
             routes["sources"] = {s: base.route(s).indices() for s in sources}
-            results["source_models"][key] = {"test_acc": accs, "seconds": round(time.time() - t0, 1)}
+            # The first run's training time stays: a rerun only reloads the checkpoint.
+            results["source_models"].setdefault(key, {"test_acc": accs, "seconds": round(time.time() - t0, 1)})
             tgt = data[target]
             for s in sources:
                 if ("source_only_each", target, seed, s) in done:
@@ -123,7 +124,8 @@ def run(out_dir: str | Path, targets: list[str] = tuple(DOMAINS), methods: list[
                 results["rows"].append(_row(name, target, acc, model.param_count(), res.params_task, seed,
                                             chosen=res.source, score=res.score, scores=res.scores))
                 if method in ROUTE_METHODS:
-                    routes[name] = {"discrete": model.route(target).indices(), "soft_at_discretize": res.soft_route}
+                    routes[name] = {"discrete": model.route(target).indices(), "soft_at_discretize": res.soft_route,
+                                    "kept": res.kept}
                 _write(path, results)
             _write(path, results)
     _write(path, results)
@@ -165,7 +167,8 @@ def per_source_table(results: dict) -> str:
     """Target x source route accuracy (mean over seeds), with what each method chose."""
     rows = results["rows"]
     targets = list(dict.fromkeys(r["task"] for r in rows))
-    sources = list(dict.fromkeys(r["source"] for r in rows if r["method"] == "source_only_each"))
+    used = {r["source"] for r in rows if r["method"] == "source_only_each"}
+    sources = [d for d in results["config"]["domains"] if d in used]
     lines = ["| target | " + " | ".join(short(s) for s in sources) + " | chosen by IM (source_only) | chosen by "
              "statistics (route_select) |", "|---|" + "---:|" * len(sources) + "---|---|"]
     for t in targets:
@@ -198,6 +201,12 @@ def write_report(out: Path, results: dict) -> Path:
     lines = checks(results)
     if lines:
         parts += ["Targets (mean over targets):", "", *lines, ""]
+    kept = {m: [r[m]["kept"] for r in results.get("routes", {}).values() if r.get(m, {}).get("kept") is not None]
+            for m in ("route_entropy", "route_im")}
+    kept = {m: v for m, v in kept.items() if v}
+    if kept:
+        parts += ["Learned routes kept (their IM score beat the starting source route's; otherwise it was restored): "
+                  + ", ".join(f"{m} {sum(v)} of {len(v)}" for m, v in kept.items()) + ".", ""]
     parts += ["## Each source route on each target", "",
               "Accuracy of every source route, as trained, on each target (mean over seeds), and the source each "
               "unsupervised choice picked (per seed).", "", per_source_table(results), ""]
@@ -216,13 +225,13 @@ def write_report(out: Path, results: dict) -> Path:
             panels[label], chosen[label] = np.eye(n)[route], route
         learned = r.get("route_im") or next((r[m] for m in r if m.startswith("route_")), None)
         if learned:
-            label = f"{target}: learned (target)"
+            label = f"{target}: target, " + ("learned route kept" if learned.get("kept", True) else "learned route undone")
             panels[label] = np.asarray(learned["soft_at_discretize"] or np.eye(n)[learned["discrete"]])
             chosen[label] = learned["discrete"]
     if panels:
         report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=5,
-                          title="per target: the four source routes and the target's learned route (route_im, soft "
-                                "weights before discretising; dots: final choice)")
+                          title="per target: the four source routes and the target's route_im route (soft weights "
+                                "before discretising; dots: the final route, the starting one when undone)")
         parts += ["## Routes", "", f"Seed {first}.", "", "![routes](routes.png)", ""]
     report.plot_samples({short(d): digits5.generate(short(d))["x_test"][:12] for d in cfg["domains"]},
                         out / "samples.png")
