@@ -206,3 +206,18 @@ def test_a_learned_route_that_scores_worse_than_its_start_is_undone(sources_mode
     res = adapt(model, domains["uci"], "route_im", QUICK_ADAPT, progress=False)
     assert res.kept is False
     assert model.route("digits5/uci").indices() == model.route(res.source).indices()
+
+
+def test_transfer_trains_a_new_label_space_s_head_but_never_a_shared_one(sources_model, domains):
+    from isomod.adapt import prepare_route, transfer
+
+    model = copy.deepcopy(sources_model)
+    prepare_route(model, domains["uci"])  # a third domain: its head is the sources' head
+    assert not any(p.requires_grad for p in model.heads["digits5"].parameters())
+    assert model.branch("digits5/uci").route.logits.requires_grad
+    t = domains["uci"]
+    other = TaskData(TaskSpec("other/uci", 10, (3, 32, 32), label_space="other"), t.x_train, t.y_train, t.x_test, t.y_test)
+    model = copy.deepcopy(sources_model)
+    res = transfer(model, other, "route_only", replace(QUICK_ADAPT, steps=4), source="digits5/mnist", progress=False)
+    head = model.head_of("other/uci")
+    assert res.params_task == model.task_param_count("other/uci") + head.weight.numel() + head.bias.numel()

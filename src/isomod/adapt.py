@@ -71,8 +71,8 @@ def prepare_route(model: ModularNet, task: TaskData, init_from: str | None = Non
     model.requires_grad_(False)
     branch = model.branch(task.name)
     branch.norms.requires_grad_(True)
-    if branch.head is not None:  # a head shared with other domains stays as it is
-        branch.head.requires_grad_(True)
+    if not model.shares_head(task.name):  # a head other domains run stays as it is
+        model.head_of(task.name).requires_grad_(True)
     branch.route.logits.requires_grad_(not branch.route.is_discrete)
 
 
@@ -186,7 +186,8 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
     if method == "route_only":
         target = model
         prepare_route(model, task, init_from=source)
-        trained = [p for p in model.branch(task.name).parameters() if p.requires_grad]
+        own = list(model.branch(task.name).parameters()) + list(model.head_of(task.name).parameters())
+        trained = [p for p in dict.fromkeys(own) if p.requires_grad]
     elif method == "scratch":
         torch.manual_seed(config.seed)
         shape = replace(model.config, num_modules=len(model.pool))
@@ -197,7 +198,7 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
         branch = target.add_task(task.spec, copy_norms_from=source)
         branch.route.set_choice(target.route(source).indices())
         target.requires_grad_(False)
-        trained = list(branch.head.parameters()) if branch.head is not None else []
+        trained = [] if target.shares_head(task.name) else list(target.head_of(task.name).parameters())
         if method in ("norm_head", "finetune"):
             trained += list(branch.norms.parameters())
         if method == "finetune":

@@ -246,6 +246,11 @@ class ModularNet(TaskModel):
         space = self.check_task(task).label_space
         return self.heads[space] if space else self.tasks[task].head
 
+    def shares_head(self, task: str) -> bool:
+        """Whether another task runs the same head (a domain of the same label space)."""
+        space = self.check_task(task).label_space
+        return bool(space) and any(n != task and s.label_space == space for n, s in self.specs.items())
+
     # --- forward -----------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """Pooled features `(B, C)` of `x` `(B, C_in, H, W)` under `task`'s route."""

@@ -186,12 +186,13 @@ def _stats_count(model: ModularNet, task: str) -> int:
     return sum(b.numel() for n, b in model.branch(task).norms.named_buffers() if "running" in n)
 
 
-def adapt(model: ModularNet, target: TaskData, method: str = "route_im", config: TrainConfig = ADAPT_TRAIN,
+def adapt(model: ModularNet, target: TaskData, method: str = "route_select", config: TrainConfig = ADAPT_TRAIN,
           out_dir: str | Path | None = None, progress: bool = True) -> AdaptResult:
     """Add the unlabelled `target` domain to `model` with one of `ADAPT_METHODS`, in place.
 
     Only `target.spec` and `target.x_train` are read; the target's labels never are.
-    Pool, stem, the shared head and every source domain stay bit-identical.
+    Pool, stem, the shared head and every source domain stay bit-identical; the model is
+    left with every parameter frozen.
 
     Args:
         model: a ModularNet trained on source domains of the target's label space.
@@ -249,8 +250,8 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_im", config:
     model.requires_grad_(False)
     kept = None
     if method in ROUTE_METHODS:
-        # A learned route that collapsed (confident but on few classes) scores worse than
-        # the route it started from; then the starting route comes back.
+        # A route that collapsed onto a few classes scores worse than its start and is
+        # undone. A confidently wrong route can still pass: IM is only a proxy.
         kept = im_score(model, spec.name, x) < start[1]
         if not kept:
             model.route(spec.name).set_choice(start[0])
