@@ -16,7 +16,7 @@ from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError
 from isomod.network import ModelConfig, ModularNet, TaskSpec
 from isomod.train import TrainConfig, Trainer, evaluate
-from isomod.uda import (ADAPT_METHODS, ADAPT_TRAIN, MIN_TARGET_IMAGES, add_as_copy, adapt, estimate_norm_stats,
+from isomod.uda import (ADAPT_METHODS, MIN_TARGET_IMAGES, add_as_copy, adapt, estimate_norm_stats,
                         stats_distance)
 
 SMALL = ModelConfig(in_channels=3, channels=8, num_modules=3, steps=3, route_init="permutation")

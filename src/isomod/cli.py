@@ -249,13 +249,12 @@ def cmd_bench_continual(args) -> int:
 
 def cmd_bench_adapt(args) -> int:
     from isomod.bench import adapt
-    from isomod.report import markdown_results
 
     cfg = build_configs(args, model=adapt.DEFAULT_MODEL, source=adapt.DEFAULT_SOURCE, train=adapt.DEFAULT_ADAPT)
     results = adapt.run(args.out, targets=args.targets or adapt.DOMAINS, methods=args.methods or adapt.ADAPT_METHODS,
                         model_config=cfg["model"], source_config=cfg["source"], adapt_config=cfg["train"],
                         seeds=args.seeds or adapt.SEEDS, progress=not args.no_progress)
-    print(markdown_results(results["rows"]))
+    print_table(results)
     print("\n".join(adapt.checks(results)))
     return wrote(args.out)
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from isomod.adapt import task_features
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError
 from isomod.network import ModularNet, TaskSpec
@@ -110,13 +110,10 @@ def im_objective(model, x, y, task):
 
 
 @torch.no_grad()
-def predict_logits(model: ModularNet, task: str, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = torch.cat([model(to_float(x[i : i + batch_size].to(device)), task).cpu() for i in range(0, len(x), batch_size)])
-    model.train(was_training)
-    return out
+def predict_logits(model: ModularNet, task: str, x: torch.Tensor) -> torch.Tensor:
+    """Logits `(B, K)` of uint8 images `x` under `task`, in eval mode, on the CPU."""
+    head = model.head_of(task)
+    return model.forward_head(task_features(model, task, x).to(head.weight.device), task).cpu()
 
 
 def im_score(model: ModularNet, task: str, x: torch.Tensor) -> float:

@@ -1,1 +1,29 @@
 """Benchmarks: one module per experiment, each writing results.json, report.md and PNGs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from isomod.data.cache import write_atomic
+from isomod.data.tasks import TaskData
+from isomod.network import ModelConfig, ModularNet
+from isomod.train import TrainConfig, Trainer
+
+
+def train_modular(run_dir: Path, tasks: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
+                  seed: int, progress: bool) -> tuple[ModularNet, dict[str, float]]:
+    """Train a ModularNet on `tasks` with `seed` in `run_dir`, or, when its checkpoint
+    there is complete, reload it; returns the model and its test accuracy per task."""
+    torch.manual_seed(seed)
+    model = ModularNet(model_config, [t.spec for t in tasks])
+    trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=run_dir, progress=progress)
+    return model, trainer.fit(resume=True)
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Write `results.json` atomically: a stopped benchmark never leaves half a file."""
+    write_atomic(path, lambda f: f.write(json.dumps(results, indent=2).encode()))

@@ -21,14 +21,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from isomod import report
 from isomod.data import digits5
-from isomod.data.cache import write_atomic
-from isomod.data.tasks import TaskData, load_task
-from isomod.network import ModelConfig, ModularNet
-from isomod.train import TrainConfig, Trainer, evaluate
+from isomod.bench import train_modular, write_results
+from isomod.data.tasks import load_task
+from isomod.network import ModelConfig
+from isomod.train import TrainConfig, evaluate
 from isomod.uda import ADAPT_METHODS, ADAPT_TRAIN, ROUTE_METHODS, adapt, add_as_copy
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
@@ -43,19 +42,6 @@ ROW_NAME = {"source_only": "source_only_best"}
 
 def short(task: str) -> str:
     return task.rsplit("/", 1)[-1]
-
-
-def train_sources(out: Path, sources: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
-                  seed: int, progress: bool) -> tuple[ModularNet, dict[str, float]]:
-    """Train (or, when its checkpoint is complete, reload) the multi-source model."""
-    torch.manual_seed(seed)
-    model = ModularNet(model_config, [t.spec for t in sources])
-    trainer = Trainer(model, sources, replace(train_config, seed=seed), out_dir=out, progress=progress)
-    return model, trainer.fit(resume=True)
-
-
-def _write(path: Path, data: dict) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def run(out_dir: str | Path, targets: list[str] = tuple(DOMAINS), methods: list[str] = ADAPT_METHODS,
@@ -95,7 +81,7 @@ def run(out_dir: str | Path, targets: list[str] = tuple(DOMAINS), methods: list[
             if progress:
                 print(f"== sources {', '.join(map(short, sources))} -> target {short(target)} (seed {seed})", flush=True)
             t0 = time.time()
-            base, accs = train_sources(out / f"sources-{key}", [data[s] for s in sources], model_config,
+            base, accs = train_modular(out / f"sources-{key}", [data[s] for s in sources], model_config,
                                        source_config, seed, progress)
             base.eval()
             routes = results["routes"].setdefault(key, {})
@@ -126,9 +112,9 @@ def run(out_dir: str | Path, targets: list[str] = tuple(DOMAINS), methods: list[
                 if method in ROUTE_METHODS:
                     routes[name] = {"discrete": model.route(target).indices(), "soft_at_discretize": res.soft_route,
                                     "kept": res.kept}
-                _write(path, results)
-            _write(path, results)
-    _write(path, results)
+                write_results(path, results)
+            write_results(path, results)
+    write_results(path, results)
     write_report(out, results)
     return results
 

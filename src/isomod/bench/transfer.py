@@ -21,14 +21,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from isomod import report
 from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
-from isomod.data.cache import write_atomic
-from isomod.data.tasks import TaskData, load_task
-from isomod.network import ModelConfig, ModularNet
-from isomod.train import TrainConfig, Trainer
+from isomod.bench import train_modular, write_results
+from isomod.data.tasks import load_task
+from isomod.network import ModelConfig
+from isomod.train import TrainConfig
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
@@ -41,21 +40,6 @@ DEFAULT_TRANSFER = replace(TRANSFER_TRAIN, steps=400)
 
 def shots_label(shots: int | None) -> int | str:
     return "all" if shots is None else shots
-
-
-def pretrain(out: Path, tasks: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
-             seed: int, progress: bool) -> tuple[ModularNet, dict[str, float]]:
-    """Train (or, when its checkpoint is complete, reload) the multi-task model of `seed`."""
-    torch.manual_seed(seed)
-    model = ModularNet(model_config, [t.spec for t in tasks])
-    trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=out / f"pretrain-s{seed}",
-                      progress=progress)
-    accs = trainer.fit(resume=True)
-    return model, accs
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def run(out_dir: str | Path, pretrain_tasks: list[str] = tuple(PRETRAIN), held_out: list[str] = tuple(HELD_OUT),
@@ -97,7 +81,8 @@ def run(out_dir: str | Path, pretrain_tasks: list[str] = tuple(PRETRAIN), held_o
     for seed in seeds:
         if progress:
             print(f"== pre-training on {len(pre_data)} tasks (seed {seed})", flush=True)
-        base, pre_accs = pretrain(out, pre_data, model_config, pretrain_config, seed, progress)
+        base, pre_accs = train_modular(out / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed,
+                                       progress)
         base.eval()
         results["pretrain"][f"s{seed}"] = {"test_acc": pre_accs, "params": base.param_count(),
                                            "routes": {n: base.route(n).indices() for n in base.task_names}}
@@ -126,8 +111,8 @@ def run(out_dir: str | Path, pretrain_tasks: list[str] = tuple(PRETRAIN), held_o
                     if method == "route_only":
                         results["routes"][f"{name}/{shots_label(k)}-s{seed}"] = {
                             "discrete": res.model.route(name).indices(), "soft_at_discretize": res.soft_route}
-                    _write_atomic(path, results)
-    _write_atomic(path, results)
+                    write_results(path, results)
+    write_results(path, results)
     write_report(out, results)
     return results
 

