@@ -90,3 +90,13 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
         save_checkpoint(model, path, trainer_state={"fn": lambda: None})  # cannot be pickled
     assert snapshot(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary left behind
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    import os
+
+    from isomod.data.cache import write_atomic
+
+    write_atomic(tmp_path / "atomic.json", lambda f: f.write(b"{}"))
+    (tmp_path / "plain.json").write_bytes(b"{}")
+    assert os.stat(tmp_path / "atomic.json").st_mode == os.stat(tmp_path / "plain.json").st_mode

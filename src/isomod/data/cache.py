@@ -27,6 +27,10 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        # mkstemp makes the file private (0600); give it the mode open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
