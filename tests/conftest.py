@@ -48,3 +48,16 @@ def write_npz(path, n_train=40, n_test=20, classes=3, shape=(12, 12), seed=0, **
     arrays = {k: v for k, v in arrays.items() if v is not None}
     np.savez(path, **arrays)
     return path
+
+
+def image_folder(root, classes=("cat", "dog"), n=5, rgb=False, size=16):
+    """A folder of class sub-folders of random PNG images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (size, size, 3) if rgb else (size, size), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root

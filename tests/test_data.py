@@ -6,9 +6,9 @@ import torch
 
 from isomod import IsomodError
 from isomod.data import glyphs
-from isomod.data.tasks import load_image_folder, load_suite, load_task, resolve
+from isomod.data.tasks import TASKS, ImageFiles, load_image_folder, load_suite, load_task, resolve, union_task
 
-from conftest import write_npz
+from conftest import glyph_task, image_folder, write_npz
 
 
 def test_suite_has_eight_scripts_each_with_disjoint_train_and_test_faces():
@@ -91,28 +91,16 @@ def test_unreadable_npz(tmp_path):
         load_task(str(path))
 
 
-def _folder(root, classes=("cat", "dog"), n=5, rgb=False):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            arr = rng.integers(0, 256, (16, 16, 3) if rgb else (16, 16), dtype=np.uint8)
-            Image.fromarray(arr).save(root / c / f"{i}.png")
-    return root
-
-
 def test_image_folder(tmp_path):
-    t = load_image_folder(_folder(tmp_path / "pets"), image_size=20)
+    t = load_image_folder(image_folder(tmp_path / "pets"), image_size=20)
     assert t.spec.class_names == ["cat", "dog"] and t.spec.input_shape == (1, 20, 20)
     assert len(t.y_train) == 8 and len(t.y_test) == 2
-    rgb = load_task(str(_folder(tmp_path / "colour", rgb=True)))
+    rgb = load_task(str(image_folder(tmp_path / "colour", rgb=True)))
     assert rgb.spec.input_shape == (3, 28, 28)
 
 
-def test_bad_image_folder(tmp_path):
-    root = _folder(tmp_path / "pets")
+def test_bad_imageimage_folder(tmp_path):
+    root = image_folder(tmp_path / "pets")
     (root / "dog" / "3.png").write_bytes(b"garbage")
     with pytest.raises(IsomodError, match=r"3\.png: not a readable image"):
         load_task(str(root))
@@ -124,3 +112,35 @@ def test_bad_image_folder(tmp_path):
     (lonely / "only").mkdir(parents=True)
     with pytest.raises(IsomodError, match="need at least 2 class sub-folders"):
         load_task(str(lonely))
+
+
+def test_lazy_image_folder_decodes_what_the_eager_one_holds(tmp_path):
+    root = image_folder(tmp_path / "colour", classes=("a", "b", "c"), n=6, rgb=True, size=20)
+    eager = load_image_folder(root, image_size=12)
+    lazy = load_image_folder(root, image_size=12, lazy=True)
+    assert isinstance(lazy.x_train, ImageFiles) and lazy.spec.input_shape == eager.spec.input_shape == (3, 12, 12)
+    assert lazy.x_train.shape == tuple(eager.x_train.shape)
+    assert torch.equal(lazy.y_train, eager.y_train) and torch.equal(lazy.y_test, eager.y_test)
+    assert torch.equal(lazy.x_test[0:len(lazy.y_test)], eager.x_test)
+    idx = torch.tensor([5, 0, 3])
+    assert torch.equal(lazy.x_train[idx], eager.x_train[idx])
+    assert torch.equal(lazy.x_train[2], eager.x_train[2])
+    assert lazy.x_train[torch.tensor([], dtype=torch.long)].shape == (0, 3, 12, 12)
+    gray = load_image_folder(image_folder(tmp_path / "gray"), image_size=8, lazy=True)
+    assert gray.spec.input_shape == (1, 8, 8) and gray.x_train[0:2].shape == (2, 1, 8, 8)
+    with pytest.raises(IsomodError, match="image size must be >= 1"):
+        load_image_folder(root, image_size=0)
+    # ImageNet's layout: train/ and val/ folders of class folders.
+    image_folder(tmp_path / "imagenet" / "train", n=5)
+    image_folder(tmp_path / "imagenet" / "val", n=2)
+    split = load_image_folder(tmp_path / "imagenet", image_size=8, lazy=True)
+    assert len(split.y_train) == 10 and len(split.y_test) == 4 and split.spec.class_names == ["cat", "dog"]
+
+
+def test_union_task_offsets_labels():
+    a, b = glyph_task("digits", train=3, test=1), glyph_task("hebrew", train=3, test=1)
+    u = union_task("both", [a, b])
+    assert u.spec.num_classes == 10 + 27 and u.spec.class_names[10] == "hebrew:" + glyphs.SCRIPTS["hebrew"][0]
+    assert torch.equal(u.y_train[len(a.y_train):], b.y_train + 10)
+    assert torch.equal(u.x_test[: len(a.y_test)], a.x_test)
+    assert "glyphs/all" in TASKS

