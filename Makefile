@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench-mtl bench-transfer bench-continual bench-adapt clean
+.PHONY: demo test bench-mtl bench-transfer bench-continual bench-adapt bench-reuse clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-continual: $(VENV)/.installed
 
 bench-adapt: $(VENV)/.installed
 	$(BIN)/isomod bench adapt --out runs/bench-adapt
+
+bench-reuse: $(VENV)/.installed
+	$(BIN)/isomod bench reuse --out runs/bench-reuse
 
 clean:
 	rm -rf runs .pytest_cache

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from isomod.blocks import ResidualModule
-from isomod.network import ModelConfig, TaskModel, TaskSpec, check_input, make_norm
+from isomod.network import ModelConfig, TaskModel, TaskSpec, check_input, make_norm, make_stem
 
 
 class PlainResNet(TaskModel):
@@ -28,7 +28,7 @@ class PlainResNet(TaskModel):
         super().__init__()
         self.config = config
         c = config.channels
-        self.stem = nn.Conv2d(config.in_channels, c, 3, stride=config.stem_stride, padding=1)
+        self.stem = make_stem(config)
         self.blocks = nn.ModuleList(
             ResidualModule(c, config.kernel_size, config.residual_scale) for _ in range(config.steps)
         )

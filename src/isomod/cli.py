@@ -1,7 +1,7 @@
 """The `isomod` command.
 
     isomod demo                      train on `glyphs` with the baselines, write runs/demo/
-    isomod train --tasks glyphs --out runs/x [--config cfg.yaml] [--steps 500] [--resume]
+    isomod train --tasks glyphs --out runs/x [--config cfg.yaml] [--steps 500] [--resume] [--image-size 224]
                  (model options take a prefix: --model-channels 16 --model-steps 6)
     isomod eval --from runs/x/checkpoint
     isomod transfer --from runs/x/checkpoint --task uci-digits [--shots 10] --out runs/y
@@ -10,6 +10,8 @@
     isomod bench transfer --out runs/bench-transfer [--shots 10 100 all]
     isomod bench continual --out runs/bench-continual [--grow-threshold 0.9]
     isomod bench adapt --out runs/bench-adapt [--targets digits5/mnistm] [--seeds 0 1]
+    isomod bench reuse --out runs/bench-reuse [--task glyphs/all] [--modules 4 8] [--multiples 1 2 3]
+    torchrun --nproc_per_node=P -m isomod train|bench reuse ...   data-parallel over P processes
     isomod report runs/bench-mtl     redraw figures and report.md from results.json
     isomod tasks                     list registered suites and tasks
 """
@@ -125,7 +127,7 @@ def cmd_train(args) -> int:
 
     cfg = build_configs(args, model=ModelConfig(), train=TrainConfig())
     model_cfg, train_cfg = cfg["model"], cfg["train"]
-    tasks = [load_task(n, data_dir=args.data_dir) for n in resolve(args.tasks)]
+    tasks = [load_task(n, data_dir=args.data_dir, image_size=args.image_size) for n in resolve(args.tasks)]
     channels = {t.spec.input_shape[0] for t in tasks}
     if len(channels) > 1:
         raise IsomodError(f"tasks mix {sorted(channels)}-channel inputs; one model takes one channel count")
@@ -133,6 +135,8 @@ def cmd_train(args) -> int:
     model = ModularNet(model_cfg, [t.spec for t in tasks])
     trainer = Trainer(model, tasks, train_cfg, out_dir=args.out, progress=not args.no_progress)
     accs = trainer.fit(resume=args.resume)
+    if not trainer.main:
+        return 0
     for name in model.task_names:
         print(f"{model.route_str(name)}    test acc {accs[name]:.3f}")
     print(f"mean test acc {sum(accs.values()) / len(accs):.3f}; checkpoint: {trainer.checkpoint_path}")
@@ -259,6 +263,22 @@ def cmd_bench_adapt(args) -> int:
     return wrote(args.out)
 
 
+def cmd_bench_reuse(args) -> int:
+    from isomod import distributed
+    from isomod.bench import reuse
+
+    cfg = build_configs(args, model=reuse.DEFAULT_MODEL, train=reuse.DEFAULT_TRAIN)
+    results = reuse.run(args.out, task=args.task, data_dir=args.data_dir, image_size=args.image_size,
+                        modules=args.modules or reuse.MODULES, multiples=args.multiples or reuse.MULTIPLES,
+                        methods=args.methods or reuse.REUSE_METHODS, model_config=cfg["model"],
+                        train_config=cfg["train"], seeds=args.seeds or reuse.SEEDS, progress=not args.no_progress)
+    if not distributed.is_main():
+        return 0
+    print(reuse.markdown_table(results))
+    print("\n".join(reuse.checks(results)))
+    return wrote(args.out)
+
+
 def wrote(out: str) -> int:
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
     return 0
@@ -289,14 +309,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from isomod.bench import adapt, continual, mtl, transfer
+    from isomod.bench import adapt, continual, mtl, reuse, transfer
 
     file = Path(args.dir) / "results.json"
     if not file.is_file():
         raise IsomodError(f"{file} not found: run a benchmark with --out {args.dir} first")
     results = json.loads(file.read_text())
     writers = {"mtl": mtl.write_report, "transfer": transfer.write_report, "continual": continual.write_report,
-               "adapt": adapt.write_report}
+               "adapt": adapt.write_report, "reuse": reuse.write_report}
     if results.get("bench") not in writers:
         raise IsomodError(f"{file}: unknown benchmark {results.get('bench')!r}; known: {', '.join(writers)}")
     print(f"wrote {writers[results['bench']](Path(args.dir), results)}")
@@ -305,7 +325,7 @@ def cmd_report(args) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN
-    from isomod.bench import adapt, continual, mtl, transfer
+    from isomod.bench import adapt, continual, mtl, reuse, transfer
     from isomod.network import ModelConfig
     from isomod.uda import ADAPT_METHODS, ADAPT_TRAIN
     from isomod.train import TrainConfig
@@ -333,6 +353,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", required=True, help="task or suite names, or paths to folders / .npz")
     p.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, train_config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--image-size", type=int, help="side a folder's images are resized to (default 28)")
     p.set_defaults(func=cmd_train)
 
     p = with_configs(sub.add_parser("transfer", help="add a task to a trained model, learning only its route, "
@@ -367,8 +388,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST)")
     p.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="run a benchmark: mtl, transfer, continual, adapt").add_subparsers(
-        dest="bench", required=True, metavar="{mtl,transfer,continual,adapt}")
+    bench = sub.add_parser("bench", help="run a benchmark: mtl, transfer, continual, adapt, reuse").add_subparsers(
+        dest="bench", required=True, metavar="{mtl,transfer,continual,adapt,reuse}")
     p = with_configs(bench.add_parser("mtl", help="modular vs independent networks vs a shared trunk"),
                      model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
     p.add_argument("--suite", default="glyphs")
@@ -396,6 +417,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=ADAPT_METHODS, help="default: all")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
     p.set_defaults(func=cmd_bench_adapt)
+    p = with_configs(bench.add_parser("reuse", help="block reuse for one task: N modules run over L = N, 2N, 3N "
+                                      "steps (cyclic, block-repeat, learned) vs L distinct modules"),
+                     model=reuse.DEFAULT_MODEL, train=reuse.DEFAULT_TRAIN)
+    p.add_argument("--task", default="fashion-mnist", help="a registered task (default fashion-mnist; glyphs/all is "
+                   "the harder 216-class one), a folder of class sub-folders of images, or an .npz")
+    p.add_argument("--image-size", type=int, help="side a folder's images are resized to (default 28)")
+    p.add_argument("--modules", type=int, nargs="+", help="pool sizes N (default 4 8)")
+    p.add_argument("--multiples", type=int, nargs="+", help="route lengths L as multiples of N (default 1 2 3)")
+    p.add_argument("--methods", nargs="+", choices=reuse.REUSE_METHODS, help="default: all")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
+    p.set_defaults(func=cmd_bench_reuse)
     for p in bench.choices.values():
         p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from isomod.blocks import residual_block, residual_branch
+from isomod.distributed import BatchNorm
 from isomod.errors import IsomodError, dataclass_from_dict
 from isomod.pool import ModulePool
 from isomod.route import ROUTE_INITS, Route
@@ -33,7 +34,9 @@ class ModelConfig:
         num_modules: pool size `N`.
         steps: route length `L` (may exceed `N`).
         kernel_size: convolution size inside the modules.
-        stem_stride: stride of the stem convolution (2 halves the resolution).
+        stem_stride: stride of the stem convolution (2 halves the resolution); from 3 on
+            the stem cuts the image into stride x stride patches (e.g. 8 or 16 for 224-pixel
+            ImageNet images, as isometric networks do).
         mixing: how a soft route is applied, `weight` (mix parameters, one block per
             step) or `output` (run every module with weight above `output_threshold`
             and mix outputs).
@@ -95,8 +98,17 @@ class TaskSpec:
             raise IsomodError(f"task {self.name!r} needs at least 2 classes, got {self.num_classes}")
 
 
+def make_stem(config: ModelConfig) -> nn.Conv2d:
+    """A 3x3 convolution for strides 1 and 2, a patchify convolution for larger strides."""
+    s = config.stem_stride
+    if s <= 2:
+        return nn.Conv2d(config.in_channels, config.channels, 3, stride=s, padding=1)
+    return nn.Conv2d(config.in_channels, config.channels, s, stride=s)
+
+
 def make_norm(channels: int) -> nn.Module:
-    return nn.BatchNorm2d(channels)
+    """Batch norm whose statistics cover the global batch under data parallelism."""
+    return BatchNorm(channels)
 
 
 class TaskBranch(nn.Module):
@@ -176,6 +188,23 @@ class TaskModel(nn.Module):
         return cls(ModelConfig.from_dict(data["model"]), [TaskSpec(**s) for s in data.get("tasks", [])])
 
 
+@torch.no_grad()
+def macs_per_image(model: TaskModel, task: str) -> int:
+    """Multiply-adds of one forward pass of one image of `task` as the model runs it now
+    (convolutions and linear layers, counted by `torch.utils.flop_counter`; a soft route
+    under weight mixing also counts the mixing of the modules' weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = model.check_task(task)
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros((1, *spec.input_shape), device=param.device, dtype=param.dtype), task)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
 def check_input(x: torch.Tensor, in_channels: int) -> None:
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise IsomodError(f"expected input (B, {in_channels}, H, W), got {tuple(x.shape)}")
@@ -199,7 +228,7 @@ class ModularNet(TaskModel):
         super().__init__()
         self.config = config
         c = config.channels
-        self.stem = nn.Conv2d(config.in_channels, c, 3, stride=config.stem_stride, padding=1)
+        self.stem = make_stem(config)
         self.pool = ModulePool(config.num_modules, c, config.kernel_size, config.residual_scale)
         self.tasks = nn.ModuleDict()
         self.heads = nn.ModuleDict()  # label space -> the head its domains share

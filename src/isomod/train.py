@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from isomod import distributed
 from isomod.checkpoint import check_compatible, load_trainer_state, load_weights, save_checkpoint
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError, TrainingDiverged, dataclass_from_dict
@@ -41,7 +42,8 @@ class TrainConfig:
 
     Args:
         steps: optimiser steps.
-        batch_size: images per task-homogeneous batch.
+        batch_size: images per task-homogeneous batch, over all data-parallel processes
+            (each of `P` processes runs its share, about `batch_size / P`).
         tasks_per_step: tasks (one batch each) whose losses are summed in one step.
         sampling: `uniform` over tasks or `proportional` to their training-set sizes.
         lr: learning rate of stem, pool and norms.
@@ -60,7 +62,7 @@ class TrainConfig:
         checkpoint_every: write the run's checkpoint every this many steps (0: at the end only).
         log_every: write a training log line every this many steps.
         seed: seeds model initialisation, batch order and augmentation.
-        device: `auto` (CUDA when present), `cpu` or `cuda`.
+        device: `auto` (CUDA when present), `cpu` or `cuda` (under torchrun: the process's GPU).
     """
 
     steps: int = 2000
@@ -118,6 +120,10 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:K`; under torchrun, `auto` and
+    `cuda` mean this process's GPU."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and distributed.world_size() > 1:
+        return distributed.local_device()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
@@ -131,12 +137,18 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
-def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Shift each image by up to `max_shift` whole pixels, filling with zeros."""
+def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: slice | None = None,
+                 total: int | None = None) -> torch.Tensor:
+    """Shift each image by up to `max_shift` whole pixels, filling with zeros.
+
+    Shifts are drawn for a batch of `total` images (default: `x`'s), of which `x` holds the
+    `part`: every data-parallel rank draws the same shifts and applies its own share.
+    """
     b, _, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4)
-    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=g)
-    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=g)
+    total, part = total or b, part or slice(0, b)
+    dx = torch.randint(0, 2 * max_shift + 1, (total,), generator=g)[part]
+    dy = torch.randint(0, 2 * max_shift + 1, (total,), generator=g)[part]
     rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (B, H)
     cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (B, W)
     idx = torch.arange(b, device=x.device)[:, None, None]
@@ -144,7 +156,10 @@ def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> tor
 
 
 class Batches:
-    """Epoch-wise shuffled, task-homogeneous batches; its state resumes exactly."""
+    """Epoch-wise shuffled, task-homogeneous batches; its state resumes exactly.
+
+    Every data-parallel rank draws the same global batch and loads only its share.
+    """
 
     def __init__(self, tasks: dict[str, TaskData], batch_size: int, seed: int):
         self.tasks = tasks
@@ -153,7 +168,8 @@ class Batches:
         self.order: dict[str, torch.Tensor] = {}
         self.cursor: dict[str, int] = {}
 
-    def next(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's share of the next batch of `task`, and the global batch size."""
         data = self.tasks[task]
         n = len(data.y_train)
         if n == 0:
@@ -166,8 +182,8 @@ class Batches:
             take = min(self.batch_size - len(idx), n - self.cursor[task])
             idx.extend(self.order[task][self.cursor[task] : self.cursor[task] + take].tolist())
             self.cursor[task] += take
-        idx_t = torch.tensor(idx)
-        return data.x_train[idx_t], data.y_train[idx_t]
+        idx_t = torch.tensor(idx[distributed.shard(len(idx))])
+        return data.x_train[idx_t], data.y_train[idx_t], len(idx)
 
     def state_dict(self) -> dict:
         return {"g": self.g.get_state(), "order": self.order, "cursor": self.cursor}
@@ -180,7 +196,8 @@ class Batches:
 @torch.no_grad()
 def evaluate(model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], split: str = "test",
              batch_size: int = 500) -> dict[str, float]:
-    """Accuracy per task on `split` (`test` or `train`), in eval mode."""
+    """Accuracy per task on `split` (`test` or `train`), in eval mode; data-parallel
+    ranks each evaluate a share of the images and add up their counts."""
     if isinstance(tasks, list):
         tasks = {t.name: t for t in tasks}
     was_training = model.training
@@ -189,10 +206,13 @@ def evaluate(model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], spli
     out = {}
     for name, data in tasks.items():
         x_all, y_all = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        part = distributed.shard(len(y_all))
         correct = 0
-        for i in range(0, len(y_all), batch_size):
-            x = to_float(x_all[i : i + batch_size].to(device))
-            correct += (model(x, name).argmax(-1).cpu() == y_all[i : i + batch_size]).sum().item()
+        for i in range(part.start, part.stop, batch_size):
+            j = min(i + batch_size, part.stop)
+            x = to_float(x_all[i:j].to(device))
+            correct += (model(x, name).argmax(-1).cpu() == y_all[i:j]).sum().item()
+        correct = distributed.all_sum(torch.tensor([float(correct)], device=device)).item()
         out[name] = correct / max(1, len(y_all))
     model.train(was_training)
     return out
@@ -211,7 +231,8 @@ class RunLog:
 
 
 class Trainer:
-    """Trains any TaskModel on several tasks with one objective.
+    """Trains any TaskModel on several tasks with one objective; under `torchrun`, data-parallel
+    over the processes (`isomod.distributed`), rank 0 alone logging and checkpointing.
 
     Args:
         model: ModularNet or a baseline; its trainable parameters are what it leaves
@@ -241,11 +262,16 @@ class Trainer:
         self.model = model
         self.config = config
         self.objective = objective
-        self.progress = progress
+        distributed.setup()
+        self.main = distributed.is_main()
+        self.progress = progress and self.main
         self.frozen_norm_stats = frozen_norm_stats
         self.device = resolve_device(config.device)
+        if config.batch_size < distributed.world_size():
+            raise IsomodError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} "
+                              "data-parallel processes; each needs at least one image")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.log = RunLog(self.out_dir / "log.jsonl" if self.out_dir else None)
+        self.log = RunLog(self.out_dir / "log.jsonl" if self.out_dir and self.main else None)
         self.step = 0
         self.history: list[dict] = []
         self.soft_usage: dict[str, list] | None = None  # route weights just before discretising
@@ -290,10 +316,14 @@ class Trainer:
     def _save(self, optimizer: torch.optim.Optimizer, batches: Batches) -> None:
         if self.checkpoint_path is None:
             return
+        if not self.main:
+            distributed.barrier()  # no rank runs ahead of a checkpoint being written
+            return
         state = {"step": self.step, "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
                  "sampler": self.sampler.get_state(), "aug": self.aug.get_state(), "torch_rng": torch.get_rng_state(),
                  "train_config": asdict(self.config)}
         save_checkpoint(self.model, self.checkpoint_path, trainer_state=state, extra={"step": self.step})
+        distributed.barrier()
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Train to `config.steps`; returns test accuracy per task.
@@ -309,7 +339,7 @@ class Trainer:
         batches = Batches(self.tasks, c.batch_size, c.seed)
         self.sampler = torch.Generator().manual_seed(c.seed + 1)
         self.aug = torch.Generator().manual_seed(c.seed + 2)
-        if self.out_dir:
+        if self.out_dir and self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
         state = None
@@ -320,6 +350,7 @@ class Trainer:
                 raise IsomodError(f"{self.checkpoint_path}: no trainer state to resume from")
             load_weights(self.model, self.checkpoint_path)
         optimizer = self._optimizer()
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             batches.load_state_dict(state["batches"])
@@ -328,6 +359,7 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             self.step = state["step"]
             self.log.write(event="resume", step=self.step)
+        distributed.broadcast_module(self.model)
         weights = self._task_weights()
         k = min(c.tasks_per_step, len(self.train_tasks))
         running = {t: None for t in self.train_tasks}
@@ -356,18 +388,23 @@ class Trainer:
             total = 0.0
             for i in chosen:
                 task = self.train_tasks[i]
-                x, y = batches.next(task)
+                x, y, global_batch = batches.next(task)
                 x, y = to_float(x.to(self.device)), y.to(self.device)
                 if c.augment:
-                    x = random_shift(x, self.aug)
+                    x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
                 loss, logits = self.objective(self.model, x, y, task)
-                total = total + loss / k
+                # Weighted so that the average over ranks is the global batch's mean loss.
+                share = distributed.world_size() * len(y) / global_batch
+                total = total + share * loss / k
                 if (y >= 0).any():
                     acc = (logits.argmax(-1) == y).float().mean().item()
                     running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
             soft = self.model.soft_routes(self.train_tasks)
             if soft and c.entropy_weight > 0:
                 total = total + c.entropy_weight * torch.stack([r.entropy() for r in soft]).mean()
+            total.backward()
+            # All ranks see the same averaged loss, so all of them stop together on divergence.
+            total = distributed.average_gradients(trainable, total)
             if not torch.isfinite(total):
                 kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() else None
                 self.log.write(event="diverged", step=self.step)
@@ -376,7 +413,6 @@ class Trainer:
                     f"loss became {total.item()} at step {self.step} (tasks {[self.train_tasks[i] for i in chosen]}); "
                     f"training stopped, last good checkpoint: {kept or 'none written yet'}"
                 )
-            total.backward()
             optimizer.step()
             self.step += 1
             loss_ema = total.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * total.item()
@@ -393,7 +429,8 @@ class Trainer:
                 accs = evaluate(self.model, self._labelled())
                 self._train_mode()
                 self.log.write(event="eval", step=self.step, test_acc=accs)
-                bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
+                if self.main:
+                    bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
                 self._save(optimizer, batches)
         bar.close()

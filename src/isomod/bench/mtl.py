@@ -111,10 +111,7 @@ def write_report(out: Path, results: dict) -> Path:
         what = ("soft routes just before discretisation" if soft else "discrete routes")
         parts += [f"Task similarity from the {what}: the probability that two tasks run the same module "
                   "at a step, averaged over steps.", "", "![task similarity](similarity.png)", ""]
-    times = results.get("train_seconds", {})
-    if times:
-        parts += ["## Training time (s)", "", "| run | seconds |", "|---|---:|"]
-        parts += [f"| {k} | {v} |" for k, v in times.items()] + [""]
+    parts += report.markdown_times(results.get("train_seconds", {}))
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path

@@ -1,0 +1,132 @@
+"""Data-parallel training over processes started by `torchrun`, one code path for one or many.
+
+    torchrun --nproc_per_node=P -m isomod train ...      # CPU (gloo) or one GPU per process (nccl)
+
+Rank and world size come from the environment torchrun sets; in a single process every
+function here is a no-op. All ranks draw the same global batch (same seed) and each runs
+its contiguous share of it; batch-norm statistics are computed over the whole global
+batch (`BatchNorm`), and gradients are averaged by one all-reduce per step. A run on `P`
+processes therefore computes what one process computes with the same global batch, up to
+float rounding. Rank 0 alone writes logs, progress bars and checkpoints.
+
+Gradients are averaged explicitly rather than through `DistributedDataParallel`:
+objectives call parts of the model (`forward_features`, heads) and routes switch
+parameters on and off when they become discrete, which a wrapper's hooks do not follow.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup() -> None:
+    """Join the process group torchrun describes, once; nothing in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def local_device() -> torch.device:
+    """This process's GPU under torchrun (`cuda:LOCAL_RANK`), or the default CUDA device."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shard(n: int) -> slice:
+    """This rank's contiguous share of `n` items (shares differ by at most one)."""
+    p, r = world_size(), rank()
+    return slice(r * n // p, (r + 1) * n // p)
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
+    if world_size() > 1:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def average_gradients(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """Average the gradients of `params` and the value of `loss` over ranks, in one
+    all-reduce; returns the averaged loss (the local one in a single process)."""
+    if world_size() == 1:
+        return loss.detach()
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[-1]
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `values` (a copy; the input is left as it is)."""
+    out = values.clone()
+    if world_size() > 1:
+        dist.all_reduce(out)
+    return out
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """`all_sum` with a gradient: the gradient of a sum over ranks is the sum over ranks of
+    the gradients, since every rank's loss depends on every rank's input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return all_sum(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return all_sum(grad)
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose training statistics cover the global batch of all ranks.
+
+    In a single process, or in eval mode, it is exactly `nn.BatchNorm2d`. Across ranks
+    the mean and variance come from differentiable all-reduces, so gradients flow through
+    every rank's share of the batch as they would through one process's whole batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        count = all_sum(x.new_tensor([x.numel() / x.shape[1]]))
+        mean = _SumOverRanks.apply(x.sum(dims)) / count  # (C,)
+        centered = x - mean[None, :, None, None]
+        var = _SumOverRanks.apply((centered * centered).sum(dims)) / count  # (C,), biased
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), momentum)
+        y = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.weight is None:
+            return y
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]

@@ -1,0 +1,98 @@
+"""Data parallelism: 2 CPU processes under torchrun (gloo) against one process, same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from isomod import distributed
+from isomod.network import make_norm
+
+from conftest import image_folder
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from isomod import distributed
+    from isomod.data.tasks import load_image_folder
+    from isomod.network import ModelConfig, ModularNet
+    from isomod.train import TrainConfig, Trainer
+
+    folder, out = sys.argv[1], sys.argv[2]
+    task = load_image_folder(folder, image_size=12, lazy=True)
+    torch.manual_seed(0)
+    model = ModularNet(ModelConfig(in_channels=3, channels=8, num_modules=2, steps=3), [task.spec])
+    # Every consumer of the stem's output is a batch norm, so the stem bias's gradient is
+    # zero up to rounding, which Adam would turn into steps of full size: keep it fixed.
+    model.stem.bias.requires_grad_(False)
+    config = TrainConfig(steps=8, batch_size=8, lr=5e-3, warmup_steps=2, discretize_at=0.5, checkpoint_every=4,
+                         log_every=2, device="cpu")
+    acc = Trainer(model, [task], config, out_dir=out + "/run", progress=False).fit()
+    torch.save({"state": model.state_dict(), "acc": acc, "world": distributed.world_size()},
+               f"{out}/rank{distributed.rank()}.pt")
+""")
+
+
+def run(args, tmp_path, procs=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    cmd = (launch if procs > 1 else [sys.executable]) + args
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("data") / "shapes", classes=("a", "b", "c"), n=8, rgb=True)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, folder):
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    run([str(script), str(folder), str(tmp_path / "one")], tmp_path)
+    run([str(script), str(folder), str(tmp_path / "two")], tmp_path, procs=2)
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
+    assert one["world"] == 1 and ranks[0]["world"] == ranks[1]["world"] == 2
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), f"ranks differ in {key}"
+        if value.is_floating_point():
+            assert torch.allclose(value, one["state"][key], atol=1e-5, rtol=1e-4), f"{key} differs from one process"
+        else:
+            assert torch.equal(value, one["state"][key]), key
+    assert ranks[0]["acc"] == ranks[1]["acc"] == one["acc"]
+    # Rank 0 alone logs and writes the checkpoint, which holds the trained weights.
+    log = [json.loads(line) for line in (tmp_path / "two" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8]
+    from isomod.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "two" / "run" / "checkpoint")
+    assert all(torch.equal(v, ranks[0]["state"][k]) for k, v in saved.state_dict().items())
+
+
+def test_bench_reuse_under_torchrun_on_an_image_folder(tmp_path, folder):
+    out = tmp_path / "bench"
+    stdout = run(["-m", "isomod", "bench", "reuse", "--task", str(folder), "--image-size", "12", "--modules", "2",
+                  "--multiples", "1", "2", "--methods", "once", "cyclic", "--seeds", "0", "--steps", "6",
+                  "--batch-size", "8", "--model-channels", "8", "--model-stem-stride", "4", "--device", "cpu",
+                  "--no-progress", "--out", str(out)], tmp_path, procs=2)
+    assert stdout.count("| 2 | 4 | cyclic |") == stdout.count("wrote ") == 1  # printed by rank 0 only
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["world_size"] == 2 and results["config"]["input_shape"] == [3, 12, 12]
+    assert {(r["method"], r["L"], r["metric"]) for r in results["rows"]} == {
+        ("once", 2, "test_acc"), ("once", 2, "macs"), ("cyclic", 4, "test_acc"), ("cyclic", 4, "macs")}
+
+
+def test_batch_norm_is_plain_batch_norm_in_one_process():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5)
+    ours, plain = make_norm(4), torch.nn.BatchNorm2d(4)
+    assert distributed.world_size() == 1 and distributed.shard(10) == slice(0, 10)
+    assert torch.equal(ours(x), plain(x)) and torch.equal(ours.running_var, plain.running_var)
