@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench-mtl bench-transfer bench-continual bench-adapt bench-reuse clean
+.PHONY: demo test bench-mtl bench-transfer bench-continual bench-adapt bench-reuse bench-speed clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-adapt: $(VENV)/.installed
 
 bench-reuse: $(VENV)/.installed
 	$(BIN)/isomod bench reuse --out runs/bench-reuse
+
+bench-speed: $(VENV)/.installed
+	$(BIN)/isomod bench speed --out runs/bench-speed
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from isomod import load_checkpoint
 from isomod.cli import main
@@ -36,6 +37,14 @@ def test_train_eval_and_resume_on_a_user_npz(tmp_path, capsys):
     assert "mine: test acc" in capsys.readouterr().out
 
 
+def test_train_twice_with_one_seed_gives_identical_weights(tmp_path):
+    data = str(write_npz(tmp_path / "mine.npz", shape=(16, 16)))
+    for run in ("a", "b"):
+        assert main(["train", "--tasks", data, "--out", str(tmp_path / run), "--steps", "3", "--seed", "5", *TINY]) == 0
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint").state_dict() for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_config_file_and_overrides(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model:\n  channels: 8\n  num_modules: 2\n  steps: 2\ntrain:\n  steps: 3\n  batch_size: 8\n")
@@ -62,7 +71,7 @@ def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
 def test_unknown_benchmark_and_config_section(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "nope", "--out", "x"])
-    assert "invalid choice: 'nope' (choose from 'mtl', 'transfer', 'continual', 'adapt', 'reuse')" in capsys.readouterr().err
+    assert "invalid choice: 'nope' (choose from 'mtl', 'transfer', 'continual', 'adapt', 'reuse', 'speed')" in capsys.readouterr().err
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("grow:\n  threshold: 0.5\n")
     assert main(["train", "--tasks", "mnist", "--out", str(tmp_path / "r"), "--config", str(cfg)]) == 2

@@ -1,5 +1,6 @@
 """Shapes and routing maths: soft, discrete and output mixing; pool operations."""
 
+import copy
 import pytest
 import torch
 
@@ -192,3 +193,26 @@ def test_output_mixing_updates_each_step_s_first_norm_once_per_forward():
     net.train()
     net(x_batch(), "a")
     assert norm1.num_batches_tracked.item() == 1
+
+
+def test_tasks_of_a_step_share_one_weight_stack_and_gradients_stay_exact():
+    torch.manual_seed(0)
+    net = ModularNet(ModelConfig(channels=8, num_modules=4, steps=4), [TaskSpec("a", 3), TaskSpec("b", 3)])
+    x = torch.rand(4, 1, 28, 28)
+    first = net.pool.stacked()
+    assert net.pool.stacked()[0] is first[0]  # nothing changed: the same stack
+    (net(x, "a").sum() + net(x, "b").sum()).backward()
+    once = net.pool.blocks[1].w2.grad.clone()
+    # Accumulating a second identical pass through the reused stack doubles the gradient.
+    (net(x, "a").sum() + net(x, "b").sum()).backward()
+    assert torch.allclose(net.pool.blocks[1].w2.grad, 2 * once)
+    twin = copy.deepcopy(net)  # the cached stack, which has autograd history, is not copied
+    assert torch.equal(twin(x, "a"), net(x, "a"))
+    # Any change of the weights builds a new stack: in place, by loading, or by a dtype move.
+    with torch.no_grad():
+        net.pool.blocks[0].w1.mul_(2)
+    assert torch.equal(net.pool.stacked()[0][0], net.pool.blocks[0].w1)
+    net.load_state_dict({k: v + 1 if v.is_floating_point() else v for k, v in net.state_dict().items()})
+    assert torch.equal(net.pool.stacked()[1][3], net.pool.blocks[3].w2)
+    net.to(torch.float64)
+    assert net.pool.stacked()[0].dtype == torch.float64

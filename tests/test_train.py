@@ -132,3 +132,16 @@ def test_training_one_task_leaves_other_routes_soft_and_untouched(two_tasks):
     assert not model.route(other).is_discrete
     assert torch.equal(model.route(other).logits, logits)
     assert model.route(other).temperature.item() == 1.0
+
+
+def test_bf16_autocast_and_compiled_forward_train_the_model_itself(digit_tasks, tmp_path):
+    task = digit_tasks[1]
+    model = tiny_model([task])
+    trainer = Trainer(model, [task], quick(steps=120, precision="bf16", compile="aot_eager"), out_dir=tmp_path,
+                      progress=False)
+    accs = trainer.fit()
+    assert accs[task.name] > 0.4  # chance is 0.1; the route was discretised mid-run under compile
+    assert model.route(task.name).is_discrete
+    assert evaluate(load_checkpoint(tmp_path / "checkpoint"), [task]) == accs
+    with pytest.raises(Exception, match="unknown precision 'fp8'; known: fp32, bf16"):
+        TrainConfig(precision="fp8")

@@ -4,6 +4,7 @@
     isomod train --tasks glyphs --out runs/x [--config cfg.yaml] [--steps 500] [--resume] [--image-size 224]
                  (model options take a prefix: --model-channels 16 --model-steps 6)
     isomod eval --from runs/x/checkpoint
+    isomod export --from runs/x/checkpoint --task glyphs/greek --format torchscript|onnx --out greek.pt
     isomod transfer --from runs/x/checkpoint --task uci-digits [--shots 10] --out runs/y
     isomod adapt --from runs/x/checkpoint --target digits5/mnistm --out runs/z [--method route_select]
     isomod bench mtl --out runs/bench-mtl [--seeds 0 1]
@@ -11,6 +12,7 @@
     isomod bench continual --out runs/bench-continual [--grow-threshold 0.9]
     isomod bench adapt --out runs/bench-adapt [--targets digits5/mnistm] [--seeds 0 1]
     isomod bench reuse --out runs/bench-reuse [--task glyphs/all] [--modules 4 8] [--multiples 1 2 3]
+    isomod bench speed --out runs/bench-speed [--modules 4 8 16] [--tasks 1 8] [--speed-device cuda]
     torchrun --nproc_per_node=P -m isomod train|bench reuse ...   data-parallel over P processes
     isomod report runs/bench-mtl     redraw figures and report.md from results.json
     isomod tasks                     list registered suites and tasks
@@ -121,6 +123,8 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from isomod.data.tasks import load_task, resolve
     from isomod.network import ModelConfig, ModularNet
     from isomod.train import TrainConfig, Trainer
@@ -132,6 +136,7 @@ def cmd_train(args) -> int:
     if len(channels) > 1:
         raise IsomodError(f"tasks mix {sorted(channels)}-channel inputs; one model takes one channel count")
     model_cfg = dataclasses.replace(model_cfg, in_channels=channels.pop())
+    torch.manual_seed(train_cfg.seed)  # the seed fixes the initial weights too, not only the batches
     model = ModularNet(model_cfg, [t.spec for t in tasks])
     trainer = Trainer(model, tasks, train_cfg, out_dir=args.out, progress=not args.no_progress)
     accs = trainer.fit(resume=args.resume)
@@ -210,6 +215,27 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from isomod.checkpoint import load_checkpoint
+    from isomod.export import example_input, export_task, save_onnx, save_torchscript
+
+    model = load_checkpoint(args.from_).eval()
+    model.check_task(args.task)
+    net = export_task(model, args.task)
+    x = example_input(model, args.task, batch=8)
+    with torch.no_grad():
+        diff = (net(x) - model(x, args.task)).abs().max().item()
+    out = save_torchscript(net, args.out) if args.format == "torchscript" else save_onnx(net, args.out, x[:2])
+    stored = len({id(p) for p in net.parameters()})
+    print(f"{args.task}: route {' '.join(map(str, net.route))}; {stored} weight tensors, "
+          f"{sum(p.numel() for p in net.parameters()):,} parameters ({len(set(net.route))} distinct modules "
+          f"for {len(net.route)} steps)")
+    print(f"max abs difference from the model on 8 random inputs: {diff:.2e}; wrote {out} ({args.format})")
+    return 0
+
+
 def print_table(results: dict) -> None:
     from isomod.report import markdown_results
 
@@ -279,6 +305,17 @@ def cmd_bench_reuse(args) -> int:
     return wrote(args.out)
 
 
+def cmd_bench_speed(args) -> int:
+    from isomod.bench import speed
+
+    cfg = build_configs(args, model=speed.DEFAULT_MODEL, speed=speed.SpeedConfig())
+    results = speed.run(args.out, modules=args.modules or speed.MODULES, tasks=args.tasks or speed.TASKS,
+                        model_config=cfg["model"], speed=cfg["speed"], progress=not args.no_progress)
+    print(speed.markdown_table(results))
+    print("\n".join(speed.checks(results)))
+    return wrote(args.out)
+
+
 def wrote(out: str) -> int:
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
     return 0
@@ -309,14 +346,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from isomod.bench import adapt, continual, mtl, reuse, transfer
+    from isomod.bench import adapt, continual, mtl, reuse, speed, transfer
 
     file = Path(args.dir) / "results.json"
     if not file.is_file():
         raise IsomodError(f"{file} not found: run a benchmark with --out {args.dir} first")
     results = json.loads(file.read_text())
     writers = {"mtl": mtl.write_report, "transfer": transfer.write_report, "continual": continual.write_report,
-               "adapt": adapt.write_report, "reuse": reuse.write_report}
+               "adapt": adapt.write_report, "reuse": reuse.write_report, "speed": speed.write_report}
     if results.get("bench") not in writers:
         raise IsomodError(f"{file}: unknown benchmark {results.get('bench')!r}; known: {', '.join(writers)}")
     print(f"wrote {writers[results['bench']](Path(args.dir), results)}")
@@ -325,7 +362,7 @@ def cmd_report(args) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN
-    from isomod.bench import adapt, continual, mtl, reuse, transfer
+    from isomod.bench import adapt, continual, mtl, reuse, speed, transfer
     from isomod.network import ModelConfig
     from isomod.uda import ADAPT_METHODS, ADAPT_TRAIN
     from isomod.train import TrainConfig
@@ -381,6 +418,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_adapt)
 
+    p = sub.add_parser("export", help="a task with a discrete route as a standalone TorchScript or ONNX network")
+    p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a ModularNet")
+    p.add_argument("--task", required=True, help="the task to export; its route must be discrete")
+    p.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"),
+                   help="torchscript (torch.jit.load, no isomod needed) or onnx (onnxruntime; needs the onnx and "
+                        "onnxscript packages)")
+    p.add_argument("--out", required=True, help="file to write")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", help="accuracy of a checkpoint on its tasks")
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder")
     p.add_argument("--tasks", nargs="*", help="tasks to evaluate (default: all of the checkpoint's)")
@@ -388,8 +434,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST)")
     p.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="run a benchmark: mtl, transfer, continual, adapt, reuse").add_subparsers(
-        dest="bench", required=True, metavar="{mtl,transfer,continual,adapt,reuse}")
+    bench = sub.add_parser("bench", help="run a benchmark: mtl, transfer, continual, adapt, reuse, speed").add_subparsers(
+        dest="bench", required=True, metavar="{mtl,transfer,continual,adapt,reuse,speed}")
     p = with_configs(bench.add_parser("mtl", help="modular vs independent networks vs a shared trunk"),
                      model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
     p.add_argument("--suite", default="glyphs")
@@ -428,6 +474,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=reuse.REUSE_METHODS, help="default: all")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
     p.set_defaults(func=cmd_bench_reuse)
+    p = with_configs(bench.add_parser("speed", help="training and inference speed and memory of routes against a "
+                                      "plain isometric ResNet"), model=speed.DEFAULT_MODEL, speed=speed.SpeedConfig())
+    p.add_argument("--modules", type=int, nargs="+", help="pool sizes N (default 4 8 16)")
+    p.add_argument("--tasks", type=int, nargs="+", help="tasks per training step (default 1 8)")
+    p.set_defaults(func=cmd_bench_speed)
     for p in bench.choices.values():
         p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
 

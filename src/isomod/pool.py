@@ -35,15 +35,32 @@ class ModulePool(nn.Module):
         self.blocks = nn.ModuleList(
             ResidualModule(channels, kernel_size, residual_scale) for _ in range(num_modules)
         )
+        self._stack_cache: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles never carry the stack cache (it holds autograd history).
+        return {**self.__dict__, "_stack_cache": None}
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both weight stacks, each `(N, C, C, k, k)`."""
-        w1 = torch.stack([b.w1 for b in self.blocks])
-        w2 = torch.stack([b.w2 for b in self.blocks])
-        return w1, w2
+        """Both weight stacks, each `(N, C, C, k, k)`.
+
+        The stacks are reused while no module's weights changed (tensor version counters),
+        so the tasks of one training step share one copy and one autograd node: several
+        tasks' forward passes cost one stack in time and memory, not one each.
+        """
+        params = [p for b in self.blocks for p in (b.w1, b.w2)]
+        key = (torch.is_grad_enabled(),
+               tuple((id(p), p.data_ptr(), p._version, p.dtype, p.requires_grad) for p in params))
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        stacks = (torch.stack(params[0::2]), torch.stack(params[1::2]))
+        if not compiling:
+            self._stack_cache = (key, stacks)
+        return stacks
 
     def _check(self, indices: Iterable[int]) -> list[int]:
         indices = list(indices)

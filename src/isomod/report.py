@@ -319,3 +319,27 @@ def plot_reuse(summary: list[dict], path: Path, title: str = "block reuse") -> P
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle(f"{title} (error bars: half the seed spread)", fontsize=10)
     return _save(fig, path)
+
+
+def plot_speed(rows: list[dict], path: Path) -> Path:
+    """Training step time and peak memory as multiples of the plain network's, against the
+    pool size N; one line per method, solid for 1 task per step, dashed for more."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    colors = {"plain": "black", "weight_mixing": "tab:red", "output_mixing": "tab:blue", "discrete": "tab:green"}
+    for ax, metric, label in zip(axes, ("train_time_ratio_to_plain", "peak_mem_ratio_to_plain"),
+                                 ("training step time / plain", "peak training memory / plain")):
+        for method, color in colors.items():
+            for t in sorted({r["tasks"] for r in rows if r["metric"] == metric}):
+                sel = sorted((r for r in rows if r["method"] == method and r["metric"] == metric and r["tasks"] == t),
+                             key=lambda r: r["N"])
+                if sel:
+                    ax.plot([r["N"] for r in sel], [r["value"] for r in sel], color=color, marker="o",
+                            ls="-" if t == 1 else "--", label=f"{method}, {t} task{'s' if t > 1 else ''}/step")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("pool size N")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,313 @@
+"""`isomod bench speed`: what a route costs. Training images per second and peak memory of
+ModularNet (weight mixing, output mixing, discrete) against a plain isometric ResNet of the
+same width and depth, and inference of an exported route against the plain network, all
+measured in one run, on random images of one shape.
+
+Every training step runs the same images: `batch_size` images of one task, or, with `T`
+tasks per step, `batch_size / T` images of each (task-homogeneous batches, as the Trainer
+draws them). Times are medians over `repeats` steps after `warmup` steps, and each ratio
+compares steps taken alternately (a method's with the plain network's, a T-task step with
+a 1-task step), so that a drift in the machine's speed moves both alike.
+
+Peak memory: on a GPU, `torch.cuda.max_memory_allocated` over a step. On the CPU, where
+the allocator keeps no such count, the bytes a step holds at its peak are counted: the
+parameters, their gradients and the two AdamW moments, plus every distinct tensor autograd
+saves for the backward pass (the activations).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from isomod import report
+from isomod.baselines import PlainResNet
+from isomod.bench import write_results
+from isomod.errors import IsomodError
+from isomod.export import export_task
+from isomod.network import ModelConfig, ModularNet, TaskModel, TaskSpec
+from isomod.train import PRECISIONS, cross_entropy, resolve_device
+
+TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete")
+MODULES = (4, 8, 16)
+TASKS = (1, 8)
+DEFAULT_MODEL = ModelConfig(channels=32, steps=8)
+
+
+@dataclass
+class SpeedConfig:
+    """What `bench speed` measures.
+
+    Args:
+        batch_size: images per training step (split evenly over the step's tasks).
+        image_size: side of the random square images.
+        num_classes: classes of every task.
+        warmup: steps run before timing.
+        repeats: timed steps; the median is reported.
+        device: `auto`, `cpu` or `cuda`.
+        precision: `fp32`, or `bf16` for bfloat16 autocast of training forward passes.
+        compile: a `torch.compile` backend for training forward passes; empty for none.
+    """
+
+    batch_size: int = 64
+    image_size: int = 28
+    num_classes: int = 10
+    warmup: int = 3
+    repeats: int = 10
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: str = ""
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise IsomodError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        if min(self.batch_size, self.image_size, self.num_classes - 1, self.repeats) < 1:
+            raise IsomodError("batch_size, image_size and repeats must be >= 1, num_classes >= 2")
+
+
+def build(method: str, config: ModelConfig, num_modules: int, tasks: int, num_classes: int,
+          image_size: int) -> TaskModel:
+    specs = [TaskSpec(f"task{i}", num_classes, (config.in_channels, image_size, image_size)) for i in range(tasks)]
+    if method == "plain":
+        return PlainResNet(config, specs)
+    mixing = "output" if method == "output_mixing" else "weight"
+    model = ModularNet(replace(config, num_modules=num_modules, mixing=mixing), specs)
+    if method == "discrete":
+        for i, spec in enumerate(specs):
+            model.route(spec.name).set_choice([(i + l) % num_modules for l in range(config.steps)])
+    return model
+
+
+class SavedBytes:
+    """Counts the distinct tensors autograd saves for backward (parameters excluded)."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.exclude:
+            self.seen[ptr] = max(self.seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def train_step(model: TaskModel, optimizer: torch.optim.Optimizer, batches: list[tuple[str, torch.Tensor, torch.Tensor]],
+               autocast: torch.autocast):
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for task, x, y in batches:
+        with autocast:
+            loss, _ = cross_entropy(model, x, y, task)
+        total = total + loss / len(batches)
+    total.backward()
+    optimizer.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare_training(model: TaskModel, cfg: SpeedConfig, device: torch.device, seed: int = 0):
+    """A function running one training step of `model` on fixed random batches, warmed up,
+    and the peak bytes of such a step."""
+    model.to(device).train()
+    names = model.task_names
+    per_task = cfg.batch_size // len(names)
+    if per_task < 1:
+        raise IsomodError(f"batch size {cfg.batch_size} cannot be split over {len(names)} tasks")
+    g = torch.Generator().manual_seed(seed)
+    shape = model.specs[names[0]].input_shape
+    batches = [(n, torch.rand((per_task, *shape), generator=g).to(device),
+                torch.randint(0, cfg.num_classes, (per_task,), generator=g).to(device)) for n in names]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    forward = torch.compile(model, backend=cfg.compile) if cfg.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    def step():
+        train_step(forward, optimizer, batches, autocast)
+
+    for _ in range(cfg.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        counter = SavedBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            step()
+        peak = sum(p.numel() * p.element_size() for p in params) * 4 + counter.total  # weights, grads, 2 moments
+    return step, per_task * len(names), peak
+
+
+def time_interleaved(calls: list, repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each call, the calls alternating so that all see the same machine
+    state (a drift in clock speed or load moves every median alike)."""
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            sync(device)
+            t0 = time.perf_counter()
+            call()
+            sync(device)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+@torch.no_grad()
+def time_inference(nets: list, cfg: SpeedConfig, device: torch.device, shape) -> list[float]:
+    """Median seconds of one forward pass of `batch_size` images through each of `nets`
+    (callables on a batch), interleaved."""
+    x = torch.rand((cfg.batch_size, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+    calls = [lambda net=net: net(x) for net in nets]
+    for call in calls:
+        for _ in range(cfg.warmup):
+            call()
+    return time_interleaved(calls, cfg.repeats, device)
+
+
+def run(out_dir: str | Path, modules: list[int] = MODULES, tasks: list[int] = TASKS,
+        model_config: ModelConfig = DEFAULT_MODEL, speed: SpeedConfig = SpeedConfig(), progress: bool = True) -> dict:
+    """Measure every method for every pool size and task count; write `results.json`,
+    `report.md` and a figure.
+
+    Args:
+        out_dir: output folder.
+        modules: pool sizes `N` (the plain network has `steps` blocks whatever `N` is).
+        tasks: tasks per training step.
+        model_config: width, depth and block shape shared by all models.
+        speed: batch, image size, repetitions and device.
+        progress: print each measurement as it is made.
+    """
+    device = resolve_device(speed.device)
+    say = print if progress else (lambda *a, **k: None)
+    rows: list[dict] = []
+    shape = (model_config.in_channels, speed.image_size, speed.image_size)
+
+    def make(method: str, n: int, t: int):
+        torch.manual_seed(0)
+        return prepare_training(build(method, model_config, n, t, speed.num_classes, speed.image_size), speed, device)
+
+    for t in tasks:
+        plain_step, images, plain_peak = make("plain", 1, t)
+        for n in modules:
+            prepared = {m: make(m, n, t) for m in TRAIN_METHODS if m != "plain"}
+            # Each method is timed against plain in the same window.
+            for method, (step, _, peak) in prepared.items():
+                t_plain, t_m = time_interleaved([plain_step, step], speed.repeats, device)
+                common = {"method": method, "task": "all", "N": n, "tasks": t, "device": device.type,
+                          "step_s": round(t_m, 5), "peak_bytes": peak}
+                rows += [{**common, "metric": "train_img_per_s", "value": round(images / t_m, 1)},
+                         {**common, "metric": "train_time_ratio_to_plain", "value": round(t_m / t_plain, 3)},
+                         {**common, "metric": "peak_mem_ratio_to_plain", "value": round(peak / plain_peak, 3)}]
+                say(f"{method:>14} N={n:<2} tasks={t}: {images / t_m:8.0f} img/s, x{t_m / t_plain:.2f} plain's step, "
+                    f"x{peak / plain_peak:.2f} plain's memory", flush=True)
+            if n == modules[0]:
+                t_plain = time_interleaved([plain_step], speed.repeats, device)[0]
+                common = {"method": "plain", "task": "all", "N": n, "tasks": t, "device": device.type,
+                          "step_s": round(t_plain, 5), "peak_bytes": plain_peak}
+                rows += [{**common, "metric": "train_img_per_s", "value": round(images / t_plain, 1)},
+                         {**common, "metric": "train_time_ratio_to_plain", "value": 1.0},
+                         {**common, "metric": "peak_mem_ratio_to_plain", "value": 1.0}]
+    # A T-task step against a 1-task step of the same method and number of images, timed together.
+    if 1 in tasks:
+        for t in [t for t in tasks if t != 1]:
+            for n in modules:
+                for method in TRAIN_METHODS:
+                    one, many = make(method, n, 1)[0], make(method, n, t)[0]
+                    t_one, t_many = time_interleaved([one, many], speed.repeats, device)
+                    rows.append({"method": method, "task": "all", "N": n, "tasks": t, "device": device.type,
+                                 "metric": "multitask_time_ratio", "value": round(t_many / t_one, 3)})
+                    say(f"{method:>14} N={n:<2}: a {t}-task step takes x{t_many / t_one:.2f} a 1-task step", flush=True)
+    for n in modules:
+        torch.manual_seed(0)
+        plain = build("plain", model_config, 1, 1, speed.num_classes, speed.image_size).to(device).eval()
+        modular = build("discrete", model_config, n, 1, speed.num_classes, speed.image_size).to(device).eval()
+        exported = export_task(modular, "task0")
+        t_plain, t_disc, t_exp = time_inference([lambda x: plain(x, "task0"), lambda x: modular(x, "task0"), exported],
+                                                speed, device, shape)
+        for method, t_m in (("plain", t_plain), ("discrete", t_disc), ("exported", t_exp)):
+            rows.append({"method": method, "task": "all", "N": n, "tasks": 1, "device": device.type,
+                         "metric": "infer_time_ratio_to_plain", "value": round(t_m / t_plain, 3),
+                         "infer_img_per_s": round(speed.batch_size / t_m, 1)})
+        say(f"inference N={n}: exported x{t_exp / t_plain:.3f} plain, discrete ModularNet x{t_disc / t_plain:.3f}",
+            flush=True)
+    results = {"bench": "speed", "config": {"model": asdict(model_config), "speed": asdict(speed),
+                                            "modules": list(modules), "tasks": list(tasks), "device": str(device),
+                                            "threads": torch.get_num_threads()},
+               "rows": rows}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out / "results.json", results)
+    write_report(out, results)
+    return results
+
+
+def value(rows: list[dict], method: str, n: int, tasks: int, metric: str) -> float | None:
+    return next((r["value"] for r in rows if r["method"] == method and r["N"] == n and r["tasks"] == tasks
+                 and r["metric"] == metric), None)
+
+
+def markdown_table(results: dict) -> str:
+    rows = results["rows"]
+    cfg = results["config"]
+    lines = ["| method | N | tasks / step | img/s | step time / plain | peak memory / plain | T-task step / 1-task step |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for t in cfg["tasks"]:
+        for n in cfg["modules"]:
+            for method in TRAIN_METHODS:
+                if method == "plain" and n != cfg["modules"][0]:
+                    continue
+                multi = value(rows, method, n, t, "multitask_time_ratio")
+                lines.append(f"| {method} | {'-' if method == 'plain' else n} | {t} | "
+                             f"{value(rows, method, n, t, 'train_img_per_s'):,.0f} | "
+                             f"{value(rows, method, n, t, 'train_time_ratio_to_plain'):.2f} | "
+                             f"{value(rows, method, n, t, 'peak_mem_ratio_to_plain'):.2f} | "
+                             f"{'' if multi is None else f'{multi:.2f}'} |")
+    lines += ["", "| inference | " + " | ".join(f"N={n}" for n in cfg["modules"]) + " |",
+              "|---|" + "---:|" * len(cfg["modules"])]
+    for method in ("discrete", "exported"):
+        lines.append(f"| {method} / plain | " + " | ".join(
+            f"{value(rows, method, n, 1, 'infer_time_ratio_to_plain'):.3f}" for n in cfg["modules"]) + " |")
+    return "\n".join(lines)
+
+
+TARGETS = (("weight_mixing", "train_time_ratio_to_plain", 1.15, "weight-mixing step time <= 1.15x plain"),
+           ("weight_mixing", "multitask_time_ratio", 1.2, "8-task step <= 1.2x a 1-task step"),
+           ("exported", "infer_time_ratio_to_plain", 1.02, "exported inference <= 1.02x plain"),
+           ("weight_mixing", "peak_mem_ratio_to_plain", 1.2, "weight-mixing peak memory <= 1.2x plain"))
+
+
+def checks(results: dict) -> list[str]:
+    """Each target of the issue, met or missed, with the worst measured value."""
+    lines = []
+    for method, metric, limit, text in TARGETS:
+        values = [r["value"] for r in results["rows"] if r["method"] == method and r["metric"] == metric]
+        if values:
+            worst = max(values)
+            lines.append(f"{text}: worst {worst:.3f} ({'met' if worst <= limit else 'missed'})")
+    return lines
+
+
+def write_report(out: Path, results: dict) -> Path:
+    cfg = results["config"]
+    report.plot_speed(results["rows"], out / "speed.png")
+    parts = [f"# isomod bench speed ({cfg['device']}, {cfg['threads']} threads)", "",
+             f"Width {cfg['model']['channels']}, {cfg['model']['steps']} steps, {cfg['speed']['batch_size']} images of "
+             f"{cfg['speed']['image_size']}x{cfg['speed']['image_size']} per training step; medians of "
+             f"{cfg['speed']['repeats']} steps.", "", markdown_table(results), "", "## Targets", ""]
+    parts += [f"- {line}" for line in checks(results)] + ["", "![speed](speed.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path

@@ -1,0 +1,161 @@
+"""A task with a discrete route as a plain static network, and its TorchScript / ONNX files.
+
+    net = export_task(model, "glyphs/greek")        # nn.Module: stem, L steps, head
+    save_torchscript(net, "greek.pt")                # torch.jit.load("greek.pt") needs no isomod
+    save_onnx(net, "greek.onnx")                     # runs under onnxruntime
+
+The static network holds only the modules the route uses, each stored once however often
+it runs (steps share the same Parameter objects). Normalisation is folded where that keeps
+modules shared: a step's second norm goes into its module's first convolution when the
+module runs at that step only; other norms stay as one fused inference batch-norm call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from isomod.data.cache import write_atomic
+from isomod.errors import IsomodError
+from isomod.network import ModularNet
+
+EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+class FrozenNorm(nn.Module):
+    """An inference-mode batch norm: statistics and affine parameters as buffers."""
+
+    def __init__(self, norm: nn.BatchNorm2d):
+        super().__init__()
+        self.eps = float(norm.eps)
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            self.register_buffer(name, getattr(norm, name).detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def fold_norm(weight: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of `norm(conv(x, weight))` as one convolution."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (C,)
+    return (weight * scale[:, None, None, None]).detach(), (norm.bias - norm.running_mean * scale).detach()
+
+
+class StaticStep(nn.Module):
+    """`x + conv(relu(norm2(conv(relu(norm1(x))))))` with given, possibly shared, weights.
+
+    With `norm2` None, the first convolution carries it folded in (`bias1`)."""
+
+    def __init__(self, w1: nn.Parameter, w2: nn.Parameter, norm1: nn.BatchNorm2d, norm2: nn.BatchNorm2d | None,
+                 bias1: torch.Tensor | None = None):
+        super().__init__()
+        self.w1, self.w2 = w1, w2
+        self.norm1 = FrozenNorm(norm1)
+        self.norm2 = FrozenNorm(norm2) if norm2 is not None else nn.Identity()
+        self.bias1 = nn.Parameter(bias1) if bias1 is not None else None
+        self.pad = w1.shape[-1] // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(F.relu(self.norm1(x)), self.w1, self.bias1, padding=self.pad)  # (B, C, H, W)
+        return x + F.conv2d(F.relu(self.norm2(h)), self.w2, None, padding=self.pad)
+
+
+class StaticNet(nn.Module):
+    """stem -> the route's steps -> norm, relu, global average pool -> head; plain PyTorch."""
+
+    def __init__(self, stem: nn.Conv2d, steps: list[StaticStep], final_norm: nn.BatchNorm2d, head: nn.Linear,
+                 route: list[int]):
+        super().__init__()
+        self.stem = stem
+        self.steps = nn.ModuleList(steps)
+        self.final_norm = FrozenNorm(final_norm)
+        self.head = head
+        self.route = route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)  # (B, C, H', W')
+        for step in self.steps:
+            h = step(h)
+        return self.head(F.relu(self.final_norm(h)).mean(dim=(2, 3)))  # (B, K)
+
+
+@torch.no_grad()
+def export_task(model: ModularNet, task: str) -> StaticNet:
+    """`task`'s network as a StaticNet in eval mode, computing what `model(x, task)` computes
+    in eval mode (to float rounding where norms are folded)."""
+    if not isinstance(model, ModularNet):
+        raise IsomodError(f"export needs a ModularNet, got a {type(model).__name__}")
+    route = model.route(task)
+    if not route.is_discrete:
+        raise IsomodError(f"task {task!r} still has a soft route; discretise it first "
+                          "(model.discretize(task), or train past discretize_at) and export again")
+    branch = model.branch(task)
+    choice = route.indices()
+    device = model.stem.weight.device
+    shared: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+    steps = []
+    for l, c in enumerate(choice):
+        block = model.pool.blocks[c]
+        norm1, norm2 = branch.norms[2 * l], branch.norms[2 * l + 1]
+        w2 = shared.setdefault(c, (nn.Parameter(block.w1.detach().clone()), nn.Parameter(block.w2.detach().clone())))[1]
+        if choice.count(c) == 1:
+            w1, bias1 = fold_norm(block.w1, norm2)
+            steps.append(StaticStep(nn.Parameter(w1), w2, norm1, None, bias1))
+        else:
+            steps.append(StaticStep(shared[c][0], w2, norm1, norm2))
+    stem = nn.Conv2d(model.stem.in_channels, model.stem.out_channels, model.stem.kernel_size, model.stem.stride,
+                     model.stem.padding).to(device)
+    stem.load_state_dict(model.stem.state_dict())
+    source = model.head_of(task)
+    head = nn.Linear(source.in_features, source.out_features).to(device)
+    head.load_state_dict(source.state_dict())
+    net = StaticNet(stem, steps, branch.norms[-1], head, choice).to(device)
+    return net.eval().requires_grad_(False)
+
+
+def example_input(model: ModularNet, task: str, batch: int = 2) -> torch.Tensor:
+    spec = model.check_task(task)
+    return torch.rand((batch, *spec.input_shape), device=model.stem.weight.device)
+
+
+def save_torchscript(net: StaticNet, path: str | Path) -> Path:
+    """Script `net` and save it atomically; `torch.jit.load(path)` runs it without isomod."""
+    import warnings
+
+    path = Path(path)
+    with warnings.catch_warnings():
+        # torch 2.13 marks TorchScript deprecated; it is still what runs without Python deps.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(net)
+        write_atomic(path, lambda f: torch.jit.save(scripted, f))
+    return path
+
+
+def save_onnx(net: StaticNet, path: str | Path, example: torch.Tensor) -> Path:
+    """Export `net` to ONNX with a dynamic batch size (needs the `onnx` and `onnxscript`
+    packages) and write it atomically."""
+    import importlib.util
+    import logging
+    import warnings
+
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise IsomodError(f"ONNX export needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}")
+    path = Path(path)
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter logs a warning for every torchvision operator it cannot register.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # raised inside torch's exporter
+            program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+    finally:
+        registration.setLevel(level)
+    data = program.model_proto.SerializeToString()
+    write_atomic(path, lambda f: f.write(data))
+    return path

@@ -1,0 +1,100 @@
+"""Export: a discrete route as a static network, TorchScript without isomod, ONNX under onnxruntime."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, save_checkpoint
+from isomod.cli import main
+from isomod.export import export_task, save_onnx, save_torchscript
+
+
+@pytest.fixture()
+def model():
+    """Two tasks with their own norm statistics; `t` runs module 0 three times."""
+    torch.manual_seed(0)
+    net = ModularNet(ModelConfig(channels=8, num_modules=3, steps=5), [TaskSpec("t", 4), TaskSpec("u", 3)])
+    net.route("t").set_choice([0, 1, 0, 2, 0])
+    net.train()
+    with torch.no_grad():
+        for _ in range(5):
+            net(torch.rand(16, 1, 28, 28) * 2, "t")
+        for norm in net.branch("t").norms:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def test_export_matches_and_stores_each_module_once(model):
+    net = export_task(model, "t")
+    x = torch.rand(7, 1, 28, 28)
+    assert (net(x) - model(x, "t")).abs().max().item() < 1e-5
+    # Module 0 runs at steps 0, 2, 4 with one weight pair; modules 1 and 2, used once each,
+    # carry their step's second norm folded into their first convolution.
+    steps = list(net.steps)
+    assert steps[0].w1 is steps[2].w1 is steps[4].w1 and steps[0].w2 is steps[4].w2
+    assert steps[1].bias1 is not None and steps[0].bias1 is None
+    pool = model.pool.blocks
+    stored = sum(p.numel() for p in net.parameters())
+    expected = (sum(p.numel() for i in (0, 1, 2) for p in pool[i].parameters()) + 2 * 8
+                + sum(p.numel() for p in model.stem.parameters()) + sum(p.numel() for p in model.head_of("t").parameters()))
+    assert stored == expected
+
+
+def test_soft_route_is_refused(model):
+    with pytest.raises(IsomodError, match="task 'u' still has a soft route; discretise it first"):
+        export_task(model, "u")
+
+
+def test_torchscript_runs_without_isomod(model, tmp_path):
+    path = save_torchscript(export_task(model, "t"), tmp_path / "t.pt")
+    x = torch.rand(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys; sys.modules['isomod'] = None\n"  # any import of isomod now fails
+              "import torch\n"
+              f"net = torch.jit.load({str(path)!r}); x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+              f"torch.save(net(x), {str(tmp_path / 'y.pt')!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (torch.load(tmp_path / "y.pt") - model(x, "t")).abs().max().item() < 1e-5
+
+
+def test_onnx_runs_under_onnxruntime(model, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = save_onnx(export_task(model, "t"), tmp_path / "t.onnx", torch.rand(2, 1, 28, 28))
+    session = ort.InferenceSession(str(path))
+    x = torch.rand(5, 1, 28, 28)  # a batch size other than the example's
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(out - model(x, "t").detach().numpy()).max() < 1e-5
+
+
+def test_export_command(model, tmp_path, capsys):
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    assert main(["export", "--from", str(ckpt), "--task", "t", "--out", str(tmp_path / "t.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "route 0 1 0 2 0" in text and "3 distinct modules for 5 steps" in text and (tmp_path / "t.pt").exists()
+    assert main(["export", "--from", str(ckpt), "--task", "u", "--out", str(tmp_path / "u.pt")]) == 2
+    assert "still has a soft route" in capsys.readouterr().err and not (tmp_path / "u.pt").exists()
+
+
+def test_speed_bench_measures_every_method(tmp_path):
+    from isomod.bench import speed
+
+    results = speed.run(tmp_path / "speed", modules=[2], tasks=[1, 2], model_config=ModelConfig(channels=8, steps=2),
+                        speed=speed.SpeedConfig(batch_size=8, image_size=12, warmup=1, repeats=2, device="cpu"),
+                        progress=False)
+    rows = results["rows"]
+    for method in speed.TRAIN_METHODS:
+        for t in (1, 2):
+            assert speed.value(rows, method, 2, t, "train_img_per_s") > 0
+            assert speed.value(rows, method, 2, t, "peak_mem_ratio_to_plain") > 0
+        assert speed.value(rows, method, 2, 2, "multitask_time_ratio") > 0
+    assert speed.value(rows, "plain", 2, 1, "train_time_ratio_to_plain") == 1.0
+    # Output mixing keeps every module's activations for backward: more memory than plain.
+    assert speed.value(rows, "output_mixing", 2, 1, "peak_mem_ratio_to_plain") > 1.2
+    assert speed.value(rows, "exported", 2, 1, "infer_time_ratio_to_plain") > 0
+    assert len(speed.checks(results)) == 4 and (tmp_path / "speed" / "speed.png").exists()
+    assert "| exported / plain |" in (tmp_path / "speed" / "report.md").read_text()
