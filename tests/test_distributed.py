@@ -96,3 +96,12 @@ def test_batch_norm_is_plain_batch_norm_in_one_process():
     ours, plain = make_norm(4), torch.nn.BatchNorm2d(4)
     assert distributed.world_size() == 1 and distributed.shard(10) == slice(0, 10)
     assert torch.equal(ours(x), plain(x)) and torch.equal(ours.running_var, plain.running_var)
+
+
+def test_isomod_train_under_torchrun(tmp_path, folder):
+    out = tmp_path / "run"
+    stdout = run(["-m", "isomod", "train", "--tasks", str(folder), "--image-size", "12", "--out", str(out),
+                  "--steps", "4", "--batch-size", "8", "--model-channels", "8", "--model-num-modules", "2",
+                  "--model-steps", "2", "--checkpoint-every", "2", "--device", "cpu", "--no-progress"], tmp_path, procs=2)
+    assert stdout.count("mean test acc") == 1  # rank 0 only
+    assert (out / "checkpoint" / "model.safetensors").exists()
