@@ -322,11 +322,12 @@ def plot_reuse(summary: list[dict], path: Path, title: str = "block reuse") -> P
 
 
 def plot_speed(rows: list[dict], path: Path) -> Path:
-    """Training step time and peak memory as multiples of the plain network's, against the
-    pool size N; one line per method, solid for 1 task per step, dashed for more."""
+    """Training step time and peak memory as multiples of the plain network's (the black
+    line at 1), against the pool size N; one line per method, solid for 1 task per step,
+    dashed for more."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    colors = {"plain": "black", "weight_mixing": "tab:red", "output_mixing": "tab:blue", "discrete": "tab:green"}
+    colors = {"weight_mixing": "tab:red", "output_mixing": "tab:blue", "discrete": "tab:green"}
     for ax, metric, label in zip(axes, ("train_time_ratio_to_plain", "peak_mem_ratio_to_plain"),
                                  ("training step time / plain", "peak training memory / plain")):
         for method, color in colors.items():
@@ -336,6 +337,7 @@ def plot_speed(rows: list[dict], path: Path) -> Path:
                 if sel:
                     ax.plot([r["N"] for r in sel], [r["value"] for r in sel], color=color, marker="o",
                             ls="-" if t == 1 else "--", label=f"{method}, {t} task{'s' if t > 1 else ''}/step")
+        ax.axhline(1.0, color="black", lw=1, label="plain")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("pool size N")
