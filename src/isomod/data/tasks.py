@@ -325,30 +325,24 @@ def load_image_folder(path: Path, image_size: int = 28, test_fraction: float = 0
     if lazy is None:
         lazy = sum(len(f) for f in files.values()) * 3 * image_size**2 > MAX_EAGER_BYTES
     if lazy:
-        first = [f for split in files.values() for f in split[:: max(1, len(split) // 32)]]
         modes = set()
-        for f in first:
+        for f in [f for split in files.values() for f in split[:: max(1, len(split) // 32)]]:
             with Image.open(f) as im:
                 modes.add(im.mode)
-        mode = "L" if modes <= {"L", "1", "LA", "I;16"} else "RGB"
-        xs = {s: ImageFiles(f, image_size, mode) for s, f in files.items()}
-    else:
-        xs = {s: np.stack([_read_image(p, image_size, "RGB") for p in f]) for s, f in files.items()}  # (N, 3, S, S)
-        gray = all((a[:, 0] == a[:, 1]).all() and (a[:, 1] == a[:, 2]).all() for a in xs.values())
-        xs = {s: a[:, :1] if gray else a for s, a in xs.items()}
     if "all" in files:
         tr, te = _stratified_split(ys["all"], test_fraction, seed=0)
-        if lazy:
-            xs = {"train": ImageFiles([files["all"][i] for i in tr], image_size, xs["all"].mode),
-                  "test": ImageFiles([files["all"][i] for i in te], image_size, xs["all"].mode)}
-        else:
-            xs = {"train": xs["all"][tr], "test": xs["all"][te]}
+        files = {"train": [files["all"][i] for i in tr], "test": [files["all"][i] for i in te]}
         ys = {"train": ys["all"][tr], "test": ys["all"][te]}
-    if not lazy:
-        arrays = {"x_train": xs["train"], "y_train": ys["train"], "x_test": xs["test"], "y_test": ys["test"]}
-        return from_arrays(path.name, arrays, classes, source=str(path), num_classes=len(classes))
-    spec = TaskSpec(path.name, len(classes), xs["train"].shape[1:], classes, source=str(path.resolve()))
-    return TaskData(spec, xs["train"], torch.from_numpy(ys["train"]), xs["test"], torch.from_numpy(ys["test"]))
+    if lazy:
+        mode = "L" if modes <= {"L", "1", "LA", "I;16"} else "RGB"
+        xs = {s: ImageFiles(f, image_size, mode) for s, f in files.items()}
+        spec = TaskSpec(path.name, len(classes), xs["train"].shape[1:], classes, source=str(path.resolve()))
+        return TaskData(spec, xs["train"], torch.from_numpy(ys["train"]), xs["test"], torch.from_numpy(ys["test"]))
+    xs = {s: np.stack([_read_image(p, image_size, "RGB") for p in f]) for s, f in files.items()}  # (N, 3, S, S)
+    gray = all((a[:, 0] == a[:, 1]).all() and (a[:, 1] == a[:, 2]).all() for a in xs.values())
+    xs = {s: a[:, :1] if gray else a for s, a in xs.items()}
+    arrays = {"x_train": xs["train"], "y_train": ys["train"], "x_test": xs["test"], "y_test": ys["test"]}
+    return from_arrays(path.name, arrays, classes, source=str(path), num_classes=len(classes))
 
 
 def load_task(name: str, data_dir: str | None = None, image_size: int | None = None) -> TaskData:
