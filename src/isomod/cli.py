@@ -228,7 +228,7 @@ def cmd_export(args) -> int:
     with torch.no_grad():
         diff = (net(x) - model(x, args.task)).abs().max().item()
     out = save_torchscript(net, args.out) if args.format == "torchscript" else save_onnx(net, args.out, x[:2])
-    stored = len({id(p) for p in net.parameters()})
+    stored = len(list(net.parameters()))  # parameters() yields a shared tensor once
     print(f"{args.task}: route {' '.join(map(str, net.route))}; {stored} weight tensors, "
           f"{sum(p.numel() for p in net.parameters()):,} parameters ({len(set(net.route))} distinct modules "
           f"for {len(net.route)} steps)")

@@ -142,6 +142,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def forward_options(model: TaskModel, device: torch.device, precision: str, compile: str
+                    ) -> tuple[TaskModel, torch.autocast]:
+    """What training forward passes run through: the model, or its `torch.compile`d
+    forward (parameters, routes and heads stay the model's), and the autocast context
+    `precision` asks for (disabled for `fp32`)."""
+    forward = torch.compile(model, backend=compile) if compile else model
+    return forward, torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
@@ -372,9 +381,7 @@ class Trainer:
             self.log.write(event="resume", step=self.step)
         distributed.broadcast_module(self.model)
         weights = self._task_weights()
-        # The objective runs the compiled forward; parameters, routes and heads stay the model's.
-        forward_model = torch.compile(self.model, backend=c.compile) if c.compile else self.model
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16")
+        forward_model, autocast = forward_options(self.model, self.device, c.precision, c.compile)
         k = min(c.tasks_per_step, len(self.train_tasks))
         running = {t: None for t in self.train_tasks}
         loss_ema = None

@@ -30,7 +30,7 @@ from isomod.bench import write_results
 from isomod.errors import IsomodError
 from isomod.export import export_task
 from isomod.network import ModelConfig, ModularNet, TaskModel, TaskSpec
-from isomod.train import PRECISIONS, cross_entropy, resolve_device
+from isomod.train import PRECISIONS, cross_entropy, forward_options, resolve_device
 
 TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete")
 MODULES = (4, 8, 16)
@@ -131,8 +131,7 @@ def prepare_training(model: TaskModel, cfg: SpeedConfig, device: torch.device, s
                 torch.randint(0, cfg.num_classes, (per_task,), generator=g).to(device)) for n in names]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
-    forward = torch.compile(model, backend=cfg.compile) if cfg.compile else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    forward, autocast = forward_options(model, device, cfg.precision, cfg.compile)
 
     def step():
         train_step(forward, optimizer, batches, autocast)
@@ -177,6 +176,17 @@ def time_inference(nets: list, cfg: SpeedConfig, device: torch.device, shape) ->
     return time_interleaved(calls, cfg.repeats, device)
 
 
+def train_rows(method: str, n: int, tasks: int, device: torch.device, images: int, step_s: float, peak: int,
+               plain_step_s: float, plain_peak: int) -> list[dict]:
+    """The three training rows of one measurement: images per second, and step time and
+    peak memory as multiples of the plain network's."""
+    common = {"method": method, "task": "all", "N": n, "tasks": tasks, "device": device.type,
+              "step_s": round(step_s, 5), "peak_bytes": peak}
+    return [{**common, "metric": "train_img_per_s", "value": round(images / step_s, 1)},
+            {**common, "metric": "train_time_ratio_to_plain", "value": round(step_s / plain_step_s, 3)},
+            {**common, "metric": "peak_mem_ratio_to_plain", "value": round(peak / plain_peak, 3)}]
+
+
 def run(out_dir: str | Path, modules: list[int] = MODULES, tasks: list[int] = TASKS,
         model_config: ModelConfig = DEFAULT_MODEL, speed: SpeedConfig = SpeedConfig(), progress: bool = True) -> dict:
     """Measure every method for every pool size and task count; write `results.json`,
@@ -206,20 +216,12 @@ def run(out_dir: str | Path, modules: list[int] = MODULES, tasks: list[int] = TA
             # Each method is timed against plain in the same window.
             for method, (step, _, peak) in prepared.items():
                 t_plain, t_m = time_interleaved([plain_step, step], speed.repeats, device)
-                common = {"method": method, "task": "all", "N": n, "tasks": t, "device": device.type,
-                          "step_s": round(t_m, 5), "peak_bytes": peak}
-                rows += [{**common, "metric": "train_img_per_s", "value": round(images / t_m, 1)},
-                         {**common, "metric": "train_time_ratio_to_plain", "value": round(t_m / t_plain, 3)},
-                         {**common, "metric": "peak_mem_ratio_to_plain", "value": round(peak / plain_peak, 3)}]
+                rows += train_rows(method, n, t, device, images, t_m, peak, t_plain, plain_peak)
                 say(f"{method:>14} N={n:<2} tasks={t}: {images / t_m:8.0f} img/s, x{t_m / t_plain:.2f} plain's step, "
                     f"x{peak / plain_peak:.2f} plain's memory", flush=True)
             if n == modules[0]:
                 t_plain = time_interleaved([plain_step], speed.repeats, device)[0]
-                common = {"method": "plain", "task": "all", "N": n, "tasks": t, "device": device.type,
-                          "step_s": round(t_plain, 5), "peak_bytes": plain_peak}
-                rows += [{**common, "metric": "train_img_per_s", "value": round(images / t_plain, 1)},
-                         {**common, "metric": "train_time_ratio_to_plain", "value": 1.0},
-                         {**common, "metric": "peak_mem_ratio_to_plain", "value": 1.0}]
+                rows += train_rows("plain", n, t, device, images, t_plain, plain_peak, t_plain, plain_peak)
     # A T-task step against a 1-task step of the same method and number of images, timed together.
     if 1 in tasks:
         for t in [t for t in tasks if t != 1]:
