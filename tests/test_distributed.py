@@ -105,3 +105,26 @@ def test_isomod_train_under_torchrun(tmp_path, folder):
                   "--model-steps", "2", "--checkpoint-every", "2", "--device", "cpu", "--no-progress"], tmp_path, procs=2)
     assert stdout.count("mean test acc") == 1  # rank 0 only
     assert (out / "checkpoint" / "model.safetensors").exists()
+
+
+def test_every_rank_leaves_the_process_group_at_exit(tmp_path):
+    # Exiting with the group alive could abort rank 0 in gloo's destructors after its work
+    # had succeeded (CI saw "terminate called without an active exception", SIGABRT).
+    # The probe is registered before `setup`, so it runs after the exit hooks `setup` adds.
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, sys
+        import torch.distributed as dist
+        from isomod import distributed
+
+        def probe():
+            with open(f"{sys.argv[1]}/rank{rank}.txt", "w") as f:
+                f.write(str(dist.is_initialized()))
+
+        atexit.register(probe)
+        distributed.setup()
+        rank = distributed.rank()
+        distributed.barrier()
+    """))
+    run([str(script), str(tmp_path)], tmp_path, procs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]

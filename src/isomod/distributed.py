@@ -16,6 +16,7 @@ parameters on and off when they become discrete, which a wrapper's hooks do not 
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -36,12 +37,23 @@ def is_main() -> bool:
 
 
 def setup() -> None:
-    """Join the process group torchrun describes, once; nothing in a single process."""
+    """Join the process group torchrun describes, once; nothing in a single process.
+
+    The group is left again at interpreter exit (`teardown`): a process that exits with its
+    group alive can abort in the communication threads' destructors ("terminate called
+    without an active exception") after its work has succeeded."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        atexit.register(teardown)
+
+
+def teardown() -> None:
+    """Leave the process group, if one is joined; safe to call more than once."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device() -> torch.device:
