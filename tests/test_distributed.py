@@ -36,12 +36,16 @@ TRAIN_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run(args, tmp_path, procs=1):
+def launch(args, tmp_path, procs=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    cmd = (launch if procs > 1 else [sys.executable]) + args
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    cmd = (torchrun if procs > 1 else [sys.executable]) + args
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def run(args, tmp_path, procs=1):
+    done = launch(args, tmp_path, procs)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -107,24 +111,38 @@ def test_isomod_train_under_torchrun(tmp_path, folder):
     assert (out / "checkpoint" / "model.safetensors").exists()
 
 
+PROBE_SCRIPT = textwrap.dedent("""
+    import atexit, sys
+    import torch.distributed as dist
+    from isomod import distributed
+
+    def probe():
+        with open(f"{sys.argv[1]}/rank{rank}.txt", "w") as f:
+            f.write(str(dist.is_initialized()))
+
+    atexit.register(probe)
+    distributed.setup()
+    rank = distributed.rank()
+    distributed.barrier()
+    if sys.argv[2] == "fail":
+        raise RuntimeError("failed on purpose")
+""")
+
+
 def test_every_rank_leaves_the_process_group_at_exit(tmp_path):
     # Exiting with the group alive could abort rank 0 in gloo's destructors after its work
     # had succeeded (CI saw "terminate called without an active exception", SIGABRT).
-    # The probe is registered before `setup`, so it runs after the exit hooks `setup` adds.
+    # The probe is registered before `setup`, so it runs after the exit hook `setup` adds.
     script = tmp_path / "probe.py"
-    script.write_text(textwrap.dedent("""
-        import atexit, sys
-        import torch.distributed as dist
-        from isomod import distributed
-
-        def probe():
-            with open(f"{sys.argv[1]}/rank{rank}.txt", "w") as f:
-                f.write(str(dist.is_initialized()))
-
-        atexit.register(probe)
-        distributed.setup()
-        rank = distributed.rank()
-        distributed.barrier()
-    """))
-    run([str(script), str(tmp_path)], tmp_path, procs=2)
+    script.write_text(PROBE_SCRIPT)
+    run([str(script), str(tmp_path), "succeed"], tmp_path, procs=2)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+def test_a_failing_rank_exits_without_waiting_on_the_group(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE_SCRIPT)
+    done = launch([str(script), str(tmp_path), "fail"], tmp_path, procs=2)
+    assert done.returncode != 0 and "RuntimeError: failed on purpose" in done.stderr
+    written = [(tmp_path / f"rank{r}.txt") for r in (0, 1)]
+    assert "True" in [f.read_text() for f in written if f.exists()]  # left as it was, not destroyed

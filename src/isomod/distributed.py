@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -47,13 +48,21 @@ def setup() -> None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-        atexit.register(teardown)
+        atexit.register(_teardown_at_exit)
 
 
 def teardown() -> None:
     """Leave the process group, if one is joined; safe to call more than once."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _teardown_at_exit() -> None:
+    # After an uncaught exception (Python has stored it in `sys.last_value`) the other
+    # ranks may be waiting in a collective; destroying an NCCL group then can block, so the
+    # failing process just exits and torchrun stops the rest.
+    if getattr(sys, "last_value", None) is None:
+        teardown()
 
 
 def local_device() -> torch.device:
