@@ -40,7 +40,7 @@ def is_main() -> bool:
 def setup() -> None:
     """Join the process group torchrun describes, once; nothing in a single process.
 
-    The group is left again at interpreter exit (`teardown`): a process that exits with its
+    The group is left again at a clean exit (`teardown`): a process that exits with its
     group alive can abort in the communication threads' destructors ("terminate called
     without an active exception") after its work has succeeded."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
