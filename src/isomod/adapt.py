@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from isomod.data.tasks import TaskData
-from isomod.errors import IsomodError
+from isomod.errors import IsomodError, check_choice
 from isomod.network import ModularNet, TaskModel
 from isomod.train import TrainConfig, Trainer, to_float
 
@@ -176,8 +176,7 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
         out_dir: run folder for the log and checkpoint.
         progress: show a progress bar.
     """
-    if method not in TRANSFER_METHODS:
-        raise IsomodError(f"unknown transfer method {method!r}; known: {', '.join(TRANSFER_METHODS)}")
+    check_choice("transfer method", method, TRANSFER_METHODS)
     if not isinstance(model, ModularNet):
         raise IsomodError(f"transfer needs a ModularNet, got {type(model).__name__}")
     if source is None:

@@ -15,6 +15,12 @@ class TrainingDiverged(IsomodError):
     """The loss stopped being finite; the last good checkpoint is kept."""
 
 
+def check_choice(what: str, value, known) -> None:
+    """Refuse `value` unless it is one of `known`, in one line that lists them."""
+    if value not in known:
+        raise IsomodError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+
+
 def dataclass_from_dict(cls, data: dict, what: str):
     """`cls(**data)`, refusing unknown keys in one line that lists the known ones."""
     known = {f.name for f in fields(cls)}

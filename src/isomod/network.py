@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from isomod.blocks import residual_block, residual_branch
 from isomod.distributed import BatchNorm
-from isomod.errors import IsomodError, dataclass_from_dict
+from isomod.errors import IsomodError, check_choice, dataclass_from_dict
 from isomod.pool import ModulePool
 from isomod.route import ROUTE_INITS, Route
 
@@ -62,10 +62,8 @@ class ModelConfig:
     output_threshold: float = 1e-4
 
     def __post_init__(self):
-        if self.mixing not in MIXINGS:
-            raise IsomodError(f"unknown mixing {self.mixing!r}; known: {', '.join(MIXINGS)}")
-        if self.route_init not in ROUTE_INITS:
-            raise IsomodError(f"unknown route init {self.route_init!r}; known: {', '.join(ROUTE_INITS)}")
+        check_choice("mixing", self.mixing, MIXINGS)
+        check_choice("route init", self.route_init, ROUTE_INITS)
         for name in ("in_channels", "channels", "num_modules", "steps", "stem_stride"):
             if getattr(self, name) < 1:
                 raise IsomodError(f"model config {name} must be >= 1, got {getattr(self, name)}")

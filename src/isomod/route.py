@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isomod.errors import IsomodError
+from isomod.errors import IsomodError, check_choice
 
 ROUTE_INITS = ("random", "uniform", "cyclic", "permutation")
 
@@ -41,8 +41,7 @@ class Route(nn.Module):
         temperature: float = 1.0,
     ):
         super().__init__()
-        if init not in ROUTE_INITS:
-            raise IsomodError(f"unknown route init {init!r}; known: {', '.join(ROUTE_INITS)}")
+        check_choice("route init", init, ROUTE_INITS)
         logits = torch.zeros(steps, num_modules)
         if init == "random":
             logits.normal_(0.0, init_scale)

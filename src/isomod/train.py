@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from isomod import distributed
 from isomod.checkpoint import check_compatible, load_trainer_state, load_weights, save_checkpoint
 from isomod.data.tasks import TaskData
-from isomod.errors import IsomodError, TrainingDiverged, dataclass_from_dict
+from isomod.errors import IsomodError, TrainingDiverged, check_choice, dataclass_from_dict
 from isomod.network import TaskModel
 
 Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
@@ -94,14 +94,11 @@ class TrainConfig:
     compile: str = ""
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise IsomodError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
-        if self.sampling not in SAMPLINGS:
-            raise IsomodError(f"unknown sampling {self.sampling!r}; known: {', '.join(SAMPLINGS)}")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("sampling", self.sampling, SAMPLINGS)
         if self.steps < 1 or self.batch_size < 1 or self.tasks_per_step < 1:
             raise IsomodError("steps, batch_size and tasks_per_step must all be >= 1")
-        if self.precision not in PRECISIONS:
-            raise IsomodError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        check_choice("precision", self.precision, PRECISIONS)
         if not 0.0 <= self.discretize_at <= 1.0:
             raise IsomodError(f"discretize_at must lie in [0, 1], got {self.discretize_at}")
 

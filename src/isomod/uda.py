@@ -36,7 +36,7 @@ import torch
 
 from isomod.adapt import task_features
 from isomod.data.tasks import TaskData
-from isomod.errors import IsomodError
+from isomod.errors import IsomodError, check_choice
 from isomod.network import ModularNet, TaskSpec
 from isomod.train import TrainConfig, Trainer, to_float
 
@@ -200,8 +200,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
         out_dir: run folder for the log and checkpoint of the trained methods.
         progress: show a progress bar.
     """
-    if method not in ADAPT_METHODS:
-        raise IsomodError(f"unknown adaptation method {method!r}; known: {', '.join(ADAPT_METHODS)}")
+    check_choice("adaptation method", method, ADAPT_METHODS)
     spec, x = target.spec, target.x_train
     sources = check_target(model, spec, len(x))
     model.requires_grad_(False)

@@ -25,7 +25,7 @@ import numpy as np
 from isomod import distributed, report
 from isomod.bench import train_modular, write_results
 from isomod.data.tasks import TaskData, load_task
-from isomod.errors import IsomodError
+from isomod.errors import IsomodError, check_choice
 from isomod.network import ModelConfig, macs_per_image
 from isomod.train import TrainConfig
 
@@ -43,8 +43,7 @@ def reuse_pattern(method: str, num_modules: int, steps: int) -> list[int] | None
 
     `block_repeat` runs each module for about `steps / num_modules` consecutive steps.
     """
-    if method not in REUSE_METHODS:
-        raise IsomodError(f"unknown reuse method {method!r}; known: {', '.join(REUSE_METHODS)}")
+    check_choice("reuse method", method, REUSE_METHODS)
     if method in ("once", "distinct"):
         return list(range(steps))
     if method == "cyclic":

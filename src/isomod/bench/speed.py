@@ -27,7 +27,7 @@ import torch
 from isomod import report
 from isomod.baselines import PlainResNet
 from isomod.bench import write_results
-from isomod.errors import IsomodError
+from isomod.errors import IsomodError, check_choice
 from isomod.export import export_task
 from isomod.network import ModelConfig, ModularNet, TaskModel, TaskSpec
 from isomod.train import PRECISIONS, cross_entropy, forward_options, resolve_device
@@ -63,8 +63,7 @@ class SpeedConfig:
     compile: str = ""
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise IsomodError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        check_choice("precision", self.precision, PRECISIONS)
         if min(self.batch_size, self.image_size, self.num_classes - 1, self.repeats) < 1:
             raise IsomodError("batch_size, image_size and repeats must be >= 1, num_classes >= 2")
 
