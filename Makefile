@@ -3,7 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench-mtl bench-transfer bench-continual bench-adapt bench-reuse bench-speed clean
+BENCHES := bench-mtl bench-transfer bench-continual bench-adapt bench-reuse bench-speed
+
+.PHONY: demo test $(BENCHES) clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,23 +26,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
-bench-mtl: $(VENV)/.installed
-	$(BIN)/isomod bench mtl --out runs/bench-mtl
-
-bench-transfer: $(VENV)/.installed
-	$(BIN)/isomod bench transfer --out runs/bench-transfer
-
-bench-continual: $(VENV)/.installed
-	$(BIN)/isomod bench continual --out runs/bench-continual
-
-bench-adapt: $(VENV)/.installed
-	$(BIN)/isomod bench adapt --out runs/bench-adapt
-
-bench-reuse: $(VENV)/.installed
-	$(BIN)/isomod bench reuse --out runs/bench-reuse
-
-bench-speed: $(VENV)/.installed
-	$(BIN)/isomod bench speed --out runs/bench-speed
+# `make bench-mtl` runs `isomod bench mtl --out runs/bench-mtl`, and so on.
+$(BENCHES): bench-%: $(VENV)/.installed
+	$(BIN)/isomod bench $* --out runs/$@
 
 clean:
 	rm -rf runs .pytest_cache
