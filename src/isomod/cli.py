@@ -363,6 +363,7 @@ def cmd_report(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN
     from isomod.bench import adapt, continual, mtl, reuse, speed, transfer
+    from isomod.export import EXPORT_FORMATS
     from isomod.network import ModelConfig
     from isomod.uda import ADAPT_METHODS, ADAPT_TRAIN
     from isomod.train import TrainConfig
@@ -421,7 +422,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a task with a discrete route as a standalone TorchScript or ONNX network")
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a ModularNet")
     p.add_argument("--task", required=True, help="the task to export; its route must be discrete")
-    p.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"),
+    p.add_argument("--format", default="torchscript", choices=EXPORT_FORMATS,
                    help="torchscript (torch.jit.load, no isomod needed) or onnx (onnxruntime; needs the onnx and "
                         "onnxscript packages)")
     p.add_argument("--out", required=True, help="file to write")
