@@ -7,7 +7,9 @@ to a folder of class sub-folders of images, or to an `.npz` holding
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -175,8 +177,6 @@ def read_idx(path: Path) -> np.ndarray:
 
 def fashion_dirs(data_dir: str | None = None) -> list[Path]:
     """Where Fashion-MNIST is looked for: `data_dir`, `$ISOMOD_DATA`, then Debian's package."""
-    import os
-
     dirs = [data_dir, os.environ.get("ISOMOD_DATA"), "/usr/share/datasets/fashion-mnist"]
     out = []
     for d in dirs:
@@ -270,9 +270,6 @@ class ImageFiles:
         return (len(self.files), 1 if self.mode == "L" else 3, self.image_size, self.image_size)
 
     def __getitem__(self, idx) -> torch.Tensor:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
         if isinstance(idx, int):
             return torch.from_numpy(_read_image(self.files[idx], self.image_size, self.mode))
         picked = list(range(len(self.files)))[idx] if isinstance(idx, slice) else torch.as_tensor(idx).tolist()
