@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, TrainConfig, Trainer, load_checkpoint
-from isomod.adapt import TRANSFER_METHODS, few_shot, fit_route, select_source, transfer
+from isomod.transfer import TRANSFER_METHODS, few_shot, fit_route, select_source, transfer
 from isomod.cli import main
 from isomod.data.tasks import load_task, read_idx
 

@@ -164,7 +164,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from isomod.adapt import TRANSFER_TRAIN, few_shot, transfer
+    from isomod.transfer import TRANSFER_TRAIN, few_shot, transfer
     from isomod.checkpoint import load_checkpoint
     from isomod.data.tasks import load_task
     from isomod.network import ModularNet
@@ -194,7 +194,7 @@ def cmd_adapt(args) -> int:
     from isomod.data.tasks import load_task
     from isomod.network import ModularNet
     from isomod.train import evaluate
-    from isomod.uda import ADAPT_TRAIN, adapt
+    from isomod.adapt import ADAPT_TRAIN, adapt
 
     model = load_checkpoint(args.from_)
     if not isinstance(model, ModularNet):
@@ -361,11 +361,11 @@ def cmd_report(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN
+    from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN
     from isomod.bench import adapt, continual, mtl, reuse, speed, transfer
     from isomod.export import EXPORT_FORMATS
     from isomod.network import ModelConfig
-    from isomod.uda import ADAPT_METHODS, ADAPT_TRAIN
+    from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN
     from isomod.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="isomod", description="Compositional modular networks: "

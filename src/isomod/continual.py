@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from isomod.adapt import ROUTE_BIAS, fit_route, select_source
+from isomod.transfer import ROUTE_BIAS, fit_route, select_source
 from isomod.checkpoint import save_checkpoint
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError

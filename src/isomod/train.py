@@ -255,7 +255,7 @@ class Trainer:
             A norm whose affine parameters are all frozen keeps its running statistics
             unless `frozen_norm_stats` is False.
         tasks: the tasks to train, by name or as a list. Unlabelled data carries labels
-            of -1 (see `isomod.uda`); tasks without test images are not evaluated.
+            of -1 (see `isomod.adapt`); tasks without test images are not evaluated.
         config: budget and schedule.
         out_dir: run folder for `checkpoint/`, `log.jsonl` and `train_config.json`;
             None trains without writing anything.

@@ -3,7 +3,7 @@ leave one domain out.
 
 For every target domain and seed, a ModularNet is trained on the four other domains (one
 route and set of step norms per domain; shared stem, pool and head). The target's
-training images, without labels, are then given to every method of `isomod.uda`; its
+training images, without labels, are then given to every method of `isomod.adapt`; its
 test images and labels score the result. Besides those methods, `source_only_each`
 rows hold every source route as it is (rows carry `source`).
 
@@ -28,7 +28,7 @@ from isomod.bench import train_modular, write_results
 from isomod.data.tasks import load_task
 from isomod.network import ModelConfig
 from isomod.train import TrainConfig, evaluate
-from isomod.uda import ADAPT_METHODS, ADAPT_TRAIN, ROUTE_METHODS, adapt, add_as_copy
+from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN, ROUTE_METHODS, adapt, add_as_copy
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
 # `permutation` starts every source domain on its own order of the shared modules, so

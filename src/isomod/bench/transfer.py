@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from isomod import report
-from isomod.adapt import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
+from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench import train_modular, write_results
 from isomod.data.tasks import load_task
 from isomod.network import ModelConfig

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isomod.data import glyphs
+from isomod.data import glyphs, shipped
 from isomod.data.cache import cache_dir, save_npz_atomic
 
 DOMAINS = ("mnist", "mnistm", "uci", "synth", "street")
@@ -43,15 +43,13 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def _mnist_split() -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """The `mnist` task's digits as float `(B, 32, 32)` in [0, 1], in a shuffled order."""
-    from isomod.data.tasks import mnist_task
-
-    task = mnist_task()
-    rng = np.random.default_rng(0)  # the task's split is ordered by class
+    arrays = shipped.mnist_arrays()
+    rng = np.random.default_rng(0)  # the split is ordered by class
     out = {}
     for split in ("train", "test"):
-        x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
-        order = torch.from_numpy(rng.permutation(len(y)))
-        out[split] = (F.pad(x[order, 0].float() / 255.0, (2, 2, 2, 2)), y[order].numpy())
+        x, y = torch.from_numpy(arrays[f"x_{split}"]), arrays[f"y_{split}"].astype(np.int64)
+        order = rng.permutation(len(y))
+        out[split] = (F.pad(x[torch.from_numpy(order)].float() / 255.0, (2, 2, 2, 2)), y[order])
     return out
 
 
@@ -147,16 +145,11 @@ def make_mnistm(split: str, g: torch.Generator) -> tuple[np.ndarray, np.ndarray]
 
 
 def make_uci(split: str, g: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    from isomod.data.tasks import _stratified_split
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8)
+    images, y, tr, te = shipped.uci_digits()
+    x = torch.from_numpy(images)[:, None]  # (N, 1, 8, 8)
     x = F.pad(F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False), (4, 4, 4, 4))[:, 0]
-    tr, te = _stratified_split(d.target, 0.2, seed=0)
     idx = np.random.default_rng(0).permutation(tr if split == "train" else te)
-    return _to_uint8(_gray_to_rgb(x[idx].clamp(0, 1))), d.target[idx]
+    return _to_uint8(_gray_to_rgb(x[idx].clamp(0, 1))), y[idx]
 
 
 def _faces(split: str) -> tuple[str, ...]:

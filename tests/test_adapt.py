@@ -1,4 +1,4 @@
-"""digits5, domains sharing a head, and unsupervised domain adaptation (`isomod.uda`)."""
+"""digits5, domains sharing a head, and unsupervised domain adaptation (`isomod.adapt`)."""
 
 import copy
 from dataclasses import replace
@@ -16,7 +16,7 @@ from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError
 from isomod.network import ModelConfig, ModularNet, TaskSpec
 from isomod.train import TrainConfig, Trainer, evaluate
-from isomod.uda import (ADAPT_METHODS, MIN_TARGET_IMAGES, add_as_copy, adapt, estimate_norm_stats,
+from isomod.adapt import (ADAPT_METHODS, MIN_TARGET_IMAGES, add_as_copy, adapt, estimate_norm_stats,
                         stats_distance)
 
 SMALL = ModelConfig(in_channels=3, channels=8, num_modules=3, steps=3, route_init="permutation")
@@ -196,12 +196,12 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
 
 
 def test_a_learned_route_that_scores_worse_than_its_start_is_undone(sources_model, domains, monkeypatch):
-    from isomod import uda
+    from isomod import adapt as adapt_module
 
     # IM scores: the two source routes (choosing the start), the start with target
     # statistics, then the learned route: worse than its start.
     calls = iter([-1.0, -0.5, -1.0, 0.0])
-    monkeypatch.setattr(uda, "im_score", lambda model, task, x: next(calls))
+    monkeypatch.setattr(adapt_module, "im_score", lambda model, task, x: next(calls))
     model = copy.deepcopy(sources_model)
     res = adapt(model, domains["uci"], "route_im", QUICK_ADAPT, progress=False)
     assert res.kept is False
@@ -209,7 +209,7 @@ def test_a_learned_route_that_scores_worse_than_its_start_is_undone(sources_mode
 
 
 def test_transfer_trains_a_new_label_space_s_head_but_never_a_shared_one(sources_model, domains):
-    from isomod.adapt import prepare_route, transfer
+    from isomod.transfer import prepare_route, transfer
 
     model = copy.deepcopy(sources_model)
     prepare_route(model, domains["uci"])  # a third domain: its head is the sources' head
