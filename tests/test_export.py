@@ -83,9 +83,9 @@ def test_export_command(model, tmp_path, capsys):
 def test_speed_bench_measures_every_method(tmp_path):
     from isomod.bench import speed
 
-    results = speed.run(tmp_path / "speed", modules=[2], tasks=[1, 2], model_config=ModelConfig(channels=8, steps=2),
-                        speed=speed.SpeedConfig(batch_size=8, image_size=12, warmup=1, repeats=2, device="cpu"),
-                        progress=False)
+    config = speed.SpeedBenchConfig(modules=[2], tasks=[1, 2], model=ModelConfig(channels=8, steps=2),
+                                    speed=speed.SpeedConfig(batch_size=8, image_size=12, warmup=1, repeats=2, device="cpu"))
+    results = speed.run(tmp_path / "speed", config, progress=False)
     rows = results["rows"]
     for method in speed.TRAIN_METHODS:
         for t in (1, 2):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from isomod import ModelConfig, ModularNet, TrainConfig, Trainer, TrainingDiverged, evaluate
+from isomod.train import RouteSchedule, SoftRoutes
 from isomod.checkpoint import load_checkpoint
 
 from test_checkpoint import snapshot
@@ -99,8 +100,13 @@ def test_schedules_and_temperature():
     assert cfg.lr_factor(0) == pytest.approx(0.1)
     assert cfg.lr_factor(10) == pytest.approx(1.0)
     assert cfg.lr_factor(99) < 0.01
-    assert cfg.temperature(0) == 1.0 and cfg.temperature(50) == pytest.approx(0.01)
-    assert cfg.temperature(25) == pytest.approx(0.1)
+    routes = RouteSchedule(cfg)
+    assert routes.temperature(0) == 1.0 and routes.temperature(50) == pytest.approx(0.01)
+    assert routes.temperature(25) == pytest.approx(0.1) and routes.discretize_step == 50
+    never = RouteSchedule(TrainConfig(steps=100, discretize_at=1.0, temperature_end=0.01))
+    assert never.discretize_step is None and never.temperature(50) == pytest.approx(0.1)
+    soft = SoftRoutes()
+    assert soft.discretize_step is None and soft.temperature(99) == 1.0 and soft.entropy_weight(0) == 0.0
     step = TrainConfig(steps=100, warmup_steps=0, schedule="step")
     assert [step.lr_factor(s) for s in (0, 60, 90)] == pytest.approx([1.0, 0.1, 0.01])
 

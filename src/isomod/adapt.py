@@ -51,8 +51,7 @@ OTHER_SOURCE_BIAS = 2.0  # ... and here on the other sources' modules at that st
 
 def check_target(model: ModularNet, spec: TaskSpec, num_images: int) -> list[str]:
     """The source domains `spec` adapts from; a clear error when it cannot."""
-    if not isinstance(model, ModularNet):
-        raise IsomodError(f"domain adaptation needs a ModularNet, got {type(model).__name__}")
+    model.require_routes("domain adaptation")
     if spec.name in model.specs:
         raise IsomodError(f"target domain {spec.name!r} is already a domain of this model (a source); "
                           f"adapt to a domain it was not trained on")
@@ -203,7 +202,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
     check_choice("adaptation method", method, ADAPT_METHODS)
     spec, x = target.spec, target.x_train
     sources = check_target(model, spec, len(x))
-    model.requires_grad_(False)
+    model.requires_grad_(False)  # the model is left frozen, whatever the method
     if method == "route_select":
         score, scores = "stats_distance", {}
         for s in sources:
@@ -221,7 +220,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
         return AdaptResult(method, source, score, scores, _stats_count(model, spec.name))
     branch = model.branch(spec.name)
     if method == "tent":
-        trained = [p for m in branch.norms for p in m.parameters()]
+        params = {"norms": [p for m in branch.norms for p in m.parameters()]}
         objective, frozen_stats = entropy_objective, True
     else:
         route = branch.route
@@ -233,13 +232,11 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
             for s in sources:
                 route.logits[steps, torch.tensor(model.route(s).indices())] = OTHER_SOURCE_BIAS
             route.logits[steps, torch.tensor(model.route(source).indices())] = SELECTED_BIAS
-        trained = [route.logits]
+        params = {"routes": [route.logits]}
         objective = entropy_objective if method == "route_entropy" else im_objective
         frozen_stats = False  # statistics follow the route being learned
-    for p in trained:
-        p.requires_grad_(True)
     trainer = Trainer(model, {spec.name: unlabelled(spec, x)}, config, out_dir=out_dir, objective=objective,
-                      progress=progress, train_tasks=[spec.name], frozen_norm_stats=frozen_stats)
+                      progress=progress, train_tasks=[spec.name], params=params, frozen_norm_stats=frozen_stats)
     trainer.fit()
     model.discretize(spec.name)
     estimate_norm_stats(model, spec.name, x)
@@ -253,5 +250,5 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
             model.route(spec.name).set_choice(start[0])
             estimate_norm_stats(model, spec.name, x)
     soft = (trainer.soft_usage or {}).get(spec.name)
-    changed = sum(p.numel() for p in trained) + _stats_count(model, spec.name)
+    changed = sum(p.numel() for ps in params.values() for p in ps) + _stats_count(model, spec.name)
     return AdaptResult(method, source, score, scores, changed, soft, kept)

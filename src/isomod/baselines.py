@@ -56,7 +56,15 @@ class PlainResNet(TaskModel):
         self.check_task(task)
         return self.heads[task](h)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def remove_task(self, task: str) -> None:
+        self.check_task(task)
+        del self.heads[task]
+        del self.specs[task]
+
+    def param_groups(self, tasks: list[str] | None = None) -> dict[str, list[nn.Parameter]]:
+        """Everything trainable, or with `tasks` only their heads (all a task owns here)."""
+        if tasks is not None:
+            return {"heads": [p for t in tasks for p in self.heads[self.check_task(t).name].parameters()]}
         groups = {
             "stem": list(self.stem.parameters()),
             "pool": list(self.blocks.parameters()),
@@ -95,10 +103,19 @@ class IndependentNets(TaskModel):
         self.check_task(task)
         return self.nets[task].forward_head(h, task)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def remove_task(self, task: str) -> None:
+        self.check_task(task)
+        del self.nets[task]
+        del self.specs[task]
+
+    def param_groups(self, tasks: list[str] | None = None) -> dict[str, list[nn.Parameter]]:
+        """Every network's trainable parameters, or with `tasks` their whole networks."""
         groups: dict[str, list[nn.Parameter]] = {}
-        for net in self.nets.values():
-            for k, v in net.param_groups().items():
+        for name in self.task_names if tasks is None else [self.check_task(t).name for t in tasks]:
+            net = self.nets[name]
+            for k, v in (net.param_groups() if tasks is None else
+                         {"stem": list(net.stem.parameters()), "pool": list(net.blocks.parameters()),
+                          "norms": list(net.norms.parameters()), "heads": list(net.heads.parameters())}).items():
                 groups.setdefault(k, []).extend(v)
         return groups
 

@@ -3,13 +3,17 @@ plus `trainer.pt` (optimiser, step, random states) when written by a training ru
 
 A checkpoint folder is written next to its destination and renamed into place, so a
 crash or a failed run never leaves a half-written checkpoint and never destroys the
-previous one.
+previous one. Replacing a checkpoint takes two renames (the old one aside, the new one
+in); a process killed between them leaves the previous checkpoint in `.NAME.old-*`, from
+where the next reader or writer puts it back. `trainer.pt` holds only tensors and plain
+values and is read with `weights_only=True`: a checkpoint from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +34,7 @@ MODEL_KINDS: dict[str, type[TaskModel]] = {
     "IndependentNets": IndependentNets,
 }
 CONFIG, WEIGHTS, TRAINER = "config.json", "model.safetensors", "trainer.pt"
+TRAINER_KEYS = ("step", "optimizer", "batches", "sampler", "aug", "torch_rng")
 
 
 def save_checkpoint(model: TaskModel, path: str | Path, trainer_state: dict | None = None,
@@ -40,12 +45,17 @@ def save_checkpoint(model: TaskModel, path: str | Path, trainer_state: dict | No
         model: a ModularNet or a baseline.
         path: destination folder; an existing checkpoint there is replaced only once the
             new one is complete.
-        trainer_state: anything `torch.save` can write, needed to resume training.
+        trainer_state: the trainer's state as tensors and plain values (what
+            `torch.load(..., weights_only=True)` reads back), needed to resume training.
         extra: JSON-serialisable notes stored in `config.json` under `extra`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private (0700); give it mkdir's mode
     try:
         config = {"format": FORMAT, "version": VERSION, "kind": type(model).__name__,
                   **model.to_config(), "extra": extra or {}}
@@ -72,11 +82,38 @@ def _replace_dir(new: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.{kind}-*"), key=lambda p: p.stat().st_mtime)
+
+
+def recover(path: str | Path) -> None:
+    """Finish an interrupted replacement and clean what failed writes left behind.
+
+    A missing checkpoint with a `.NAME.old-*` copy beside it was killed between the two
+    renames: the newest complete old copy goes back into place. Stale `.NAME.tmp-*` folders
+    (a write that never finished) and old copies are removed. A process writing the same
+    checkpoint at the same moment is not supported (one writer per run folder)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    olds = [p for p in _leftovers(path, "old") if (p / CONFIG).is_file() and (p / WEIGHTS).is_file()]
+    if not path.exists() and olds:
+        os.replace(olds.pop(), path)
+    for stale in _leftovers(path, "old") + _leftovers(path, "tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    """Whether a checkpoint is at `path` (after recovering an interrupted replacement)."""
+    recover(path)
+    return (Path(path) / CONFIG).is_file()
+
+
 def read_config(path: str | Path) -> dict:
     """The checked `config.json` of a checkpoint folder."""
     path = Path(path)
     file = path / CONFIG
-    if not file.is_file():
+    if not checkpoint_exists(path):
         raise CheckpointError(f"{path}: not a checkpoint folder (no {CONFIG})")
     try:
         config = json.loads(file.read_text())
@@ -114,7 +151,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tas
     config = read_config(path)
     try:
         model = MODEL_KINDS[config["kind"]].from_config(config)
-    except (KeyError, TypeError, IsomodError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IsomodError) as exc:
         raise CheckpointError(f"{Path(path) / CONFIG}: cannot build the model ({exc})") from None
     model.to(device)
     load_weights(model, path)
@@ -145,10 +182,19 @@ def _diff(a, b) -> str:
 
 
 def load_trainer_state(path: str | Path) -> dict | None:
+    """The trainer state of a checkpoint (None when it has none). Only tensors and plain
+    values are read (`weights_only=True`); anything else is refused, never executed."""
     file = Path(path) / TRAINER
     if not file.is_file():
         return None
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{file}: refused: it holds objects other than tensors and plain values "
+                              "(isomod never runs code from a checkpoint)") from None
     except Exception as exc:
         raise CheckpointError(f"{file}: corrupt trainer state ({type(exc).__name__})") from None
+    missing = [k for k in TRAINER_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{file}: not an isomod trainer state (missing {', '.join(missing)})")
+    return state

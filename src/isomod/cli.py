@@ -7,14 +7,10 @@
     isomod export --from runs/x/checkpoint --task glyphs/greek --format torchscript|onnx --out greek.pt
     isomod transfer --from runs/x/checkpoint --task uci-digits [--shots 10] --out runs/y
     isomod adapt --from runs/x/checkpoint --target digits5/mnistm --out runs/z [--method route_select]
-    isomod bench mtl --out runs/bench-mtl [--seeds 0 1]
-    isomod bench transfer --out runs/bench-transfer [--shots 10 100 all]
-    isomod bench continual --out runs/bench-continual [--grow-threshold 0.9]
-    isomod bench adapt --out runs/bench-adapt [--targets digits5/mnistm] [--seeds 0 1]
-    isomod bench reuse --out runs/bench-reuse [--task glyphs/all] [--modules 4 8] [--multiples 1 2 3]
-    isomod bench speed --out runs/bench-speed [--modules 4 8 16] [--tasks 1 8] [--speed-device cuda]
+    isomod bench NAME --out runs/bench-NAME [--config cfg.yaml] [options]   (NAME: see `isomod bench --help`;
+                 each bench's options come from its config dataclass in isomod/bench/NAME.py)
     torchrun --nproc_per_node=P -m isomod train|bench reuse ...   data-parallel over P processes
-    isomod report runs/bench-mtl     redraw figures and report.md from results.json
+    isomod report runs/bench-mtl [--docs docs/results/mtl.md]   redraw figures and report.md from results.json
     isomod tasks                     list registered suites and tasks
 """
 
@@ -24,9 +20,16 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 
+from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN
+from isomod.config import field_types, from_dict, is_config, merge
 from isomod.errors import IsomodError
+from isomod.network import ModelConfig
+from isomod.train import TrainConfig
+from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN
 
 
 def _bool(text: str) -> bool:
@@ -37,12 +40,14 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _shots(text: str) -> int | None:
-    if text == "all":
-        return None
+def _int_or_str(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _positive(text: str) -> int:
     if text.isdigit() and int(text) > 0:
         return int(text)
-    raise argparse.ArgumentTypeError(f"expected a positive number of images per class or 'all', got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
 
 
 def docstring_args(cls) -> dict[str, str]:
@@ -63,52 +68,119 @@ def docstring_args(cls) -> dict[str, str]:
     return out
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, base, title: str, prefix: str = "") -> None:
-    """One `--PREFIXfield-name` option per field of the dataclass instance `base`, whose
-    values the help shows as defaults; the parsed value is None when not given."""
+def _parser_for(tp):
+    """The argparse `type` and `nargs` of a config field's type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple):
+        return _parser_for(args[0])[0], "+"
+    if origin in (typing.Union, types.UnionType):
+        return _int_or_str, None
+    return {int: int, float: float, bool: _bool, str: str}[tp], None
+
+
+def add_config_args(parser: argparse.ArgumentParser, base, unprefixed: str = "train") -> None:
+    """Options for every field of the config dataclass instance `base`: its own fields as
+    `--field-name`, each nested config's as `--section-field-name` (no prefix for the
+    section named `unprefixed`). The help shows the defaults; unset options parse to None."""
     cls = type(base)
-    group = parser.add_argument_group(f"{title} options")
     docs = docstring_args(cls)
+    own = parser.add_argument_group("options")
     for f in dataclasses.fields(cls):
-        kind = {"int": int, "float": float, "bool": _bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{title}.{f.name}", type=kind, default=None,
-                           metavar=kind.__name__.upper().lstrip("_"),
-                           help=f"{docs.get(f.name, '')} (default {getattr(base, f.name)!r})".replace("%", "%%").strip())
+        tp = field_types(cls)[f.name]
+        value = getattr(base, f.name)
+        if is_config(tp):
+            group = parser.add_argument_group(f"{f.name} options", docs.get(f.name))
+            prefix = "" if f.name == unprefixed else f"{f.name.replace('_', '-')}-"
+            sub_docs = docstring_args(tp)
+            for g in dataclasses.fields(tp):
+                _add(group, f"--{prefix}{g.name.replace('_', '-')}", f"cfg.{f.name}.{g.name}", field_types(tp)[g.name],
+                     sub_docs.get(g.name, ""), getattr(value, g.name))
+        else:
+            _add(own, f"--{f.name.replace('_', '-')}", f"cfg.{f.name}", tp, docs.get(f.name, ""), value)
 
 
-def read_config_file(path: str | None, sections: list[str]) -> dict:
-    """A YAML or JSON file whose top-level keys are some of `sections` (e.g. `model:`, `train:`)."""
+def _add(group, flag: str, dest: str, tp, doc: str, default) -> None:
+    kind, nargs = _parser_for(tp)
+    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else repr(default)
+    group.add_argument(flag, dest=dest, type=kind, nargs=nargs, default=None,
+                       metavar=getattr(kind, "__name__", "VALUE").lstrip("_").upper(),
+                       help=f"{doc} (default {shown})".replace("%", "%%").strip())
+
+
+def read_config_file(path: str | None) -> dict:
+    """A YAML or JSON file holding a mapping (e.g. `seeds:`, `model:`, `train:`)."""
     if path is None:
         return {}
     file = Path(path)
     if not file.is_file():
         raise IsomodError(f"config file {path} not found")
-    text = file.read_text()
     try:
+        text = file.read_text()
         if file.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         else:
             data = json.loads(text)
     except Exception as exc:
-        raise IsomodError(f"{path}: cannot parse config ({type(exc).__name__}: {exc})") from None
-    if not isinstance(data, dict) or set(data) - set(sections):
-        raise IsomodError(f"{path}: this command's config holds only {', '.join(repr(s + ':') for s in sections)} sections")
+        detail = " ".join(str(exc).split())
+        raise IsomodError(f"{path}: cannot parse config ({type(exc).__name__}: {detail})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise IsomodError(f"{path}: a config file holds a mapping of options and sections, got {data!r}")
     return data
 
 
-def build_configs(args: argparse.Namespace, **bases) -> dict:
-    """One dataclass per section, e.g. `model=ModelConfig()`: defaults <- config file <- options."""
-    from isomod.errors import dataclass_from_dict
-
-    file = read_config_file(getattr(args, "config", None), list(bases))
-    merged = {name: {**dataclasses.asdict(base), **(file.get(name) or {})} for name, base in bases.items()}
+def build_config(args: argparse.Namespace, base):
+    """The config dataclass `base`'s type, from its defaults <- the `--config` file <- options,
+    every value checked against its field's type."""
+    cls = type(base)
+    file = read_config_file(getattr(args, "config", None))
+    merged = merge(dataclasses.asdict(base), file)
     for key, value in vars(args).items():
-        if "." in key and value is not None:
-            section, name = key.split(".", 1)
-            merged[section][name] = value
-    return {name: dataclass_from_dict(type(base), merged[name], f"{name} config") for name, base in bases.items()}
+        if key.startswith("cfg.") and value is not None:
+            *sections, name = key.split(".")[1:]
+            target = merged
+            for section in sections:
+                target = target.setdefault(section, {}) if isinstance(target.get(section), dict) else target
+            target[name] = value
+    return from_dict(cls, merged, getattr(args, "config", None) or "options")
+
+
+@dataclasses.dataclass
+class TrainRun:
+    """`isomod train`.
+
+    Args:
+        model: the modular network's shape.
+        train: the training budget and schedule.
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+@dataclasses.dataclass
+class TransferRun:
+    """`isomod transfer`.
+
+    Args:
+        train: the new task's training budget.
+    """
+
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TRANSFER_TRAIN)
+
+
+@dataclasses.dataclass
+class AdaptRun:
+    """`isomod adapt`.
+
+    Args:
+        train: the budget of the methods that train.
+    """
+
+    train: TrainConfig = dataclasses.field(default_factory=lambda: ADAPT_TRAIN)
 
 
 def cmd_tasks(args) -> int:
@@ -126,11 +198,12 @@ def cmd_train(args) -> int:
     import torch
 
     from isomod.data.tasks import load_task, resolve
-    from isomod.network import ModelConfig, ModularNet
-    from isomod.train import TrainConfig, Trainer
+    from isomod.network import ModularNet
+    from isomod.train import Trainer, check_out_dir
 
-    cfg = build_configs(args, model=ModelConfig(), train=TrainConfig())
-    model_cfg, train_cfg = cfg["model"], cfg["train"]
+    cfg = build_config(args, TrainRun())
+    model_cfg, train_cfg = cfg.model, cfg.train
+    check_out_dir(Path(args.out))
     tasks = [load_task(n, data_dir=args.data_dir, image_size=args.image_size) for n in resolve(args.tasks)]
     channels = {t.spec.input_shape[0] for t in tasks}
     if len(channels) > 1:
@@ -158,23 +231,22 @@ def cmd_eval(args) -> int:
     tasks = [load_task(model.check_task(n).source or n, data_dir=args.data_dir) for n in names]
     accs = evaluate(model, dict(zip(names, tasks)), split=args.split)
     for name, acc in accs.items():
-        route = f"   route {model.route(name)}" if hasattr(model, "route") else ""
-        print(f"{name}: {args.split} acc {acc:.4f}{route}")
+        print(f"{name}: {args.split} acc {acc:.4f}   {model.route_str(name)}")
     return 0
 
 
 def cmd_transfer(args) -> int:
-    from isomod.transfer import TRANSFER_TRAIN, few_shot, transfer
     from isomod.checkpoint import load_checkpoint
     from isomod.data.tasks import load_task
-    from isomod.network import ModularNet
+    from isomod.train import check_out_dir
+    from isomod.transfer import few_shot, transfer
 
+    train_cfg = build_config(args, TransferRun()).train
+    check_out_dir(Path(args.out))
     model = load_checkpoint(args.from_)
-    if not isinstance(model, ModularNet):
-        raise IsomodError(f"{args.from_}: transfer needs a ModularNet checkpoint, this one holds a {type(model).__name__}")
+    model.require_routes(f"{args.from_}: transfer")
     if args.source is not None:
         model.check_task(args.source)
-    train_cfg = build_configs(args, train=TRANSFER_TRAIN)["train"]
     task = load_task(args.task, data_dir=args.data_dir)
     model.check_spec(task.spec, model.config.in_channels)
     task = few_shot(task, args.shots, seed=train_cfg.seed)
@@ -190,16 +262,15 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_adapt(args) -> int:
+    from isomod.adapt import adapt
     from isomod.checkpoint import load_checkpoint, save_checkpoint
     from isomod.data.tasks import load_task
-    from isomod.network import ModularNet
-    from isomod.train import evaluate
-    from isomod.adapt import ADAPT_TRAIN, adapt
+    from isomod.train import check_out_dir, evaluate
 
+    train_cfg = build_config(args, AdaptRun()).train
+    check_out_dir(Path(args.out))
     model = load_checkpoint(args.from_)
-    if not isinstance(model, ModularNet):
-        raise IsomodError(f"{args.from_}: adaptation needs a ModularNet checkpoint, this one holds a {type(model).__name__}")
-    train_cfg = build_configs(args, train=ADAPT_TRAIN)["train"]
+    model.require_routes(f"{args.from_}: domain adaptation")
     target = load_task(args.target, data_dir=args.data_dir)
     res = adapt(model, target, args.method, train_cfg, out_dir=args.out, progress=not args.no_progress)
     out = save_checkpoint(model, Path(args.out) / "checkpoint", extra={"adapted": target.name, "method": args.method})
@@ -221,6 +292,7 @@ def cmd_export(args) -> int:
     from isomod.checkpoint import load_checkpoint
     from isomod.export import example_input, export_task, save_onnx, save_torchscript
 
+    check_out_file(Path(args.out))
     model = load_checkpoint(args.from_).eval()
     model.check_task(args.task)
     net = export_task(model, args.task)
@@ -236,88 +308,28 @@ def cmd_export(args) -> int:
     return 0
 
 
-def print_table(results: dict) -> None:
-    from isomod.report import markdown_results
+def check_out_file(path: Path) -> None:
+    """Refuse, before any work, an output file that is a folder or cannot be written."""
+    if path.is_dir():
+        raise IsomodError(f"--out {path}: is a folder; give a file name")
+    parent = next((p for p in path.parents if p.exists()), None)
+    import os
 
-    print(markdown_results(results["rows"]))
-
-
-def cmd_bench_mtl(args) -> int:
-    from isomod.bench import mtl
-
-    cfg = build_configs(args, model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
-    results = mtl.run(args.out, suite=args.suite, model_config=cfg["model"], train_config=cfg["train"],
-                      seeds=args.seeds or mtl.DEFAULT_SEEDS, progress=not args.no_progress)
-    print_table(results)
-    return wrote(args.out)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) \
+            or str(parent.resolve()).startswith(("/proc", "/sys")):
+        raise IsomodError(f"--out {path}: cannot write there; give a file in a writable folder")
 
 
-def cmd_bench_transfer(args) -> int:
-    from isomod.bench import transfer
-
-    cfg = build_configs(args, model=transfer.DEFAULT_MODEL, pretrain=transfer.DEFAULT_PRETRAIN,
-                        train=transfer.DEFAULT_TRANSFER)
-    results = transfer.run(args.out, pretrain_tasks=args.pretrain_tasks or transfer.PRETRAIN,
-                           held_out=args.held_out or transfer.HELD_OUT, shots=args.shots or transfer.SHOTS,
-                           methods=args.methods or transfer.TRANSFER_METHODS, model_config=cfg["model"],
-                           pretrain_config=cfg["pretrain"], transfer_config=cfg["train"], seeds=args.seeds or [0],
-                           data_dir=args.data_dir, progress=not args.no_progress)
-    print(transfer.markdown_table(results))
-    return wrote(args.out)
-
-
-def cmd_bench_continual(args) -> int:
-    from isomod.bench import continual
-
-    cfg = build_configs(args, model=continual.DEFAULT_MODEL, train=continual.DEFAULT_TRAIN, grow=continual.DEFAULT_GROW)
-    results = continual.run(args.out, stream=args.stream or continual.STREAM, methods=args.methods or continual.METHODS,
-                            model_config=cfg["model"], train_config=cfg["train"], grow=cfg["grow"],
-                            data_dir=args.data_dir, progress=not args.no_progress)
-    print(continual.final_table(results))
-    return wrote(args.out)
-
-
-def cmd_bench_adapt(args) -> int:
-    from isomod.bench import adapt
-
-    cfg = build_configs(args, model=adapt.DEFAULT_MODEL, source=adapt.DEFAULT_SOURCE, train=adapt.DEFAULT_ADAPT)
-    results = adapt.run(args.out, targets=args.targets or adapt.DOMAINS, methods=args.methods or adapt.ADAPT_METHODS,
-                        model_config=cfg["model"], source_config=cfg["source"], adapt_config=cfg["train"],
-                        seeds=args.seeds or adapt.SEEDS, progress=not args.no_progress)
-    print_table(results)
-    print("\n".join(adapt.checks(results)))
-    return wrote(args.out)
-
-
-def cmd_bench_reuse(args) -> int:
+def cmd_bench(args) -> int:
     from isomod import distributed
-    from isomod.bench import reuse
+    from isomod.bench import registry
 
-    cfg = build_configs(args, model=reuse.DEFAULT_MODEL, train=reuse.DEFAULT_TRAIN)
-    results = reuse.run(args.out, task=args.task, data_dir=args.data_dir, image_size=args.image_size,
-                        modules=args.modules or reuse.MODULES, multiples=args.multiples or reuse.MULTIPLES,
-                        methods=args.methods or reuse.REUSE_METHODS, model_config=cfg["model"],
-                        train_config=cfg["train"], seeds=args.seeds or reuse.SEEDS, progress=not args.no_progress)
-    if not distributed.is_main():
-        return 0
-    print(reuse.markdown_table(results))
-    print("\n".join(reuse.checks(results)))
-    return wrote(args.out)
-
-
-def cmd_bench_speed(args) -> int:
-    from isomod.bench import speed
-
-    cfg = build_configs(args, model=speed.DEFAULT_MODEL, speed=speed.SpeedConfig())
-    results = speed.run(args.out, modules=args.modules or speed.MODULES, tasks=args.tasks or speed.TASKS,
-                        model_config=cfg["model"], speed=cfg["speed"], progress=not args.no_progress)
-    print(speed.markdown_table(results))
-    print("\n".join(speed.checks(results)))
-    return wrote(args.out)
-
-
-def wrote(out: str) -> int:
-    print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
+    bench = registry()[args.bench]
+    config = build_config(args, bench.config())
+    results = bench.run(args.out, config, progress=not args.no_progress)
+    if distributed.is_main():
+        print(bench.summary(results))
+        print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
     return 0
 
 
@@ -325,80 +337,110 @@ def cmd_demo(args) -> int:
     from isomod.bench import mtl
     from isomod.data.tasks import load_suite
 
-    cfg = build_configs(args, model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
-    model_cfg, train_cfg = cfg["model"], cfg["train"]
+    config = build_config(args, demo_config())
     print("isomod demo: a modular network, independent networks and a shared trunk on the 'glyphs' suite")
     print("(8 scripts rendered from matplotlib's fonts; test images use font faces never seen in training)")
-    tasks = load_suite("glyphs")
+    tasks = load_suite(config.suite)
     for t in tasks:
         print(f"  {t.name}: {t.spec.num_classes} classes, {len(t.y_train)} train / {len(t.y_test)} test images")
-    results = mtl.run(args.out, suite="glyphs", model_config=model_cfg, train_config=train_cfg, seeds=[0],
-                      tasks=tasks, progress=not args.no_progress, bench="mtl")
+    results = mtl.run(args.out, config, tasks=tasks, progress=not args.no_progress)
     print()
-    print_table(results)
-    routes = results["routes"]["s0"]["discrete"]
+    print(mtl.summary(results))
+    routes = results["routes"][f"s{config.seeds[0]}"]["discrete"]
     print("\nlearned routes (module per step):")
     for name, r in routes.items():
         print(f"  {name}: {' '.join(map(str, r))}")
     out = Path(args.out)
-    print(f"\nreport: {out / 'report.md'}\ncheckpoint: {out / 'runs' / 'modular-s0' / 'checkpoint'}")
+    print(f"\nreport: {out / 'report.md'}\ncheckpoint: {out / 'runs' / f'modular-s{config.seeds[0]}' / 'checkpoint'}")
     return 0
+
+
+def demo_config():
+    """The demo: the MTL benchmark's configuration with its first seed only."""
+    from isomod.bench.mtl import MtlConfig
+
+    return MtlConfig(seeds=[0])
+
+
+DOCS_BEGIN, DOCS_END = "<!-- isomod report: begin -->", "<!-- isomod report: end -->"
 
 
 def cmd_report(args) -> int:
-    from isomod.bench import adapt, continual, mtl, reuse, speed, transfer
+    from isomod.bench import registry
+    from isomod.bench.base import read_results
 
-    file = Path(args.dir) / "results.json"
-    if not file.is_file():
-        raise IsomodError(f"{file} not found: run a benchmark with --out {args.dir} first")
-    results = json.loads(file.read_text())
-    writers = {"mtl": mtl.write_report, "transfer": transfer.write_report, "continual": continual.write_report,
-               "adapt": adapt.write_report, "reuse": reuse.write_report, "speed": speed.write_report}
-    if results.get("bench") not in writers:
-        raise IsomodError(f"{file}: unknown benchmark {results.get('bench')!r}; known: {', '.join(writers)}")
-    print(f"wrote {writers[results['bench']](Path(args.dir), results)}")
+    results = read_results(Path(args.dir) / "results.json")
+    benches = registry()
+    if results["bench"] not in benches:
+        raise IsomodError(f"{args.dir}/results.json: unknown benchmark {results['bench']!r}; known: {', '.join(benches)}")
+    bench = benches[results["bench"]]
+    try:
+        print(f"wrote {bench.write_report(Path(args.dir), results)}")
+        block = bench.summary(results)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise IsomodError(f"{args.dir}/results.json: not what `isomod bench {bench.name}` writes "
+                          f"({type(exc).__name__}: {exc})") from None
+    if args.docs:
+        write_docs(Path(args.docs), args.dir, results, block)
+        print(f"wrote {args.docs}")
     return 0
 
 
+def write_docs(page: Path, run_dir: str, results: dict, block: str) -> None:
+    """Replace the generated block of a `docs/results/<bench>.md` page (between the
+    DOCS_BEGIN and DOCS_END markers; appended when absent) by the tables of `results`;
+    the hand-written text around it stays."""
+    from isomod.data.cache import write_atomic
+
+    env = results.get("environment", {})
+    made = ", ".join(f"{k} {v}" for k, v in env.items()) or "environment not recorded"
+    generated = "\n".join([DOCS_BEGIN, f"Generated by `isomod report {run_dir} --docs {page}` from its "
+                           f"`results.json` ({made}).", "", block, DOCS_END])
+    text = page.read_text() if page.is_file() else f"# {results['bench']}\n\n"
+    if DOCS_BEGIN in text and DOCS_END in text:
+        head, rest = text.split(DOCS_BEGIN, 1)
+        text = head + generated + rest.split(DOCS_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + generated + "\n"
+    write_atomic(page, lambda f: f.write(text.encode()))
+
+
 def make_parser() -> argparse.ArgumentParser:
-    from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN
-    from isomod.bench import adapt, continual, mtl, reuse, speed, transfer
+    from isomod.bench import registry
     from isomod.export import EXPORT_FORMATS
-    from isomod.network import ModelConfig
-    from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN
-    from isomod.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="isomod", description="Compositional modular networks: "
                                      "a pool of residual modules, a learned route per task.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_configs(p, **bases):
-        p.add_argument("--config", help=f"YAML or JSON file with {', '.join(repr(s + ':') for s in bases)} sections")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST's IDX "
-                       "files); then $ISOMOD_DATA, then /usr/share/datasets")
-        for name, base in bases.items():
-            add_dataclass_args(p, base, name, prefix="" if name == "train" else f"{name}-")
+    def with_config(p, base, unprefixed: str = "train", data_dir: bool = True):
+        p.add_argument("--config", help="YAML or JSON file with any of the options below, nested by section "
+                       "(e.g. `seeds: [0, 1]`, `train: {steps: 500}`); options on the command line win")
+        p.add_argument("--no-progress", action="store_true", help="no progress output")
+        if data_dir:
+            p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST's "
+                           "IDX files); then $ISOMOD_DATA, then /usr/share/datasets")
+        add_config_args(p, base, unprefixed)
         return p
 
-    p = with_configs(sub.add_parser("demo", help="the main job: modular vs baselines on glyphs, with a report"),
-                     model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
+    p = with_config(sub.add_parser("demo", help="the main job: modular vs baselines on glyphs, with a report"),
+                    demo_config(), data_dir=False)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.set_defaults(func=cmd_demo)
 
-    p = with_configs(sub.add_parser("train", help="train a modular network on tasks or suites"),
-                     model=ModelConfig(), train=TrainConfig())
+    p = with_config(sub.add_parser("train", help="train a modular network on tasks or suites"), TrainRun())
     p.add_argument("--tasks", nargs="+", required=True, help="task or suite names, or paths to folders / .npz")
-    p.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, train_config.json")
+    p.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, TensorBoard events, "
+                   "train_config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--image-size", type=int, help="side a folder's images are resized to (default 28)")
+    p.add_argument("--image-size", type=_positive, help="side a folder's images are resized to (default 28)")
     p.set_defaults(func=cmd_train)
 
-    p = with_configs(sub.add_parser("transfer", help="add a task to a trained model, learning only its route, "
-                                    "norms and head"), train=TRANSFER_TRAIN)
+    p = with_config(sub.add_parser("transfer", help="add a task to a trained model, learning only its route, "
+                                   "norms and head"), TransferRun())
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a trained ModularNet")
     p.add_argument("--task", required=True, help="the new task: a registered name, a folder or an .npz")
-    p.add_argument("--shots", type=int, help="training images per class (default: all)")
+    p.add_argument("--shots", type=_positive, help="training images per class (default: all)")
     p.add_argument("--source", "--init-from", dest="source",
                    help="the checkpoint's task to start from (its norms; its route for the baselines); "
                         "default: the one whose features separate the new classes best")
@@ -408,8 +450,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_transfer)
 
-    p = with_configs(sub.add_parser("adapt", help="add an unlabelled target domain to a multi-source model by "
-                                    "re-ordering its modules (pool, stem and head unchanged)"), train=ADAPT_TRAIN)
+    p = with_config(sub.add_parser("adapt", help="add an unlabelled target domain to a multi-source model by "
+                                   "re-ordering its modules (pool, stem and head unchanged)"), AdaptRun())
     p.add_argument("--from", dest="from_", required=True, help="checkpoint of a ModularNet trained on source domains")
     p.add_argument("--target", required=True, help="the new domain, e.g. digits5/mnistm; its labels are read only to "
                    "report the final test accuracy")
@@ -435,56 +477,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST)")
     p.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="run a benchmark: mtl, transfer, continual, adapt, reuse, speed").add_subparsers(
-        dest="bench", required=True, metavar="{mtl,transfer,continual,adapt,reuse,speed}")
-    p = with_configs(bench.add_parser("mtl", help="modular vs independent networks vs a shared trunk"),
-                     model=mtl.DEFAULT_MODEL, train=mtl.DEFAULT_TRAIN)
-    p.add_argument("--suite", default="glyphs")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
-    p.set_defaults(func=cmd_bench_mtl)
-    p = with_configs(bench.add_parser("transfer", help="route-only transfer vs head-only, norms+head, fine-tuning "
-                                      "and scratch on held-out tasks"),
-                     model=transfer.DEFAULT_MODEL, pretrain=transfer.DEFAULT_PRETRAIN, train=transfer.DEFAULT_TRANSFER)
-    p.add_argument("--pretrain-tasks", nargs="+", help=f"default {' '.join(transfer.PRETRAIN)}")
-    p.add_argument("--held-out", nargs="+", help=f"default {' '.join(transfer.HELD_OUT)}")
-    p.add_argument("--shots", nargs="+", type=_shots, help="images per class, integers or 'all' (default 10 100 all)")
-    p.add_argument("--methods", nargs="+", choices=TRANSFER_METHODS, help="default: all")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0")
-    p.set_defaults(func=cmd_bench_transfer)
-    p = with_configs(bench.add_parser("continual", help="a stream of tasks: growing pool vs independent networks vs "
-                                      "sequential fine-tuning"),
-                     model=continual.DEFAULT_MODEL, train=continual.DEFAULT_TRAIN, grow=continual.DEFAULT_GROW)
-    p.add_argument("--stream", nargs="+", help=f"task names in order (default {' '.join(continual.STREAM)})")
-    p.add_argument("--methods", nargs="+", choices=continual.METHODS, help="default: all")
-    p.set_defaults(func=cmd_bench_continual)
-    p = with_configs(bench.add_parser("adapt", help="unsupervised multi-source domain adaptation on digits5, leave "
-                                      "one domain out: route methods vs source-only, AdaBN and TENT"),
-                     model=adapt.DEFAULT_MODEL, source=adapt.DEFAULT_SOURCE, train=adapt.DEFAULT_ADAPT)
-    p.add_argument("--targets", nargs="+", choices=adapt.DOMAINS, help="default: all five domains")
-    p.add_argument("--methods", nargs="+", choices=ADAPT_METHODS, help="default: all")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
-    p.set_defaults(func=cmd_bench_adapt)
-    p = with_configs(bench.add_parser("reuse", help="block reuse for one task: N modules run over L = N, 2N, 3N "
-                                      "steps (cyclic, block-repeat, learned) vs L distinct modules"),
-                     model=reuse.DEFAULT_MODEL, train=reuse.DEFAULT_TRAIN)
-    p.add_argument("--task", default="fashion-mnist", help="a registered task (default fashion-mnist; glyphs/all is "
-                   "the harder 216-class one), a folder of class sub-folders of images, or an .npz")
-    p.add_argument("--image-size", type=int, help="side a folder's images are resized to (default 28)")
-    p.add_argument("--modules", type=int, nargs="+", help="pool sizes N (default 4 8)")
-    p.add_argument("--multiples", type=int, nargs="+", help="route lengths L as multiples of N (default 1 2 3)")
-    p.add_argument("--methods", nargs="+", choices=reuse.REUSE_METHODS, help="default: all")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
-    p.set_defaults(func=cmd_bench_reuse)
-    p = with_configs(bench.add_parser("speed", help="training and inference speed and memory of routes against a "
-                                      "plain isometric ResNet"), model=speed.DEFAULT_MODEL, speed=speed.SpeedConfig())
-    p.add_argument("--modules", type=int, nargs="+", help="pool sizes N (default 4 8 16)")
-    p.add_argument("--tasks", type=int, nargs="+", help="tasks per training step (default 1 8)")
-    p.set_defaults(func=cmd_bench_speed)
-    for p in bench.choices.values():
+    benches = registry()
+    bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(benches)}").add_subparsers(
+        dest="bench", required=True, metavar="{" + ",".join(benches) + "}")
+    for name, b in benches.items():
+        p = with_config(bench.add_parser(name, help=b.help), b.config(), b.unprefixed, data_dir=False)
         p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
+        p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="redraw figures and report.md from DIR/results.json")
     p.add_argument("dir")
+    p.add_argument("--docs", help="also rewrite the generated tables of this docs/results/<bench>.md page")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tasks", help="list suites and tasks")

@@ -120,11 +120,9 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
     run_dir = Path(out_dir) if out_dir is not None else None
     if not model.task_names:
         model.add_task(task.spec)
-        model.requires_grad_(True)
         acc = Trainer(model, [task], config, out_dir=run_dir, progress=progress).fit()[name]
         model.requires_grad_(False)
         return TaskOutcome(name, True, len(model.pool), None, None, acc, config.steps, model.route(name).indices())
-    model.freeze_shared()
     fit = split_validation(task, grow.val_fraction, seed=config.seed)
     source = select_source(model, fit, seed=config.seed)[0]
     route_config = replace(config, lr=grow.route_lr, lr_heads=grow.route_lr)
@@ -138,11 +136,9 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
         # Norms and head start from what the frozen-pool run learned; the route is new.
         branch.load_state_dict({k: v for k, v in saved.items() if not k.startswith("route.")}, strict=False)
         _grown_route_logits(model, name, outcome.route, new)
-        model.requires_grad_(False)
-        model.pool.unfreeze(new)
-        branch.requires_grad_(True)
+        params = {**model.param_groups([name]), "pool": [p for i in new for p in model.pool.blocks[i].parameters()]}
         grown_config = replace(config, lr_heads=grow.route_lr)
-        trainer = Trainer(model, {name: fit}, grown_config, progress=progress, train_tasks=[name])
+        trainer = Trainer(model, {name: fit}, grown_config, progress=progress, train_tasks=[name], params=params)
         outcome.val_grown = trainer.fit()[name]
         outcome.steps += config.steps
         if outcome.val_grown > val_route:

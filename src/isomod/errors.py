@@ -1,7 +1,5 @@
 """Errors a user can act on: each message is one line naming what was wrong."""
 
-from dataclasses import fields
-
 
 class IsomodError(Exception):
     """Bad input or state: a task, file, checkpoint or option the library cannot use."""
@@ -19,12 +17,3 @@ def check_choice(what: str, value, known) -> None:
     """Refuse `value` unless it is one of `known`, in one line that lists them."""
     if value not in known:
         raise IsomodError(f"unknown {what} {value!r}; known: {', '.join(known)}")
-
-
-def dataclass_from_dict(cls, data: dict, what: str):
-    """`cls(**data)`, refusing unknown keys in one line that lists the known ones."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise IsomodError(f"unknown {what} keys {unknown}; known: {sorted(known)}")
-    return cls(**data)

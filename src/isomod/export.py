@@ -86,8 +86,7 @@ class StaticNet(nn.Module):
 def export_task(model: ModularNet, task: str) -> StaticNet:
     """`task`'s network as a StaticNet in eval mode, computing what `model(x, task)` computes
     in eval mode (to float rounding where norms are folded)."""
-    if not isinstance(model, ModularNet):
-        raise IsomodError(f"export needs a ModularNet, got a {type(model).__name__}")
+    model.require_routes("export")
     route = model.route(task)
     if not route.is_discrete:
         raise IsomodError(f"task {task!r} still has a soft route; discretise it first "

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from isomod.blocks import residual_block, residual_branch
 from isomod.distributed import BatchNorm
-from isomod.errors import IsomodError, check_choice, dataclass_from_dict
+from isomod.config import check_value, from_dict
+from isomod.errors import IsomodError, check_choice
 from isomod.pool import ModulePool
 from isomod.route import ROUTE_INITS, Route
 from isomod.spec import TaskSpec
@@ -71,7 +72,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        return dataclass_from_dict(cls, data, "model config")
+        return from_dict(cls, data, "model config")
 
 
 def make_stem(config: ModelConfig) -> nn.Conv2d:
@@ -141,6 +142,26 @@ class TaskModel(nn.Module):
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, task), task)
 
+    has_routes = False  # whether tasks own routes (route operations, transfer, adaptation, export)
+
+    def require_routes(self, what: str) -> None:
+        """Refuse, in one line, a model whose tasks own no routes."""
+        if not self.has_routes:
+            raise IsomodError(f"{what} needs a model whose tasks own routes (a ModularNet), "
+                              f"this one is a {type(self).__name__}")
+
+    def add_task(self, spec: TaskSpec) -> None:
+        """Create what a new task owns; nothing another task computes changes."""
+        raise NotImplementedError
+
+    def remove_task(self, task: str) -> None:
+        raise NotImplementedError
+
+    def param_groups(self, tasks: list[str] | None = None) -> dict[str, list[nn.Parameter]]:
+        """Parameters by role (`stem`, `pool`, `routes`, `norms`, `heads`): with `tasks`
+        None, all that are trainable; otherwise only what those tasks own."""
+        raise NotImplementedError
+
     def soft_routes(self, tasks: list[str] | None = None) -> list[Route]:
         """The routes of `tasks` (default: all) that are still soft."""
         return []
@@ -152,6 +173,15 @@ class TaskModel(nn.Module):
     def discretize(self, task: str | None = None) -> None:
         pass
 
+    def usage(self, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Route weights `(L, N)` of `tasks` (default: all); empty without routes."""
+        return {}
+
+    def route_str(self, task: str) -> str:
+        """The task and its route, for printing (the name alone without routes)."""
+        self.check_task(task)
+        return task
+
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -161,7 +191,13 @@ class TaskModel(nn.Module):
 
     @classmethod
     def from_config(cls, data: dict) -> "TaskModel":
-        return cls(ModelConfig.from_dict(data["model"]), [TaskSpec(**s) for s in data.get("tasks", [])])
+        return cls(ModelConfig.from_dict(data["model"]), task_specs(data))
+
+
+def task_specs(data: dict) -> list[TaskSpec]:
+    """The checked task specs of a checkpoint's config."""
+    tasks = check_value(data.get("tasks", []), list, "tasks")
+    return [from_dict(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(tasks)]
 
 
 @torch.no_grad()
@@ -199,6 +235,8 @@ class ModularNet(TaskModel):
         >>> logits = net(torch.randn(2, 1, 28, 28), "a")   # (2, 10)
         >>> net.discretize(); print(net.route_str("a"))
     """
+
+    has_routes = True
 
     def __init__(self, config: ModelConfig, tasks: list[TaskSpec] = ()):
         super().__init__()
@@ -338,17 +376,35 @@ class ModularNet(TaskModel):
         self.pool.freeze()
 
     # --- parameters --------------------------------------------------------------
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by role: stem, pool, routes, norms, heads."""
-        groups = {
-            "stem": list(self.stem.parameters()),
-            "pool": list(self.pool.parameters()),
-            "routes": [b.route.logits for b in self.tasks.values()],
-            "norms": [p for b in self.tasks.values() for p in b.norms.parameters()],
-            "heads": [p for b in self.tasks.values() if b.head is not None for p in b.head.parameters()]
-            + list(self.heads.parameters()),
-        }
-        return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+    def param_groups(self, tasks: list[str] | None = None) -> dict[str, list[nn.Parameter]]:
+        """Parameters by role. With `tasks` None: every trainable one (stem, the pool's
+        unfrozen modules, soft routes, norms, heads). With `tasks`: what they own: their
+        soft routes, step norms and heads (a shared head only when no other domain of its
+        label space runs it)."""
+        if tasks is None:
+            groups = {
+                "stem": list(self.stem.parameters()),
+                "pool": list(self.pool.parameters()),
+                "routes": [b.route.logits for b in self.tasks.values() if not b.route.is_discrete],
+                "norms": [p for b in self.tasks.values() for p in b.norms.parameters()],
+                "heads": [p for b in self.tasks.values() if b.head is not None for p in b.head.parameters()]
+                + list(self.heads.parameters()),
+            }
+            return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+        groups = {"routes": [], "norms": [], "heads": []}
+        for task in tasks:
+            branch = self.branch(task)
+            if not branch.route.is_discrete:
+                groups["routes"].append(branch.route.logits)
+            groups["norms"] += list(branch.norms.parameters())
+            if not self.shares_head(task) or set(self.domains(task)) <= set(tasks):
+                groups["heads"] += list(self.head_of(task).parameters())
+        return {k: list(dict.fromkeys(v)) for k, v in groups.items()}
+
+    def domains(self, task: str) -> list[str]:
+        """The tasks that run `task`'s head: its label space's domains, or the task alone."""
+        space = self.check_task(task).label_space
+        return [n for n, s in self.specs.items() if s.label_space == space] if space else [task]
 
     def task_param_count(self, task: str) -> int:
         """Parameters a task owns: its route logits, step norms and own head (a shared
@@ -367,17 +423,18 @@ class ModularNet(TaskModel):
     @classmethod
     def from_config(cls, data: dict) -> "ModularNet":
         model = cls(ModelConfig.from_dict(data["model"]))
-        extra = data.get("num_modules_now", model.config.num_modules) - len(model.pool)
+        extra = check_value(data.get("num_modules_now", model.config.num_modules), int, "num_modules_now") - len(model.pool)
         if extra > 0:
             model.pool.add(extra)
         for _ in range(-extra):
             model.pool.remove(len(model.pool) - 1)
-        for spec in data.get("tasks", []):
-            model.add_task(TaskSpec(**spec))
-        for name, pattern in data.get("routes", {}).items():
+        for spec in task_specs(data):
+            model.add_task(spec)
+        routes = check_value(data.get("routes", {}), dict[str, list[int] | None], "routes")
+        for name, pattern in routes.items():
             if pattern is not None:
                 model.route(name).set_choice(pattern)
-        frozen = [i for i, f in enumerate(data.get("frozen_modules", [])) if f]
+        frozen = [i for i, f in enumerate(check_value(data.get("frozen_modules", []), list[bool], "frozen_modules")) if f]
         if frozen:
             model.pool.freeze(frozen)
         return model

@@ -11,6 +11,19 @@ import torch.nn.functional as F
 from isomod.errors import IsomodError, check_choice
 
 ROUTE_INITS = ("random", "uniform", "cyclic", "permutation")
+PATTERNS = ("once", "cyclic", "block_repeat", "distinct")
+
+
+def reuse_pattern(kind: str, num_modules: int, steps: int) -> list[int]:
+    """A fixed route over `steps` steps: `once` and `distinct` run modules 0 .. steps-1
+    (a pool of `steps` modules), `cyclic` runs 0 1 .. N-1 0 1 .., and `block_repeat`
+    runs each of the `N` modules for about `steps / N` consecutive steps."""
+    check_choice("route pattern", kind, PATTERNS)
+    if kind in ("once", "distinct"):
+        return list(range(steps))
+    if kind == "cyclic":
+        return [l % num_modules for l in range(steps)]
+    return [l * num_modules // steps for l in range(steps)]
 
 
 class Route(nn.Module):

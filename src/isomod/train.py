@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,9 +22,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isomod import distributed
-from isomod.checkpoint import check_compatible, load_trainer_state, load_weights, save_checkpoint
+from isomod.checkpoint import check_compatible, checkpoint_exists, load_trainer_state, load_weights, save_checkpoint
+from isomod.config import from_dict
 from isomod.data.tasks import TaskData
-from isomod.errors import IsomodError, TrainingDiverged, check_choice, dataclass_from_dict
+from isomod.errors import CheckpointError, IsomodError, TrainingDiverged, check_choice
 from isomod.network import TaskModel
 
 Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
@@ -96,15 +99,24 @@ class TrainConfig:
     def __post_init__(self):
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("sampling", self.sampling, SAMPLINGS)
-        if self.steps < 1 or self.batch_size < 1 or self.tasks_per_step < 1:
-            raise IsomodError("steps, batch_size and tasks_per_step must all be >= 1")
         check_choice("precision", self.precision, PRECISIONS)
+        for name in ("steps", "batch_size", "tasks_per_step", "log_every"):
+            if getattr(self, name) < 1:
+                raise IsomodError(f"train config {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "lr_routes", "lr_heads", "weight_decay", "entropy_weight", "warmup_steps",
+                     "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):
+                raise IsomodError(f"train config {name} must be a finite number >= 0, got {value}")
+        for name in ("temperature_start", "temperature_end"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise IsomodError(f"train config {name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.discretize_at <= 1.0:
-            raise IsomodError(f"discretize_at must lie in [0, 1], got {self.discretize_at}")
+            raise IsomodError(f"train config discretize_at must lie in [0, 1], got {self.discretize_at}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        return dataclass_from_dict(cls, data, "train config")
+        return from_dict(cls, data, "train config")
 
     def lr_factor(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -116,13 +128,39 @@ class TrainConfig:
             return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
         return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-    @property
-    def discretize_step(self) -> int:
-        return round(self.discretize_at * self.steps)
+
+
+class RouteSchedule:
+    """What happens to soft routes during training: their temperature and entropy weight
+    at each step, and the step at which they are frozen to their argmax (None: never).
+
+    This one anneals: the temperature falls geometrically from `temperature_start` to
+    `temperature_end` until `discretize_at * steps`, where routes are discretised; the
+    entropy of the route weights is added to the loss with `entropy_weight`. Pass another
+    schedule (e.g. `SoftRoutes`) to the Trainer to keep routes soft.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.start, self.end = config.temperature_start, config.temperature_end
+        self.entropy = config.entropy_weight
+        self.anneal_steps = round(config.discretize_at * config.steps)
+        self.discretize_step = self.anneal_steps if self.anneal_steps < config.steps else None
 
     def temperature(self, step: int) -> float:
-        frac = min(1.0, step / max(1, self.discretize_step))
-        return self.temperature_start * (self.temperature_end / self.temperature_start) ** frac
+        frac = min(1.0, step / max(1, self.anneal_steps))
+        return self.start * (self.end / self.start) ** frac
+
+    def entropy_weight(self, step: int) -> float:
+        return self.entropy
+
+
+class SoftRoutes(RouteSchedule):
+    """Routes stay soft to the end at temperature 1, with no entropy penalty."""
+
+    def __init__(self, config: TrainConfig | None = None):
+        self.start = self.end = 1.0
+        self.entropy = 0.0
+        self.anneal_steps, self.discretize_step = 1, None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -234,15 +272,78 @@ def evaluate(model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], spli
 
 
 class RunLog:
-    """Appends one JSON object per line to `log.jsonl`."""
+    """A run's log: one JSON object per line in `log.jsonl` and, when the `tensorboard`
+    package is installed, TensorBoard event files in the same folder (scalars and the
+    route matrices as images). Both are written by rank 0 only; `path` None writes nothing."""
 
     def __init__(self, path: Path | None):
         self.path = path
+        self.board = None
+        if path is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: the JSON log is enough
+                return
+            self.board = SummaryWriter(str(path.parent), flush_secs=30)
 
     def write(self, **record) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.board is not None:
+            for tag, value in values.items():
+                self.board.add_scalar(tag, value, step)
+
+    def routes(self, step: int, usage: dict[str, torch.Tensor]) -> None:
+        """Each task's route weights `(L, N)` as a grey image: steps down, modules across."""
+        if self.board is not None:
+            for task, w in usage.items():
+                self.board.add_image(f"route/{task}", w.float().clamp(0, 1)[None], step)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+class Progress:
+    """A progress bar on a terminal; elsewhere (output redirected to a file) one plain line
+    every `every` of the run, so logs stay readable."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train", every: float = 0.05):
+        self.total, self.step, self.enabled, self.desc = total, initial, enabled, desc
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc=desc, leave=True) if self.tty else None
+        self.every = max(1, round(every * total))
+        self.postfix = ""
+        self.t0 = time.time()
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (self.step % self.every == 0 or self.step == self.total):
+            self.write(f"{self.desc}: step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%), "
+                       f"{time.time() - self.t0:.0f} s  {self.postfix}".rstrip())
+
+    def set_postfix(self, text: str) -> None:
+        self.postfix = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+ROLES = ("stem", "pool", "routes", "norms", "heads")
 
 
 class Trainer:
@@ -250,26 +351,30 @@ class Trainer:
     over the processes (`isomod.distributed`), rank 0 alone logging and checkpointing.
 
     Args:
-        model: ModularNet or a baseline; its trainable parameters are what it leaves
-            with `requires_grad` (freeze pool and stem first for route-only transfer).
-            A norm whose affine parameters are all frozen keeps its running statistics
-            unless `frozen_norm_stats` is False.
+        model: ModularNet or a baseline.
         tasks: the tasks to train, by name or as a list. Unlabelled data carries labels
             of -1 (see `isomod.adapt`); tasks without test images are not evaluated.
         config: budget and schedule.
-        out_dir: run folder for `checkpoint/`, `log.jsonl` and `train_config.json`;
-            None trains without writing anything.
+        out_dir: run folder for `checkpoint/`, `log.jsonl`, TensorBoard events and
+            `train_config.json`; None trains without writing anything.
         objective: loss function, `cross_entropy` by default.
-        progress: show a progress bar.
+        progress: show progress (a bar on a terminal, plain lines otherwise).
         train_tasks: the subset of `tasks` to draw batches from (default: all).
-        frozen_norm_stats: False lets every norm of a trained task normalise with batch
-            statistics, even with its affine parameters frozen (statistics that follow a
-            route being learned on new data).
+        params: what trains, by role (`stem`, `pool`, `routes`, `norms`, `heads`), e.g.
+            `model.param_groups([task])` for a task's own parameters. Default: every
+            trainable parameter (`model.param_groups()`). Nothing else trains: the
+            Trainer turns gradients off for every other parameter of the model.
+        routes: the route schedule (temperature, entropy, discretisation); default
+            `RouteSchedule(config)`, which anneals and discretises.
+        frozen_norm_stats: a norm whose affine parameters do not train keeps its running
+            statistics; False lets every norm of a trained task normalise with batch
+            statistics (statistics that follow a route being learned on new data).
     """
 
     def __init__(self, model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], config: TrainConfig,
                  out_dir: str | Path | None = None, objective: Objective = cross_entropy, progress: bool = True,
-                 train_tasks: list[str] | None = None, frozen_norm_stats: bool = True):
+                 train_tasks: list[str] | None = None, params: dict[str, list[torch.nn.Parameter]] | None = None,
+                 routes: RouteSchedule | None = None, frozen_norm_stats: bool = True):
         self.tasks = {t.name: t for t in tasks} if isinstance(tasks, list) else dict(tasks)
         self.train_tasks = list(train_tasks or self.tasks)
         for name in self.train_tasks:
@@ -277,6 +382,13 @@ class Trainer:
         self.model = model
         self.config = config
         self.objective = objective
+        self.params = {k: list(dict.fromkeys(v)) for k, v in (params or model.param_groups()).items() if v}
+        unknown = sorted(set(self.params) - set(ROLES))
+        if unknown:
+            raise IsomodError(f"unknown parameter role(s) {unknown}; known: {', '.join(ROLES)}")
+        if not self.params:
+            raise IsomodError("nothing to train: no parameters were given")
+        self.route_schedule = routes or RouteSchedule(config)
         distributed.setup()
         self.main = distributed.is_main()
         self.progress = progress and self.main
@@ -286,7 +398,9 @@ class Trainer:
             raise IsomodError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} "
                               "data-parallel processes; each needs at least one image")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.log = RunLog(self.out_dir / "log.jsonl" if self.out_dir and self.main else None)
+        if self.out_dir is not None:
+            check_out_dir(self.out_dir)
+        self.log = RunLog(None)
         self.step = 0
         self.history: list[dict] = []
         self.soft_usage: dict[str, list] | None = None  # route weights just before discretising
@@ -294,6 +408,11 @@ class Trainer:
     @property
     def checkpoint_path(self) -> Path | None:
         return self.out_dir / "checkpoint" if self.out_dir else None
+
+    def _set_trainable(self) -> None:
+        trained = {id(p) for ps in self.params.values() for p in ps}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trained)
 
     def _train_mode(self) -> None:
         # A norm whose affine parameters are all frozen keeps its running statistics too,
@@ -315,12 +434,8 @@ class Trainer:
         c = self.config
         lrs = {"stem": c.lr, "pool": c.lr, "norms": c.lr, "routes": c.lr_routes, "heads": c.lr_heads}
         decay = {"stem": c.weight_decay, "pool": c.weight_decay, "heads": c.weight_decay}
-        groups = [
-            {"params": params, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": decay.get(name, 0.0), "name": name}
-            for name, params in self.model.param_groups().items() if params
-        ]
-        if not groups:
-            raise IsomodError("the model has no trainable parameters")
+        groups = [{"params": params, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": decay.get(name, 0.0),
+                   "name": name} for name, params in self.params.items()]
         # foreach: one kernel per group instead of one per tensor; a task owns many small
         # tensors (its norms), so the per-tensor loop dominated multi-task steps on the CPU.
         return torch.optim.AdamW(groups, betas=(0.9, 0.99), foreach=True)
@@ -330,133 +445,190 @@ class Trainer:
             return torch.ones(len(self.train_tasks))
         return torch.tensor([float(len(self.tasks[t].y_train)) for t in self.train_tasks])
 
+    def _state(self, optimizer: torch.optim.Optimizer, batches: Batches) -> dict:
+        """The trainer's state as tensors and plain values (read back with weights_only)."""
+        return {"step": self.step, "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
+                "sampler": self.sampler.get_state(), "aug": self.aug.get_state(), "torch_rng": torch.get_rng_state(),
+                "train_config": asdict(self.config)}
+
     def _save(self, optimizer: torch.optim.Optimizer, batches: Batches) -> None:
         if self.checkpoint_path is None:
             return
         if not self.main:
             distributed.barrier()  # no rank runs ahead of a checkpoint being written
             return
-        state = {"step": self.step, "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
-                 "sampler": self.sampler.get_state(), "aug": self.aug.get_state(), "torch_rng": torch.get_rng_state(),
-                 "train_config": asdict(self.config)}
-        save_checkpoint(self.model, self.checkpoint_path, trainer_state=state, extra={"step": self.step})
+        save_checkpoint(self.model, self.checkpoint_path, trainer_state=self._state(optimizer, batches),
+                        extra={"step": self.step})
         distributed.barrier()
+
+    def _resume(self, optimizer: torch.optim.Optimizer, batches: Batches, state: dict) -> None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            batches.load_state_dict(state["batches"])
+            self.sampler.set_state(state["sampler"])
+            self.aug.set_state(state["aug"])
+            torch.set_rng_state(state["torch_rng"])
+            self.step = int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.checkpoint_path / 'trainer.pt'}: trainer state does not fit this run "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+    def _read_resume_state(self) -> dict | None:
+        """The checkpoint's trainer state when resuming is possible; checked before anything
+        of the run folder is written, so a refused resume changes nothing."""
+        path = self.checkpoint_path
+        if path is None or not checkpoint_exists(path):
+            return None
+        check_compatible(self.model, path)
+        state = load_trainer_state(path)
+        if state is None:
+            raise CheckpointError(f"{path}: no trainer state to resume from")
+        return state
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Train to `config.steps`; returns test accuracy per task.
 
         Args:
             resume: continue from `out_dir/checkpoint` when it exists (same model config
-                and tasks required; the checkpoint is read, never changed, on mismatch).
+                and tasks required; on a mismatch nothing is written or changed).
         """
         c = self.config
+        state = self._read_resume_state() if resume else None
         torch.manual_seed(c.seed)
         self.model.to(self.device)
+        if state is not None:
+            load_weights(self.model, self.checkpoint_path)
+        self._set_trainable()
         self._train_mode()
         batches = Batches(self.tasks, c.batch_size, c.seed)
         self.sampler = torch.Generator().manual_seed(c.seed + 1)
         self.aug = torch.Generator().manual_seed(c.seed + 2)
+        optimizer = self._optimizer()
+        if state is not None:
+            self._resume(optimizer, batches, state)
         if self.out_dir and self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
-        state = None
-        if resume and self.checkpoint_path and (self.checkpoint_path / "config.json").exists():
-            check_compatible(self.model, self.checkpoint_path)
-            state = load_trainer_state(self.checkpoint_path)
-            if state is None:
-                raise IsomodError(f"{self.checkpoint_path}: no trainer state to resume from")
-            load_weights(self.model, self.checkpoint_path)
-        optimizer = self._optimizer()
-        trainable = [p for group in optimizer.param_groups for p in group["params"]]
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            batches.load_state_dict(state["batches"])
-            self.sampler.set_state(state["sampler"])
-            self.aug.set_state(state["aug"])
-            torch.set_rng_state(state["torch_rng"])
-            self.step = state["step"]
-            self.log.write(event="resume", step=self.step)
+            self.log = RunLog(self.out_dir / "log.jsonl")
+            if state is not None:
+                self.log.write(event="resume", step=self.step)
         distributed.broadcast_module(self.model)
-        weights = self._task_weights()
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
         forward_model, autocast = forward_options(self.model, self.device, c.precision, c.compile)
+        weights = self._task_weights()
         k = min(c.tasks_per_step, len(self.train_tasks))
-        running = {t: None for t in self.train_tasks}
+        running: dict[str, float | None] = {t: None for t in self.train_tasks}
         loss_ema = None
-        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
-                   desc="train", leave=True)
-        t0 = time.time()
-        while self.step < c.steps:
-            if self.step == c.discretize_step and self.model.soft_routes(self.train_tasks):
-                self.soft_usage = {n: w.tolist() for n, w in self.model.usage(self.train_tasks).items()}
-                for task in self.train_tasks:
-                    self.model.discretize(task)
-                self.log.write(event="discretize", step=self.step, route_weights=self.soft_usage)
-                if not any(p.requires_grad for p in self.model.parameters()):
-                    # Only routes were trained: the remaining steps would change nothing.
-                    self.log.write(event="nothing left to train", step=self.step)
-                    bar.update(c.steps - self.step)
-                    self.step = c.steps
+        bar = Progress(c.steps, self.step, self.progress)
+        try:
+            while self.step < c.steps:
+                if self.step == self.route_schedule.discretize_step and self._discretize(bar):
                     break
-            factor = c.lr_factor(self.step)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            self.model.set_temperature(c.temperature(self.step), self.train_tasks)
-            chosen = torch.multinomial(weights, k, replacement=False, generator=self.sampler).tolist()
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for i in chosen:
-                task = self.train_tasks[i]
-                x, y, global_batch = batches.next(task)
-                x, y = to_float(x.to(self.device)), y.to(self.device)
-                if c.augment:
-                    x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
-                with autocast:
-                    loss, logits = self.objective(forward_model, x, y, task)
-                # Weighted so that the average over ranks is the global batch's mean loss.
-                share = distributed.world_size() * len(y) / global_batch
-                total = total + share * loss / k
-                if (y >= 0).any():
-                    acc = (logits.argmax(-1) == y).float().mean().item()
-                    running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
-            soft = self.model.soft_routes(self.train_tasks)
-            if soft and c.entropy_weight > 0:
-                total = total + c.entropy_weight * torch.stack([r.entropy() for r in soft]).mean()
-            total.backward()
-            # All ranks see the same averaged loss, so all of them stop together on divergence.
-            total = distributed.average_gradients(trainable, total)
-            if not torch.isfinite(total):
-                kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() else None
-                self.log.write(event="diverged", step=self.step)
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss became {total.item()} at step {self.step} (tasks {[self.train_tasks[i] for i in chosen]}); "
-                    f"training stopped, last good checkpoint: {kept or 'none written yet'}"
-                )
-            optimizer.step()
-            self.step += 1
-            loss_ema = total.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * total.item()
-            bar.update(1)
-            if self.step % c.log_every == 0 or self.step == c.steps:
-                accs = {t: round(a, 4) for t, a in running.items() if a is not None}
-                record = {"step": self.step, "loss": round(loss_ema, 5), "lr": c.lr * factor,
-                          "temperature": c.temperature(self.step), "train_acc": accs,
-                          "time": round(time.time() - t0, 2)}
-                self.history.append(record)
-                self.log.write(**record)
-                bar.set_postfix_str(f"loss {loss_ema:.3f} " + " ".join(f"{short(t)} {a:.2f}" for t, a in accs.items()))
-            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
-                accs = evaluate(self.model, self._labelled())
-                self._train_mode()
-                self.log.write(event="eval", step=self.step, test_acc=accs)
-                if self.main:
-                    bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
-            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
-                self._save(optimizer, batches)
-        bar.close()
-        self._save(optimizer, batches)
+                factor = c.lr_factor(self.step)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                temperature = self.route_schedule.temperature(self.step)
+                self.model.set_temperature(temperature, self.train_tasks)
+                chosen = [self.train_tasks[i] for i in
+                          torch.multinomial(weights, k, replacement=False, generator=self.sampler).tolist()]
+                total = self._step(optimizer, trainable, batches, forward_model, autocast, chosen, running)
+                self.step += 1
+                loss_ema = total if loss_ema is None else 0.95 * loss_ema + 0.05 * total
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    self._log_step(bar, loss_ema, c.lr * factor, temperature, running)
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                    self._evaluate(bar)
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                    self._save(optimizer, batches)
+            bar.close()
+            self._save(optimizer, batches)
+            return self._evaluate(bar)
+        finally:
+            bar.close()
+            self.log.close()
+
+    def _discretize(self, bar: Progress) -> bool:
+        """Freeze the trained tasks' routes to their argmax; True when nothing is left to train."""
+        if not self.model.soft_routes(self.train_tasks):
+            return False
+        self.soft_usage = {n: w.tolist() for n, w in self.model.usage(self.train_tasks).items()}
+        self.log.routes(self.step, self.model.usage(self.train_tasks))
+        for task in self.train_tasks:
+            self.model.discretize(task)
+        self.log.write(event="discretize", step=self.step, route_weights=self.soft_usage)
+        if any(p.requires_grad for ps in self.params.values() for p in ps):
+            return False
+        # Only routes were trained: the remaining steps would change nothing.
+        self.log.write(event="nothing left to train", step=self.step)
+        bar.update(self.config.steps - self.step)
+        self.step = self.config.steps
+        return True
+
+    def _step(self, optimizer, trainable, batches: Batches, forward_model, autocast, chosen: list[str],
+              running: dict) -> float:
+        """One optimiser step on one batch of each task in `chosen`; returns the loss."""
+        c = self.config
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for task in chosen:
+            x, y, global_batch = batches.next(task)
+            x, y = to_float(x.to(self.device)), y.to(self.device)
+            if c.augment:
+                x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
+            with autocast:
+                loss, logits = self.objective(forward_model, x, y, task)
+            # Weighted so that the average over ranks is the global batch's mean loss.
+            share = distributed.world_size() * len(y) / global_batch
+            total = total + share * loss / len(chosen)
+            if (y >= 0).any():
+                acc = (logits.argmax(-1) == y).float().mean().item()
+                running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
+        soft = self.model.soft_routes(self.train_tasks)
+        entropy_weight = self.route_schedule.entropy_weight(self.step)
+        if soft and entropy_weight > 0:
+            total = total + entropy_weight * torch.stack([r.entropy() for r in soft]).mean()
+        total.backward()
+        # All ranks see the same averaged loss, so all of them stop together on divergence.
+        total = distributed.average_gradients(trainable, total)
+        if not torch.isfinite(total):
+            kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() else None
+            self.log.write(event="diverged", step=self.step)
+            raise TrainingDiverged(f"loss became {total.item()} at step {self.step} (tasks {chosen}); training "
+                                   f"stopped, last good checkpoint: {kept or 'none written yet'}")
+        optimizer.step()
+        return total.item()
+
+    def _log_step(self, bar: Progress, loss: float, lr: float, temperature: float, running: dict) -> None:
+        accs = {t: round(a, 4) for t, a in running.items() if a is not None}
+        record = {"step": self.step, "loss": round(loss, 5), "lr": lr, "temperature": temperature, "train_acc": accs,
+                  "time": round(time.time() - bar.t0, 2)}
+        self.history.append(record)
+        self.log.write(**record)
+        self.log.scalars(self.step, {"loss": loss, "lr": lr, "temperature": temperature,
+                                     **{f"train_acc/{t}": a for t, a in accs.items()}})
+        bar.set_postfix(f"loss {loss:.3f} " + " ".join(f"{short(t)} {a:.2f}" for t, a in accs.items()))
+
+    def _evaluate(self, bar: Progress) -> dict[str, float]:
         accs = evaluate(self.model, self._labelled())
+        self._train_mode()
         self.log.write(event="eval", step=self.step, test_acc=accs)
+        self.log.scalars(self.step, {f"test_acc/{t}": a for t, a in accs.items()})
+        self.log.routes(self.step, self.model.usage(self.train_tasks))
+        if self.step < self.config.steps:
+            bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
         return accs
+
+
+def check_out_dir(path: Path) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise IsomodError(f"--out {path}: exists and is not a folder; give a new or existing folder")
+    parent = next((p for p in [path, *path.parents] if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK) or not parent.is_dir():
+        raise IsomodError(f"--out {path}: cannot create or write there; give a writable folder")
+    if str(path.resolve()).startswith(("/proc/", "/sys/")):
+        raise IsomodError(f"--out {path}: not a writable folder (a kernel file system); give a writable folder")
 
 
 def short(task: str) -> str:

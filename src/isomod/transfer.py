@@ -48,14 +48,15 @@ def few_shot(task: TaskData, shots: int | None, seed: int = 0) -> TaskData:
 
 def prepare_route(model: ModularNet, task: TaskData, init_from: str | None = None,
                   route_bias: float = ROUTE_BIAS) -> None:
-    """Add `task` (unless already added) and leave only its route, step norms and head trainable.
+    """Add `task` (unless already added); what trains afterwards is
+    `model.param_groups([task.name])`: its route, step norms and head (not a head other
+    domains run).
 
     With `init_from`, the new task starts from that task's norms and its route logits from
     `route_bias` on that task's module at each step (weight ~0.78 at bias 4 in a pool of 16;
     0 keeps the model's own route init).
     """
-    if not isinstance(model, ModularNet):
-        raise IsomodError(f"route-only transfer needs a ModularNet, got {type(model).__name__}")
+    model.require_routes("route-only transfer")
     if init_from is not None:
         model.check_task(init_from)
     if task.name not in model.specs:
@@ -68,12 +69,6 @@ def prepare_route(model: ModularNet, task: TaskData, init_from: str | None = Non
     elif model.specs[task.name].num_classes != task.spec.num_classes:
         raise IsomodError(f"task {task.name!r} exists with {model.specs[task.name].num_classes} classes, "
                           f"the data has {task.spec.num_classes}")
-    model.requires_grad_(False)
-    branch = model.branch(task.name)
-    branch.norms.requires_grad_(True)
-    if not model.shares_head(task.name):  # a head other domains run stays as it is
-        model.head_of(task.name).requires_grad_(True)
-    branch.route.logits.requires_grad_(not branch.route.is_discrete)
 
 
 def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_TRAIN,
@@ -92,8 +87,8 @@ def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_
         progress: show a progress bar.
     """
     prepare_route(model, task, init_from)
-    return Trainer(model, {task.name: task}, config, out_dir=out_dir, progress=progress,
-                   train_tasks=[task.name]).fit()
+    return Trainer(model, {task.name: task}, config, out_dir=out_dir, progress=progress, train_tasks=[task.name],
+                   params=model.param_groups([task.name])).fit()
 
 
 TRANSFER_METHODS = ("route_only", "head_only", "norm_head", "finetune", "scratch")
@@ -177,34 +172,31 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
         progress: show a progress bar.
     """
     check_choice("transfer method", method, TRANSFER_METHODS)
-    if not isinstance(model, ModularNet):
-        raise IsomodError(f"transfer needs a ModularNet, got {type(model).__name__}")
+    model.require_routes("transfer")
     if source is None:
         source = select_source(model, task, seed=config.seed)[0]
     model.check_task(source)
     if method == "route_only":
         target = model
         prepare_route(model, task, init_from=source)
-        own = list(model.branch(task.name).parameters()) + list(model.head_of(task.name).parameters())
-        trained = [p for p in dict.fromkeys(own) if p.requires_grad]
+        params = model.param_groups([task.name])
     elif method == "scratch":
         torch.manual_seed(config.seed)
         shape = replace(model.config, num_modules=len(model.pool))
         target = ModularNet(shape, [task.spec])
-        trained = list(target.parameters())
+        params = target.param_groups()
     else:
         target = copy.deepcopy(model) if method == "finetune" else model
         branch = target.add_task(task.spec, copy_norms_from=source)
         branch.route.set_choice(target.route(source).indices())
-        target.requires_grad_(False)
-        trained = [] if target.shares_head(task.name) else list(target.head_of(task.name).parameters())
+        params = {"heads": target.param_groups([task.name])["heads"]}
         if method in ("norm_head", "finetune"):
-            trained += list(branch.norms.parameters())
+            params["norms"] = list(branch.norms.parameters())
         if method == "finetune":
-            trained += list(target.stem.parameters()) + list(target.pool.parameters())
-        for p in trained:
-            p.requires_grad_(True)
-    trainer = Trainer(target, {task.name: task}, config, out_dir=out_dir, progress=progress, train_tasks=[task.name])
+            params.update(stem=list(target.stem.parameters()), pool=list(target.pool.parameters()))
+    trainer = Trainer(target, {task.name: task}, config, out_dir=out_dir, progress=progress, train_tasks=[task.name],
+                      params=params)
     accs = trainer.fit()
     soft = (trainer.soft_usage or {}).get(task.name)
-    return TransferResult(target, accs[task.name], sum(p.numel() for p in trained), source, soft)
+    trained = sum(p.numel() for ps in params.values() for p in ps)
+    return TransferResult(target, accs[task.name], trained, source, soft)

@@ -1,17 +1,29 @@
-"""Benchmarks: one module per experiment, each writing results.json, report.md and PNGs."""
+"""Benchmarks: one module per experiment, each writing results.json, report.md and PNGs.
+
+`registry()` imports them all; each registers itself (see `isomod.bench.base`).
+"""
 
 from __future__ import annotations
 
-import json
+import importlib
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from isomod.data.cache import write_atomic
+from isomod.bench.base import BENCHES, Bench
 from isomod.data.tasks import TaskData
 from isomod.network import ModelConfig, ModularNet
 from isomod.train import TrainConfig, Trainer
+
+NAMES = ("mtl", "transfer", "continual", "adapt", "reuse", "speed")
+
+
+def registry() -> dict[str, Bench]:
+    """Every benchmark, by name, in the order of `NAMES`."""
+    for name in NAMES:
+        importlib.import_module(f"isomod.bench.{name}")
+    return {name: BENCHES[name] for name in NAMES}
 
 
 def train_modular(run_dir: Path, tasks: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
@@ -26,8 +38,3 @@ def train_modular(run_dir: Path, tasks: list[TaskData], model_config: ModelConfi
         model.route(name).set_choice(pattern)
     trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=run_dir, progress=progress)
     return model, trainer.fit(resume=True)
-
-
-def write_results(path: Path, results: dict) -> None:
-    """Write `results.json` atomically: a stopped benchmark never leaves half a file."""
-    write_atomic(path, lambda f: f.write(json.dumps(results, indent=2).encode()))

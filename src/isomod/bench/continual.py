@@ -9,9 +9,8 @@ learned and compared bit for bit after the last task.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +18,44 @@ import torch
 
 from isomod import report
 from isomod.baselines import IndependentNets, PlainResNet
+from isomod.bench.base import Bench, Results, environment, register
 from isomod.checkpoint import save_checkpoint
 from isomod.continual import GrowConfig, learn_task
 from isomod.data.tasks import TaskData, load_task
 from isomod.network import ModelConfig, ModularNet, TaskModel
-from isomod.train import TrainConfig, Trainer, evaluate, to_float
+from isomod.errors import check_choice
+from isomod.train import TrainConfig, Trainer, check_out_dir, evaluate, resolve_device, to_float
 
 METHODS = ("modular_grow", "independent", "finetune_seq")
 STREAM = ["glyphs/latin_upper", "glyphs/digits", "glyphs/greek", "mnist", "glyphs/cyrillic", "glyphs/armenian",
           "uci-digits", "glyphs/georgian", "glyphs/hebrew", "glyphs/latin_lower"]
-DEFAULT_MODEL = ModelConfig(channels=32, num_modules=4, steps=8)
-DEFAULT_TRAIN = TrainConfig(steps=500, batch_size=128, lr=5e-3, lr_heads=5e-3, warmup_steps=20, checkpoint_every=0,
-                            log_every=25)
-DEFAULT_GROW = GrowConfig(threshold=0.9, modules=2)
 PROBE = 64  # test images per task whose logits must stay bit-identical
+
+
+@dataclass
+class ContinualConfig:
+    """`isomod bench continual`: a stream of tasks, every method, one budget per task.
+
+    Args:
+        stream: task names, in arrival order.
+        methods: a subset of modular_grow, independent, finetune_seq.
+        data_dir: where data that is not embedded (Fashion-MNIST) is looked for first.
+        model: the shape; `num_modules` is the modular network's starting pool.
+        train: the budget of one training run, the same for every method and task.
+        grow: the modular network's growth threshold and size.
+    """
+
+    stream: list[str] = field(default_factory=lambda: list(STREAM))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    data_dir: str = ""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=4, steps=8))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=500, batch_size=128, lr=5e-3, lr_heads=5e-3, warmup_steps=20, checkpoint_every=0, log_every=25))
+    grow: GrowConfig = field(default_factory=lambda: GrowConfig(threshold=0.9, modules=2))
+
+    def __post_init__(self):
+        for m in self.methods:
+            check_choice("continual method", m, METHODS)
 
 
 @torch.no_grad()
@@ -61,10 +84,9 @@ def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, t
             probes[task.name] = probe_logits(model, task)
         else:
             model.add_task(task.spec)
-            if method == "independent":
-                model.requires_grad_(False)
-                model.nets[task.name].requires_grad_(True)
-            Trainer(model, [task], train_config, progress=progress).fit()
+            # Independent networks train only the new task's network; fine-tuning, all of it.
+            params = model.param_groups([task.name]) if method == "independent" else None
+            Trainer(model, [task], train_config, progress=progress, params=params).fit()
             info["steps"] += train_config.steps
         seen = stream[: i + 1]
         accs = evaluate(model, {t.name: t for t in seen})
@@ -81,35 +103,21 @@ def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, t
     return rows, info
 
 
-def run(out_dir: str | Path, stream: list[str] = tuple(STREAM), methods: list[str] = METHODS,
-        model_config: ModelConfig = DEFAULT_MODEL, train_config: TrainConfig = DEFAULT_TRAIN,
-        grow: GrowConfig = DEFAULT_GROW, data_dir: str | None = None, progress: bool = True) -> dict:
-    """Learn the stream with every method; write `results.json`, figures and `report.md`.
-
-    Args:
-        out_dir: output folder.
-        stream: task names, in arrival order.
-        methods: a subset of `METHODS`.
-        model_config: the shape; `num_modules` is the modular network's starting pool.
-        train_config: the budget of one training run, the same for every method and task.
-        grow: the modular network's growth threshold and size.
-        data_dir: where to look for data that is not embedded (Fashion-MNIST).
-        progress: show progress bars.
-    """
+def run(out_dir: str | Path, config: ContinualConfig = ContinualConfig(), progress: bool = True) -> dict:
+    """Learn the stream with every method; write `results.json`, figures and `report.md`."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = [load_task(t, data_dir=data_dir) for t in stream]
-    rows, infos = [], {}
-    for method in methods:
-        method_rows, infos[method] = run_method(method, tasks, model_config, train_config, grow, out, progress)
-        rows += method_rows
-    results = {"bench": "continual",
-               "config": {"stream": list(stream), "task_names": [t.name for t in tasks], "methods": list(methods), "model": asdict(model_config),
-                          "train": asdict(train_config), "grow": asdict(grow)},
-               "rows": rows, "methods": infos}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(out, results)
-    return results
+    check_out_dir(out)
+    tasks = [load_task(t, data_dir=config.data_dir or None) for t in config.stream]
+    results = Results(out / "results.json", "continual", {**asdict(config), "task_names": [t.name for t in tasks]},
+                      environment=environment(resolve_device(config.train.device)), methods={})
+    for method in config.methods:
+        rows, results["methods"][method] = run_method(method, tasks, config.model, config.train, config.grow, out,
+                                                      progress)
+        for row in rows:
+            results.add(row)
+    results.save()
+    write_report(out, results.data)
+    return results.data
 
 
 def final_table(results: dict) -> str:
@@ -161,3 +169,7 @@ def write_report(out: Path, results: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+register(Bench("continual", "a stream of tasks: growing pool vs independent networks vs sequential fine-tuning",
+               ContinualConfig, run, write_report, final_table))

@@ -3,9 +3,8 @@ trunk, on one suite, same data, same steps, same batch size, same schedule."""
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,71 +14,92 @@ from isomod import report
 from isomod.baselines import IndependentNets, PlainResNet
 from isomod.data.tasks import TaskData, load_suite
 from isomod.network import ModelConfig, ModularNet, TaskModel
-from isomod.train import TrainConfig, Trainer
+from isomod.bench.base import Bench, Results, Row, environment, register
+from isomod.errors import IsomodError, check_choice
+from isomod.train import TrainConfig, Trainer, check_out_dir, resolve_device
 
 METHODS = {"modular": ModularNet, "independent": IndependentNets, "shared_trunk": PlainResNet}
 
-# The default budget: under 3 minutes per method and seed on 2 CPU cores.
-DEFAULT_MODEL = ModelConfig(channels=32, num_modules=16, steps=8)
-DEFAULT_TRAIN = TrainConfig(steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25)
-DEFAULT_SEEDS = [0, 1]
+
+@dataclass
+class MtlConfig:
+    """`isomod bench mtl`: every method, every seed, one suite, one budget.
+
+    Args:
+        suite: the task suite (`isomod tasks` lists them).
+        seeds: one run per seed and method.
+        methods: a subset of modular, independent, shared_trunk.
+        model: the shape shared by all methods (baselines run `steps` distinct blocks).
+        train: the budget shared by all methods (under 3 minutes per method and seed on
+            2 CPU cores); its seed is replaced per run.
+    """
+
+    suite: str = "glyphs"
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=16, steps=8))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
+
+    def __post_init__(self):
+        for m in self.methods:
+            check_choice("mtl method", m, tuple(METHODS))
+        if not self.seeds:
+            raise IsomodError("give at least one seed")
 
 
-def rows_for(method: str, model: TaskModel, accs: dict[str, float], seed: int) -> list[dict]:
+def rows_for(method: str, model: TaskModel, accs: dict[str, float], seed: int) -> list[Row]:
     total = model.param_count()
-    rows = [{"method": method, "task": t, "metric": "test_acc", "value": round(a, 5), "params_total": total,
-             "params_task": model.task_param_count(t), "seed": seed} for t, a in accs.items()]
-    rows.append({"method": method, "task": "mean", "metric": "test_acc", "value": round(float(np.mean(list(accs.values()))), 5),
-                 "params_total": total, "params_task": int(np.mean([r["params_task"] for r in rows])), "seed": seed})
+    rows = [Row(method, t, "test_acc", round(a, 5), {"params_total": total, "params_task": model.task_param_count(t),
+                                                     "seed": seed}) for t, a in accs.items()]
+    rows.append(Row(method, "mean", "test_acc", round(float(np.mean(list(accs.values()))), 5),
+                    {"params_total": total, "params_task": int(np.mean([r.fields["params_task"] for r in rows])),
+                     "seed": seed}))
     return rows
 
 
-def run(out_dir: str | Path, suite: str = "glyphs", model_config: ModelConfig = DEFAULT_MODEL,
-        train_config: TrainConfig = DEFAULT_TRAIN, seeds: list[int] = (0,), methods: list[str] = tuple(METHODS),
-        tasks: list[TaskData] | None = None, progress: bool = True, bench: str = "mtl") -> dict:
+def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = True,
+        tasks: list[TaskData] | None = None, bench: str = "mtl") -> dict:
     """Train every method for every seed; write `results.json`, figures and `report.md`.
 
     Args:
         out_dir: output folder; each run keeps its checkpoint and log under `runs/`.
-        suite: the task suite (ignored when `tasks` is given).
-        model_config: the shape shared by all methods (baselines use `steps` distinct blocks).
-        train_config: the budget shared by all methods; its seed is replaced per run.
-        seeds: one run per seed and method.
-        methods: a subset of `modular`, `independent`, `shared_trunk`.
-        tasks: the tasks themselves, instead of a suite name.
-        progress: show progress bars.
+        config: suite, seeds, methods, model shape and budget.
+        progress: show progress.
+        tasks: the tasks themselves, instead of loading the suite.
+        bench: the name written into `results.json`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = tasks if tasks is not None else load_suite(suite)
+    check_out_dir(out)
+    tasks = tasks if tasks is not None else load_suite(config.suite)
     specs = [t.spec for t in tasks]
-    rows: list[dict] = []
-    routes: dict = {}
-    timings: dict[str, float] = {}
-    for seed in seeds:
-        for method in methods:
+    results = Results(out / "results.json", bench, {**asdict(config), "tasks": [t.name for t in tasks]},
+                      environment=environment(resolve_device(config.train.device)), routes={}, train_seconds={})
+    for seed in config.seeds:
+        for method in config.methods:
             torch.manual_seed(seed)
-            model = METHODS[method](model_config, specs)
+            model = METHODS[method](config.model, specs)
             run_dir = out / "runs" / f"{method}-s{seed}"
             if progress:
                 print(f"== {method} (seed {seed}): {model.param_count():,} parameters", flush=True)
-            trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=run_dir, progress=progress)
+            trainer = Trainer(model, tasks, replace(config.train, seed=seed), out_dir=run_dir, progress=progress)
             t0 = time.time()
             accs = trainer.fit()
-            timings[f"{method}-s{seed}"] = round(time.time() - t0, 1)
-            rows += rows_for(method, model, accs, seed)
-            if isinstance(model, ModularNet):
-                routes[f"s{seed}"] = {
+            results["train_seconds"][f"{method}-s{seed}"] = round(time.time() - t0, 1)
+            for row in rows_for(method, model, accs, seed):
+                results.add(row)
+            if model.has_routes:
+                results["routes"][f"s{seed}"] = {
                     "discrete": {n: model.route(n).indices() for n in model.task_names},
                     "soft_at_discretize": trainer.soft_usage,
                 }
-    results = {"bench": bench, "config": {"suite": suite, "tasks": [t.name for t in tasks],
-                                          "model": asdict(model_config), "train": asdict(train_config),
-                                          "seeds": list(seeds), "methods": list(methods)},
-               "rows": rows, "routes": routes, "train_seconds": timings}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(out, results)
-    return results
+    results.save()
+    write_report(out, results.data)
+    return results.data
+
+
+def summary(results: dict) -> str:
+    return report.markdown_results(results["rows"])
 
 
 def write_report(out: Path, results: dict) -> Path:
@@ -115,3 +135,6 @@ def write_report(out: Path, results: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+register(Bench("mtl", "modular vs independent networks vs a shared trunk", MtlConfig, run, write_report, summary))

@@ -19,23 +19,20 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from isomod import report
 from isomod.baselines import PlainResNet
-from isomod.bench import write_results
+from isomod.bench.base import Bench, Results, environment, register
 from isomod.errors import IsomodError, check_choice
 from isomod.export import export_task
 from isomod.network import ModelConfig, ModularNet, TaskModel, TaskSpec
-from isomod.train import PRECISIONS, cross_entropy, forward_options, resolve_device
+from isomod.train import PRECISIONS, check_out_dir, cross_entropy, forward_options, resolve_device
 
 TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete")
-MODULES = (4, 8, 16)
-TASKS = (1, 8)
-DEFAULT_MODEL = ModelConfig(channels=32, steps=8)
 
 
 @dataclass
@@ -186,19 +183,33 @@ def train_rows(method: str, n: int, tasks: int, device: torch.device, images: in
             {**common, "metric": "peak_mem_ratio_to_plain", "value": round(peak / plain_peak, 3)}]
 
 
-def run(out_dir: str | Path, modules: list[int] = MODULES, tasks: list[int] = TASKS,
-        model_config: ModelConfig = DEFAULT_MODEL, speed: SpeedConfig = SpeedConfig(), progress: bool = True) -> dict:
-    """Measure every method for every pool size and task count; write `results.json`,
-    `report.md` and a figure.
+@dataclass
+class SpeedBenchConfig:
+    """`isomod bench speed`: every method, pool size and task count, timed against plain.
 
     Args:
-        out_dir: output folder.
-        modules: pool sizes `N` (the plain network has `steps` blocks whatever `N` is).
+        modules: pool sizes N (the plain network has `steps` blocks whatever N is).
         tasks: tasks per training step.
-        model_config: width, depth and block shape shared by all models.
+        model: width, depth and block shape shared by all models.
         speed: batch, image size, repetitions and device.
-        progress: print each measurement as it is made.
     """
+
+    modules: list[int] = field(default_factory=lambda: [4, 8, 16])
+    tasks: list[int] = field(default_factory=lambda: [1, 8])
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, steps=8))
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+    def __post_init__(self):
+        if not self.modules or min(self.modules) < 1 or not self.tasks or min(self.tasks) < 1:
+            raise IsomodError("modules and tasks must be non-empty lists of numbers >= 1")
+
+
+def run(out_dir: str | Path, config: SpeedBenchConfig = SpeedBenchConfig(), progress: bool = True) -> dict:
+    """Measure every method for every pool size and task count; write `results.json`,
+    `report.md` and a figure."""
+    out = Path(out_dir)
+    check_out_dir(out)
+    modules, tasks, model_config, speed = config.modules, config.tasks, config.model, config.speed
     device = resolve_device(speed.device)
     say = print if progress else (lambda *a, **k: None)
     rows: list[dict] = []
@@ -244,15 +255,14 @@ def run(out_dir: str | Path, modules: list[int] = MODULES, tasks: list[int] = TA
                          "infer_img_per_s": round(speed.batch_size / t_m, 1)})
         say(f"inference N={n}: exported x{t_exp / t_plain:.3f} plain, discrete ModularNet x{t_disc / t_plain:.3f}",
             flush=True)
-    results = {"bench": "speed", "config": {"model": asdict(model_config), "speed": asdict(speed),
-                                            "modules": list(modules), "tasks": list(tasks), "device": str(device),
-                                            "threads": torch.get_num_threads()},
-               "rows": rows}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_results(out / "results.json", results)
-    write_report(out, results)
-    return results
+    results = Results(out / "results.json", "speed", {**asdict(config), "device": str(device),
+                                                       "threads": torch.get_num_threads()},
+                      environment=environment(device))
+    for row in rows:
+        results.add(row)
+    results.save()
+    write_report(out, results.data)
+    return results.data
 
 
 def value(rows: list[dict], method: str, n: int, tasks: int, metric: str) -> float | None:
@@ -284,21 +294,24 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-TARGETS = (("weight_mixing", "train_time_ratio_to_plain", 1.15, "weight-mixing step time <= 1.15x plain"),
-           ("weight_mixing", "multitask_time_ratio", 1.2, "8-task step <= 1.2x a 1-task step"),
-           ("exported", "infer_time_ratio_to_plain", 1.02, "exported inference <= 1.02x plain"),
-           ("weight_mixing", "peak_mem_ratio_to_plain", 1.2, "weight-mixing peak memory <= 1.2x plain"))
+HEADLINES = (("weight_mixing", "train_time_ratio_to_plain", "weight-mixing training step / plain's"),
+             ("weight_mixing", "multitask_time_ratio", "weight mixing, a T-task step / a 1-task step"),
+             ("exported", "infer_time_ratio_to_plain", "exported inference / plain's"),
+             ("weight_mixing", "peak_mem_ratio_to_plain", "weight-mixing peak training memory / plain's"))
 
 
 def checks(results: dict) -> list[str]:
-    """Each target of the issue, met or missed, with the worst measured value."""
+    """The headline ratios: the worst (largest) measured value of each."""
     lines = []
-    for method, metric, limit, text in TARGETS:
+    for method, metric, text in HEADLINES:
         values = [r["value"] for r in results["rows"] if r["method"] == method and r["metric"] == metric]
         if values:
-            worst = max(values)
-            lines.append(f"{text}: worst {worst:.3f} ({'met' if worst <= limit else 'missed'})")
+            lines.append(f"{text}: worst {max(values):.3f}")
     return lines
+
+
+def summary(results: dict) -> str:
+    return "\n".join([markdown_table(results), *checks(results)])
 
 
 def write_report(out: Path, results: dict) -> Path:
@@ -307,8 +320,12 @@ def write_report(out: Path, results: dict) -> Path:
     parts = [f"# isomod bench speed ({cfg['device']}, {cfg['threads']} threads)", "",
              f"Width {cfg['model']['channels']}, {cfg['model']['steps']} steps, {cfg['speed']['batch_size']} images of "
              f"{cfg['speed']['image_size']}x{cfg['speed']['image_size']} per training step; medians of "
-             f"{cfg['speed']['repeats']} steps.", "", markdown_table(results), "", "## Targets", ""]
+             f"{cfg['speed']['repeats']} steps.", "", markdown_table(results), "", "## Headline ratios", ""]
     parts += [f"- {line}" for line in checks(results)] + ["", "![speed](speed.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+register(Bench("speed", "training and inference speed and memory of routes against a plain isometric ResNet",
+               SpeedBenchConfig, run, write_report, summary, unprefixed="speed"))

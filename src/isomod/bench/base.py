@@ -1,0 +1,142 @@
+"""What every benchmark shares: the result row, the results file, and the registry the
+CLI builds `isomod bench NAME` from.
+
+A benchmark is one module of this package. It owns one config dataclass (every default
+in one place; nested dataclasses such as `model` and `train` become option groups), a
+`run(out_dir, config, progress)` that writes `results.json`, a `write_report(out, results)`
+that draws its figures and writes `report.md`, and `summary(results)`, the lines the CLI
+prints at the end. It registers itself with `register(Bench(...))`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from isomod.data.cache import write_atomic
+from isomod.errors import IsomodError
+
+ROW_KEYS = ("method", "task", "metric", "value")
+
+
+@dataclass
+class Row:
+    """One measured number: `method` on `task`, `metric` = `value`; `fields` holds the
+    rest (`params_total`, `params_task`, `seed`, and a bench's own keys such as `shots`)."""
+
+    method: str
+    task: str
+    metric: str
+    value: float
+    fields: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "task": self.task, "metric": self.metric, "value": self.value, **self.fields}
+
+
+def environment(device: str | torch.device | None = None) -> dict:
+    """What a result was computed with: thread count and device change the numbers a
+    training run ends with, so every `results.json` records them."""
+    return {"threads": torch.get_num_threads(), "device": str(device) if device is not None else "cpu",
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+class Results:
+    """The contents of a bench's `results.json`: `bench`, `config`, `rows` and any other
+    top-level keys (routes, timings), saved atomically after every change a caller asks for.
+
+    Args:
+        path: the `results.json` file.
+        bench: the benchmark's name.
+        config: the JSON-serialisable configuration of the run.
+        resume: keep the rows of an existing file made with the same configuration.
+    """
+
+    def __init__(self, path: str | Path, bench: str, config: dict, resume: bool = False, **extra):
+        self.path = Path(path)
+        self.data = {"bench": bench, "config": json.loads(json.dumps(config)), "rows": [], **extra}
+        if resume and self.path.is_file():
+            old = read_results(self.path)
+            if old.get("config") == self.data["config"]:
+                self.data = {**self.data, **old}
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.data["rows"]
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def __setitem__(self, key: str, value) -> None:
+        self.data[key] = value
+
+    def setdefault(self, key: str, value):
+        return self.data.setdefault(key, value)
+
+    def add(self, row: Row | dict) -> dict:
+        entry = row.to_dict() if isinstance(row, Row) else dict(row)
+        missing = [k for k in ROW_KEYS if k not in entry]
+        if missing:
+            raise IsomodError(f"a result row needs {', '.join(ROW_KEYS)}; missing {', '.join(missing)}")
+        self.rows.append(entry)
+        return entry
+
+    def has(self, **match) -> bool:
+        """Whether a row with these field values exists (a field a row lacks counts as None)."""
+        return any(all(r.get(k) == v for k, v in match.items()) for r in self.rows)
+
+    def save(self) -> Path:
+        """Write `results.json` atomically: a stopped benchmark never leaves half a file."""
+        write_atomic(self.path, lambda f: f.write(json.dumps(self.data, indent=2).encode()))
+        return self.path
+
+
+def read_results(path: str | Path) -> dict:
+    """A `results.json` file, checked: a JSON object with `bench` and a list of `rows`."""
+    path = Path(path)
+    if not path.is_file():
+        raise IsomodError(f"{path} not found: run a benchmark with --out {path.parent} first")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IsomodError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "bench" not in data:
+        raise IsomodError(f"{path}: not a benchmark's results (a JSON object with 'bench' and a list of 'rows')")
+    return data
+
+
+@dataclass
+class Bench:
+    """A registered benchmark.
+
+    Args:
+        name: `isomod bench NAME`.
+        help: one line for the CLI.
+        config: the config dataclass; its defaults are the bench's defaults.
+        run: `run(out_dir, config, progress) -> results dict`.
+        write_report: `write_report(out_dir, results) -> report.md path`.
+        summary: `summary(results) -> text` printed by the CLI after a run.
+        unprefixed: the nested config whose options take no prefix (`--steps`, not
+            `--train-steps`).
+    """
+
+    name: str
+    help: str
+    config: type
+    run: Callable[..., dict]
+    write_report: Callable[[Path, dict], Path]
+    summary: Callable[[dict], str]
+    unprefixed: str = "train"
+
+
+BENCHES: dict[str, Bench] = {}
+
+
+def register(bench: Bench) -> Bench:
+    BENCHES[bench.name] = bench
+    return bench
