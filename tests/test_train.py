@@ -151,3 +151,28 @@ def test_bf16_autocast_and_compiled_forward_train_the_model_itself(digit_tasks, 
     assert evaluate(load_checkpoint(tmp_path / "checkpoint"), [task]) == accs
     with pytest.raises(Exception, match="unknown precision 'fp8'; known: fp32, bf16"):
         TrainConfig(precision="fp8")
+
+
+def test_tensorboard_events_hold_the_scalars_and_route_images(two_tasks, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = tiny_model(two_tasks)
+    Trainer(model, two_tasks, quick(steps=12, log_every=4, eval_every=8), out_dir=tmp_path, progress=False).fit()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    names = [t.name for t in two_tasks]
+    assert {"loss", "lr", "temperature", *(f"train_acc/{n}" for n in names), *(f"test_acc/{n}" for n in names)} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [4, 8, 12]
+    assert [e.step for e in events.Scalars(f"test_acc/{names[0]}")] == [8, 12]
+    final = evaluate(model, two_tasks)[names[0]]
+    assert events.Scalars(f"test_acc/{names[0]}")[-1].value == pytest.approx(final)
+    assert {f"route/{n}" for n in names} <= set(events.Tags()["images"])
+
+
+def test_progress_without_a_terminal_prints_a_few_plain_lines(two_tasks, capsys):
+    Trainer(tiny_model(two_tasks), two_tasks, quick(steps=40, log_every=5), progress=True).fit()
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.startswith("train: step")]
+    assert len(lines) == 20 and lines[-1].startswith("train: step 40/40 (100%)")
+    assert "\r" not in out.out + out.err and "loss" in lines[-1]

@@ -190,8 +190,8 @@ def load_trainer_state(path: str | Path) -> dict | None:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{file}: refused: it holds objects other than tensors and plain values "
-                              "(isomod never runs code from a checkpoint)") from None
+        raise CheckpointError(f"{file}: refused: not a trainer state of tensors and plain values (corrupt, or "
+                              "holding other objects; isomod never runs code from a checkpoint)") from None
     except Exception as exc:
         raise CheckpointError(f"{file}: corrupt trainer state ({type(exc).__name__})") from None
     missing = [k for k in TRAINER_KEYS if not isinstance(state, dict) or k not in state]

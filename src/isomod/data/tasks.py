@@ -58,12 +58,23 @@ def from_arrays(name: str, arrays: dict[str, np.ndarray], class_names: list[str]
         xs[split], ys[split] = _to_nchw_uint8(x, f"{where}: x_{split}"), y.astype(np.int64)
     if xs["train"].shape[1:] != xs["test"].shape[1:]:
         raise IsomodError(f"{where}: train images {xs['train'].shape[1:]} and test images {xs['test'].shape[1:]} differ")
-    if num_classes is None:
-        num_classes = int(ys["train"].max()) + 1 if len(ys["train"]) else 0
+    for split in ("train", "test"):
+        if len(ys[split]) == 0:
+            raise IsomodError(f"{where}: x_{split} holds no images; a task needs training and test images")
+    inferred = num_classes is None
+    if inferred:
+        num_classes = int(ys["train"].max()) + 1
     for split in ("train", "test"):
         y = ys[split]
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        if y.min() < 0 or y.max() >= num_classes:
             raise IsomodError(f"{where}: y_{split} holds labels outside 0..{num_classes - 1} (found {y.min()}..{y.max()})")
+    if inferred:
+        missing = np.setdiff1d(np.arange(num_classes), ys["train"])
+        if len(missing):
+            found = np.unique(ys["train"])
+            raise IsomodError(f"{where}: labels must be 0..K-1 with every class in y_train; {len(missing)} of "
+                              f"0..{num_classes - 1} are missing (labels found: "
+                              f"{', '.join(map(str, found[:8]))}{' ...' if len(found) > 8 else ''})")
     if num_classes < 2:
         raise IsomodError(f"{where}: need at least 2 classes, found {num_classes}")
     spec = TaskSpec(name, num_classes, tuple(xs["train"].shape[1:]), class_names or [str(i) for i in range(num_classes)],
@@ -80,7 +91,12 @@ def _to_nchw_uint8(x: np.ndarray, where: str) -> np.ndarray:
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise IsomodError(f"{where}: expected images (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1 or 3, got {x.shape}")
     if x.dtype != np.uint8:
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise IsomodError(f"{where}: images must be uint8 or floats in [0, 1], got {x.dtype}")
         x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise IsomodError(f"{where}: {int((~np.isfinite(x)).sum())} pixel values are NaN or infinite; "
+                              "images must be uint8 or finite floats in [0, 1]")
         if x.size and (x.min() < 0 or x.max() > 1):
             raise IsomodError(f"{where}: float images must lie in [0, 1] (found {x.min():.3g}..{x.max():.3g}); or give uint8")
         x = np.round(x * 255).astype(np.uint8)
@@ -264,6 +280,9 @@ def _image_files(path: Path) -> tuple[list[str], dict[str, list[Path]], dict[str
     """Class names, image files per split and their labels; splits are `train` and `test`
     (read from `test/`, or `val/` as ImageNet names it), or `all` for a folder without them."""
     test = next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
+    if (path / "train").is_dir() and test is None:
+        raise IsomodError(f"{path}: has a train/ folder but no test/ (or val/) folder beside it; give both, "
+                          "or a folder of class sub-folders that is split 80/20")
     roots = {"train": path / "train", "test": test} if (path / "train").is_dir() and test else {"all": path}
     classes = sorted(d.name for d in roots.get("train", path).iterdir() if d.is_dir())
     if len(classes) < 2:
@@ -336,7 +355,7 @@ def load_task(name: str, data_dir: str | None = None, image_size: int | None = N
     if path.suffix == ".npz" and path.is_file():
         return load_npz(path)
     if path.is_dir():
-        return load_image_folder(path, image_size or 28)
+        return load_image_folder(path, 28 if image_size is None else image_size)
     raise IsomodError(
         f"unknown task {name!r}; known suites: {', '.join(SUITES)}; known tasks: {', '.join(TASKS)}; "
         "or give a folder of class sub-folders or an .npz file"
