@@ -108,6 +108,8 @@ def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
     for png in ("accuracy.png", "curves.png", "usage.png", "similarity.png"):
         assert (out / png).stat().st_size > 1000 and png in report
     assert (out / "runs" / "modular-s0" / "checkpoint" / "model.safetensors").exists()
+    assert results["environment"]["threads"] >= 1 and results["environment"]["device"] == "cpu"
+    assert results["config"]["seeds"] == [0] and results["config"]["train"]["steps"] == 6
     assert "| **mean** |" in done.stdout
     if command == ["demo"]:
         assert "learned routes (module per step):" in done.stdout and "glyphs/hebrew: " in done.stdout
@@ -189,3 +191,31 @@ def test_bench_continual_end_to_end(tmp_path, capsys):
     for png in ("continual.png", "forgetting.png"):
         assert (out / png).stat().st_size > 1000
     assert load_checkpoint(out / "modular_grow" / "checkpoint").task_names == ["t0", "t1", "t2"]
+
+
+def test_import_isomod_leaves_matplotlib_alone():
+    code = "import sys, isomod, isomod.cli, isomod.bench; isomod.bench.registry(); print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def test_every_registered_bench_gets_its_command_from_its_config(capsys):
+    from isomod.bench import registry
+
+    for name, bench in registry().items():
+        with pytest.raises(SystemExit):
+            main(["bench", name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        first = next(iter(bench.config.__dataclass_fields__))
+        assert f"--{first.replace('_', '-')}" in text and "--config CONFIG" in text, name
+
+
+def test_bench_options_are_type_checked_from_a_config_file(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("seeds: [0, a]\n")
+    assert main(["bench", "mtl", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "cfg.yaml seeds[1]: expected an integer, got 'a'" in capsys.readouterr().err
+    cfg.write_text("methods: [modular, mixture]\n")
+    assert main(["bench", "mtl", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "unknown mtl method 'mixture'; known: modular, independent, shared_trunk" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

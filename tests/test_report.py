@@ -33,3 +33,17 @@ def test_means_are_recomputed_from_per_task_rows():
     text = markdown_results(rows())
     assert "| **mean** | **60.0** |" in text and "| mean, each seed | 70.0 / 50.0 |" in text
     assert "| params total | 100 |" in text
+
+
+def test_results_save_atomically_and_resume_only_the_same_config(tmp_path):
+    from isomod.bench.base import Results, Row
+
+    path = tmp_path / "results.json"
+    res = Results(path, "b", {"k": 1}, extra={})
+    res.add(Row("m", "t", "test_acc", 0.5, {"seed": 0}))
+    res.save()
+    assert Results(path, "b", {"k": 1}, resume=True).has(method="m", seed=0)
+    assert Results(path, "b", {"k": 2}, resume=True).rows == []
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    with pytest.raises(Exception, match="a result row needs method, task, metric, value; missing value"):
+        res.add({"method": "m", "task": "t", "metric": "x"})

@@ -73,6 +73,14 @@ def test_tiny_bench_writes_rows_report_and_figure(tmp_path, digit_tasks):
     assert again["rows"] == results["rows"]
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").exists()
+    # The docs page keeps its hand-written text and gets the tables from results.json.
+    page = tmp_path / "reuse.md"
+    page.write_text("# Reuse\n\nintro\n\n<!-- isomod report: begin -->\nold table\n<!-- isomod report: end -->\n\nnotes\n")
+    for _ in range(2):
+        assert main(["report", str(out), "--docs", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# Reuse\n\nintro\n\n<!-- isomod report: begin -->") and text.endswith("\n\nnotes\n")
+    assert "old table" not in text and text.count("| 2 | 4 | block_repeat |") == 1 and "threads " in text
 
 
 def test_checks_compare_reuse_with_once_and_distinct():

@@ -18,134 +18,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import types
-import typing
 from pathlib import Path
 
 from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN
-from isomod.config import field_types, from_dict, is_config, merge
+from isomod.config import add_config_args, build_config, positive
 from isomod.errors import IsomodError
 from isomod.network import ModelConfig
-from isomod.train import TrainConfig
+from isomod.train import TrainConfig, check_out_file
 from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _int_or_str(text: str) -> int | str:
-    return int(text) if text.lstrip("-").isdigit() else text
-
-
-def _positive(text: str) -> int:
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-
-
-def docstring_args(cls) -> dict[str, str]:
-    """Field descriptions from the `Args:` block of a class docstring."""
-    out: dict[str, str] = {}
-    names: list[str] = []
-    lines = (cls.__doc__ or "").split("Args:", 1)[-1].splitlines()
-    for line in lines[1:]:
-        text = line.strip()
-        head, sep, rest = text.partition(": ")
-        if sep and all(n.strip().isidentifier() for n in head.split(",")):
-            names = [n.strip() for n in head.split(",")]
-            for n in names:
-                out[n] = rest
-        elif text and names:
-            for n in names:
-                out[n] += " " + text
-    return out
-
-
-def _parser_for(tp):
-    """The argparse `type` and `nargs` of a config field's type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (list, tuple):
-        return _parser_for(args[0])[0], "+"
-    if origin in (typing.Union, types.UnionType):
-        return _int_or_str, None
-    return {int: int, float: float, bool: _bool, str: str}[tp], None
-
-
-def add_config_args(parser: argparse.ArgumentParser, base, unprefixed: str = "train") -> None:
-    """Options for every field of the config dataclass instance `base`: its own fields as
-    `--field-name`, each nested config's as `--section-field-name` (no prefix for the
-    section named `unprefixed`). The help shows the defaults; unset options parse to None."""
-    cls = type(base)
-    docs = docstring_args(cls)
-    own = parser.add_argument_group("options")
-    for f in dataclasses.fields(cls):
-        tp = field_types(cls)[f.name]
-        value = getattr(base, f.name)
-        if is_config(tp):
-            group = parser.add_argument_group(f"{f.name} options", docs.get(f.name))
-            prefix = "" if f.name == unprefixed else f"{f.name.replace('_', '-')}-"
-            sub_docs = docstring_args(tp)
-            for g in dataclasses.fields(tp):
-                _add(group, f"--{prefix}{g.name.replace('_', '-')}", f"cfg.{f.name}.{g.name}", field_types(tp)[g.name],
-                     sub_docs.get(g.name, ""), getattr(value, g.name))
-        else:
-            _add(own, f"--{f.name.replace('_', '-')}", f"cfg.{f.name}", tp, docs.get(f.name, ""), value)
-
-
-def _add(group, flag: str, dest: str, tp, doc: str, default) -> None:
-    kind, nargs = _parser_for(tp)
-    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else repr(default)
-    group.add_argument(flag, dest=dest, type=kind, nargs=nargs, default=None,
-                       metavar=getattr(kind, "__name__", "VALUE").lstrip("_").upper(),
-                       help=f"{doc} (default {shown})".replace("%", "%%").strip())
-
-
-def read_config_file(path: str | None) -> dict:
-    """A YAML or JSON file holding a mapping (e.g. `seeds:`, `model:`, `train:`)."""
-    if path is None:
-        return {}
-    file = Path(path)
-    if not file.is_file():
-        raise IsomodError(f"config file {path} not found")
-    try:
-        text = file.read_text()
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:
-        detail = " ".join(str(exc).split())
-        raise IsomodError(f"{path}: cannot parse config ({type(exc).__name__}: {detail})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise IsomodError(f"{path}: a config file holds a mapping of options and sections, got {data!r}")
-    return data
-
-
-def build_config(args: argparse.Namespace, base):
-    """The config dataclass `base`'s type, from its defaults <- the `--config` file <- options,
-    every value checked against its field's type."""
-    cls = type(base)
-    file = read_config_file(getattr(args, "config", None))
-    merged = merge(dataclasses.asdict(base), file)
-    for key, value in vars(args).items():
-        if key.startswith("cfg.") and value is not None:
-            *sections, name = key.split(".")[1:]
-            target = merged
-            for section in sections:
-                target = target.setdefault(section, {}) if isinstance(target.get(section), dict) else target
-            target[name] = value
-    return from_dict(cls, merged, getattr(args, "config", None) or "options")
 
 
 @dataclasses.dataclass
@@ -308,18 +189,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def check_out_file(path: Path) -> None:
-    """Refuse, before any work, an output file that is a folder or cannot be written."""
-    if path.is_dir():
-        raise IsomodError(f"--out {path}: is a folder; give a file name")
-    parent = next((p for p in path.parents if p.exists()), None)
-    import os
-
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) \
-            or str(parent.resolve()).startswith(("/proc", "/sys")):
-        raise IsomodError(f"--out {path}: cannot write there; give a file in a writable folder")
-
-
 def cmd_bench(args) -> int:
     from isomod import distributed
     from isomod.bench import registry
@@ -362,12 +231,9 @@ def demo_config():
     return MtlConfig(seeds=[0])
 
 
-DOCS_BEGIN, DOCS_END = "<!-- isomod report: begin -->", "<!-- isomod report: end -->"
-
-
 def cmd_report(args) -> int:
     from isomod.bench import registry
-    from isomod.bench.base import read_results
+    from isomod.bench.base import read_results, write_docs
 
     results = read_results(Path(args.dir) / "results.json")
     benches = registry()
@@ -384,25 +250,6 @@ def cmd_report(args) -> int:
         write_docs(Path(args.docs), args.dir, results, block)
         print(f"wrote {args.docs}")
     return 0
-
-
-def write_docs(page: Path, run_dir: str, results: dict, block: str) -> None:
-    """Replace the generated block of a `docs/results/<bench>.md` page (between the
-    DOCS_BEGIN and DOCS_END markers; appended when absent) by the tables of `results`;
-    the hand-written text around it stays."""
-    from isomod.data.cache import write_atomic
-
-    env = results.get("environment", {})
-    made = ", ".join(f"{k} {v}" for k, v in env.items()) or "environment not recorded"
-    generated = "\n".join([DOCS_BEGIN, f"Generated by `isomod report {run_dir} --docs {page}` from its "
-                           f"`results.json` ({made}).", "", block, DOCS_END])
-    text = page.read_text() if page.is_file() else f"# {results['bench']}\n\n"
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, rest = text.split(DOCS_BEGIN, 1)
-        text = head + generated + rest.split(DOCS_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + generated + "\n"
-    write_atomic(page, lambda f: f.write(text.encode()))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -433,14 +280,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, TensorBoard events, "
                    "train_config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--image-size", type=_positive, help="side a folder's images are resized to (default 28)")
+    p.add_argument("--image-size", type=positive, help="side a folder's images are resized to (default 28)")
     p.set_defaults(func=cmd_train)
 
     p = with_config(sub.add_parser("transfer", help="add a task to a trained model, learning only its route, "
                                    "norms and head"), TransferRun())
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a trained ModularNet")
     p.add_argument("--task", required=True, help="the new task: a registered name, a folder or an .npz")
-    p.add_argument("--shots", type=_positive, help="training images per class (default: all)")
+    p.add_argument("--shots", type=positive, help="training images per class (default: all)")
     p.add_argument("--source", "--init-from", dest="source",
                    help="the checkpoint's task to start from (its norms; its route for the baselines); "
                         "default: the one whose features separate the new classes best")

@@ -563,3 +563,13 @@ def short(task: str) -> str:
     tail = task.rsplit("/", 1)[-1]
     parts = tail.replace("-", "_").split("_")
     return "_".join(p[:3] for p in parts)
+
+
+def check_out_file(path: Path) -> None:
+    """Refuse, before any work, an output file that is a folder or cannot be written."""
+    if path.is_dir():
+        raise IsomodError(f"--out {path}: is a folder; give a file name")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) \
+            or str(parent.resolve()).startswith(("/proc", "/sys")):
+        raise IsomodError(f"--out {path}: cannot write there; give a file in a writable folder")

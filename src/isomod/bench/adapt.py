@@ -231,7 +231,7 @@ def write_report(out: Path, results: dict) -> Path:
                           title="per target: the four source routes and the target's route_im route (soft weights "
                                 "before discretising; dots: the final route, the starting one when undone)")
         parts += ["## Routes", "", f"Seed {first}.", "", "![routes](routes.png)", ""]
-    report.plot_samples({short(d): digits5.generate(short(d))["x_test"][:12] for d in cfg["domains"]},
+    plot_samples({short(d): digits5.generate(short(d))["x_test"][:12] for d in cfg["domains"]},
                         out / "samples.png")
     parts += ["## digits5 samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
     models = results.get("source_models", {})
@@ -243,6 +243,22 @@ def write_report(out: Path, results: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def plot_samples(images: dict[str, np.ndarray], path: Path, title: str = "samples per domain") -> Path:
+    """One row of uint8 images `(n, C, H, W)` per name."""
+    plt = report.pyplot()
+    cols = max(len(x) for x in images.values())
+    fig, axes = plt.subplots(len(images), cols, figsize=(0.8 * cols + 1.0, 0.85 * len(images)), squeeze=False)
+    for row, (name, x) in zip(axes, images.items()):
+        for ax in row:
+            ax.axis("off")
+        for ax, img in zip(row, x):
+            img = np.asarray(img).transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        row[0].text(-0.1, 0.5, name, transform=row[0].transAxes, ha="right", va="center", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return report.save_figure(fig, path, tight=False)
 
 
 register(Bench("adapt", "unsupervised multi-source domain adaptation on digits5, leave one domain out: route "

@@ -161,14 +161,62 @@ def write_report(out: Path, results: dict) -> Path:
             parts.append(f"| {o['task']} | {'yes' if o['grew'] else 'no'} | {o['modules_added']} | {vr} | {vg} | "
                          f"{100 * o['test_acc']:.1f} | {' '.join(map(str, o['route']))} |")
         parts.append("")
-    report.plot_continual(rows, cfg["task_names"], out / "continual.png")
+    plot_continual(rows, cfg["task_names"], out / "continual.png")
     parts += ["![accuracy and parameters along the stream](continual.png)", ""]
-    report.plot_forgetting(rows, cfg["task_names"], out / "forgetting.png")
+    plot_forgetting(rows, cfg["task_names"], out / "forgetting.png")
     parts += ["Test accuracy of each task (row) after each task of the stream (column):", "",
               "![forgetting](forgetting.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def plot_continual(rows: list[dict], stream: list[str], path: Path) -> Path:
+    """Mean test accuracy over the tasks seen so far, and total parameters, after each
+    task of a stream; one line per method."""
+    plt = report.pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = range(1, len(stream) + 1)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        acc = [100 * np.mean([r["value"] for r in sel if r["after_index"] == i]) for i in steps]
+        params = [next(r["params_total"] for r in sel if r["after_index"] == i) for i in steps]
+        ax1.plot(steps, acc, marker="o", label=method)
+        ax2.plot(steps, params, marker="o", label=method)
+    ax1.set_ylabel("mean test accuracy, tasks so far (%)")
+    ax2.set_ylabel("parameters")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("tasks learned")
+        ax.set_xticks(list(steps))
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    return report.save_figure(fig, path)
+
+
+def plot_forgetting(rows: list[dict], stream: list[str], path: Path) -> Path:
+    """Per method, a tasks x stream-position map of test accuracy (blank before a task arrives)."""
+    plt = report.pyplot()
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 + 3.0 * len(methods), 0.8 + 0.35 * len(stream)),
+                             squeeze=False)
+    short = [t.rsplit("/", 1)[-1] for t in stream]
+    for ax, method in zip(axes[0], methods):
+        acc = np.full((len(stream), len(stream)), np.nan)
+        for r in rows:
+            if r["method"] == method:
+                acc[stream.index(r["task"]), r["after_index"] - 1] = 100 * r["value"]
+        im = ax.imshow(acc, cmap="viridis", vmin=0, vmax=100)
+        for i in range(len(stream)):
+            for j in range(len(stream)):
+                if not np.isnan(acc[i, j]):
+                    ax.text(j, i, f"{acc[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if acc[i, j] < 50 else "black")
+        ax.set_title(method, fontsize=10)
+        ax.set_xticks(range(len(stream)), range(1, len(stream) + 1), fontsize=7)
+        ax.set_yticks(range(len(stream)), short if ax is axes[0][0] else [""] * len(stream), fontsize=7)
+        ax.set_xlabel("after task", fontsize=8)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.02)
+    return report.save_figure(fig, path, tight=False)
 
 
 register(Bench("continual", "a stream of tasks: growing pool vs independent networks vs sequential fine-tuning",

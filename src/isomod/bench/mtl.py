@@ -3,6 +3,7 @@ trunk, on one suite, same data, same steps, same batch size, same schedule."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -112,9 +113,9 @@ def write_report(out: Path, results: dict) -> Path:
              report.markdown_results(rows), ""]
     report.plot_task_accuracy(rows, out / "accuracy.png")
     parts += ["![accuracy per task](accuracy.png)", ""]
-    logs = {p.parent.name: report.read_log(p) for p in sorted((out / "runs").glob("*/log.jsonl"))}
+    logs = {p.parent.name: read_log(p) for p in sorted((out / "runs").glob("*/log.jsonl"))}
     if logs:
-        report.plot_curves(logs, out / "curves.png")
+        plot_curves(logs, out / "curves.png")
         parts += ["## Training curves", "", "![training curves](curves.png)", ""]
     first = next(iter(results.get("routes", {}).values()), None)
     if first:
@@ -127,7 +128,7 @@ def write_report(out: Path, results: dict) -> Path:
             parts += ["Module-usage maps: soft route weights just before discretisation, the chosen "
                       "module marked by a dot.", "", "![module usage](usage.png)", ""]
         soft = first.get("soft_at_discretize")
-        report.plot_similarity(soft or onehot, out / "similarity.png")
+        plot_similarity(soft or onehot, out / "similarity.png")
         what = ("soft routes just before discretisation" if soft else "discrete routes")
         parts += [f"Task similarity from the {what}: the probability that two tasks run the same module "
                   "at a step, averaged over steps.", "", "![task similarity](similarity.png)", ""]
@@ -135,6 +136,50 @@ def write_report(out: Path, results: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def plot_similarity(usage: dict[str, np.ndarray], path: Path, title: str = "task similarity from routes") -> Path:
+    plt = report.pyplot()
+    names, sim = report.route_similarity(usage)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.6 + 0.6 * len(names)))
+    im = ax.imshow(sim, cmap="viridis", vmin=0, vmax=1)
+    short = [n.rsplit("/", 1)[-1] for n in names]
+    ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), short, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if sim[i, j] < 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=10)
+    return report.save_figure(fig, path)
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(logs: dict[str, list[dict]], path: Path) -> Path:
+    """Training loss and mean running train accuracy against step, one line per run."""
+    plt = report.pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, records in logs.items():
+        rec = [r for r in records if "loss" in r]
+        if not rec:
+            continue
+        steps = [r["step"] for r in rec]
+        ax1.plot(steps, [r["loss"] for r in rec], label=label)
+        ax2.plot(steps, [np.mean(list(r["train_acc"].values())) for r in rec], label=label)
+        for r in records:
+            if r.get("event") == "discretize":
+                ax1.axvline(r["step"], color="gray", ls=":", lw=1)
+    ax1.set(xlabel="step", ylabel="training loss (EMA)", yscale="log")
+    ax2.set(xlabel="step", ylabel="train accuracy (running, mean over tasks)")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    return report.save_figure(fig, path)
 
 
 register(Bench("mtl", "modular vs independent networks vs a shared trunk", MtlConfig, run, write_report, summary))

@@ -204,7 +204,7 @@ def write_report(out: Path, results: dict) -> Path:
     """Draw the figure and write `report.md` from `results` (as in `results.json`)."""
     cfg = results["config"]
     summ = grouped(results["rows"])
-    report.plot_reuse(summ, out / "reuse.png", title=f"block reuse on {cfg['task']}")
+    plot_reuse(summ, out / "reuse.png", title=f"block reuse on {cfg['task']}")
     parts = [f"# isomod bench reuse: {cfg['task']}", "",
              f"One task, {cfg['num_classes']} classes; a pool of N modules of width {cfg['model']['channels']} "
              f"run over L steps. Test accuracy (%), mean over seeds {cfg['seeds']} (spread: max - min); every run "
@@ -221,6 +221,47 @@ def write_report(out: Path, results: dict) -> Path:
 
 def summary(results: dict) -> str:
     return "\n".join([markdown_table(results), *checks(results)])
+
+
+REUSE_STYLE = {"once": "black", "cyclic": "tab:red", "block_repeat": "tab:orange", "learned": "tab:green",
+               "distinct": "tab:blue"}
+
+
+def plot_reuse(summary: list[dict], path: Path, title: str = "block reuse") -> Path:
+    """Test accuracy against parameters and against multiply-adds per image. `once` is one
+    line over the pool sizes; every other method has a line per pool size N (solid for the
+    first N, dashed for the next) that starts at `once` with that N. Error bars: half the
+    seed spread."""
+    plt = report.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), sharey=True)
+    sizes = sorted({s["N"] for s in summary})
+    styles = ["-", "--", ":", "-."]
+    for ax, key, label in zip(axes, ("params", "macs"), ("parameters", "multiply-adds per image")):
+        for method, color in REUSE_STYLE.items():
+            lines = [[s for s in summary if s["method"] == "once"]] if method == "once" else [
+                [s for s in summary if s["method"] == "once" and s["N"] == n]
+                + [s for s in summary if s["method"] == method and s["N"] == n] for n in sizes]
+            for i, pts in enumerate(lines):
+                pts = sorted(pts, key=lambda s: (s["N"], s["L"]))
+                if len(pts) < (1 if method == "once" else 2):
+                    continue
+                ax.errorbar([p[key] for p in pts], [100 * p["mean"] for p in pts], yerr=[50 * p["spread"] for p in pts],
+                            color=color, ls="-" if method == "once" else styles[i % len(styles)],
+                            marker="s" if method == "once" else "o", ms=5 if method == "once" else 4, capsize=2,
+                            lw=2 if method == "once" else 1.2, zorder=3 if method == "once" else 2,
+                            label=method if method == "once" else f"{method}, N={sizes[i]}")
+                for p in pts:
+                    if method != "once" or ax is axes[0]:
+                        ax.annotate(f"N={p['N']}" if method == "once" else f"L={p['L']}", (p[key], 100 * p["mean"]),
+                                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.suptitle(f"{title} (error bars: half the seed spread)", fontsize=10)
+    return report.save_figure(fig, path)
 
 
 register(Bench("reuse", "block reuse for one task: N modules run over L = N, 2N, 3N steps (cyclic, block-repeat, "

@@ -316,7 +316,7 @@ def summary(results: dict) -> str:
 
 def write_report(out: Path, results: dict) -> Path:
     cfg = results["config"]
-    report.plot_speed(results["rows"], out / "speed.png")
+    plot_speed(results["rows"], out / "speed.png")
     parts = [f"# isomod bench speed ({cfg['device']}, {cfg['threads']} threads)", "",
              f"Width {cfg['model']['channels']}, {cfg['model']['steps']} steps, {cfg['speed']['batch_size']} images of "
              f"{cfg['speed']['image_size']}x{cfg['speed']['image_size']} per training step; medians of "
@@ -325,6 +325,32 @@ def write_report(out: Path, results: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def plot_speed(rows: list[dict], path: Path) -> Path:
+    """Training step time and peak memory as multiples of the plain network's (the black
+    line at 1), against the pool size N; one line per method, solid for 1 task per step,
+    dashed for more."""
+    plt = report.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    colors = {"weight_mixing": "tab:red", "output_mixing": "tab:blue", "discrete": "tab:green"}
+    for ax, metric, label in zip(axes, ("train_time_ratio_to_plain", "peak_mem_ratio_to_plain"),
+                                 ("training step time / plain", "peak training memory / plain")):
+        for method, color in colors.items():
+            for t in sorted({r["tasks"] for r in rows if r["metric"] == metric}):
+                sel = sorted((r for r in rows if r["method"] == method and r["metric"] == metric and r["tasks"] == t),
+                             key=lambda r: r["N"])
+                if sel:
+                    ax.plot([r["N"] for r in sel], [r["value"] for r in sel], color=color, marker="o",
+                            ls="-" if t == 1 else "--", label=f"{method}, {t} task{'s' if t > 1 else ''}/step")
+        ax.axhline(1.0, color="black", lw=1, label="plain")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("pool size N")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7)
+    return report.save_figure(fig, path)
 
 
 register(Bench("speed", "training and inference speed and memory of routes against a plain isometric ResNet",

@@ -203,7 +203,7 @@ def write_report(out: Path, results: dict) -> Path:
     if lines:
         parts += ["On the held-out glyph scripts, all data:", "", *lines, ""]
     if rows:
-        report.plot_transfer(rows, out / "accuracy_vs_params.png")
+        plot_transfer(rows, out / "accuracy_vs_params.png")
         parts += ["![accuracy against added parameters](accuracy_vs_params.png)", ""]
     first_seed = next(iter(results.get("pretrain", {})), None)
     if first_seed and results.get("routes"):
@@ -246,6 +246,36 @@ def write_report(out: Path, results: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
+                  "finetune": ("^", "tab:purple"), "scratch": ("v", "tab:gray")}
+
+
+def plot_transfer(rows: list[dict], path: Path) -> Path:
+    """Test accuracy against the parameters a task added (log scale), one panel per shot
+    count, one marker per method, averaged over held-out tasks and seeds."""
+    plt = report.pyplot()
+    shots = list(dict.fromkeys(r["shots"] for r in rows))
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False, sharey=True)
+    for ax, k in zip(axes[0], shots):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            sel = [r for r in rows if r["shots"] == k and r["method"] == method]
+            if not sel:
+                continue
+            marker, color = TRANSFER_STYLE.get(method, ("x", None))
+            ax.scatter([r["params_task"] for r in sel], [100 * r["value"] for r in sel], marker=marker, color=color,
+                       alpha=0.35, s=18)
+            ax.scatter([np.mean([r["params_task"] for r in sel])], [100 * np.mean([r["value"] for r in sel])],
+                       marker=marker, color=color, s=90, edgecolor="black", label=method)
+        ax.set_xscale("log")
+        ax.set_title(f"{k} images per class" if k != "all" else "all training images", fontsize=10)
+        ax.set_xlabel("parameters added for the task")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("small markers: one held-out task; large: their mean", fontsize=10)
+    return report.save_figure(fig, path)
 
 
 register(Bench("transfer", "route-only transfer vs head-only, norms+head, fine-tuning and scratch on held-out tasks",
