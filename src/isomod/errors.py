@@ -17,3 +17,9 @@ def check_choice(what: str, value, known) -> None:
     """Refuse `value` unless it is one of `known`, in one line that lists them."""
     if value not in known:
         raise IsomodError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+
+
+def check_choices(what: str, values, known) -> None:
+    """`check_choice` for each of `values`."""
+    for value in values:
+        check_choice(what, value, known)

@@ -24,10 +24,10 @@ import numpy as np
 from isomod import report
 from isomod.data import digits5
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, environment, register
+from isomod.bench.base import Bench, Results, check_seeds, environment, register
 from isomod.data.tasks import load_task
 from isomod.network import ModelConfig
-from isomod.errors import IsomodError, check_choice
+from isomod.errors import check_choices
 from isomod.train import TrainConfig, check_out_dir, evaluate, resolve_device
 from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN, ROUTE_METHODS, adapt, add_as_copy
 
@@ -65,12 +65,9 @@ class AdaptBenchConfig:
     adapt: TrainConfig = field(default_factory=lambda: replace(ADAPT_TRAIN, steps=200))
 
     def __post_init__(self):
-        for m in self.methods:
-            check_choice("adaptation method", m, ADAPT_METHODS)
-        for t in self.targets:
-            check_choice("target", t, self.domains)
-        if not self.seeds:
-            raise IsomodError("give at least one seed")
+        check_choices("adaptation method", self.methods, ADAPT_METHODS)
+        check_choices("target", self.targets, self.domains)
+        check_seeds(self.seeds)
 
 
 def short(task: str) -> str:

@@ -137,6 +137,11 @@ class Bench:
 BENCHES: dict[str, Bench] = {}
 
 
+def check_seeds(seeds: list[int]) -> None:
+    if not seeds:
+        raise IsomodError("give at least one seed")
+
+
 def register(bench: Bench) -> Bench:
     BENCHES[bench.name] = bench
     return bench

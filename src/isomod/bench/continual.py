@@ -23,7 +23,7 @@ from isomod.checkpoint import save_checkpoint
 from isomod.continual import GrowConfig, learn_task
 from isomod.data.tasks import TaskData, load_task
 from isomod.network import ModelConfig, ModularNet, TaskModel
-from isomod.errors import check_choice
+from isomod.errors import check_choices
 from isomod.train import TrainConfig, Trainer, check_out_dir, evaluate, resolve_device, to_float
 
 METHODS = ("modular_grow", "independent", "finetune_seq")
@@ -54,8 +54,7 @@ class ContinualConfig:
     grow: GrowConfig = field(default_factory=lambda: GrowConfig(threshold=0.9, modules=2))
 
     def __post_init__(self):
-        for m in self.methods:
-            check_choice("continual method", m, METHODS)
+        check_choices("continual method", self.methods, METHODS)
 
 
 @torch.no_grad()

@@ -15,8 +15,8 @@ from isomod import report
 from isomod.baselines import IndependentNets, PlainResNet
 from isomod.data.tasks import TaskData, load_suite
 from isomod.network import ModelConfig, ModularNet, TaskModel
-from isomod.bench.base import Bench, Results, Row, environment, register
-from isomod.errors import IsomodError, check_choice
+from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
+from isomod.errors import check_choices
 from isomod.train import TrainConfig, Trainer, check_out_dir, resolve_device
 
 METHODS = {"modular": ModularNet, "independent": IndependentNets, "shared_trunk": PlainResNet}
@@ -43,10 +43,8 @@ class MtlConfig:
         steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
 
     def __post_init__(self):
-        for m in self.methods:
-            check_choice("mtl method", m, tuple(METHODS))
-        if not self.seeds:
-            raise IsomodError("give at least one seed")
+        check_choices("mtl method", self.methods, tuple(METHODS))
+        check_seeds(self.seeds)
 
 
 def rows_for(method: str, model: TaskModel, accs: dict[str, float], seed: int) -> list[Row]:

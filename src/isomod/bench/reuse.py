@@ -24,9 +24,9 @@ import numpy as np
 
 from isomod import distributed, report
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, environment, register
+from isomod.bench.base import Bench, Results, check_seeds, environment, register
 from isomod.data.tasks import TaskData, load_task
-from isomod.errors import IsomodError, check_choice
+from isomod.errors import IsomodError, check_choices
 from isomod.network import ModelConfig, macs_per_image
 from isomod.route import reuse_pattern
 from isomod.train import TrainConfig, check_out_dir, resolve_device
@@ -63,12 +63,10 @@ class ReuseConfig:
         steps=1500, batch_size=64, lr=5e-3, lr_heads=5e-3, augment=False, checkpoint_every=500, log_every=25))
 
     def __post_init__(self):
-        for m in self.methods:
-            check_choice("reuse method", m, REUSE_METHODS)
+        check_choices("reuse method", self.methods, REUSE_METHODS)
         if self.image_size < 1:
             raise IsomodError(f"image size must be >= 1, got {self.image_size}")
-        if not self.seeds:
-            raise IsomodError("give at least one seed")
+        check_seeds(self.seeds)
 
 
 def pool_size(method: str, num_modules: int, steps: int) -> int:

@@ -24,9 +24,9 @@ import numpy as np
 from isomod import report
 from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, Row, environment, register
+from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
 from isomod.data.tasks import load_task
-from isomod.errors import IsomodError, check_choice
+from isomod.errors import IsomodError, check_choices
 from isomod.network import ModelConfig
 from isomod.train import TrainConfig, check_out_dir, resolve_device
 
@@ -64,13 +64,11 @@ class TransferBenchConfig:
     transfer: TrainConfig = field(default_factory=lambda: replace(TRANSFER_TRAIN, steps=400))
 
     def __post_init__(self):
-        for m in self.methods:
-            check_choice("transfer method", m, TRANSFER_METHODS)
+        check_choices("transfer method", self.methods, TRANSFER_METHODS)
         for k in self.shots:
             if k != "all" and not (isinstance(k, int) and k > 0):
                 raise IsomodError(f"shots: expected positive numbers of images per class or 'all', got {k!r}")
-        if not self.seeds:
-            raise IsomodError("give at least one seed")
+        check_seeds(self.seeds)
 
 
 def shots_label(shots: int | None) -> int | str:
