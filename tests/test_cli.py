@@ -85,7 +85,8 @@ def test_bad_npz_through_the_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["bench", "mtl", "--seeds", "0"], ["demo"]])
+@pytest.mark.parametrize("command", [["bench", "mtl", "--seeds", "0", "--methods", "modular", "modular_templates",
+                                      "independent", "shared_trunk"], ["demo"]])
 def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "isomod.cli", *command, "--out", str(out), "--steps", "6",
@@ -94,14 +95,23 @@ def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["bench"] == "mtl"
-    methods = {r["method"] for r in results["rows"]}
-    assert methods == {"modular", "independent", "shared_trunk"}
-    for r in results["rows"]:
-        assert r["metric"] == "test_acc" and 0 <= r["value"] <= 1
-        assert {"task", "params_total", "params_task", "seed"} <= set(r)
-    tasks = {r["task"] for r in results["rows"]} - {"mean"}
+    acc_rows = [r for r in results["rows"] if r["metric"] == "test_acc"]
+    modular = ["modular", "modular_templates"] if "modular_templates" in command else ["modular"]
+    assert {r["method"] for r in acc_rows} == {*modular, "independent", "shared_trunk"}
+    for r in acc_rows:
+        assert 0 <= r["value"] <= 1 and {"task", "params_total", "params_task", "seed"} <= set(r)
+    for m in modular:  # the route diagnostics, per modular method and seed
+        diag = {r["metric"]: r["value"] for r in results["rows"] if r["method"] == m and r["task"] == "mean"}
+        assert {"route_distance", "cross_route_own", "cross_route_other", "shuffled_acc"} <= set(diag)
+        assert 0 <= diag["route_distance"] <= 1 and 0 <= diag["cross_route_other"] <= 1
+    if "modular_templates" in command:
+        templates = results["routes"]["modular_templates-s0"]
+        assert len(templates["final"]["glyphs/digits"][0]) == 4  # K = 4 templates
+        assert max(max(w) for w in templates["final"]["glyphs/digits"]) < 1  # soft to the end
+        assert len(templates["cross_route"]["acc"]) == 8
+    tasks = {r["task"] for r in acc_rows} - {"mean"}
     assert len(tasks) == 8
-    by = {(r["method"], r["task"]): r for r in results["rows"]}
+    by = {(r["method"], r["task"]): r for r in acc_rows}
     assert by[("independent", "mean")]["params_total"] > by[("modular", "mean")]["params_total"]
     report = (out / "report.md").read_text()
     assert "| **mean** |" in report
@@ -148,16 +158,18 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     assert results["bench"] == "transfer"
     rows = results["rows"]
     assert {(r["method"], r["task"], r["shots"]) for r in rows} == {
-        (m, t, k) for m in ("route_only", "head_only", "norm_head", "finetune", "scratch") for t in ("new0", "new1")
-        for k in (2, "all")}
+        (m, t, k) for m in ("route_only", "route_head", "head_only", "norm_head", "finetune", "scratch")
+        for t in ("new0", "new1") for k in (2, "all")}
     for r in rows:
         assert r["metric"] == "test_acc" and 0 <= r["value"] <= 1 and r["seed"] == 0
         assert r["params_total"] == results["pretrain"]["s0"]["params"] + r["params_task"]
+        assert ("route_steps_changed" in r) == (r["method"] in ("route_only", "route_head"))
     by = {(r["method"], r["task"], r["shots"]): r["params_task"] for r in rows}
+    assert by[("head_only", "new0", 2)] < by[("route_head", "new0", 2)] < by[("route_only", "new0", 2)]
     assert by[("head_only", "new0", 2)] < by[("norm_head", "new0", 2)] < by[("route_only", "new0", 2)] \
         < by[("finetune", "new0", 2)]
     report = (out / "report.md").read_text()
-    assert "| new0 | all |" in report and "| **mean** | 2 |" in report
+    assert "| new0 | all |" in report and "| **mean** | 2 |" in report and "- route_head: differs in " in report
     for png in ("accuracy_vs_params.png", "routes.png"):
         assert (out / png).stat().st_size > 1000 and png in report
     capsys.readouterr()
@@ -217,5 +229,5 @@ def test_bench_options_are_type_checked_from_a_config_file(tmp_path, capsys):
     assert "cfg.yaml seeds[1]: expected an integer, got 'a'" in capsys.readouterr().err
     cfg.write_text("methods: [modular, mixture]\n")
     assert main(["bench", "mtl", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
-    assert "unknown mtl method 'mixture'; known: modular, independent, shared_trunk" in capsys.readouterr().err
+    assert "unknown mtl method 'mixture'; known: modular, modular_templates, independent, shared_trunk" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

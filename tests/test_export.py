@@ -1,4 +1,4 @@
-"""Export: a discrete route as a static network, TorchScript without isomod, ONNX under onnxruntime."""
+"""Export: a route (discrete or soft) as a static network, TorchScript without isomod, ONNX under onnxruntime."""
 
 import subprocess
 import sys
@@ -44,9 +44,35 @@ def test_export_matches_and_stores_each_module_once(model):
     assert stored == expected
 
 
-def test_soft_route_is_refused(model):
-    with pytest.raises(IsomodError, match="task 'u' still has a soft route; discretise it first"):
-        export_task(model, "u")
+def test_a_soft_route_exports_its_mixed_weights(model, tmp_path):
+    with torch.no_grad():
+        model.route("u").logits.normal_(0, 1.5)
+    net = export_task(model, "u")
+    x = torch.rand(7, 1, 28, 28)
+    assert net.soft and (net(x) - model(x, "u")).abs().max().item() < 1e-5
+    # One mixed block per step, each step's second norm folded: L * (2 C C k k + C) numbers.
+    c, k, steps = 8, 3, 5
+    assert sum(p.numel() for s in net.steps for p in s.parameters()) == steps * (2 * c * c * k * k + c)
+    ort = pytest.importorskip("onnxruntime")
+    path = save_onnx(net, tmp_path / "u.onnx", torch.rand(2, 1, 28, 28))
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(out - model(x, "u").detach().numpy()).max() < 1e-5
+
+
+def test_a_one_hot_soft_route_exports_like_the_discrete_one(model):
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        model.route("u").logits.copy_(torch.eye(3)[[2, 0, 1, 1, 0]] * 1e4)
+    soft = export_task(model, "u")(x)
+    model.route("u").set_choice([2, 0, 1, 1, 0])
+    assert (soft - export_task(model, "u")(x)).abs().max().item() < 1e-5
+
+
+def test_a_soft_route_under_output_mixing_is_refused():
+    net = ModularNet(ModelConfig(channels=8, num_modules=3, steps=2, mixing="output"), [TaskSpec("u", 3)]).eval()
+    with pytest.raises(IsomodError, match="task 'u' has a soft route under output mixing"):
+        export_task(net, "u")
 
 
 def test_torchscript_runs_without_isomod(model, tmp_path):
@@ -76,8 +102,8 @@ def test_export_command(model, tmp_path, capsys):
     assert main(["export", "--from", str(ckpt), "--task", "t", "--out", str(tmp_path / "t.pt")]) == 0
     text = capsys.readouterr().out
     assert "route 0 1 0 2 0" in text and "3 distinct modules for 5 steps" in text and (tmp_path / "t.pt").exists()
-    assert main(["export", "--from", str(ckpt), "--task", "u", "--out", str(tmp_path / "u.pt")]) == 2
-    assert "still has a soft route" in capsys.readouterr().err and not (tmp_path / "u.pt").exists()
+    assert main(["export", "--from", str(ckpt), "--task", "u", "--out", str(tmp_path / "u.pt")]) == 0
+    assert "(argmax of soft)" in capsys.readouterr().out and (tmp_path / "u.pt").exists()
 
 
 def test_speed_bench_measures_every_method(tmp_path):

@@ -25,7 +25,8 @@ def test_patterns():
 
 def test_plan():
     runs = reuse.plan([2], [1, 2], list(reuse.REUSE_METHODS))
-    assert runs == [("once", 2, 2), ("cyclic", 2, 4), ("block_repeat", 2, 4), ("learned", 2, 4), ("distinct", 2, 4)]
+    assert runs == [("once", 2, 2), ("cyclic", 2, 4), ("block_repeat", 2, 4), ("learned", 2, 4), ("templates", 2, 4),
+                    ("distinct", 2, 4)]
     with pytest.raises(IsomodError, match="nothing to run"):
         reuse.plan([2], [1], ["cyclic"])
     with pytest.raises(IsomodError, match="step multiples must be >= 1"):
@@ -61,11 +62,15 @@ def test_tiny_bench_writes_rows_report_and_figure(tmp_path, digit_tasks):
     acc = {r["method"]: r for r in rows if r["metric"] == "test_acc"}
     macs = {r["method"]: r["value"] for r in rows if r["metric"] == "macs"}
     assert macs["cyclic"] == macs["block_repeat"] == macs["learned"] == macs["distinct"] > 1.9 * macs["once"]
+    # Templates mix the pool's weights at every step: the mixing adds L x N x (weights) multiply-adds.
+    assert macs["templates"] > macs["cyclic"] and acc["templates"]["params_total"] == acc["learned"]["params_total"]
     assert acc["distinct"]["params_total"] > acc["cyclic"]["params_total"]
     # Ten classes: every method learned something in 100 steps.
     assert min(r["value"] for r in acc.values()) > 0.3
     assert saved["routes"]["cyclic-N2-L4-s0"] == [0, 1, 0, 1]
     assert len(saved["routes"]["learned-N2-L4-s0"]) == 4
+    templates = json.loads((out / "runs" / "templates-N2-L4-s0" / "checkpoint" / "config.json").read_text())
+    assert templates["routes"]["mnist"] is None  # still soft at the end
     text = (out / "report.md").read_text()
     assert "| 2 | 4 | block_repeat |" in text and "N=2, L=4, cyclic:" in text and (out / "reuse.png").stat().st_size > 0
     # A second run reloads the complete checkpoints instead of training again.

@@ -146,14 +146,23 @@ def test_every_transfer_method_learns_and_counts_what_it_added(pretrained, digit
         added[method] = result.params_task
         if method == "finetune":  # trains a copy: the model handed in is untouched
             assert result.model is not model and "uci-digits" not in model.specs
-        if method in ("route_only", "head_only", "norm_head"):  # in place, earlier tasks unchanged
+        if method in ("route_only", "route_head", "head_only", "norm_head"):  # in place, earlier tasks unchanged
             assert result.model is model and torch.equal(before, model.eval()(x, "mnist"))
+        if method in ("route_only", "route_head"):
+            assert result.route_steps_changed == sum(
+                a != b for a, b in zip(model.route("uci-digits").indices(), model.route("mnist").indices()))
+        else:
+            assert result.route_steps_changed is None
+        if method == "route_head":  # the source's norms, statistics included, as they were
+            for a, b in zip(model.branch("uci-digits").norms, pretrained.branch("mnist").norms):
+                assert torch.equal(a.weight, b.weight) and torch.equal(a.running_var, b.running_var)
     branch = result.model.branch("uci-digits")  # the last method is scratch: a fresh one-task network
     assert result.model.task_names == ["uci-digits"] and added["scratch"] == result.model.param_count()
     head = sum(p.numel() for p in branch.head.parameters())
     norms = sum(p.numel() for p in branch.norms.parameters())
     assert added["head_only"] == head and added["norm_head"] == head + norms
     assert added["route_only"] == head + norms + branch.route.logits.numel()
+    assert added["route_head"] == head + branch.route.logits.numel()
     assert added["finetune"] == head + norms + sum(p.numel() for p in pretrained.stem.parameters()) + \
         sum(p.numel() for p in pretrained.pool.parameters())
 
@@ -181,5 +190,5 @@ def test_select_source_prefers_the_task_whose_features_separate_the_classes(pret
     best, scores = select_source(model, digit_tasks[1])
     assert best == "mnist" and set(scores) == {"mnist", "blind"}
     assert scores["mnist"] > 0.5 > scores["blind"]
-    with pytest.raises(IsomodError, match="unknown transfer method 'magic'; known: route_only, head_only"):
+    with pytest.raises(IsomodError, match="unknown transfer method 'magic'; known: route_only, route_head, head_only"):
             transfer(model, digit_tasks[1], "magic")

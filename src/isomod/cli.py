@@ -182,9 +182,10 @@ def cmd_export(args) -> int:
         diff = (net(x) - model(x, args.task)).abs().max().item()
     out = save_torchscript(net, args.out) if args.format == "torchscript" else save_onnx(net, args.out, x[:2])
     stored = len(list(net.parameters()))  # parameters() yields a shared tensor once
-    print(f"{args.task}: route {' '.join(map(str, net.route))}; {stored} weight tensors, "
-          f"{sum(p.numel() for p in net.parameters()):,} parameters ({len(set(net.route))} distinct modules "
-          f"for {len(net.route)} steps)")
+    what = (f"a soft route, each of the {len(net.route)} steps stored as its own mixture of modules" if net.soft
+            else f"{len(set(net.route))} distinct modules for {len(net.route)} steps")
+    print(f"{args.task}: route {' '.join(map(str, net.route))}{' (argmax of soft)' if net.soft else ''}; "
+          f"{stored} weight tensors, {sum(p.numel() for p in net.parameters()):,} parameters ({what})")
     print(f"max abs difference from the model on 8 random inputs: {diff:.2e}; wrote {out} ({args.format})")
     return 0
 
@@ -292,7 +293,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the checkpoint's task to start from (its norms; its route for the baselines); "
                         "default: the one whose features separate the new classes best")
     p.add_argument("--method", default="route_only", choices=TRANSFER_METHODS,
-                   help="route_only (default) leaves every earlier task unchanged; the others are the baselines "
+                   help="route_only (default; route, norms and head) and route_head (route and head, the source's "
+                        "norms) leave every earlier task unchanged; the others are the baselines "
                         "of `bench transfer` (finetune changes the shared pool, scratch keeps only the new task)")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_transfer)
@@ -308,9 +310,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("export", help="a task with a discrete route as a standalone TorchScript or ONNX network")
+    p = sub.add_parser("export", help="a task's route as a standalone TorchScript or ONNX network")
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a ModularNet")
-    p.add_argument("--task", required=True, help="the task to export; its route must be discrete")
+    p.add_argument("--task", required=True, help="the task to export (a soft route needs weight mixing)")
     p.add_argument("--format", default="torchscript", choices=EXPORT_FORMATS,
                    help="torchscript (torch.jit.load, no isomod needed) or onnx (onnxruntime; needs the onnx and "
                         "onnxscript packages)")

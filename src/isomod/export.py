@@ -1,13 +1,15 @@
-"""A task with a discrete route as a plain static network, and its TorchScript / ONNX files.
+"""A task's route as a plain static network, and its TorchScript / ONNX files.
 
     net = export_task(model, "glyphs/greek")        # nn.Module: stem, L steps, head
     save_torchscript(net, "greek.pt")                # torch.jit.load("greek.pt") needs no isomod
     save_onnx(net, "greek.onnx")                     # runs under onnxruntime
 
-The static network holds only the modules the route uses, each stored once however often
-it runs (steps share the same Parameter objects). Normalisation is folded where that keeps
-modules shared: a step's second norm goes into its module's first convolution when the
-module runs at that step only; other norms stay as one fused inference batch-norm call.
+For a discrete route, the static network holds only the modules the route uses, each
+stored once however often it runs (steps share the same Parameter objects). Normalisation
+is folded where that keeps modules shared: a step's second norm goes into its module's
+first convolution when the module runs at that step only; other norms stay as one fused
+inference batch-norm call. For a soft route (weight mixing), each step's mixed weights are
+computed once and stored as that step's own block, its second norm folded in.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class StaticNet(nn.Module):
     """stem -> the route's steps -> norm, relu, global average pool -> head; plain PyTorch."""
 
     def __init__(self, stem: nn.Conv2d, steps: list[StaticStep], final_norm: nn.BatchNorm2d, head: nn.Linear,
-                 route: list[int]):
+                 route: list[int], soft: bool = False):
         super().__init__()
+        self.soft = soft  # each step runs its own mixture of modules; `route` holds their argmax
         self.stem = stem
         self.steps = nn.ModuleList(steps)
         self.final_norm = FrozenNorm(final_norm)
@@ -85,15 +88,31 @@ class StaticNet(nn.Module):
 @torch.no_grad()
 def export_task(model: ModularNet, task: str) -> StaticNet:
     """`task`'s network as a StaticNet in eval mode, computing what `model(x, task)` computes
-    in eval mode (to float rounding where norms are folded)."""
+    in eval mode (to float rounding where norms are folded); a soft route needs weight mixing."""
     model.require_routes("export")
     route = model.route(task)
-    if not route.is_discrete:
-        raise IsomodError(f"task {task!r} still has a soft route; discretise it first "
-                          "(model.discretize(task), or train past discretize_at) and export again")
     branch = model.branch(task)
-    choice = route.indices()
+    if route.is_discrete:
+        choice = route.indices()
+        steps = _discrete_steps(model, branch, choice)
+    elif model.config.mixing == "weight":
+        choice = route.indices()  # the argmax per step, for display; every step runs its mixture
+        steps = _mixed_steps(model, branch, route.weights())
+    else:
+        raise IsomodError(f"task {task!r} has a soft route under output mixing, which runs every module at each "
+                          "step; discretise it first (model.discretize(task)) or use weight mixing")
     device = model.stem.weight.device
+    stem = nn.Conv2d(model.stem.in_channels, model.stem.out_channels, model.stem.kernel_size, model.stem.stride,
+                     model.stem.padding).to(device)
+    stem.load_state_dict(model.stem.state_dict())
+    source = model.head_of(task)
+    head = nn.Linear(source.in_features, source.out_features).to(device)
+    head.load_state_dict(source.state_dict())
+    net = StaticNet(stem, steps, branch.norms[-1], head, choice, soft=not route.is_discrete).to(device)
+    return net.eval().requires_grad_(False)
+
+
+def _discrete_steps(model: ModularNet, branch, choice: list[int]) -> list[StaticStep]:
     shared: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     steps = []
     for l, c in enumerate(choice):
@@ -105,14 +124,19 @@ def export_task(model: ModularNet, task: str) -> StaticNet:
             steps.append(StaticStep(nn.Parameter(w1), w2, norm1, None, bias1))
         else:
             steps.append(StaticStep(shared[c][0], w2, norm1, norm2))
-    stem = nn.Conv2d(model.stem.in_channels, model.stem.out_channels, model.stem.kernel_size, model.stem.stride,
-                     model.stem.padding).to(device)
-    stem.load_state_dict(model.stem.state_dict())
-    source = model.head_of(task)
-    head = nn.Linear(source.in_features, source.out_features).to(device)
-    head.load_state_dict(source.state_dict())
-    net = StaticNet(stem, steps, branch.norms[-1], head, choice).to(device)
-    return net.eval().requires_grad_(False)
+    return steps
+
+
+def _mixed_steps(model: ModularNet, branch, weights: torch.Tensor) -> list[StaticStep]:
+    w1s, w2s = model.pool.stacked()  # (N, C, C, k, k) each
+    m1 = torch.tensordot(weights, w1s, dims=1)  # (L, C, C, k, k)
+    m2 = torch.tensordot(weights, w2s, dims=1)
+    steps = []
+    for l in range(weights.shape[0]):
+        w1, bias1 = fold_norm(m1[l], branch.norms[2 * l + 1])
+        steps.append(StaticStep(nn.Parameter(w1), nn.Parameter(m2[l].detach().clone()), branch.norms[2 * l], None,
+                                bias1))
+    return steps
 
 
 def example_input(model: ModularNet, task: str, batch: int = 2) -> torch.Tensor:

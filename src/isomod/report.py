@@ -104,11 +104,11 @@ def seed_means(rows: list[dict], metric: str = "test_acc") -> dict[str, dict[int
     return {m: dict(sorted(per.items())) for m, per in _means_by(rows, metric, "seed").items()}
 
 
-def params_table(rows: list[dict]) -> dict[str, tuple[int, int]]:
-    """method -> (total parameters, mean parameters owned per task)."""
+def params_table(rows: list[dict], metric: str = "test_acc") -> dict[str, tuple[int, int]]:
+    """method -> (total parameters, mean parameters owned per task), from the `metric` rows."""
     out: dict[str, tuple[int, list[int]]] = {}
     for r in rows:
-        if r["task"] == "mean":
+        if r["task"] == "mean" or r["metric"] != metric:
             continue
         total, per = out.setdefault(r["method"], (r["params_total"], []))
         per.append(r["params_task"])
@@ -118,7 +118,7 @@ def params_table(rows: list[dict]) -> dict[str, tuple[int, int]]:
 def markdown_results(rows: list[dict], metric: str = "test_acc") -> str:
     """Tasks as rows, methods as columns, then the mean and the parameter counts."""
     table = mean_table(rows, metric)
-    params = params_table(rows)
+    params = params_table(rows, metric)
     methods = list(table)
     tasks = [t for t in table[methods[0]] if t != "mean"]
     lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from isomod.errors import IsomodError, check_choice
 
-ROUTE_INITS = ("random", "uniform", "cyclic", "permutation")
+ROUTE_INITS = ("random", "flat", "uniform", "cyclic", "permutation")
 PATTERNS = ("once", "cyclic", "block_repeat", "distinct")
 
 
@@ -37,11 +37,14 @@ class Route(nn.Module):
     Args:
         steps: number of steps `L`.
         num_modules: pool size `N`.
-        init: `random` (small Gaussian logits), `uniform` (all zero), `cyclic` (step
+        init: `random` (small Gaussian logits), `flat` (logits uniform in
+            `[-init_scale, init_scale]`: the template regime's start, no module favoured
+            by any step), `uniform` (all zero), `cyclic` (step
             `l` starts biased towards module `l mod N`), or `permutation` (step `l`
             starts biased towards `perm[l mod N]` for a random permutation of the pool,
             so different tasks start on different modules).
-        init_scale: standard deviation of `random` logits, or the bias of the others.
+        init_scale: standard deviation of `random` logits, half-width of `flat` ones, or
+            the bias of `cyclic` and `permutation`.
         temperature: initial softmax temperature.
     """
 
@@ -58,6 +61,8 @@ class Route(nn.Module):
         logits = torch.zeros(steps, num_modules)
         if init == "random":
             logits.normal_(0.0, init_scale)
+        elif init == "flat":
+            logits.uniform_(-init_scale, init_scale)
         elif init in ("cyclic", "permutation"):
             order = torch.arange(num_modules) if init == "cyclic" else torch.randperm(num_modules)
             logits[torch.arange(steps), order[torch.arange(steps) % num_modules]] = init_scale

@@ -29,6 +29,7 @@ from isomod.network import TaskModel
 
 Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
 SCHEDULES = ("cosine", "step", "constant")
+ROUTE_SCHEDULES = ("annealed", "soft")
 SAMPLINGS = ("uniform", "proportional")
 PRECISIONS = ("fp32", "bf16")
 
@@ -55,6 +56,10 @@ class TrainConfig:
         weight_decay: AdamW decay of stem, pool and heads (never routes or norms).
         schedule: `cosine` (after a linear warm-up), `step` (x0.1 at 50% and 75%) or `constant`.
         warmup_steps: linear warm-up length.
+        routes: `annealed` (the temperature falls from `temperature_start` to
+            `temperature_end`, the entropy penalty pushes routes to one-hot, and they are
+            discretised at `discretize_at`) or `soft` (routes stay soft to the end at
+            temperature 1, with no entropy penalty: the template regime).
         temperature_start, temperature_end: route softmax temperature, annealed
             geometrically until routes are discretised.
         entropy_weight: weight of the mean route entropy added to the loss.
@@ -82,6 +87,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     warmup_steps: int = 50
+    routes: str = "annealed"
     temperature_start: float = 1.0
     temperature_end: float = 0.1
     entropy_weight: float = 0.01
@@ -99,6 +105,7 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("sampling", self.sampling, SAMPLINGS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("route schedule", self.routes, ROUTE_SCHEDULES)
         for name in ("steps", "batch_size", "tasks_per_step", "log_every"):
             if getattr(self, name) < 1:
                 raise IsomodError(f"train config {name} must be >= 1, got {getattr(self, name)}")
@@ -160,6 +167,11 @@ class SoftRoutes(RouteSchedule):
         self.start = self.end = 1.0
         self.entropy = 0.0
         self.anneal_steps, self.discretize_step = 1, None
+
+
+def route_schedule(config: TrainConfig) -> RouteSchedule:
+    """The schedule `config.routes` names."""
+    return SoftRoutes(config) if config.routes == "soft" else RouteSchedule(config)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -292,7 +304,8 @@ class Trainer:
             trainable parameter (`model.param_groups()`). Nothing else trains: the
             Trainer turns gradients off for every other parameter of the model.
         routes: the route schedule (temperature, entropy, discretisation); default
-            `RouteSchedule(config)`, which anneals and discretises.
+            `route_schedule(config)`: `RouteSchedule` (anneals and discretises) or
+            `SoftRoutes`, as `config.routes` says.
         frozen_norm_stats: a norm whose affine parameters do not train keeps its running
             statistics; False lets every norm of a trained task normalise with batch
             statistics (statistics that follow a route being learned on new data).
@@ -315,7 +328,7 @@ class Trainer:
             raise IsomodError(f"unknown parameter role(s) {unknown}; known: {', '.join(ROLES)}")
         if not self.params:
             raise IsomodError("nothing to train: no parameters were given")
-        self.route_schedule = routes or RouteSchedule(config)
+        self.route_schedule = routes or route_schedule(config)
         distributed.setup()
         self.main = distributed.is_main()
         self.progress = progress and self.main

@@ -91,7 +91,8 @@ def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_
                    params=model.param_groups([task.name])).fit()
 
 
-TRANSFER_METHODS = ("route_only", "head_only", "norm_head", "finetune", "scratch")
+TRANSFER_METHODS = ("route_only", "route_head", "head_only", "norm_head", "finetune", "scratch")
+ROUTE_METHODS = ("route_only", "route_head")
 
 
 @dataclass
@@ -105,6 +106,7 @@ class TransferResult:
     params_task: int
     source: str | None
     soft_route: list | None = None  # (L, N) route weights just before discretising
+    route_steps_changed: int | None = None  # route methods: steps whose module differs from the source's
 
 
 @torch.no_grad()
@@ -154,6 +156,8 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
 
     - `route_only`: `fit_route`, in place: a new route, step norms and head; nothing
       else changes, every earlier task is served unchanged.
+    - `route_head`: in place, a new route and head only; the step norms are the source's,
+      frozen (statistics included), so only the order of modules adapts the features.
     - `head_only`: a linear probe, in place: the source task's route and norms, frozen
       (statistics included); only a new head is trained.
     - `norm_head`: the source's route; step norms (a "model patch") and head trained.
@@ -176,10 +180,12 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
     if source is None:
         source = select_source(model, task, seed=config.seed)[0]
     model.check_task(source)
-    if method == "route_only":
+    if method in ROUTE_METHODS:
         target = model
         prepare_route(model, task, init_from=source)
         params = model.param_groups([task.name])
+        if method == "route_head":
+            del params["norms"]
     elif method == "scratch":
         torch.manual_seed(config.seed)
         shape = replace(model.config, num_modules=len(model.pool))
@@ -199,4 +205,7 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
     accs = trainer.fit()
     soft = (trainer.soft_usage or {}).get(task.name)
     trained = sum(p.numel() for ps in params.values() for p in ps)
-    return TransferResult(target, accs[task.name], trained, source, soft)
+    changed = None
+    if method in ROUTE_METHODS:
+        changed = sum(a != b for a, b in zip(target.route(task.name).indices(), target.route(source).indices()))
+    return TransferResult(target, accs[task.name], trained, source, soft, changed)

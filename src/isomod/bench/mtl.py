@@ -11,15 +11,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isomod import report
+from isomod import diagnostics, report
 from isomod.baselines import IndependentNets, PlainResNet
 from isomod.data.tasks import TaskData, load_suite
 from isomod.network import ModelConfig, ModularNet, TaskModel
 from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
-from isomod.errors import check_choices
+from isomod.errors import IsomodError, check_choices
 from isomod.train import TrainConfig, Trainer, check_out_dir, resolve_device
 
-METHODS = {"modular": ModularNet, "independent": IndependentNets, "shared_trunk": PlainResNet}
+METHODS = {"modular": ModularNet, "modular_templates": ModularNet, "independent": IndependentNets,
+           "shared_trunk": PlainResNet}
+
+
+def regime(method: str, model: ModelConfig, train: TrainConfig, templates: int) -> tuple[ModelConfig, TrainConfig]:
+    """The model and budget a method trains with. `modular_templates` is the authors'
+    regime: `templates` modules (K < L) shared by all steps, route logits started flat in
+    +-1.1, trained with the weights' learning rate and left soft to the end (no annealing,
+    entropy penalty or discretisation); every other method takes the configs as they are."""
+    if method != "modular_templates":
+        return model, train
+    return (replace(model, num_modules=templates, route_init="flat", route_init_scale=1.1),
+            replace(train, routes="soft", lr_routes=train.lr))
 
 
 @dataclass
@@ -29,7 +41,9 @@ class MtlConfig:
     Args:
         suite: the task suite (`isomod tasks` lists them).
         seeds: one run per seed and method.
-        methods: a subset of modular, independent, shared_trunk.
+        methods: a subset of modular, modular_templates (see `regime`), independent,
+            shared_trunk.
+        templates: the number of modules of `modular_templates`.
         model: the shape shared by all methods (baselines run `steps` distinct blocks).
         train: the budget shared by all methods (under 3 minutes per method and seed on
             2 CPU cores); its seed is replaced per run.
@@ -37,13 +51,16 @@ class MtlConfig:
 
     suite: str = "glyphs"
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: ["modular", "independent", "shared_trunk"])
+    templates: int = 4
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=16, steps=8))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
 
     def __post_init__(self):
         check_choices("mtl method", self.methods, tuple(METHODS))
+        if self.templates < 1:
+            raise IsomodError(f"templates must be >= 1, got {self.templates}")
         check_seeds(self.seeds)
 
 
@@ -55,6 +72,23 @@ def rows_for(method: str, model: TaskModel, accs: dict[str, float], seed: int) -
                     {"params_total": total, "params_task": int(np.mean([r.fields["params_task"] for r in rows])),
                      "seed": seed}))
     return rows
+
+
+def diagnostic_rows(method: str, model: TaskModel, tasks: dict[str, TaskData], seed: int
+                    ) -> tuple[list[Row], dict]:
+    """Whether the routes carry the tasks (see `isomod.diagnostics`): the mean route
+    distance, the cross-route matrix's diagonal and off-diagonal means, and each task's
+    accuracy with its route's steps shuffled; and the cross-route matrix itself."""
+    common = {"params_total": model.param_count(), "seed": seed}
+    names, acc = diagnostics.cross_route_accuracy(model, tasks)
+    own, other = diagnostics.own_and_other(acc)
+    shuffled = diagnostics.shuffled_accuracy(model, tasks, seed=seed)
+    rows = [Row(method, "mean", "route_distance", round(diagnostics.route_distance(model), 5), common)]
+    rows += [Row(method, t, "shuffled_acc", round(a, 5), common) for t, a in shuffled.items()]
+    rows += [Row(method, "mean", "shuffled_acc", round(sum(shuffled.values()) / len(shuffled), 5), common),
+             Row(method, "mean", "cross_route_own", round(own, 5), common),
+             Row(method, "mean", "cross_route_other", round(other, 5), common)]
+    return rows, {"tasks": names, "acc": acc.round(decimals=5).tolist()}
 
 
 def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = True,
@@ -76,29 +110,51 @@ def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = T
                       environment=environment(resolve_device(config.train.device)), routes={}, train_seconds={})
     for seed in config.seeds:
         for method in config.methods:
+            model_config, train_config = regime(method, config.model, config.train, config.templates)
             torch.manual_seed(seed)
-            model = METHODS[method](config.model, specs)
+            model = METHODS[method](model_config, specs)
             run_dir = out / "runs" / f"{method}-s{seed}"
             if progress:
                 print(f"== {method} (seed {seed}): {model.param_count():,} parameters", flush=True)
-            trainer = Trainer(model, tasks, replace(config.train, seed=seed), out_dir=run_dir, progress=progress)
+            trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=run_dir, progress=progress)
             t0 = time.time()
             accs = trainer.fit()
             results["train_seconds"][f"{method}-s{seed}"] = round(time.time() - t0, 1)
             for row in rows_for(method, model, accs, seed):
                 results.add(row)
             if model.has_routes:
-                results["routes"][f"s{seed}"] = {
+                key = f"s{seed}" if method == "modular" else f"{method}-s{seed}"
+                results["routes"][key] = {
                     "discrete": {n: model.route(n).indices() for n in model.task_names},
                     "soft_at_discretize": trainer.soft_usage,
+                    "final": {n: w.tolist() for n, w in model.usage().items()},
                 }
+                rows, matrix = diagnostic_rows(method, model, {t.name: t for t in tasks}, seed)
+                for row in rows:
+                    results.add(row)
+                results["routes"][key]["cross_route"] = matrix
     results.save()
     write_report(out, results.data)
     return results.data
 
 
+def diagnostics_table(rows: list[dict]) -> str:
+    """One line per modular method: the route diagnostics, mean over seeds (% for accuracies)."""
+    metrics = ("route_distance", "cross_route_own", "cross_route_other", "shuffled_acc")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["metric"] in metrics))
+    if not methods:
+        return ""
+    lines = ["| method | route distance | cross-route own | cross-route other | shuffled |", "|---|---:|---:|---:|---:|"]
+    for m in methods:
+        vals = [float(np.mean([r["value"] for r in rows if r["method"] == m and r["metric"] == k and r["task"] == "mean"]))
+                for k in metrics]
+        lines.append(f"| {m} | {vals[0]:.3f} | {100 * vals[1]:.1f} | {100 * vals[2]:.1f} | {100 * vals[3]:.1f} |")
+    return "\n".join(lines)
+
+
 def summary(results: dict) -> str:
-    return report.markdown_results(results["rows"])
+    diag = diagnostics_table(results["rows"])
+    return report.markdown_results(results["rows"]) + (f"\n\n{diag}" if diag else "")
 
 
 def write_report(out: Path, results: dict) -> Path:
@@ -115,19 +171,29 @@ def write_report(out: Path, results: dict) -> Path:
     if logs:
         plot_curves(logs, out / "curves.png")
         parts += ["## Training curves", "", "![training curves](curves.png)", ""]
+    diag = diagnostics_table(rows)
+    if diag:
+        parts += ["## Does the route carry the task?", "",
+                  "Mean over seeds. Route distance: mean pairwise total variation of the tasks' route weights "
+                  "(0: identical routes). Cross-route: each task run with every task's route, its own norms and "
+                  "head; own = the diagonal's mean, other = the off-diagonal's. Shuffled: each task with its "
+                  "route's steps in a random other order.", "", diag, ""]
     first = next(iter(results.get("routes", {}).values()), None)
     if first:
         discrete = first["discrete"]
-        onehot = {n: np.eye(cfg["model"]["num_modules"])[r] for n, r in discrete.items()}
+        n_modules = len(next(iter(first["final"].values()))[0]) if first.get("final") else cfg["model"]["num_modules"]
+        onehot = {n: np.eye(n_modules)[r] for n, r in discrete.items()}
         parts += ["## Routes", "", "Discrete routes (module index per step):", "", "```"]
         parts += [f"{n}: {' '.join(map(str, r))}" for n, r in discrete.items()] + ["```", ""]
-        if first.get("soft_at_discretize"):
-            report.plot_usage(first["soft_at_discretize"], out / "usage.png", chosen=discrete)
-            parts += ["Module-usage maps: soft route weights just before discretisation, the chosen "
-                      "module marked by a dot.", "", "![module usage](usage.png)", ""]
         soft = first.get("soft_at_discretize")
+        if not soft and first.get("final") and any(np.max(w) < 1 for w in first["final"].values()):
+            soft = first["final"]  # routes soft to the end
+        if soft:
+            report.plot_usage(soft, out / "usage.png", chosen=discrete)
+            parts += ["Module-usage maps: soft route weights (just before discretisation, or at the end when "
+                      "routes stay soft), the largest marked by a dot.", "", "![module usage](usage.png)", ""]
         plot_similarity(soft or onehot, out / "similarity.png")
-        what = ("soft routes just before discretisation" if soft else "discrete routes")
+        what = ("soft routes" if soft else "discrete routes")
         parts += [f"Task similarity from the {what}: the probability that two tasks run the same module "
                   "at a step, averaged over steps.", "", "![task similarity](similarity.png)", ""]
     parts += report.markdown_times(results.get("train_seconds", {}))

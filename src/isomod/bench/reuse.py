@@ -7,6 +7,9 @@ only in the route, so any difference in accuracy comes from the order modules ru
     cyclic        0 1 2 3 0 1 2 3 (L = 2N)
     block_repeat  0 0 1 1 2 2 3 3
     learned       a soft route over the N modules, annealed, then discretised
+    templates     the N modules as templates mixed softly at every step (soft parameter
+                  sharing, Savarese & Maire 2019): route logits started flat in +-1.1,
+                  trained at the weights' learning rate, soft to the end
     distinct      L modules 0 .. L-1 run once each: the upper reference, L/N times the parameters
 
 Parameters and multiply-adds per image are counted from the trained model; every run
@@ -31,7 +34,8 @@ from isomod.network import ModelConfig, macs_per_image
 from isomod.route import reuse_pattern
 from isomod.train import TrainConfig, check_out_dir, resolve_device
 
-REUSE_METHODS = ("once", "cyclic", "block_repeat", "learned", "distinct")
+REUSE_METHODS = ("once", "cyclic", "block_repeat", "learned", "templates", "distinct")
+LEARNED = ("learned", "templates")
 
 
 @dataclass
@@ -45,7 +49,7 @@ class ReuseConfig:
         image_size: side a folder's images are resized to.
         modules: pool sizes N.
         multiples: route lengths L as multiples of N (1 runs `once`, above 1 the others).
-        methods: a subset of once, cyclic, block_repeat, learned, distinct.
+        methods: a subset of once, cyclic, block_repeat, learned, templates, distinct.
         seeds: one run per seed.
         model: width and block shape; `num_modules`, `steps` and `in_channels` are set per run.
         train: the budget every run shares; its seed is replaced per run.
@@ -119,10 +123,14 @@ def run(out_dir: str | Path, config: ReuseConfig = ReuseConfig(), progress: bool
         for method, n, steps in runs:
             name = f"{method}-N{n}-L{steps}-s{seed}"
             shape = replace(base, num_modules=pool_size(method, n, steps), steps=steps)
-            pattern = None if method == "learned" else reuse_pattern(method, n, steps)
-            say(f"== {name}: route {' '.join(map(str, pattern)) if pattern else 'learned'}", flush=True)
+            budget = train_config
+            if method == "templates":
+                shape = replace(shape, route_init="flat", route_init_scale=1.1)
+                budget = replace(train_config, routes="soft", lr_routes=train_config.lr)
+            pattern = None if method in LEARNED else reuse_pattern(method, n, steps)
+            say(f"== {name}: route {' '.join(map(str, pattern)) if pattern else method}", flush=True)
             t0 = time.time()
-            model, accs = train_modular(out / "runs" / name, [data], shape, train_config, seed, progress,
+            model, accs = train_modular(out / "runs" / name, [data], shape, budget, seed, progress,
                                         routes={data.name: pattern} if pattern else None)
             timings[name] = round(time.time() - t0, 1)
             routes[name] = model.route(data.name).indices()
@@ -222,6 +230,7 @@ def summary(results: dict) -> str:
 
 
 REUSE_STYLE = {"once": "black", "cyclic": "tab:red", "block_repeat": "tab:orange", "learned": "tab:green",
+               "templates": "tab:purple",
                "distinct": "tab:blue"}
 
 

@@ -3,6 +3,10 @@ ModularNet (weight mixing, output mixing, discrete) against a plain isometric Re
 same width and depth, and inference of an exported route against the plain network, all
 measured in one run, on random images of one shape.
 
+The template regime (soft routes mixing the weights of N modules at every step, soft to
+the end) trains exactly as `weight_mixing` does: its rows are that regime's cost, with
+K = N templates over the model's `steps`.
+
 Every training step runs the same images: `batch_size` images of one task, or, with `T`
 tasks per step, `batch_size / T` images of each (task-homogeneous batches, as the Trainer
 draws them). Times are medians over `repeats` steps after `warmup` steps, and each ratio

@@ -44,7 +44,7 @@ class TransferBenchConfig:
         pretrain_tasks: the tasks the pool is trained on.
         held_out: tasks never seen in pre-training, each learned afresh by every method.
         shots: training images per class: positive integers, or `all`.
-        methods: a subset of route_only, head_only, norm_head, finetune, scratch.
+        methods: a subset of route_only, route_head, head_only, norm_head, finetune, scratch.
         seeds: one pre-training and one set of transfer runs per seed.
         data_dir: where data that is not embedded (Fashion-MNIST) is looked for first.
         model: the pre-trained model's shape (scratch uses the same).
@@ -113,9 +113,11 @@ def run(out_dir: str | Path, config: TransferBenchConfig = TransferBenchConfig()
                     run_cfg = whole if method in ("finetune", "scratch") else cfg
                     res = transfer(copy.deepcopy(base), task, method, run_cfg, source=source, progress=progress)
                     results["train_seconds"][f"{method}/{name}/{label}/{seed}"] = round(time.time() - t0, 1)
-                    results.add(Row(method, name, "test_acc", round(res.test_acc, 5), {
-                        "shots": label, "params_total": base.param_count() + res.params_task,
-                        "params_task": res.params_task, "seed": seed, "source": source}))
+                    fields = {"shots": label, "params_total": base.param_count() + res.params_task,
+                              "params_task": res.params_task, "seed": seed, "source": source}
+                    if res.route_steps_changed is not None:
+                        fields["route_steps_changed"] = res.route_steps_changed
+                    results.add(Row(method, name, "test_acc", round(res.test_acc, 5), fields))
                     if method == "route_only":
                         results["routes"][f"{name}/{label}-s{seed}"] = {
                             "discrete": res.model.route(name).indices(), "soft_at_discretize": res.soft_route}
@@ -184,6 +186,17 @@ def findings(results: dict, tasks: list[str]) -> list[str]:
     return out
 
 
+def route_changes(rows: list[dict]) -> list[str]:
+    """Per route method: in how many runs the learned route differs from the source's, and by
+    how many steps on average."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows if "route_steps_changed" in r):
+        changed = [r["route_steps_changed"] for r in rows if r["method"] == method and "route_steps_changed" in r]
+        out.append(f"- {method}: differs in {sum(c > 0 for c in changed)} of {len(changed)} runs, "
+                   f"{np.mean(changed):.2f} steps on average")
+    return out
+
+
 def write_report(out: Path, results: dict) -> Path:
     """Draw the figures and write `report.md` from `results`."""
     cfg = results["config"]
@@ -200,6 +213,10 @@ def write_report(out: Path, results: dict) -> Path:
     lines = findings(results, glyph_tasks)
     if lines:
         parts += ["On the held-out glyph scripts, all data:", "", *lines, ""]
+    moved = route_changes(rows)
+    if moved:
+        parts += ["Did the learned route leave the source's? Steps whose module (the argmax, for a soft route) "
+                  "differs from the source route's:", "", *moved, ""]
     if rows:
         plot_transfer(rows, out / "accuracy_vs_params.png")
         parts += ["![accuracy against added parameters](accuracy_vs_params.png)", ""]
@@ -246,7 +263,7 @@ def write_report(out: Path, results: dict) -> Path:
     return path
 
 
-TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
+TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "route_head": ("P", "tab:orange"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
                   "finetune": ("^", "tab:purple"), "scratch": ("v", "tab:gray")}
 
 
