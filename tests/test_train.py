@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from isomod import ModelConfig, ModularNet, TrainConfig, Trainer, TrainingDiverged, evaluate
-from isomod.train import RouteSchedule, SoftRoutes
+from isomod.route import RouteSchedule, SoftRoutes
 from isomod.checkpoint import load_checkpoint
 
 from test_checkpoint import snapshot

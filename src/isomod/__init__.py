@@ -1,7 +1,7 @@
 """isomod: compositional modular networks.
 
 A pool of interchangeable residual modules; each task learns a route (the module to run
-at each step), soft at first and discrete at the end.
+at each step), annealed to discrete or kept soft.
 """
 
 from isomod.baselines import IndependentNets, PlainResNet
@@ -9,11 +9,11 @@ from isomod.checkpoint import load_checkpoint, save_checkpoint
 from isomod.errors import CheckpointError, IsomodError, TrainingDiverged
 from isomod.network import ModelConfig, ModularNet, TaskSpec
 from isomod.pool import ModulePool
-from isomod.route import Route
+from isomod.route import Route, RouteSchedule, SoftRoutes
 from isomod.train import TrainConfig, Trainer, evaluate
 
 __all__ = [
     "CheckpointError", "IndependentNets", "IsomodError", "ModelConfig", "ModularNet", "ModulePool",
-    "PlainResNet", "Route", "TaskSpec", "TrainConfig", "Trainer", "TrainingDiverged", "evaluate",
-    "load_checkpoint", "save_checkpoint",
+    "PlainResNet", "Route", "RouteSchedule", "SoftRoutes", "TaskSpec", "TrainConfig", "Trainer", "TrainingDiverged",
+    "evaluate", "load_checkpoint", "save_checkpoint",
 ]

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN
 from isomod.config import add_config_args, build_config, positive
-from isomod.errors import IsomodError
+from isomod.errors import IsomodError, check_out_file
 from isomod.network import ModelConfig
-from isomod.train import TrainConfig, check_out_file
+from isomod.train import TrainConfig
 from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN
 
 

@@ -1,14 +1,19 @@
-"""Route: a task's choice of module at each step, soft then discrete."""
+"""Route: a task's choice of module at each step, soft then discrete; fixed route patterns;
+and the schedules that say how routes train (annealed and discretised, or soft to the end)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from isomod.errors import IsomodError, check_choice
+
+if TYPE_CHECKING:
+    from isomod.train import TrainConfig
 
 ROUTE_INITS = ("random", "flat", "uniform", "cyclic", "permutation")
 PATTERNS = ("once", "cyclic", "block_repeat", "distinct")
@@ -142,3 +147,45 @@ class Route(nn.Module):
     def __str__(self) -> str:
         text = " ".join(str(i) for i in self.indices())
         return text if self.is_discrete else f"{text} (soft, T={self.temperature.item():.3g})"
+
+
+# --- how routes train -------------------------------------------------------------
+ROUTE_SCHEDULES = ("annealed", "soft")
+
+
+class RouteSchedule:
+    """What happens to soft routes during training: their temperature and entropy weight
+    at each step, and the step at which they are frozen to their argmax (None: never).
+
+    This one anneals: the temperature falls geometrically from `temperature_start` to
+    `temperature_end` until `discretize_at * steps`, where routes are discretised; the
+    entropy of the route weights is added to the loss with `entropy_weight`. Pass another
+    schedule (e.g. `SoftRoutes`) to the Trainer to keep routes soft.
+    """
+
+    def __init__(self, config: "TrainConfig"):
+        self.start, self.end = config.temperature_start, config.temperature_end
+        self.entropy = config.entropy_weight
+        self.anneal_steps = round(config.discretize_at * config.steps)
+        self.discretize_step = self.anneal_steps if self.anneal_steps < config.steps else None
+
+    def temperature(self, step: int) -> float:
+        frac = min(1.0, step / max(1, self.anneal_steps))
+        return self.start * (self.end / self.start) ** frac
+
+    def entropy_weight(self, step: int) -> float:
+        return self.entropy
+
+
+class SoftRoutes(RouteSchedule):
+    """Routes stay soft to the end at temperature 1, with no entropy penalty."""
+
+    def __init__(self, config: "TrainConfig | None" = None):
+        self.start = self.end = 1.0
+        self.entropy = 0.0
+        self.anneal_steps, self.discretize_step = 1, None
+
+
+def route_schedule(config: "TrainConfig") -> RouteSchedule:
+    """The schedule `config.routes` names."""
+    return SoftRoutes(config) if config.routes == "soft" else RouteSchedule(config)

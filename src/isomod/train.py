@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,13 +22,13 @@ from isomod import distributed
 from isomod.checkpoint import check_compatible, checkpoint_exists, load_trainer_state, load_weights, save_checkpoint
 from isomod.config import from_dict
 from isomod.data.tasks import TaskData
-from isomod.errors import CheckpointError, IsomodError, TrainingDiverged, check_choice
+from isomod.errors import CheckpointError, IsomodError, TrainingDiverged, check_choice, check_out_dir
 from isomod.logs import Progress, RunLog
 from isomod.network import TaskModel
+from isomod.route import ROUTE_SCHEDULES, RouteSchedule, route_schedule
 
 Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
 SCHEDULES = ("cosine", "step", "constant")
-ROUTE_SCHEDULES = ("annealed", "soft")
 SAMPLINGS = ("uniform", "proportional")
 PRECISIONS = ("fp32", "bf16")
 
@@ -134,44 +133,6 @@ class TrainConfig:
             return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
         return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-
-
-class RouteSchedule:
-    """What happens to soft routes during training: their temperature and entropy weight
-    at each step, and the step at which they are frozen to their argmax (None: never).
-
-    This one anneals: the temperature falls geometrically from `temperature_start` to
-    `temperature_end` until `discretize_at * steps`, where routes are discretised; the
-    entropy of the route weights is added to the loss with `entropy_weight`. Pass another
-    schedule (e.g. `SoftRoutes`) to the Trainer to keep routes soft.
-    """
-
-    def __init__(self, config: TrainConfig):
-        self.start, self.end = config.temperature_start, config.temperature_end
-        self.entropy = config.entropy_weight
-        self.anneal_steps = round(config.discretize_at * config.steps)
-        self.discretize_step = self.anneal_steps if self.anneal_steps < config.steps else None
-
-    def temperature(self, step: int) -> float:
-        frac = min(1.0, step / max(1, self.anneal_steps))
-        return self.start * (self.end / self.start) ** frac
-
-    def entropy_weight(self, step: int) -> float:
-        return self.entropy
-
-
-class SoftRoutes(RouteSchedule):
-    """Routes stay soft to the end at temperature 1, with no entropy penalty."""
-
-    def __init__(self, config: TrainConfig | None = None):
-        self.start = self.end = 1.0
-        self.entropy = 0.0
-        self.anneal_steps, self.discretize_step = 1, None
-
-
-def route_schedule(config: TrainConfig) -> RouteSchedule:
-    """The schedule `config.routes` names."""
-    return SoftRoutes(config) if config.routes == "soft" else RouteSchedule(config)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -560,29 +521,8 @@ class Trainer:
         return accs
 
 
-def check_out_dir(path: Path) -> None:
-    """Refuse, before any work, an output folder that is a file or cannot be written."""
-    if path.exists() and not path.is_dir():
-        raise IsomodError(f"--out {path}: exists and is not a folder; give a new or existing folder")
-    parent = next((p for p in [path, *path.parents] if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK | os.X_OK) or not parent.is_dir():
-        raise IsomodError(f"--out {path}: cannot create or write there; give a writable folder")
-    if str(path.resolve()).startswith(("/proc/", "/sys/")):
-        raise IsomodError(f"--out {path}: not a writable folder (a kernel file system); give a writable folder")
-
-
 def short(task: str) -> str:
     """A compact task label for progress bars: `glyphs/latin_upper` -> `lat_up`."""
     tail = task.rsplit("/", 1)[-1]
     parts = tail.replace("-", "_").split("_")
     return "_".join(p[:3] for p in parts)
-
-
-def check_out_file(path: Path) -> None:
-    """Refuse, before any work, an output file that is a folder or cannot be written."""
-    if path.is_dir():
-        raise IsomodError(f"--out {path}: is a folder; give a file name")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) \
-            or str(parent.resolve()).startswith(("/proc", "/sys")):
-        raise IsomodError(f"--out {path}: cannot write there; give a file in a writable folder")

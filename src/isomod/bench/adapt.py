@@ -27,8 +27,8 @@ from isomod.bench import train_modular
 from isomod.bench.base import Bench, Results, check_seeds, environment, register
 from isomod.data.tasks import load_task
 from isomod.network import ModelConfig
-from isomod.errors import check_choices
-from isomod.train import TrainConfig, check_out_dir, evaluate, resolve_device
+from isomod.errors import check_choices, check_out_dir
+from isomod.train import TrainConfig, evaluate, resolve_device
 from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN, ROUTE_METHODS, adapt, add_as_copy
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]

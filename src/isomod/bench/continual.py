@@ -23,8 +23,8 @@ from isomod.checkpoint import save_checkpoint
 from isomod.continual import GrowConfig, learn_task
 from isomod.data.tasks import TaskData, load_task
 from isomod.network import ModelConfig, ModularNet, TaskModel
-from isomod.errors import check_choices
-from isomod.train import TrainConfig, Trainer, check_out_dir, evaluate, resolve_device, to_float
+from isomod.errors import check_choices, check_out_dir
+from isomod.train import TrainConfig, Trainer, evaluate, resolve_device, to_float
 
 METHODS = ("modular_grow", "independent", "finetune_seq")
 STREAM = ["glyphs/latin_upper", "glyphs/digits", "glyphs/greek", "mnist", "glyphs/cyrillic", "glyphs/armenian",

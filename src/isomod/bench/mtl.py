@@ -14,10 +14,10 @@ import torch
 from isomod import diagnostics, report
 from isomod.baselines import IndependentNets, PlainResNet
 from isomod.data.tasks import TaskData, load_suite
-from isomod.network import ModelConfig, ModularNet, TaskModel
 from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
-from isomod.errors import IsomodError, check_choices
-from isomod.train import TrainConfig, Trainer, check_out_dir, resolve_device
+from isomod.network import ModelConfig, ModularNet, TaskModel
+from isomod.errors import IsomodError, check_choices, check_out_dir
+from isomod.train import TrainConfig, Trainer, resolve_device
 
 METHODS = {"modular": ModularNet, "modular_templates": ModularNet, "independent": IndependentNets,
            "shared_trunk": PlainResNet}

@@ -29,10 +29,10 @@ from isomod import distributed, report
 from isomod.bench import train_modular
 from isomod.bench.base import Bench, Results, check_seeds, environment, register
 from isomod.data.tasks import TaskData, load_task
-from isomod.errors import IsomodError, check_choices
+from isomod.errors import IsomodError, check_choices, check_out_dir
 from isomod.network import ModelConfig, macs_per_image
 from isomod.route import reuse_pattern
-from isomod.train import TrainConfig, check_out_dir, resolve_device
+from isomod.train import TrainConfig, resolve_device
 
 REUSE_METHODS = ("once", "cyclic", "block_repeat", "learned", "templates", "distinct")
 LEARNED = ("learned", "templates")

@@ -31,10 +31,10 @@ import torch
 from isomod import report
 from isomod.baselines import PlainResNet
 from isomod.bench.base import Bench, Results, environment, register
-from isomod.errors import IsomodError, check_choice
+from isomod.errors import IsomodError, check_choice, check_out_dir
 from isomod.export import export_task
 from isomod.network import ModelConfig, ModularNet, TaskModel, TaskSpec
-from isomod.train import PRECISIONS, check_out_dir, cross_entropy, forward_options, resolve_device
+from isomod.train import PRECISIONS, cross_entropy, forward_options, resolve_device
 
 TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete")
 

@@ -26,9 +26,9 @@ from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_s
 from isomod.bench import train_modular
 from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
 from isomod.data.tasks import load_task
-from isomod.errors import IsomodError, check_choices
+from isomod.errors import IsomodError, check_choices, check_out_dir
 from isomod.network import ModelConfig
-from isomod.train import TrainConfig, check_out_dir, resolve_device
+from isomod.train import TrainConfig, resolve_device
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
