@@ -204,3 +204,10 @@ def test_a_stale_old_copy_is_cleaned_and_folders_get_the_usual_mode(trained):
     umask = os.umask(0)
     os.umask(umask)
     assert ck.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_section_that_is_not_a_mapping_is_named_even_with_options_for_it(tmp_path, data, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train: 5\n")
+    assert main(["train", "--tasks", data, "--out", str(tmp_path / "o"), "--config", str(cfg), "--steps", "3"]) == 2
+    one_line_error(capsys, "cfg.yaml train: expected a mapping of steps, batch_size")

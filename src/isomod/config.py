@@ -37,8 +37,6 @@ def describe(tp) -> str:
         return " or ".join(describe(a) for a in args)
     if is_config(tp):
         return "a mapping"
-    if typing.get_origin(tp) is typing.Literal:
-        return " or ".join(repr(a) for a in args)
     return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -59,10 +57,6 @@ def check_value(value, tp, where: str):
                 return check_value(value, option, where)
             except IsomodError:
                 continue
-        raise IsomodError(f"{where}: expected {describe(tp)}, got {value!r}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
         raise IsomodError(f"{where}: expected {describe(tp)}, got {value!r}")
     if origin is dict:
         if not isinstance(value, dict):
@@ -245,7 +239,8 @@ def build_config(args: argparse.Namespace, base):
         if key.startswith("cfg.") and value is not None:
             *sections, name = key.split(".")[1:]
             target = merged
-            for section in sections:
-                target = target.setdefault(section, {}) if isinstance(target.get(section), dict) else target
-            target[name] = value
+            for section in sections:  # a section the file made a non-mapping is refused by from_dict below
+                target = target.get(section) if isinstance(target, dict) else None
+            if isinstance(target, dict):
+                target[name] = value
     return from_dict(cls, merged, getattr(args, "config", None) or "options")

@@ -103,9 +103,11 @@ class TaskModel(nn.Module):
     """The interface the trainer, the benchmarks and the checkpoints rely on.
 
     Subclasses take `(config, tasks)`, set `self.config` and `self.specs` (task name ->
-    TaskSpec) and implement `forward_features`, `forward_head`, `param_groups` and
-    `task_param_count`; they override `to_config` / `from_config` only when a checkpoint
-    must hold more than shape and tasks. Models without routes inherit no-op route methods.
+    TaskSpec) and implement `forward_features`, `forward_head`, `add_task`, `remove_task`,
+    `param_groups` and `task_param_count`; they override `to_config` / `from_config` only
+    when a checkpoint must hold more than shape and tasks. Models without routes
+    (`has_routes` False) inherit no-op route methods, and `require_routes` refuses them
+    for the operations that need routes.
     """
 
     specs: dict[str, TaskSpec]
