@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from isomod.baselines import IndependentNets, PlainResNet
+from isomod.data.cache import usual_mode
 from isomod.errors import CheckpointError, IsomodError
 from isomod.network import ModularNet, TaskModel
 
@@ -53,9 +54,7 @@ def save_checkpoint(model: TaskModel, path: str | Path, trainer_state: dict | No
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private (0700); give it mkdir's mode
+    usual_mode(tmp, 0o777)
     try:
         config = {"format": FORMAT, "version": VERSION, "kind": type(model).__name__,
                   **model.to_config(), "extra": extra or {}}

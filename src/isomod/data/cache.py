@@ -19,6 +19,14 @@ def cache_dir() -> Path:
     return path
 
 
+def usual_mode(path: str | Path, base: int) -> None:
+    """Give a file (`base` 0o666) or folder (0o777) made private by `mkstemp` / `mkdtemp`
+    the mode `open()` or `mkdir()` would have given it under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, base & ~umask)
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a temporary file beside `path`, then rename it into place, so that
     readers see either the old file or the whole new one."""
@@ -27,10 +35,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        # mkstemp makes the file private (0600); give it the mode open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        usual_mode(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
