@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from isomod.config import from_dict
 from isomod.data.tasks import TaskData
 from isomod.errors import CheckpointError, IsomodError, TrainingDiverged, check_choice, check_out_dir
 from isomod.logs import Progress, RunLog
-from isomod.network import TaskModel
+from isomod.network import ModelConfig, TaskModel
 from isomod.route import ROUTE_SCHEDULES, RouteSchedule, route_schedule
 
 Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
@@ -133,6 +133,17 @@ class TrainConfig:
             return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
         return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
+
+
+def template_regime(model: ModelConfig, train: TrainConfig, templates: int | None = None
+                    ) -> tuple[ModelConfig, TrainConfig]:
+    """The authors' template regime on top of given configs: `templates` modules (default:
+    the model's pool size) shared by all steps, route logits started flat in +-1.1, trained
+    at the weights' learning rate and left soft to the end (no annealing, entropy penalty
+    or discretisation)."""
+    model = replace(model, route_init="flat", route_init_scale=1.1,
+                    num_modules=model.num_modules if templates is None else templates)
+    return model, replace(train, routes="soft", lr_routes=train.lr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -453,8 +464,9 @@ class Trainer:
         """Freeze the trained tasks' routes to their argmax; True when nothing is left to train."""
         if not self.model.soft_routes(self.train_tasks):
             return False
-        self.soft_usage = {n: w.tolist() for n, w in self.model.usage(self.train_tasks).items()}
-        self.log.routes(self.step, self.model.usage(self.train_tasks))
+        usage = self.model.usage(self.train_tasks)
+        self.soft_usage = {n: w.tolist() for n, w in usage.items()}
+        self.log.routes(self.step, usage)
         for task in self.train_tasks:
             self.model.discretize(task)
         self.log.write(event="discretize", step=self.step, route_weights=self.soft_usage)

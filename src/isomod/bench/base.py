@@ -72,12 +72,6 @@ class Results:
     def __getitem__(self, key: str):
         return self.data[key]
 
-    def __setitem__(self, key: str, value) -> None:
-        self.data[key] = value
-
-    def setdefault(self, key: str, value):
-        return self.data.setdefault(key, value)
-
     def add(self, row: Row | dict) -> dict:
         entry = row.to_dict() if isinstance(row, Row) else dict(row)
         missing = [k for k in ROW_KEYS if k not in entry]

@@ -17,21 +17,17 @@ from isomod.data.tasks import TaskData, load_suite
 from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
 from isomod.network import ModelConfig, ModularNet, TaskModel
 from isomod.errors import IsomodError, check_choices, check_out_dir
-from isomod.train import TrainConfig, Trainer, resolve_device
+from isomod.train import TrainConfig, Trainer, resolve_device, template_regime
 
 METHODS = {"modular": ModularNet, "modular_templates": ModularNet, "independent": IndependentNets,
            "shared_trunk": PlainResNet}
 
 
 def regime(method: str, model: ModelConfig, train: TrainConfig, templates: int) -> tuple[ModelConfig, TrainConfig]:
-    """The model and budget a method trains with. `modular_templates` is the authors'
-    regime: `templates` modules (K < L) shared by all steps, route logits started flat in
-    +-1.1, trained with the weights' learning rate and left soft to the end (no annealing,
-    entropy penalty or discretisation); every other method takes the configs as they are."""
-    if method != "modular_templates":
-        return model, train
-    return (replace(model, num_modules=templates, route_init="flat", route_init_scale=1.1),
-            replace(train, routes="soft", lr_routes=train.lr))
+    """The model and budget a method trains with: `modular_templates` runs the template
+    regime (`isomod.train.template_regime`) with `templates` modules (K < L); every other
+    method takes the configs as they are."""
+    return template_regime(model, train, templates) if method == "modular_templates" else (model, train)
 
 
 @dataclass
