@@ -38,6 +38,22 @@ def test_save_load_bit_identical(tmp_path, cls):
         assert json.loads((path / "config.json").read_text())["routes"]["a"] == model.route("a").indices()
 
 
+def test_module_owned_norms_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = ModularNet(ModelConfig(channels=8, num_modules=3, steps=4, norm_affine="module"), [TaskSpec("a", 4)])
+    with torch.no_grad():
+        for p in model.pool.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(5, 1, 28, 28)
+    model.train()
+    model(x, "a")
+    model.eval()
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ck")).eval()
+    assert loaded.config.norm_affine == "module" and loaded.pool.norm_affine
+    assert torch.equal(loaded.pool.blocks[2].g2, model.pool.blocks[2].g2)
+    assert torch.equal(model(x, "a"), loaded(x, "a"))
+
+
 def test_save_load_keeps_pool_changes(tmp_path):
     model = tiny()
     model.route("a").set_choice([0, 1, 1, 0])

@@ -7,7 +7,8 @@ import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TrainConfig, load_checkpoint
 from isomod import continual
-from isomod.continual import GrowConfig, learn_task, split_validation
+from isomod.continual import GrowConfig, learn_task
+from isomod.data.tasks import split_validation
 
 from conftest import glyph_task
 

@@ -12,19 +12,27 @@ from isomod.cli import main
 from isomod.export import export_task, save_onnx, save_torchscript
 
 
-@pytest.fixture()
-def model():
-    """Two tasks with their own norm statistics; `t` runs module 0 three times."""
+@pytest.fixture(params=["step", "module"])
+def model(request):
+    """Two tasks with their own norm statistics; `t` runs module 0 three times. The norms'
+    affine parameters belong to the steps, or to the modules."""
     torch.manual_seed(0)
-    net = ModularNet(ModelConfig(channels=8, num_modules=3, steps=5), [TaskSpec("t", 4), TaskSpec("u", 3)])
+    net = ModularNet(ModelConfig(channels=8, num_modules=3, steps=5, norm_affine=request.param),
+                     [TaskSpec("t", 4), TaskSpec("u", 3)])
     net.route("t").set_choice([0, 1, 0, 2, 0])
     net.train()
     with torch.no_grad():
         for _ in range(5):
             net(torch.rand(16, 1, 28, 28) * 2, "t")
         for norm in net.branch("t").norms:
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.uniform_(-0.2, 0.2)
+            if norm.weight is not None:
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.2, 0.2)
+        for name, p in net.pool.named_parameters():
+            if name.split(".")[-1] in ("g1", "g2"):
+                p.uniform_(0.5, 1.5)
+            elif name.split(".")[-1] in ("b1", "b2"):
+                p.uniform_(-0.2, 0.2)
     return net.eval()
 
 
@@ -39,7 +47,7 @@ def test_export_matches_and_stores_each_module_once(model):
     assert steps[1].bias1 is not None and steps[0].bias1 is None
     pool = model.pool.blocks
     stored = sum(p.numel() for p in net.parameters())
-    expected = (sum(p.numel() for i in (0, 1, 2) for p in pool[i].parameters()) + 2 * 8
+    expected = (sum(pool[i].w1.numel() + pool[i].w2.numel() for i in (0, 1, 2)) + 2 * 8
                 + sum(p.numel() for p in model.stem.parameters()) + sum(p.numel() for p in model.head_of("t").parameters()))
     assert stored == expected
 

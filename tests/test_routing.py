@@ -55,8 +55,18 @@ def test_route_str_names_task():
     assert "soft" in net.route_str("b")
 
 
-def test_one_hot_soft_equals_discrete_equals_output_mixing():
-    net = make_net().eval()
+def randomise_module_norms(net):
+    """Module-owned norm scales and shifts away from 1 and 0, so that a wrong mixture shows."""
+    with torch.no_grad():
+        for name, p in net.pool.named_parameters():
+            if name.split(".")[-1] in ("g1", "g2", "b1", "b2"):
+                p.uniform_(0.5, 1.5) if name[-2] == "g" else p.uniform_(-0.3, 0.3)
+
+
+@pytest.mark.parametrize("norm_affine", ["step", "module"])
+def test_one_hot_soft_equals_discrete_equals_output_mixing(norm_affine):
+    net = make_net(norm_affine=norm_affine).eval()
+    randomise_module_norms(net)
     x = x_batch()
     pattern = [2, 0, 0, 3, 1, 2]
     logits = torch.full((6, 4), -1e4)
@@ -86,6 +96,32 @@ def test_soft_weight_mixing_runs_the_mixed_block():
         h = residual_block(h, w1, w2, norms[2 * l], norms[2 * l + 1])
     h = torch.relu(norms[-1](h)).mean((2, 3))
     torch.testing.assert_close(net.tasks["a"].head(h), net(x, "a"), rtol=1e-5, atol=1e-5)
+
+
+def test_module_owned_norms_are_mixed_like_the_weights():
+    """With `norm_affine="module"` a step runs the statistics of its own norms and the
+    route-weighted sum of the modules' scales and shifts."""
+    from isomod.blocks import residual_block, with_affine
+
+    net = make_net(norm_affine="module").eval()
+    randomise_module_norms(net)
+    x = x_batch()
+    route, norms = net.route("a"), net.tasks["a"].norms
+    assert all(n.weight is None for n in norms[:-1]) and norms[-1].weight is not None
+    w = route.weights()
+    h = net.stem(x)
+    blocks = net.pool.blocks
+    for l in range(6):
+        mix = {k: sum(w[l, n] * getattr(blocks[n], k) for n in range(4)) for k in ("w1", "w2", "g1", "b1", "g2", "b2")}
+        h = residual_block(h, mix["w1"], mix["w2"], with_affine(norms[2 * l], mix["g1"], mix["b1"]),
+                           with_affine(norms[2 * l + 1], mix["g2"], mix["b2"]))
+    h = torch.relu(norms[-1](h)).mean((2, 3))
+    torch.testing.assert_close(net.tasks["a"].head(h), net(x, "a"), rtol=1e-5, atol=1e-5)
+    net(x, "a").sum().backward()
+    assert all(b.g1.grad is not None and b.b2.grad is not None for b in blocks)
+    # A task then owns only its route, its final norm and its head.
+    owned = 6 * 4 + 2 * 8 + (8 * 10 + 10)
+    assert net.task_param_count("a") == owned
 
 
 def test_output_mixing_differs_from_weight_mixing_when_soft():
@@ -200,7 +236,7 @@ def test_tasks_of_a_step_share_one_weight_stack_and_gradients_stay_exact():
     net = ModularNet(ModelConfig(channels=8, num_modules=4, steps=4), [TaskSpec("a", 3), TaskSpec("b", 3)])
     x = torch.rand(4, 1, 28, 28)
     first = net.pool.stacked()
-    assert net.pool.stacked()[0] is first[0]  # nothing changed: the same stack
+    assert net.pool.stacked()["w1"] is first["w1"]  # nothing changed: the same stack
     (net(x, "a").sum() + net(x, "b").sum()).backward()
     once = net.pool.blocks[1].w2.grad.clone()
     # Accumulating a second identical pass through the reused stack doubles the gradient.
@@ -211,8 +247,8 @@ def test_tasks_of_a_step_share_one_weight_stack_and_gradients_stay_exact():
     # Any change of the weights builds a new stack: in place, by loading, or by a dtype move.
     with torch.no_grad():
         net.pool.blocks[0].w1.mul_(2)
-    assert torch.equal(net.pool.stacked()[0][0], net.pool.blocks[0].w1)
+    assert torch.equal(net.pool.stacked()["w1"][0], net.pool.blocks[0].w1)
     net.load_state_dict({k: v + 1 if v.is_floating_point() else v for k, v in net.state_dict().items()})
-    assert torch.equal(net.pool.stacked()[1][3], net.pool.blocks[3].w2)
+    assert torch.equal(net.pool.stacked()["w2"][3], net.pool.blocks[3].w2)
     net.to(torch.float64)
-    assert net.pool.stacked()[0].dtype == torch.float64
+    assert net.pool.stacked()["w1"].dtype == torch.float64

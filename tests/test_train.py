@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from isomod import ModelConfig, ModularNet, TrainConfig, Trainer, TrainingDiverged, evaluate
+from isomod import IsomodError, ModelConfig, ModularNet, TrainConfig, Trainer, TrainingDiverged, evaluate
 from isomod.route import RouteSchedule, SoftRoutes
 from isomod.checkpoint import load_checkpoint
 
@@ -176,3 +176,62 @@ def test_progress_without_a_terminal_prints_a_few_plain_lines(two_tasks, capsys)
     lines = [line for line in out.out.splitlines() if line.startswith("train: step")]
     assert len(lines) == 20 and lines[-1].startswith("train: step 40/40 (100%)")
     assert "\r" not in out.out + out.err and "loss" in lines[-1]
+
+
+def test_regimes_set_pool_route_start_and_schedule():
+    from isomod.regimes import REGIMES, regime
+
+    base_model, base_train = ModelConfig(steps=8), TrainConfig(lr=3e-3, lr_routes=0.05)
+    model, train = REGIMES["annealed"].apply(base_model, base_train)
+    assert (model.num_modules, model.route_init, train.routes, train.lr_routes) == (16, "cyclic", "annealed", 0.05)
+    model, train = REGIMES["templates"].apply(base_model, base_train)
+    assert (model.num_modules, model.route_init, model.route_init_scale) == (4, "flat", 1.1)
+    assert train.routes == "soft" and train.lr_routes == 3e-3 and model.norm_affine == "step"
+    assert REGIMES["templates_norms"].apply(base_model, base_train)[0].norm_affine == "module"
+    assert REGIMES["templates_swap"].apply(base_model, base_train)[1].route_swap == 0.5
+    assert REGIMES["templates"].apply(base_model, base_train, modules=3)[0].num_modules == 3
+    with pytest.raises(IsomodError, match="unknown route regime 'loops'; known: annealed, templates"):
+        regime("loops")
+
+
+def test_route_swap_exchanges_two_steps_and_still_trains_the_route(two_tasks):
+    from isomod.route import Route
+
+    route = Route(5, 3, init="flat", init_scale=1.0)
+    plain = route.weights()
+    order = torch.tensor([0, 3, 2, 1, 4])
+    with route.reordered(order):
+        swapped = route.weights()
+    assert torch.equal(swapped, plain[order]) and route.step_order is None
+    swapped[1, 0].backward()
+    assert route.logits.grad[3].abs().sum() > 0 and route.logits.grad[1].abs().sum() == 0
+    # In training, about `route_swap` of the batches run with two steps exchanged.
+    seen = []
+
+    def watching(model, x, y, task):
+        from isomod.train import cross_entropy
+        order = model.route(task).step_order
+        seen.append(None if order is None else order.tolist())
+        return cross_entropy(model, x, y, task)
+
+    model = tiny_model(two_tasks, route_init="flat")
+    Trainer(model, two_tasks, quick(steps=200, routes="soft", route_swap=0.5), objective=watching,
+            progress=False).fit()
+    swaps = [o for o in seen if o is not None]
+    assert 60 < len(swaps) < 140
+    assert all(sorted(o) == [0, 1, 2, 3] and sum(a != b for a, b in enumerate(o)) == 2 for o in swaps)
+    with pytest.raises(IsomodError, match="route_swap must lie in"):
+        TrainConfig(route_swap=1.5)
+
+
+def test_only_trained_routes_are_annealed_and_discretised(two_tasks):
+    """A soft route that is run but not trained keeps its weights and temperature."""
+    model = tiny_model(two_tasks, route_init="flat")
+    frozen = model.route("glyphs/hebrew")
+    before = frozen.weights().detach().clone()
+    params = model.param_groups()
+    params["routes"] = [model.route("glyphs/digits").logits]
+    Trainer(model, two_tasks, quick(steps=20, discretize_at=0.5), params=params, progress=False).fit()
+    assert not frozen.is_discrete and frozen.temperature.item() == 1.0
+    assert torch.equal(frozen.weights(), before)
+    assert model.route("glyphs/digits").is_discrete

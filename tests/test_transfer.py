@@ -179,6 +179,45 @@ def test_head_only_keeps_the_source_norm_statistics(pretrained, digit_tasks):
     assert result.model.route("uci-digits").indices() == pretrained.route("mnist").indices()
 
 
+@pytest.fixture(scope="module")
+def soft_pretrained(digit_tasks):
+    """A model of the template regime: soft route, norms' affine parameters in the modules."""
+    from isomod.regimes import REGIMES
+
+    mnist = digit_tasks[0]
+    model_cfg, train_cfg = REGIMES["templates_norms"].apply(
+        ModelConfig(channels=16, steps=4), TrainConfig(steps=100, batch_size=32, lr=5e-3, lr_heads=5e-3,
+                                                       warmup_steps=10, checkpoint_every=0))
+    torch.manual_seed(0)
+    model = ModularNet(model_cfg, [mnist.spec])
+    Trainer(model, [mnist], train_cfg, progress=False).fit()
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["head_only", "norm_head", "route_head"])
+def test_a_soft_source_route_is_kept_soft(soft_pretrained, digit_tasks, method):
+    """The baselines run the source's soft route itself (not its argmax); a route method
+    starts from it and moves it. With statistics-only step norms, only a linear probe
+    keeps the source's statistics."""
+    source = soft_pretrained.route("mnist")
+    assert not source.is_discrete and len(soft_pretrained.pool) == 2
+    cfg = TrainConfig(steps=30, batch_size=32, lr=5e-2, lr_heads=5e-2, warmup_steps=2, checkpoint_every=0,
+                      routes="soft")
+    result = transfer(copy.deepcopy(soft_pretrained), digit_tasks[1], method, cfg, source="mnist", progress=False)
+    new = result.model.route("uci-digits")
+    assert not new.is_discrete
+    moved = (new.weights() - source.weights()).abs().max().item()
+    if method == "route_head":
+        assert moved > 1e-3 and result.route_change == pytest.approx(
+            0.5 * (new.weights() - source.weights()).abs().sum(-1).mean().item(), abs=1e-5)
+        assert result.params_task == new.logits.numel() + sum(p.numel() for p in result.model.head_of("uci-digits").parameters())
+    else:
+        assert moved == 0 and result.route_change is None
+    stats_kept = [torch.equal(a.running_mean, b.running_mean) for a, b in
+                  zip(result.model.branch("uci-digits").norms[:-1], soft_pretrained.branch("mnist").norms[:-1])]
+    assert all(stats_kept) == (method == "head_only")
+
+
 def test_select_source_prefers_the_task_whose_features_separate_the_classes(pretrained, digit_tasks):
     model = mnist_only(pretrained)
     model.add_task(TaskSpec("blind", 10, (1, 28, 28)))

@@ -25,6 +25,7 @@ from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN
 from isomod.config import add_config_args, build_config, positive
 from isomod.errors import IsomodError, check_out_file
 from isomod.network import ModelConfig
+from isomod.regimes import REGIMES, regime
 from isomod.train import TrainConfig
 from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN
 
@@ -82,7 +83,10 @@ def cmd_train(args) -> int:
     from isomod.network import ModularNet
     from isomod.train import Trainer, check_out_dir
 
-    cfg = build_config(args, TrainRun())
+    base = TrainRun()
+    if args.regime:
+        base = TrainRun(*regime(args.regime).apply(base.model, base.train))
+    cfg = build_config(args, base)
     model_cfg, train_cfg = cfg.model, cfg.train
     check_out_dir(Path(args.out))
     tasks = [load_task(n, data_dir=args.data_dir, image_size=args.image_size) for n in resolve(args.tasks)]
@@ -282,6 +286,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "train_config.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--image-size", type=positive, help="side a folder's images are resized to (default 28)")
+    p.add_argument("--regime", choices=tuple(REGIMES), help="a route regime (isomod.regimes): its pool size, "
+                   "route start and route schedule replace the defaults below; the config file and options "
+                   "still win")
     p.set_defaults(func=cmd_train)
 
     p = with_config(sub.add_parser("transfer", help="add a task to a trained model, learning only its route, "

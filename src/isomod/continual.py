@@ -17,7 +17,7 @@ import torch
 
 from isomod.transfer import ROUTE_BIAS, fit_route, select_source
 from isomod.checkpoint import save_checkpoint
-from isomod.data.tasks import TaskData
+from isomod.data.tasks import TaskData, split_validation
 from isomod.errors import IsomodError
 from isomod.network import ModularNet
 from isomod.train import TrainConfig, Trainer, evaluate
@@ -64,25 +64,6 @@ class TaskOutcome:
     test_acc: float
     steps: int  # optimiser steps spent on the task
     route: list[int]
-
-
-def split_validation(task: TaskData, fraction: float, seed: int = 0) -> TaskData:
-    """The task with `fraction` of each class's training images moved to its test split
-    (a validation set), so that deciding to grow never looks at test data."""
-    g = torch.Generator().manual_seed(seed)
-    fit, val = [], []
-    for c in range(task.spec.num_classes):
-        idx = torch.nonzero(task.y_train == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n_val = int(round(fraction * len(idx)))
-        if len(idx) - n_val < 1 or n_val < 1:
-            raise IsomodError(f"task {task.name!r}: class {c} has {len(idx)} training images, too few to hold "
-                              f"{fraction:.0%} out for validation")
-        val.append(idx[:n_val])
-        fit.append(idx[n_val:])
-    fit_idx, val_idx = torch.cat(fit).sort().values, torch.cat(val).sort().values
-    return TaskData(task.spec, task.x_train[fit_idx], task.y_train[fit_idx], task.x_train[val_idx],
-                    task.y_train[val_idx])
 
 
 def _grown_route_logits(model: ModularNet, task: str, previous: list[int], new: list[int]) -> None:

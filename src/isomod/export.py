@@ -8,7 +8,7 @@ For a discrete route, the static network holds only the modules the route uses, 
 stored once however often it runs (steps share the same Parameter objects). Normalisation
 is folded where that keeps modules shared: a step's second norm goes into its module's
 first convolution when the module runs at that step only; other norms stay as one fused
-inference batch-norm call. For a soft route (weight mixing), each step's mixed weights are
+inference batch-norm call (with the module's affine parameters when the modules own them). For a soft route (weight mixing), each step's mixed weights are
 computed once and stored as that step's own block, its second norm folded in.
 """
 
@@ -27,23 +27,30 @@ from isomod.network import ModularNet
 EXPORT_FORMATS = ("torchscript", "onnx")
 
 
-class FrozenNorm(nn.Module):
-    """An inference-mode batch norm: statistics and affine parameters as buffers."""
+Affine = tuple[torch.Tensor, torch.Tensor] | None  # a norm's scale and shift when the norm does not own them
 
-    def __init__(self, norm: nn.BatchNorm2d):
+
+class FrozenNorm(nn.Module):
+    """An inference-mode batch norm: statistics and affine parameters as buffers; `affine`
+    gives the scale and shift of a statistics-only norm (a module's, or a mixture's)."""
+
+    def __init__(self, norm: nn.BatchNorm2d, affine: Affine = None):
         super().__init__()
         self.eps = float(norm.eps)
-        for name in ("running_mean", "running_var", "weight", "bias"):
-            self.register_buffer(name, getattr(norm, name).detach().clone())
+        weight, bias = affine if affine is not None else (norm.weight, norm.bias)
+        for name, value in (("running_mean", norm.running_mean), ("running_var", norm.running_var),
+                            ("weight", weight), ("bias", bias)):
+            self.register_buffer(name, value.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
-def fold_norm(weight: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_norm(weight: torch.Tensor, norm: nn.BatchNorm2d, affine: Affine = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of `norm(conv(x, weight))` as one convolution."""
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (C,)
-    return (weight * scale[:, None, None, None]).detach(), (norm.bias - norm.running_mean * scale).detach()
+    gamma, beta = affine if affine is not None else (norm.weight, norm.bias)
+    scale = gamma / torch.sqrt(norm.running_var + norm.eps)  # (C,)
+    return (weight * scale[:, None, None, None]).detach(), (beta - norm.running_mean * scale).detach()
 
 
 class StaticStep(nn.Module):
@@ -51,12 +58,12 @@ class StaticStep(nn.Module):
 
     With `norm2` None, the first convolution carries it folded in (`bias1`)."""
 
-    def __init__(self, w1: nn.Parameter, w2: nn.Parameter, norm1: nn.BatchNorm2d, norm2: nn.BatchNorm2d | None,
+    def __init__(self, w1: nn.Parameter, w2: nn.Parameter, norm1: FrozenNorm, norm2: FrozenNorm | None,
                  bias1: torch.Tensor | None = None):
         super().__init__()
         self.w1, self.w2 = w1, w2
-        self.norm1 = FrozenNorm(norm1)
-        self.norm2 = FrozenNorm(norm2) if norm2 is not None else nn.Identity()
+        self.norm1 = norm1
+        self.norm2 = norm2 if norm2 is not None else nn.Identity()
         self.bias1 = nn.Parameter(bias1) if bias1 is not None else None
         self.pad = w1.shape[-1] // 2
 
@@ -112,30 +119,39 @@ def export_task(model: ModularNet, task: str) -> StaticNet:
     return net.eval().requires_grad_(False)
 
 
+def _affines(params: dict[str, torch.Tensor]) -> tuple[Affine, Affine]:
+    """The affine parameters of a step's two norms from a module's (or a mixture's)
+    parameters; None where the step's own norms hold them."""
+    if "g1" not in params:
+        return None, None
+    return (params["g1"], params["b1"]), (params["g2"], params["b2"])
+
+
 def _discrete_steps(model: ModularNet, branch, choice: list[int]) -> list[StaticStep]:
     shared: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     steps = []
     for l, c in enumerate(choice):
         block = model.pool.blocks[c]
+        affine1, affine2 = _affines(dict(block.named_parameters()))
         norm1, norm2 = branch.norms[2 * l], branch.norms[2 * l + 1]
         w2 = shared.setdefault(c, (nn.Parameter(block.w1.detach().clone()), nn.Parameter(block.w2.detach().clone())))[1]
         if choice.count(c) == 1:
-            w1, bias1 = fold_norm(block.w1, norm2)
-            steps.append(StaticStep(nn.Parameter(w1), w2, norm1, None, bias1))
+            w1, bias1 = fold_norm(block.w1, norm2, affine2)
+            steps.append(StaticStep(nn.Parameter(w1), w2, FrozenNorm(norm1, affine1), None, bias1))
         else:
-            steps.append(StaticStep(shared[c][0], w2, norm1, norm2))
+            steps.append(StaticStep(shared[c][0], w2, FrozenNorm(norm1, affine1), FrozenNorm(norm2, affine2)))
     return steps
 
 
 def _mixed_steps(model: ModularNet, branch, weights: torch.Tensor) -> list[StaticStep]:
-    w1s, w2s = model.pool.stacked()  # (N, C, C, k, k) each
-    m1 = torch.tensordot(weights, w1s, dims=1)  # (L, C, C, k, k)
-    m2 = torch.tensordot(weights, w2s, dims=1)
+    # w1, w2: (L, C, C, k, k); with module-owned norm affine also g1, b1, g2, b2: (L, C)
+    mixed = {name: torch.tensordot(weights, stack, dims=1) for name, stack in model.pool.stacked().items()}
     steps = []
     for l in range(weights.shape[0]):
-        w1, bias1 = fold_norm(m1[l], branch.norms[2 * l + 1])
-        steps.append(StaticStep(nn.Parameter(w1), nn.Parameter(m2[l].detach().clone()), branch.norms[2 * l], None,
-                                bias1))
+        affine1, affine2 = _affines({name: m[l] for name, m in mixed.items()})
+        w1, bias1 = fold_norm(mixed["w1"][l], branch.norms[2 * l + 1], affine2)
+        steps.append(StaticStep(nn.Parameter(w1), nn.Parameter(mixed["w2"][l].detach().clone()),
+                                FrozenNorm(branch.norms[2 * l], affine1), None, bias1))
     return steps
 
 

@@ -3,8 +3,10 @@
     x -> stem -> step 1 .. step L -> norm, relu, global average pool -> head[task]
 
 Step `l` of task `t` runs the pool under the route weights `w[t, l, :]` with the
-normalisation layers of `(t, l)`: statistics and affine parameters belong to the route
-step, never to the module, so re-ordering modules cannot mix up statistics.
+normalisation layers of `(t, l)`: statistics belong to the route step, never to the
+module, so re-ordering modules cannot mix up statistics. The norms' affine parameters
+belong to the step (`norm_affine="step"`) or to the modules, mixed by the route like
+their weights (`norm_affine="module"`, as the template regime's authors did).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isomod.blocks import residual_block, residual_branch
+from isomod.blocks import residual_block, residual_branch, with_affine
 from isomod.distributed import BatchNorm
 from isomod.config import check_value, from_dict
 from isomod.errors import IsomodError, check_choice
@@ -24,6 +26,7 @@ from isomod.route import ROUTE_INITS, Route
 from isomod.spec import TaskSpec
 
 MIXINGS = ("weight", "output")
+NORM_AFFINES = ("step", "module")
 
 
 @dataclass
@@ -49,6 +52,10 @@ class ModelConfig:
         route_init_scale: scale of that initialisation.
         residual_scale: initial scale of each module's second convolution.
         output_threshold: smallest weight output mixing still runs a module for.
+        norm_affine: who owns the scale and shift of the norms inside the steps: `step`
+            (each task's step, with the statistics) or `module` (each module, mixed by the
+            route with its weights; the steps keep only statistics). The norm before the
+            head always belongs to the task.
     """
 
     in_channels: int = 1
@@ -62,9 +69,11 @@ class ModelConfig:
     route_init_scale: float = 1.0
     residual_scale: float = 0.5
     output_threshold: float = 1e-4
+    norm_affine: str = "step"
 
     def __post_init__(self):
         check_choice("mixing", self.mixing, MIXINGS)
+        check_choice("norm affine owner", self.norm_affine, NORM_AFFINES)
         check_choice("route init", self.route_init, ROUTE_INITS)
         for name in ("in_channels", "channels", "num_modules", "steps", "stem_stride"):
             if getattr(self, name) < 1:
@@ -83,19 +92,22 @@ def make_stem(config: ModelConfig) -> nn.Conv2d:
     return nn.Conv2d(config.in_channels, config.channels, s, stride=s)
 
 
-def make_norm(channels: int) -> nn.Module:
+def make_norm(channels: int, affine: bool = True) -> nn.Module:
     """Batch norm whose statistics cover the global batch under data parallelism."""
-    return BatchNorm(channels)
+    return BatchNorm(channels, affine=affine)
 
 
 class TaskBranch(nn.Module):
-    """What one task owns: its route, the norms of its `L` steps plus the final norm, and
-    its head unless the task shares its label space's head (then `head` is None)."""
+    """What one task owns: its route, the norms of its `L` steps (statistics only when the
+    modules own the affine parameters) plus the final norm, and its head unless the task
+    shares its label space's head (then `head` is None)."""
 
     def __init__(self, spec: TaskSpec, config: ModelConfig, num_modules: int):
         super().__init__()
         self.route = Route(config.steps, num_modules, config.route_init, config.route_init_scale)
-        self.norms = nn.ModuleList(make_norm(config.channels) for _ in range(2 * config.steps + 1))
+        step_affine = config.norm_affine == "step"
+        self.norms = nn.ModuleList([make_norm(config.channels, step_affine) for _ in range(2 * config.steps)]
+                                   + [make_norm(config.channels)])
         self.head = None if spec.label_space else nn.Linear(config.channels, spec.num_classes)
 
 
@@ -167,10 +179,6 @@ class TaskModel(nn.Module):
     def soft_routes(self, tasks: list[str] | None = None) -> list[Route]:
         """The routes of `tasks` (default: all) that are still soft."""
         return []
-
-    def set_temperature(self, temperature: float, tasks: list[str] | None = None) -> None:
-        for route in self.soft_routes(tasks):
-            route.temperature.fill_(temperature)
 
     def discretize(self, task: str | None = None) -> None:
         pass
@@ -245,7 +253,8 @@ class ModularNet(TaskModel):
         self.config = config
         c = config.channels
         self.stem = make_stem(config)
-        self.pool = ModulePool(config.num_modules, c, config.kernel_size, config.residual_scale)
+        self.pool = ModulePool(config.num_modules, c, config.kernel_size, config.residual_scale,
+                               norm_affine=config.norm_affine == "module")
         self.tasks = nn.ModuleDict()
         self.heads = nn.ModuleDict()  # label space -> the head its domains share
         self.specs: dict[str, TaskSpec] = {}
@@ -305,15 +314,17 @@ class ModularNet(TaskModel):
         route, norms = branch.route, branch.norms
         if route.is_discrete:
             for l, c in enumerate(route.choice.tolist()):
-                block = self.pool.blocks[c]
-                h = residual_block(h, block.w1, block.w2, norms[2 * l], norms[2 * l + 1])
+                h = self.pool.blocks[c](h, norms[2 * l], norms[2 * l + 1])
         elif self.config.mixing == "weight":
             w = route.weights()  # (L, N)
-            w1, w2 = self.pool.stacked()  # (N, C, C, k, k) each
-            m1 = torch.tensordot(w, w1, dims=1)  # (L, C, C, k, k)
-            m2 = torch.tensordot(w, w2, dims=1)
+            # w1, w2: (L, C, C, k, k); with module-owned norm affine also g1, b1, g2, b2: (L, C)
+            mixed = {name: torch.tensordot(w, stack, dims=1) for name, stack in self.pool.stacked().items()}
             for l in range(route.steps):
-                h = residual_block(h, m1[l], m2[l], norms[2 * l], norms[2 * l + 1])
+                norm1, norm2 = norms[2 * l], norms[2 * l + 1]
+                if self.pool.norm_affine:
+                    norm1 = with_affine(norm1, mixed["g1"][l], mixed["b1"][l])
+                    norm2 = with_affine(norm2, mixed["g2"][l], mixed["b2"][l])
+                h = residual_block(h, mixed["w1"][l], mixed["w2"][l], norm1, norm2)
         else:
             w = route.weights()  # (L, N)
             for l in range(route.steps):
@@ -325,14 +336,20 @@ class ModularNet(TaskModel):
         # Exact soft ordering: every module with a non-negligible weight runs on the same
         # input; the kept weights are renormalised so a near one-hot route equals its module.
         # With weights summing to one, sum_n w_n (h + f_n(h)) = h + sum_n w_n f_n(h), so the
-        # step's first norm runs once. Its second norm sees every kept module's activations.
+        # step's first norm runs once (each module then applies its own affine parameters,
+        # when it owns them). Its second norm sees every kept module's activations.
         keep = (w > self.config.output_threshold).nonzero().flatten().tolist()
         total = w[keep].sum()
-        a = F.relu(norm1(h))  # (B, C, H, W)
+        a = norm1(h)  # (B, C, H, W)
         out = 0.0
         for n in keep:
             block = self.pool.blocks[n]
-            out = out + (w[n] / total) * residual_branch(a, block.w1, block.w2, norm2)
+            if block.norm_affine:
+                a_n = F.relu(a * block.g1[None, :, None, None] + block.b1[None, :, None, None])
+                norm2_n = with_affine(norm2, block.g2, block.b2)
+            else:
+                a_n, norm2_n = F.relu(a), norm2
+            out = out + (w[n] / total) * residual_branch(a_n, block.w1, block.w2, norm2_n)
         return h + out
 
     def forward_head(self, h: torch.Tensor, task: str) -> torch.Tensor:

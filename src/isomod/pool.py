@@ -16,25 +16,26 @@ class ModulePool(nn.Module):
 
     Modules are kept as separate parameters (not one stacked tensor) so that freezing
     one module is `requires_grad=False` on its own tensors; `stacked()` builds the
-    `(N, C, C, k, k)` view that weight mixing needs.
+    `(N, ...)` stacks that weight mixing needs.
 
     Args:
         num_modules: initial pool size `N`.
         channels: block width `C`.
         kernel_size: convolution size `k`.
         residual_scale: initial scale of each module's second convolution.
+        norm_affine: every module also owns its norms' affine parameters.
     """
 
-    def __init__(self, num_modules: int, channels: int, kernel_size: int = 3, residual_scale: float = 0.5):
+    def __init__(self, num_modules: int, channels: int, kernel_size: int = 3, residual_scale: float = 0.5,
+                 norm_affine: bool = False):
         super().__init__()
         if num_modules < 1:
             raise IsomodError(f"a pool needs at least 1 module, got {num_modules}")
         self.channels = channels
         self.kernel_size = kernel_size
         self.residual_scale = residual_scale
-        self.blocks = nn.ModuleList(
-            ResidualModule(channels, kernel_size, residual_scale) for _ in range(num_modules)
-        )
+        self.norm_affine = norm_affine
+        self.blocks = nn.ModuleList(self._new_module() for _ in range(num_modules))
         self._stack_cache: tuple | None = None
 
     def __getstate__(self) -> dict:
@@ -44,20 +45,30 @@ class ModulePool(nn.Module):
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both weight stacks, each `(N, C, C, k, k)`.
+    def _new_module(self) -> ResidualModule:
+        return ResidualModule(self.channels, self.kernel_size, self.residual_scale, self.norm_affine)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """What each module owns: `w1, w2`, plus `g1, b1, g2, b2` with norm affine parameters."""
+        return ("w1", "w2", "g1", "b1", "g2", "b2") if self.norm_affine else ("w1", "w2")
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """Every module parameter stacked over the pool, by name: `w1` and `w2` `(N, C, C, k, k)`,
+        and with norm affine parameters `g1, b1, g2, b2` `(N, C)`.
 
         The stacks are reused while no module's weights changed (tensor version counters),
         so the tasks of one training step share one copy and one autograd node: several
         tasks' forward passes cost one stack in time and memory, not one each.
         """
-        params = [p for b in self.blocks for p in (b.w1, b.w2)]
+        names = self.param_names
+        params = [getattr(b, n) for b in self.blocks for n in names]
         key = (torch.is_grad_enabled(),
                tuple((id(p), p.data_ptr(), p._version, p.dtype, p.requires_grad) for p in params))
         compiling = torch.compiler.is_compiling()
         if not compiling and self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
-        stacks = (torch.stack(params[0::2]), torch.stack(params[1::2]))
+        stacks = {n: torch.stack(params[i::len(names)]) for i, n in enumerate(names)}
         if not compiling:
             self._stack_cache = (key, stacks)
         return stacks
@@ -74,7 +85,7 @@ class ModulePool(nn.Module):
         start = len(self)
         device = self.blocks[0].w1.device
         for _ in range(count):
-            self.blocks.append(ResidualModule(self.channels, self.kernel_size, self.residual_scale).to(device))
+            self.blocks.append(self._new_module().to(device))
         return list(range(start, start + count))
 
     def freeze(self, indices: Iterable[int] | None = None) -> None:

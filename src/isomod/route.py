@@ -4,6 +4,7 @@ and the schedules that say how routes train (annealed and discretised, or soft t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,6 +75,7 @@ class Route(nn.Module):
         self.logits = nn.Parameter(logits)  # (L, N)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("choice", torch.full((steps,), -1, dtype=torch.long))  # (L,)
+        self.step_order: torch.Tensor | None = None  # a training-time reordering of the soft weights' steps
 
     @classmethod
     def fixed(cls, pattern: Sequence[int], num_modules: int) -> "Route":
@@ -108,7 +110,18 @@ class Route(nn.Module):
         """Route weights `(L, N)`, rows summing to one (one-hot once discrete)."""
         if self.is_discrete:
             return F.one_hot(self.choice, self.num_modules).to(self.logits.dtype)
-        return torch.softmax(self.logits / self.temperature, dim=-1)
+        w = torch.softmax(self.logits / self.temperature, dim=-1)
+        return w if self.step_order is None else w[self.step_order]
+
+    @contextmanager
+    def reordered(self, order: torch.Tensor):
+        """Run a soft route with its steps' weights in `order` (a permutation of `0..L-1`)
+        inside the block; gradients still reach the logits."""
+        self.step_order = order
+        try:
+            yield self
+        finally:
+            self.step_order = None
 
     def entropy(self) -> torch.Tensor:
         """Mean entropy (nats) of the step weights; zero for a discrete route."""

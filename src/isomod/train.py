@@ -12,7 +12,8 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from isomod.config import from_dict
 from isomod.data.tasks import TaskData
 from isomod.errors import CheckpointError, IsomodError, TrainingDiverged, check_choice, check_out_dir
 from isomod.logs import Progress, RunLog
-from isomod.network import ModelConfig, TaskModel
+from isomod.network import TaskModel
 from isomod.route import ROUTE_SCHEDULES, RouteSchedule, route_schedule
 
 Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
@@ -64,6 +65,9 @@ class TrainConfig:
         entropy_weight: weight of the mean route entropy added to the loss.
         discretize_at: fraction of `steps` after which every route is frozen to its
             argmax; the remaining steps train with one module per step (1 = never).
+        route_swap: probability that a training batch runs its task's soft route with the
+            weights of two random steps exchanged, so that modules must work at more than
+            one position (0: never).
         augment: random shifts of up to 2 pixels on training batches.
         eval_every: evaluate on the test split every this many steps (0: at the end only).
         checkpoint_every: write the run's checkpoint every this many steps (0: at the end only).
@@ -91,6 +95,7 @@ class TrainConfig:
     temperature_end: float = 0.1
     entropy_weight: float = 0.01
     discretize_at: float = 0.75
+    route_swap: float = 0.0
     augment: bool = True
     eval_every: int = 0
     checkpoint_every: int = 500
@@ -116,8 +121,9 @@ class TrainConfig:
         for name in ("temperature_start", "temperature_end"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise IsomodError(f"train config {name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.discretize_at <= 1.0:
-            raise IsomodError(f"train config discretize_at must lie in [0, 1], got {self.discretize_at}")
+        for name in ("discretize_at", "route_swap"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise IsomodError(f"train config {name} must lie in [0, 1], got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -133,17 +139,6 @@ class TrainConfig:
             return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
         return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-
-
-def template_regime(model: ModelConfig, train: TrainConfig, templates: int | None = None
-                    ) -> tuple[ModelConfig, TrainConfig]:
-    """The authors' template regime on top of given configs: `templates` modules (default:
-    the model's pool size) shared by all steps, route logits started flat in +-1.1, trained
-    at the weights' learning rate and left soft to the end (no annealing, entropy penalty
-    or discretisation)."""
-    model = replace(model, route_init="flat", route_init_scale=1.1,
-                    num_modules=model.num_modules if templates is None else templates)
-    return model, replace(train, routes="soft", lr_routes=train.lr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,12 +276,17 @@ class Trainer:
         frozen_norm_stats: a norm whose affine parameters do not train keeps its running
             statistics; False lets every norm of a trained task normalise with batch
             statistics (statistics that follow a route being learned on new data).
+            Statistics-only norms (the steps' norms when the modules own the affine
+            parameters) normalise with batch statistics, unless `fixed_stats` holds them.
+        fixed_stats: modules whose norms keep their running statistics (eval mode) while
+            training, e.g. the step norms under a linear probe's frozen features.
     """
 
     def __init__(self, model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], config: TrainConfig,
                  out_dir: str | Path | None = None, objective: Objective = cross_entropy, progress: bool = True,
                  train_tasks: list[str] | None = None, params: dict[str, list[torch.nn.Parameter]] | None = None,
-                 routes: RouteSchedule | None = None, frozen_norm_stats: bool = True):
+                 routes: RouteSchedule | None = None, frozen_norm_stats: bool = True,
+                 fixed_stats: list[torch.nn.Module] = ()):
         self.tasks = {t.name: t for t in tasks} if isinstance(tasks, list) else dict(tasks)
         self.train_tasks = list(train_tasks or self.tasks)
         for name in self.train_tasks:
@@ -301,10 +301,12 @@ class Trainer:
         if not self.params:
             raise IsomodError("nothing to train: no parameters were given")
         self.route_schedule = routes or route_schedule(config)
+        self._route_ids = {id(p) for p in self.params.get("routes", [])}
         distributed.setup()
         self.main = distributed.is_main()
         self.progress = progress and self.main
         self.frozen_norm_stats = frozen_norm_stats
+        self.fixed_stats = {id(m) for owner in fixed_stats for m in owner.modules()}
         self.device = resolve_device(config.device)
         if config.batch_size < distributed.world_size():
             raise IsomodError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} "
@@ -331,12 +333,11 @@ class Trainer:
         # so a frozen feature extractor (a linear probe's) computes the same features in
         # training as at test time.
         self.model.train()
-        if not self.frozen_norm_stats:
-            return
         for m in self.model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 params = list(m.parameters(recurse=False))
-                if params and not any(p.requires_grad for p in params):
+                frozen = self.frozen_norm_stats and params and not any(p.requires_grad for p in params)
+                if frozen or id(m) in self.fixed_stats:
                     m.eval()
 
     def _labelled(self) -> dict[str, TaskData]:
@@ -440,7 +441,8 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
                 temperature = self.route_schedule.temperature(self.step)
-                self.model.set_temperature(temperature, self.train_tasks)
+                for route in self._trained_routes():
+                    route.temperature.fill_(temperature)
                 chosen = [self.train_tasks[i] for i in
                           torch.multinomial(weights, k, replacement=False, generator=self.sampler).tolist()]
                 total = self._step(optimizer, trainable, batches, forward_model, autocast, chosen, running)
@@ -460,15 +462,21 @@ class Trainer:
             bar.close()
             self.log.close()
 
+    def _trained_routes(self) -> list:
+        """The soft routes this run trains (a route that is only run, not trained, is left
+        as it is: its temperature, and soft or not)."""
+        return [r for r in self.model.soft_routes(self.train_tasks) if id(r.logits) in self._route_ids]
+
     def _discretize(self, bar: Progress) -> bool:
-        """Freeze the trained tasks' routes to their argmax; True when nothing is left to train."""
-        if not self.model.soft_routes(self.train_tasks):
+        """Freeze the trained routes to their argmax; True when nothing is left to train."""
+        routes = self._trained_routes()
+        if not routes:
             return False
         usage = self.model.usage(self.train_tasks)
         self.soft_usage = {n: w.tolist() for n, w in usage.items()}
         self.log.routes(self.step, usage)
-        for task in self.train_tasks:
-            self.model.discretize(task)
+        for route in routes:
+            route.discretize()
         self.log.write(event="discretize", step=self.step, route_weights=self.soft_usage)
         if any(p.requires_grad for ps in self.params.values() for p in ps):
             return False
@@ -489,7 +497,7 @@ class Trainer:
             x, y = to_float(x.to(self.device)), y.to(self.device)
             if c.augment:
                 x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
-            with autocast:
+            with autocast, self._swapped(task):
                 loss, logits = self.objective(forward_model, x, y, task)
             # Weighted so that the average over ranks is the global batch's mean loss.
             share = distributed.world_size() * len(y) / global_batch
@@ -497,7 +505,7 @@ class Trainer:
             if (y >= 0).any():
                 acc = (logits.argmax(-1) == y).float().mean().item()
                 running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
-        soft = self.model.soft_routes(self.train_tasks)
+        soft = self._trained_routes()
         entropy_weight = self.route_schedule.entropy_weight(self.step)
         if soft and entropy_weight > 0:
             total = total + entropy_weight * torch.stack([r.entropy() for r in soft]).mean()
@@ -511,6 +519,24 @@ class Trainer:
                                    f"stopped, last good checkpoint: {kept or 'none written yet'}")
         optimizer.step()
         return total.item()
+
+    def _swapped(self, task: str):
+        """With probability `route_swap`, `task`'s trained soft route with two random steps'
+        weights exchanged for this batch; otherwise the route as it is."""
+        p = self.config.route_swap
+        if p == 0 or not self.model.has_routes:
+            return nullcontext()
+        route = self.model.route(task)
+        if id(route.logits) not in self._route_ids or route.is_discrete or route.steps < 2:
+            return nullcontext()
+        draw = torch.rand(3, generator=self.aug)  # the same draws on every rank
+        if draw[0] >= p:
+            return nullcontext()
+        i = int(draw[1] * route.steps)
+        j = (i + 1 + int(draw[2] * (route.steps - 1))) % route.steps  # any step but i
+        order = torch.arange(route.steps)
+        order[i], order[j] = j, i
+        return route.reordered(order.to(route.logits.device))
 
     def _log_step(self, bar: Progress, loss: float, lr: float, temperature: float, running: dict) -> None:
         accs = {t: round(a, 4) for t, a in running.items() if a is not None}

@@ -52,16 +52,18 @@ def prepare_route(model: ModularNet, task: TaskData, init_from: str | None = Non
     `model.param_groups([task.name])`: its route, step norms and head (not a head other
     domains run).
 
-    With `init_from`, the new task starts from that task's norms and its route logits from
-    `route_bias` on that task's module at each step (weight ~0.78 at bias 4 in a pool of 16;
-    0 keeps the model's own route init).
+    With `init_from`, the new task starts from that task's norms and route: a copy of its
+    logits while that route is soft, or `route_bias` on its module at each step once it is
+    discrete (weight ~0.78 at bias 4 in a pool of 16; 0 keeps the model's own route init).
     """
     model.require_routes("route-only transfer")
     if init_from is not None:
         model.check_task(init_from)
     if task.name not in model.specs:
         model.add_task(task.spec, copy_norms_from=init_from)
-        if init_from is not None and route_bias:
+        if init_from is not None and not model.route(init_from).is_discrete:
+            copy_route(model, task.name, init_from)
+        elif init_from is not None and route_bias:
             route = model.route(task.name)
             with torch.no_grad():
                 route.logits.zero_()
@@ -69,6 +71,17 @@ def prepare_route(model: ModularNet, task: TaskData, init_from: str | None = Non
     elif model.specs[task.name].num_classes != task.spec.num_classes:
         raise IsomodError(f"task {task.name!r} exists with {model.specs[task.name].num_classes} classes, "
                           f"the data has {task.spec.num_classes}")
+
+
+def copy_route(model: ModularNet, task: str, source: str) -> None:
+    """Give `task` the route `source` runs: its soft logits and temperature, or its modules."""
+    new, old = model.route(task), model.route(source)
+    if old.is_discrete:
+        new.set_choice(old.indices())
+        return
+    with torch.no_grad():
+        new.logits.copy_(old.logits)
+        new.temperature.copy_(old.temperature)
 
 
 def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_TRAIN,
@@ -106,7 +119,8 @@ class TransferResult:
     params_task: int
     source: str | None
     soft_route: list | None = None  # (L, N) route weights just before discretising
-    route_steps_changed: int | None = None  # route methods: steps whose module differs from the source's
+    route_steps_changed: int | None = None  # route methods: steps whose module (argmax) differs from the source's
+    route_change: float | None = None  # route methods: mean total variation from the source's route weights
 
 
 @torch.no_grad()
@@ -158,9 +172,12 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
       else changes, every earlier task is served unchanged.
     - `route_head`: in place, a new route and head only; the step norms are the source's,
       frozen (statistics included), so only the order of modules adapts the features.
+      When the modules own the norms' affine parameters, the steps hold statistics only,
+      and the new task's follow its own data and route.
     - `head_only`: a linear probe, in place: the source task's route and norms, frozen
       (statistics included); only a new head is trained.
-    - `norm_head`: the source's route; step norms (a "model patch") and head trained.
+    - `norm_head`: the source's route; step norms (a "model patch") and head trained
+      (with module-owned affine parameters: the task's own statistics and its head).
     - `finetune`: a copy of the model starting from the source's route and norms, then
       stem, pool, norms and head all trained.
     - `scratch`: a fresh network of the same shape, route included, trained on the task.
@@ -180,6 +197,7 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
     if source is None:
         source = select_source(model, task, seed=config.seed)[0]
     model.check_task(source)
+    fixed_stats = []
     if method in ROUTE_METHODS:
         target = model
         prepare_route(model, task, init_from=source)
@@ -194,18 +212,22 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
     else:
         target = copy.deepcopy(model) if method == "finetune" else model
         branch = target.add_task(task.spec, copy_norms_from=source)
-        branch.route.set_choice(target.route(source).indices())
+        copy_route(target, task.name, source)
         params = {"heads": target.param_groups([task.name])["heads"]}
         if method in ("norm_head", "finetune"):
             params["norms"] = list(branch.norms.parameters())
+        else:
+            fixed_stats = [branch.norms]
         if method == "finetune":
             params.update(stem=list(target.stem.parameters()), pool=list(target.pool.parameters()))
     trainer = Trainer(target, {task.name: task}, config, out_dir=out_dir, progress=progress, train_tasks=[task.name],
-                      params=params)
+                      params=params, fixed_stats=fixed_stats)
     accs = trainer.fit()
     soft = (trainer.soft_usage or {}).get(task.name)
     trained = sum(p.numel() for ps in params.values() for p in ps)
-    changed = None
+    result = TransferResult(target, accs[task.name], trained, source, soft)
     if method in ROUTE_METHODS:
-        changed = sum(a != b for a, b in zip(target.route(task.name).indices(), target.route(source).indices()))
-    return TransferResult(target, accs[task.name], trained, source, soft, changed)
+        new, old = target.route(task.name), target.route(source)
+        result.route_steps_changed = sum(a != b for a, b in zip(new.indices(), old.indices()))
+        result.route_change = round(0.5 * (new.weights() - old.weights()).abs().sum(-1).mean().item(), 5)
+    return result

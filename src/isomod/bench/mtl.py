@@ -13,21 +13,32 @@ import torch
 
 from isomod import diagnostics, report
 from isomod.baselines import IndependentNets, PlainResNet
-from isomod.data.tasks import TaskData, load_suite
+from isomod.data.tasks import TaskData, load_suite, split_validation
 from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
 from isomod.network import ModelConfig, ModularNet, TaskModel
 from isomod.errors import IsomodError, check_choices, check_out_dir
-from isomod.train import TrainConfig, Trainer, resolve_device, template_regime
+from isomod.regimes import DEFAULT_REGIME, REGIMES
+from isomod.train import TrainConfig, Trainer, resolve_device
 
-METHODS = {"modular": ModularNet, "modular_templates": ModularNet, "independent": IndependentNets,
-           "shared_trunk": PlainResNet}
+# `modular` trains with the default regime, `modular_<regime>` with another (isomod.regimes).
+METHODS = {"modular": ModularNet, **{f"modular_{r}": ModularNet for r in REGIMES if r != DEFAULT_REGIME},
+           "independent": IndependentNets, "shared_trunk": PlainResNet}
 
 
-def regime(method: str, model: ModelConfig, train: TrainConfig, templates: int) -> tuple[ModelConfig, TrainConfig]:
-    """The model and budget a method trains with: `modular_templates` runs the template
-    regime (`isomod.train.template_regime`) with `templates` modules (K < L); every other
-    method takes the configs as they are."""
-    return template_regime(model, train, templates) if method == "modular_templates" else (model, train)
+def regime_of(method: str) -> str | None:
+    """The route regime a modular method trains with (None for the baselines)."""
+    if method == "modular":
+        return DEFAULT_REGIME
+    return method.removeprefix("modular_") if method.startswith("modular_") else None
+
+
+def method_configs(method: str, model: ModelConfig, train: TrainConfig, modules: int
+                   ) -> tuple[ModelConfig, TrainConfig]:
+    """The model and budget a method trains with: a modular method's regime applied to the
+    shared configs (a pool of `modules` modules, or the regime's own size when 0); the
+    baselines take the configs as they are."""
+    name = regime_of(method)
+    return REGIMES[name].apply(model, train, modules or None) if name else (model, train)
 
 
 @dataclass
@@ -37,34 +48,40 @@ class MtlConfig:
     Args:
         suite: the task suite (`isomod tasks` lists them).
         seeds: one run per seed and method.
-        methods: a subset of modular, modular_templates (see `regime`), independent,
-            shared_trunk.
-        templates: the number of modules of `modular_templates`.
-        model: the shape shared by all methods (baselines run `steps` distinct blocks).
-        train: the budget shared by all methods (under 3 minutes per method and seed on
-            2 CPU cores); its seed is replaced per run.
+        methods: a subset of modular (the default route regime), modular_<regime> for
+            the others in `isomod.regimes`, independent, shared_trunk.
+        modules: pool size of every modular method; 0 gives each regime its own.
+        validation: hold out this fraction of every task's training images and report
+            accuracy on them (`val_acc`) instead of the test split: the split on which
+            hyper-parameters are chosen. 0 reports `test_acc`.
+        model: the shape shared by all methods (baselines run `steps` distinct blocks);
+            each modular method's regime sets its pool and route fields.
+        train: the budget shared by all methods; its seed is replaced per run.
     """
 
     suite: str = "glyphs"
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     methods: list[str] = field(default_factory=lambda: ["modular", "independent", "shared_trunk"])
-    templates: int = 4
+    modules: int = 0
+    validation: float = 0.0
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=16, steps=8))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
 
     def __post_init__(self):
         check_choices("mtl method", self.methods, tuple(METHODS))
-        if self.templates < 1:
-            raise IsomodError(f"templates must be >= 1, got {self.templates}")
+        if self.modules < 0:
+            raise IsomodError(f"modules must be >= 0 (0: each regime's own pool size), got {self.modules}")
+        if not 0 <= self.validation < 1:
+            raise IsomodError(f"validation must lie in [0, 1), got {self.validation}")
         check_seeds(self.seeds)
 
 
-def rows_for(method: str, model: TaskModel, accs: dict[str, float], seed: int) -> list[Row]:
+def rows_for(method: str, model: TaskModel, accs: dict[str, float], seed: int, metric: str = "test_acc") -> list[Row]:
     total = model.param_count()
-    rows = [Row(method, t, "test_acc", round(a, 5), {"params_total": total, "params_task": model.task_param_count(t),
-                                                     "seed": seed}) for t, a in accs.items()]
-    rows.append(Row(method, "mean", "test_acc", round(float(np.mean(list(accs.values()))), 5),
+    rows = [Row(method, t, metric, round(a, 5), {"params_total": total, "params_task": model.task_param_count(t),
+                                                 "seed": seed}) for t, a in accs.items()]
+    rows.append(Row(method, "mean", metric, round(float(np.mean(list(accs.values()))), 5),
                     {"params_total": total, "params_task": int(np.mean([r.fields["params_task"] for r in rows])),
                      "seed": seed}))
     return rows
@@ -101,12 +118,15 @@ def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = T
     out = Path(out_dir)
     check_out_dir(out)
     tasks = tasks if tasks is not None else load_suite(config.suite)
+    if config.validation:
+        tasks = [split_validation(t, config.validation) for t in tasks]
+    metric = "val_acc" if config.validation else "test_acc"
     specs = [t.spec for t in tasks]
     results = Results(out / "results.json", bench, {**asdict(config), "tasks": [t.name for t in tasks]},
                       environment=environment(resolve_device(config.train.device)), routes={}, train_seconds={})
     for seed in config.seeds:
         for method in config.methods:
-            model_config, train_config = regime(method, config.model, config.train, config.templates)
+            model_config, train_config = method_configs(method, config.model, config.train, config.modules)
             torch.manual_seed(seed)
             model = METHODS[method](model_config, specs)
             run_dir = out / "runs" / f"{method}-s{seed}"
@@ -116,7 +136,7 @@ def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = T
             t0 = time.time()
             accs = trainer.fit()
             results["train_seconds"][f"{method}-s{seed}"] = round(time.time() - t0, 1)
-            for row in rows_for(method, model, accs, seed):
+            for row in rows_for(method, model, accs, seed, metric) + convergence_rows(method, trainer.history, seed):
                 results.add(row)
             if model.has_routes:
                 key = f"s{seed}" if method == "modular" else f"{method}-s{seed}"
@@ -148,25 +168,79 @@ def diagnostics_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def accuracy_metric(config: dict) -> str:
+    """`val_acc` for a run on validation splits, `test_acc` otherwise."""
+    return "val_acc" if config.get("validation") else "test_acc"
+
+
+def loss_fifths(records: list[dict]) -> tuple[float, float] | None:
+    """Mean logged training loss over the fourth and over the last fifth of a run's steps:
+    a converged run has the two about equal."""
+    rec = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if not rec:
+        return None
+    end = rec[-1][0]
+    fourth = [loss for step, loss in rec if 0.6 * end < step <= 0.8 * end]
+    last = [loss for step, loss in rec if step > 0.8 * end]
+    if not fourth or not last:
+        return None
+    return float(np.mean(fourth)), float(np.mean(last))
+
+
+def convergence_rows(method: str, records: list[dict], seed: int) -> list[Row]:
+    fifths = loss_fifths(records)
+    if fifths is None:
+        return []
+    return [Row(method, "mean", "loss_fourth_fifth", round(fifths[0], 5), {"seed": seed}),
+            Row(method, "mean", "loss_last_fifth", round(fifths[1], 5), {"seed": seed})]
+
+
+def convergence_table(rows: list[dict]) -> str:
+    """Per method: the training loss over the fourth and the last fifth of training, each
+    seed, and the relative change between them."""
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["metric"] == "loss_last_fifth"))
+    if not methods:
+        return ""
+    lines = ["| method | loss, 4th fifth | loss, last fifth | change |", "|---|---|---|---:|"]
+    for m in methods:
+        fourth = {r["seed"]: r["value"] for r in rows if r["method"] == m and r["metric"] == "loss_fourth_fifth"}
+        last = {r["seed"]: r["value"] for r in rows if r["method"] == m and r["metric"] == "loss_last_fifth"}
+        seeds = sorted(set(fourth) & set(last))
+        change = np.mean([(last[s] - fourth[s]) / fourth[s] for s in seeds])
+        lines.append(f"| {m} | {' / '.join(f'{fourth[s]:.3f}' for s in seeds)} | "
+                     f"{' / '.join(f'{last[s]:.3f}' for s in seeds)} | {100 * change:+.1f}% |")
+    return "\n".join(lines)
+
+
 def summary(results: dict) -> str:
-    diag = diagnostics_table(results["rows"])
-    return report.markdown_results(results["rows"]) + (f"\n\n{diag}" if diag else "")
+    rows = results["rows"]
+    parts = [report.markdown_results(rows, accuracy_metric(results["config"])), diagnostics_table(rows),
+             convergence_table(rows)]
+    return "\n\n".join(p for p in parts if p)
 
 
 def write_report(out: Path, results: dict) -> Path:
     """Draw the figures and write `report.md` from `results` (as in `results.json`)."""
     rows = results["rows"]
     cfg = results["config"]
+    metric = accuracy_metric(cfg)
+    what = (f"Validation accuracy (%) on {100 * cfg['validation']:.0f}% of each task's training images, held out"
+            if metric == "val_acc" else "Test accuracy (%) on held-out data")
     parts = [f"# isomod bench {results['bench']}: {cfg['suite']}", "",
-             f"Test accuracy (%) on held-out data, mean over seeds {cfg['seeds']}; every method trained "
+             f"{what}, mean over seeds {cfg['seeds']}; every method trained "
              f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} images with the same schedule.", "",
-             report.markdown_results(rows), ""]
-    report.plot_task_accuracy(rows, out / "accuracy.png")
+             report.markdown_results(rows, metric), ""]
+    report.plot_task_accuracy(rows, out / "accuracy.png", metric)
     parts += ["![accuracy per task](accuracy.png)", ""]
     logs = {p.parent.name: read_log(p) for p in sorted((out / "runs").glob("*/log.jsonl"))}
     if logs:
         plot_curves(logs, out / "curves.png")
         parts += ["## Training curves", "", "![training curves](curves.png)", ""]
+    converged = convergence_table(rows)
+    if converged:
+        parts += ["## Has training converged?", "",
+                  "Mean training loss (running average of the batches) over the fourth and the last fifth of "
+                  "the steps, each seed; a converged run changes little between them.", "", converged, ""]
     diag = diagnostics_table(rows)
     if diag:
         parts += ["## Does the route carry the task?", "",

@@ -8,7 +8,7 @@ only in the route, so any difference in accuracy comes from the order modules ru
     block_repeat  0 0 1 1 2 2 3 3
     learned       a soft route over the N modules, annealed, then discretised
     templates     the N modules as templates mixed softly at every step (soft parameter
-                  sharing, Savarese & Maire 2019), in `isomod.train.template_regime`
+                  sharing, Savarese & Maire 2019): the `templates` regime of `isomod.regimes`
     distinct      L modules 0 .. L-1 run once each: the upper reference, L/N times the parameters
 
 Parameters and multiply-adds per image are counted from the trained model; every run
@@ -31,7 +31,8 @@ from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError, check_choices, check_out_dir
 from isomod.network import ModelConfig, macs_per_image
 from isomod.route import reuse_pattern
-from isomod.train import TrainConfig, resolve_device, template_regime
+from isomod.regimes import REGIMES
+from isomod.train import TrainConfig, resolve_device
 
 REUSE_METHODS = ("once", "cyclic", "block_repeat", "learned", "templates", "distinct")
 LEARNED = ("learned", "templates")
@@ -124,7 +125,7 @@ def run(out_dir: str | Path, config: ReuseConfig = ReuseConfig(), progress: bool
             shape = replace(base, num_modules=pool_size(method, n, steps), steps=steps)
             budget = train_config
             if method == "templates":
-                shape, budget = template_regime(shape, train_config)
+                shape, budget = REGIMES["templates"].apply(shape, train_config, modules=n)
             pattern = None if method in LEARNED else reuse_pattern(method, n, steps)
             say(f"== {name}: route {' '.join(map(str, pattern)) if pattern else method}", flush=True)
             t0 = time.time()

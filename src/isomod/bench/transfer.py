@@ -25,9 +25,10 @@ from isomod import report
 from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench import train_modular
 from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
-from isomod.data.tasks import load_task
+from isomod.data.tasks import load_task, split_validation
 from isomod.errors import IsomodError, check_choices, check_out_dir
 from isomod.network import ModelConfig
+from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
 from isomod.train import TrainConfig, resolve_device
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
@@ -47,9 +48,16 @@ class TransferBenchConfig:
         methods: a subset of route_only, route_head, head_only, norm_head, finetune, scratch.
         seeds: one pre-training and one set of transfer runs per seed.
         data_dir: where data that is not embedded (Fashion-MNIST) is looked for first.
+        regime: the route regime of pre-training (`isomod.regimes`); it sets the pool
+            size and the route fields of `model` and `pretrain`.
+        validation: hold out this fraction of each held-out task's training images and
+            report accuracy on them instead of the test split (for choosing the transfer
+            budget's hyper-parameters); 0 reports the test split.
         model: the pre-trained model's shape (scratch uses the same).
         pretrain: the multi-task pre-training budget.
-        transfer: the budget of every transfer run, whatever the method.
+        transfer: the budget of every transfer run, whatever the method; its `routes`
+            says whether a learned route stays soft (`soft`) or is annealed and
+            discretised (`annealed`).
     """
 
     pretrain_tasks: list[str] = field(default_factory=lambda: list(PRETRAIN))
@@ -58,6 +66,8 @@ class TransferBenchConfig:
     methods: list[str] = field(default_factory=lambda: list(TRANSFER_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0])
     data_dir: str = ""
+    regime: str = DEFAULT_REGIME
+    validation: float = 0.0
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=16, steps=8))
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
@@ -65,6 +75,9 @@ class TransferBenchConfig:
 
     def __post_init__(self):
         check_choices("transfer method", self.methods, TRANSFER_METHODS)
+        regime(self.regime)
+        if not 0 <= self.validation < 1:
+            raise IsomodError(f"validation must lie in [0, 1), got {self.validation}")
         for k in self.shots:
             if k != "all" and not (isinstance(k, int) and k > 0):
                 raise IsomodError(f"shots: expected positive numbers of images per class or 'all', got {k!r}")
@@ -87,14 +100,20 @@ def run(out_dir: str | Path, config: TransferBenchConfig = TransferBenchConfig()
                       environment=environment(resolve_device(config.pretrain.device)))
     pre_data = [load_task(t, data_dir=data_dir) for t in config.pretrain_tasks]
     new_data = {t: load_task(t, data_dir=data_dir) for t in config.held_out}
+    if config.validation:
+        new_data = {t: split_validation(d, config.validation) for t, d in new_data.items()}
+    metric = "val_acc" if config.validation else "test_acc"
+    model_config, pretrain_config = REGIMES[config.regime].apply(config.model, config.pretrain)
     for seed in config.seeds:
         if progress:
-            print(f"== pre-training on {len(pre_data)} tasks (seed {seed})", flush=True)
-        base, pre_accs = train_modular(out / f"pretrain-s{seed}", pre_data, config.model, config.pretrain, seed,
+            print(f"== pre-training on {len(pre_data)} tasks (seed {seed}, {config.regime} regime)", flush=True)
+        base, pre_accs = train_modular(out / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed,
                                        progress)
         base.eval()
         results["pretrain"][f"s{seed}"] = {"test_acc": pre_accs, "params": base.param_count(),
-                                           "routes": {n: base.route(n).indices() for n in base.task_names}}
+                                           "modules": len(base.pool),
+                                           "routes": {n: base.route(n).indices() for n in base.task_names},
+                                           "route_weights": {n: w.tolist() for n, w in base.usage().items()}}
         cfg = replace(config.transfer, seed=seed)
         whole = replace(cfg, lr=config.pretrain.lr, lr_heads=config.pretrain.lr)
         for data in new_data.values():
@@ -116,11 +135,12 @@ def run(out_dir: str | Path, config: TransferBenchConfig = TransferBenchConfig()
                     fields = {"shots": label, "params_total": base.param_count() + res.params_task,
                               "params_task": res.params_task, "seed": seed, "source": source}
                     if res.route_steps_changed is not None:
-                        fields["route_steps_changed"] = res.route_steps_changed
-                    results.add(Row(method, name, "test_acc", round(res.test_acc, 5), fields))
-                    if method == "route_only":
-                        results["routes"][f"{name}/{label}-s{seed}"] = {
-                            "discrete": res.model.route(name).indices(), "soft_at_discretize": res.soft_route}
+                        fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change)
+                    results.add(Row(method, name, metric, round(res.test_acc, 5), fields))
+                    if method in ("route_only", "route_head"):
+                        results["routes"][f"{method}:{name}/{label}-s{seed}"] = {
+                            "discrete": res.model.route(name).indices(), "soft_at_discretize": res.soft_route,
+                            "final": res.model.route(name).weights().tolist()}
                     results.save()
     results.save()
     write_report(out, results.data)
@@ -187,13 +207,16 @@ def findings(results: dict, tasks: list[str]) -> list[str]:
 
 
 def route_changes(rows: list[dict]) -> list[str]:
-    """Per route method: in how many runs the learned route differs from the source's, and by
-    how many steps on average."""
+    """Per route method: in how many runs the learned route differs from the source's, by
+    how many steps (argmax) and by how much weight (total variation) on average."""
     out = []
     for method in dict.fromkeys(r["method"] for r in rows if "route_steps_changed" in r):
-        changed = [r["route_steps_changed"] for r in rows if r["method"] == method and "route_steps_changed" in r]
-        out.append(f"- {method}: differs in {sum(c > 0 for c in changed)} of {len(changed)} runs, "
-                   f"{np.mean(changed):.2f} steps on average")
+        sel = [r for r in rows if r["method"] == method and "route_steps_changed" in r]
+        changed = [r["route_steps_changed"] for r in sel]
+        tv = [r["route_change"] for r in sel if r.get("route_change") is not None]
+        weight = f", weight moved {np.mean(tv):.3f} on average (total variation per step)" if tv else ""
+        out.append(f"- {method}: a different module at some step in {sum(c > 0 for c in changed)} of {len(changed)} "
+                   f"runs, {np.mean(changed):.2f} steps on average{weight}")
     return out
 
 
@@ -203,12 +226,13 @@ def write_report(out: Path, results: dict) -> Path:
     rows = results["rows"]
     glyph_tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"].startswith("glyphs/")))
     parts = ["# isomod bench transfer", "",
-             f"A {cfg['model']['num_modules']}-module pool pre-trained on {', '.join(cfg['pretrain_tasks'])} "
+             f"A pool pre-trained ({cfg.get('regime', 'annealed')} regime) on {', '.join(cfg['pretrain_tasks'])} "
              f"({cfg['pretrain']['steps']} steps), then each held-out task learned by every method with the same "
              f"budget: {cfg['transfer']['steps']} steps of up to {cfg['transfer']['batch_size']} images (learning rate "
              f"{cfg['transfer']['lr']:g}; {cfg['pretrain']['lr']:g}, the pre-training rate, for finetune and scratch, "
-             "which train whole networks). "
-             f"Test accuracy (%), mean over seeds {cfg['seeds']}; shots = training images per class.", "",
+             f"which train whole networks; learned routes {'stay soft' if cfg['transfer']['routes'] == 'soft' else 'are annealed and discretised'}). "
+             f"{'Validation' if cfg.get('validation') else 'Test'} accuracy (%), mean over seeds {cfg['seeds']}; "
+             "shots = training images per class.", "",
              markdown_table(results), ""]
     lines = findings(results, glyph_tasks)
     if lines:
@@ -222,36 +246,38 @@ def write_report(out: Path, results: dict) -> Path:
         parts += ["![accuracy against added parameters](accuracy_vs_params.png)", ""]
     first_seed = next(iter(results.get("pretrain", {})), None)
     if first_seed and results.get("routes"):
-        pre_routes = results["pretrain"][first_seed]["routes"]
-        n = cfg["model"]["num_modules"]
+        pre = results["pretrain"][first_seed]
+        n = pre.get("modules", cfg["model"]["num_modules"])
+        pre_weights = pre.get("route_weights") or {p: np.eye(n)[r].tolist() for p, r in pre["routes"].items()}
         panels, chosen = {}, {}
         for key, route in results["routes"].items():
-            if not key.endswith(f"/all-{first_seed}"):
+            method, _, rest = key.rpartition(":")
+            if not rest.endswith(f"/all-{first_seed}") or method not in ("", "route_only"):
                 continue
-            task = key.rsplit("/", 1)[0]
-            new = np.asarray(route["soft_at_discretize"] or np.eye(n)[route["discrete"]])
-            names, sim = report.route_similarity({"new": new, **{p: np.eye(n)[r] for p, r in pre_routes.items()}})
+            task = rest.rsplit("/", 1)[0]
+            new = np.asarray(route.get("soft_at_discretize") or route.get("final") or np.eye(n)[route["discrete"]])
+            names, sim = report.route_similarity({"new": new, **pre_weights})
             sims = dict(zip(names[1:], sim[0, 1:].tolist()))
             panels[f"new: {task}"] = new
             chosen[f"new: {task}"] = route["discrete"]
             for p in sorted(sims, key=sims.get, reverse=True)[:2]:
                 label = f"{task.rsplit('/', 1)[-1]} ~ {p.rsplit('/', 1)[-1]} ({sims[p]:.2f})"
-                panels[label] = np.eye(n)[pre_routes[p]]
-                chosen[label] = pre_routes[p]
+                panels[label] = np.asarray(pre_weights[p])
+                chosen[label] = pre["routes"][p]
         if panels:
             report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=3,
-                              title="new task's route (soft, before discretising) next to the two most similar "
-                                    "pre-training routes")
+                              title="route_only: the new task's route (its soft weights) next to the two most "
+                                    "similar pre-training routes")
             parts += ["## Routes", "",
-                      "Each held-out task's learned route (all data, first seed) next to the two pre-training "
-                      "routes it resembles most (similarity: the new route's weight on the pre-training route's "
-                      "module, averaged over steps).", "", "![routes](routes.png)", ""]
+                      "Each held-out task's route learned by route_only (all data, first seed) next to the two "
+                      "pre-training routes it resembles most (similarity: the probability that both run the same "
+                      "module at a step, averaged over steps).", "", "![routes](routes.png)", ""]
     sources = results.get("sources", {})
     if sources:
         parts += ["## Source task", "",
                   "The pre-training task whose frozen features separate the new classes best (nearest-class-mean "
                   "accuracy); every method but scratch starts from its norms, head-only, norms+head and fine-tuning "
-                  "keep its route, and route-only starts its own route biased towards it.", "", "| held-out task | source | score |", "|---|---|---:|"]
+                  "keep its route, and the route methods start their own route from it.", "", "| held-out task | source | score |", "|---|---|---:|"]
         parts += [f"| {k} | {v['source']} | {v['scores'][v['source']]:.3f} |" for k, v in sources.items()] + [""]
     pre = results.get("pretrain", {})
     if pre:

@@ -40,6 +40,26 @@ class TaskData:
         return self.spec.name
 
 
+def split_validation(task: TaskData, fraction: float, seed: int = 0) -> TaskData:
+    """The task with `fraction` of each class's training images moved to its test split (a
+    validation set), for decisions and hyper-parameters that must never look at test data.
+    The same seed holds out the same images."""
+    g = torch.Generator().manual_seed(seed)
+    fit, val = [], []
+    for c in range(task.spec.num_classes):
+        idx = torch.nonzero(task.y_train == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = int(round(fraction * len(idx)))
+        if len(idx) - n_val < 1 or n_val < 1:
+            raise IsomodError(f"task {task.name!r}: class {c} has {len(idx)} training images, too few to hold "
+                              f"{fraction:.0%} out for validation")
+        val.append(idx[:n_val])
+        fit.append(idx[n_val:])
+    fit_idx, val_idx = torch.cat(fit).sort().values, torch.cat(val).sort().values
+    return TaskData(task.spec, task.x_train[fit_idx], task.y_train[fit_idx], task.x_train[val_idx],
+                    task.y_train[val_idx])
+
+
 def from_arrays(name: str, arrays: dict[str, np.ndarray], class_names: list[str] | None = None,
                 source: str | None = None, num_classes: int | None = None) -> TaskData:
     """Build a task from numpy arrays, checking them; `source` names the file in errors."""
