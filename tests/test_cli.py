@@ -86,7 +86,7 @@ def test_bad_npz_through_the_cli(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["bench", "mtl", "--seeds", "0", "--methods", "modular", "modular_templates",
-                                      "independent", "shared_trunk"], ["demo"]])
+                                      "independent", "shared_trunk", "--jobs", "2"], ["demo"]])
 def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "isomod.cli", *command, "--out", str(out), "--steps", "6",
@@ -119,6 +119,7 @@ def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
         assert (out / png).stat().st_size > 1000 and png in report
     assert (out / "runs" / "modular-s0" / "checkpoint" / "model.safetensors").exists()
     assert results["environment"]["threads"] >= 1 and results["environment"]["device"] == "cpu"
+    assert results["environment"].get("jobs", 1) == (2 if "--jobs" in command else 1)
     assert results["config"]["seeds"] == [0] and results["config"]["train"]["steps"] == 6
     assert "| **mean** |" in done.stdout
     if command == ["demo"]:

@@ -104,7 +104,7 @@ def export_task(model: ModularNet, task: str) -> StaticNet:
         steps = _discrete_steps(model, branch, choice)
     elif model.config.mixing == "weight":
         choice = route.indices()  # the argmax per step, for display; every step runs its mixture
-        steps = _mixed_steps(model, branch, route.weights())
+        steps = _mixed_steps(model, branch)
     else:
         raise IsomodError(f"task {task!r} has a soft route under output mixing, which runs every module at each "
                           "step; discretise it first (model.discretize(task)) or use weight mixing")
@@ -143,11 +143,10 @@ def _discrete_steps(model: ModularNet, branch, choice: list[int]) -> list[Static
     return steps
 
 
-def _mixed_steps(model: ModularNet, branch, weights: torch.Tensor) -> list[StaticStep]:
-    # w1, w2: (L, C, C, k, k); with module-owned norm affine also g1, b1, g2, b2: (L, C)
-    mixed = {name: torch.tensordot(weights, stack, dims=1) for name, stack in model.pool.stacked().items()}
+def _mixed_steps(model: ModularNet, branch) -> list[StaticStep]:
+    mixed = model.mixed_params(branch.route)  # (L, ...) each
     steps = []
-    for l in range(weights.shape[0]):
+    for l in range(branch.route.steps):
         affine1, affine2 = _affines({name: m[l] for name, m in mixed.items()})
         w1, bias1 = fold_norm(mixed["w1"][l], branch.norms[2 * l + 1], affine2)
         steps.append(StaticStep(nn.Parameter(w1), nn.Parameter(mixed["w2"][l].detach().clone()),

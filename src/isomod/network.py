@@ -316,9 +316,7 @@ class ModularNet(TaskModel):
             for l, c in enumerate(route.choice.tolist()):
                 h = self.pool.blocks[c](h, norms[2 * l], norms[2 * l + 1])
         elif self.config.mixing == "weight":
-            w = route.weights()  # (L, N)
-            # w1, w2: (L, C, C, k, k); with module-owned norm affine also g1, b1, g2, b2: (L, C)
-            mixed = {name: torch.tensordot(w, stack, dims=1) for name, stack in self.pool.stacked().items()}
+            mixed = self.mixed_params(route)
             for l in range(route.steps):
                 norm1, norm2 = norms[2 * l], norms[2 * l + 1]
                 if self.pool.norm_affine:
@@ -331,6 +329,17 @@ class ModularNet(TaskModel):
                 h = self._output_mix(h, w[l], norms[2 * l], norms[2 * l + 1])
         h = F.relu(norms[-1](h))
         return h.mean(dim=(2, 3))  # (B, C)
+
+    def mixed_params(self, route: Route) -> dict[str, torch.Tensor]:
+        """Every module parameter mixed by a soft route's weights at each step: `w1, w2`
+        `(L, C, C, k, k)`, and with module-owned norm affine parameters `g1, b1, g2, b2`
+        `(L, C)`. Only the modules the route can weight take part (see `Route.support`)."""
+        w = route.weights()  # (L, N)
+        stacks = self.pool.stacked()  # (N, ...) each
+        keep = route.support()
+        if keep is not None:
+            w, stacks = w[:, keep], {name: stack[keep] for name, stack in stacks.items()}
+        return {name: torch.tensordot(w, stack, dims=1) for name, stack in stacks.items()}
 
     def _output_mix(self, h: torch.Tensor, w: torch.Tensor, norm1: nn.Module, norm2: nn.Module) -> torch.Tensor:
         # Exact soft ordering: every module with a non-negligible weight runs on the same

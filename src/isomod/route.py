@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from isomod.train import TrainConfig
 
 ROUTE_INITS = ("random", "flat", "uniform", "cyclic", "permutation")
+UNUSABLE = -1e9  # the logit of a module a route never picks
 PATTERNS = ("once", "cyclic", "block_repeat", "distinct")
 
 
@@ -130,6 +131,14 @@ class Route(nn.Module):
         logp = torch.log_softmax(self.logits / self.temperature, dim=-1)
         return -(logp.exp() * logp).sum(-1).mean()
 
+    def support(self) -> torch.Tensor | None:
+        """Indices of the modules this soft route can weight, or None when it can weight
+        every module: modules added to the pool after the route (`add_modules`) get
+        exactly zero weight, and leaving them out of the mixture keeps what the route
+        computes bit-identical."""
+        usable = self.logits[0] > UNUSABLE / 2
+        return None if bool(usable.all()) else usable.nonzero().flatten()
+
     def discretize(self) -> None:
         """Freeze the route to its argmax at every step."""
         if not self.is_discrete:
@@ -143,7 +152,7 @@ class Route(nn.Module):
         """Extend to a pool grown by `count` modules, which this route never picks."""
         # A large finite logit, not -inf: its weight underflows to exactly zero while
         # the entropy stays finite (0 * log 0 would be NaN).
-        pad = self.logits.new_full((self.steps, count), -1e9)
+        pad = self.logits.new_full((self.steps, count), UNUSABLE)
         grad = self.logits.requires_grad
         self.logits = nn.Parameter(torch.cat([self.logits.detach(), pad], 1), requires_grad=grad)
 

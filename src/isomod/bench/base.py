@@ -159,3 +159,64 @@ def write_docs(page: Path, run_dir: str, results: dict, block: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + generated + "\n"
     write_atomic(page, lambda f: f.write(text.encode()))
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_jobs(fn: Callable, calls: list[tuple], jobs: int = 1):
+    """`fn(*args)` for every `args` in `calls`, yielded in order: in this process when `jobs`
+    is 1, otherwise in `jobs` worker processes side by side, each with `threads // jobs`
+    threads (training runs that each use every core slow each other down many times over;
+    one thread each does not). `fn` must be a module-level function and its arguments
+    picklable."""
+    if jobs < 1:
+        raise IsomodError(f"jobs must be >= 1, got {jobs}")
+    if jobs == 1 or len(calls) <= 1:
+        for args in calls:
+            yield fn(*args)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
+        try:
+            for future in futures:
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def job_environment(device: str | torch.device | None, jobs: int) -> dict:
+    """`environment()` of the runs `run_jobs` makes: each with its share of the threads."""
+    env = environment(device)
+    if jobs > 1:
+        env.update(threads=max(1, torch.get_num_threads() // jobs), jobs=jobs)
+    return env
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a run's `log.jsonl` (none when the file is missing)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_fifths(records: list[dict]) -> tuple[float, float] | None:
+    """Mean logged training loss over the fourth and over the last fifth of a run's steps:
+    a converged run has the two about equal."""
+    rec = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if not rec:
+        return None
+    end = rec[-1][0]
+    fourth = [loss for step, loss in rec if 0.6 * end < step <= 0.8 * end]
+    last = [loss for step, loss in rec if step > 0.8 * end]
+    if not fourth or not last:
+        return None
+    return sum(fourth) / len(fourth), sum(last) / len(last)

@@ -3,7 +3,6 @@ trunk, on one suite, same data, same steps, same batch size, same schedule."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,7 +13,8 @@ import torch
 from isomod import diagnostics, report
 from isomod.baselines import IndependentNets, PlainResNet
 from isomod.data.tasks import TaskData, load_suite, split_validation
-from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
+from isomod.bench.base import (Bench, Results, Row, check_seeds, job_environment, loss_fifths, read_log, register,
+                               run_jobs)
 from isomod.network import ModelConfig, ModularNet, TaskModel
 from isomod.errors import IsomodError, check_choices, check_out_dir
 from isomod.regimes import DEFAULT_REGIME, REGIMES
@@ -54,6 +54,9 @@ class MtlConfig:
         validation: hold out this fraction of every task's training images and report
             accuracy on them (`val_acc`) instead of the test split: the split on which
             hyper-parameters are chosen. 0 reports `test_acc`.
+        jobs: training runs side by side, each in its own process with an equal share
+            of the threads (the thread count changes a run's numbers: `environment`
+            in `results.json` records it).
         model: the shape shared by all methods (baselines run `steps` distinct blocks);
             each modular method's regime sets its pool and route fields.
         train: the budget shared by all methods; its seed is replaced per run.
@@ -64,6 +67,7 @@ class MtlConfig:
     methods: list[str] = field(default_factory=lambda: ["modular", "independent", "shared_trunk"])
     modules: int = 0
     validation: float = 0.0
+    jobs: int = 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=16, steps=8))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
@@ -74,6 +78,8 @@ class MtlConfig:
             raise IsomodError(f"modules must be >= 0 (0: each regime's own pool size), got {self.modules}")
         if not 0 <= self.validation < 1:
             raise IsomodError(f"validation must lie in [0, 1), got {self.validation}")
+        if self.jobs < 1:
+            raise IsomodError(f"jobs must be >= 1, got {self.jobs}")
         check_seeds(self.seeds)
 
 
@@ -121,37 +127,48 @@ def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = T
     if config.validation:
         tasks = [split_validation(t, config.validation) for t in tasks]
     metric = "val_acc" if config.validation else "test_acc"
-    specs = [t.spec for t in tasks]
     results = Results(out / "results.json", bench, {**asdict(config), "tasks": [t.name for t in tasks]},
-                      environment=environment(resolve_device(config.train.device)), routes={}, train_seconds={})
-    for seed in config.seeds:
-        for method in config.methods:
-            model_config, train_config = method_configs(method, config.model, config.train, config.modules)
-            torch.manual_seed(seed)
-            model = METHODS[method](model_config, specs)
-            run_dir = out / "runs" / f"{method}-s{seed}"
-            if progress:
-                print(f"== {method} (seed {seed}): {model.param_count():,} parameters", flush=True)
-            trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=run_dir, progress=progress)
-            t0 = time.time()
-            accs = trainer.fit()
-            results["train_seconds"][f"{method}-s{seed}"] = round(time.time() - t0, 1)
-            for row in rows_for(method, model, accs, seed, metric) + convergence_rows(method, trainer.history, seed):
-                results.add(row)
-            if model.has_routes:
-                key = f"s{seed}" if method == "modular" else f"{method}-s{seed}"
-                results["routes"][key] = {
-                    "discrete": {n: model.route(n).indices() for n in model.task_names},
-                    "soft_at_discretize": trainer.soft_usage,
-                    "final": {n: w.tolist() for n, w in model.usage().items()},
-                }
-                rows, matrix = diagnostic_rows(method, model, {t.name: t for t in tasks}, seed)
-                for row in rows:
-                    results.add(row)
-                results["routes"][key]["cross_route"] = matrix
+                      environment=job_environment(resolve_device(config.train.device), config.jobs), routes={},
+                      train_seconds={})
+    calls = [(method, seed, config, tasks, out, metric, progress and config.jobs == 1)
+             for seed in config.seeds for method in config.methods]
+    for method, seed, rows, routes, seconds in run_jobs(train_one, calls, config.jobs):
+        results["train_seconds"][f"{method}-s{seed}"] = seconds
+        for row in rows:
+            results.add(row)
+        if routes is not None:
+            results["routes"][f"s{seed}" if method == "modular" else f"{method}-s{seed}"] = routes
+        results.save()
+        if progress and config.jobs > 1:
+            mean = next(r.value for r in rows if r.metric == metric and r.task == "mean")
+            print(f"== {method} (seed {seed}): {metric} {100 * mean:.1f}, {seconds:.0f} s", flush=True)
     results.save()
     write_report(out, results.data)
     return results.data
+
+
+def train_one(method: str, seed: int, config: MtlConfig, tasks: list[TaskData], out: Path, metric: str,
+              progress: bool) -> tuple[str, int, list[Row], dict | None, float]:
+    """Train one method with one seed in `out/runs/{method}-s{seed}`; its rows, its routes
+    and route diagnostics (None for the baselines) and its training seconds."""
+    model_config, train_config = method_configs(method, config.model, config.train, config.modules)
+    torch.manual_seed(seed)
+    model = METHODS[method](model_config, [t.spec for t in tasks])
+    if progress:
+        print(f"== {method} (seed {seed}): {model.param_count():,} parameters", flush=True)
+    trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=out / "runs" / f"{method}-s{seed}",
+                      progress=progress)
+    t0 = time.time()
+    accs = trainer.fit()
+    seconds = round(time.time() - t0, 1)
+    rows = rows_for(method, model, accs, seed, metric) + convergence_rows(method, trainer.history, seed)
+    if not model.has_routes:
+        return method, seed, rows, None, seconds
+    routes = {"discrete": {n: model.route(n).indices() for n in model.task_names},
+              "soft_at_discretize": trainer.soft_usage,
+              "final": {n: w.tolist() for n, w in model.usage().items()}}
+    diag, routes["cross_route"] = diagnostic_rows(method, model, {t.name: t for t in tasks}, seed)
+    return method, seed, rows + diag, routes, seconds
 
 
 def diagnostics_table(rows: list[dict]) -> str:
@@ -171,20 +188,6 @@ def diagnostics_table(rows: list[dict]) -> str:
 def accuracy_metric(config: dict) -> str:
     """`val_acc` for a run on validation splits, `test_acc` otherwise."""
     return "val_acc" if config.get("validation") else "test_acc"
-
-
-def loss_fifths(records: list[dict]) -> tuple[float, float] | None:
-    """Mean logged training loss over the fourth and over the last fifth of a run's steps:
-    a converged run has the two about equal."""
-    rec = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    if not rec:
-        return None
-    end = rec[-1][0]
-    fourth = [loss for step, loss in rec if 0.6 * end < step <= 0.8 * end]
-    last = [loss for step, loss in rec if step > 0.8 * end]
-    if not fourth or not last:
-        return None
-    return float(np.mean(fourth)), float(np.mean(last))
 
 
 def convergence_rows(method: str, records: list[dict], seed: int) -> list[Row]:
@@ -287,12 +290,6 @@ def plot_similarity(usage: dict[str, np.ndarray], path: Path, title: str = "task
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=10)
     return report.save_figure(fig, path)
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_curves(logs: dict[str, list[dict]], path: Path) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 
 from isomod import distributed, report
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, check_seeds, environment, register
+from isomod.bench.base import Bench, Results, check_seeds, environment, loss_fifths, read_log, register
 from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError, check_choices, check_out_dir
 from isomod.network import ModelConfig, macs_per_image
@@ -137,6 +137,10 @@ def run(out_dir: str | Path, config: ReuseConfig = ReuseConfig(), progress: bool
                       "params_task": model.task_param_count(data.name), "seed": seed}
             rows.append({**common, "metric": "test_acc", "value": round(accs[data.name], 5)})
             rows.append({**common, "metric": "macs", "value": macs_per_image(model, data.name)})
+            fifths = loss_fifths(read_log(out / "runs" / name / "log.jsonl"))
+            if fifths is not None:
+                rows += [{**common, "metric": "loss_fourth_fifth", "value": round(fifths[0], 5)},
+                         {**common, "metric": "loss_last_fifth", "value": round(fifths[1], 5)}]
             say(f"   test acc {100 * accs[data.name]:.2f}%, route {' '.join(map(str, routes[name]))}, "
                 f"{timings[name]} s")
     results = Results(out / "results.json", "reuse",
@@ -155,28 +159,37 @@ def run(out_dir: str | Path, config: ReuseConfig = ReuseConfig(), progress: bool
 
 def grouped(rows: list[dict]) -> list[dict]:
     """One entry per `(N, L, method)`: mean and spread (max - min) of test accuracy over
-    seeds, parameters and multiply-adds, in the order the runs were made."""
+    seeds, parameters, multiply-adds and the mean training loss over the fourth and the
+    last fifth of the steps, in the order the runs were made."""
     groups: dict[tuple, dict] = {}
     for r in rows:
         key = (r["N"], r["L"], r["method"])
         g = groups.setdefault(key, {"N": r["N"], "L": r["L"], "method": r["method"], "acc": [],
-                                    "params": r["params_total"], "macs": 0})
+                                    "params": r["params_total"], "macs": 0, "loss_fourth_fifth": [],
+                                    "loss_last_fifth": []})
         if r["metric"] == "test_acc":
             g["acc"].append(r["value"])
         elif r["metric"] == "macs":
             g["macs"] = r["value"]
+        elif r["metric"] in ("loss_fourth_fifth", "loss_last_fifth"):
+            g[r["metric"]].append(r["value"])
     out = []
     for g in groups.values():
         acc = np.array(g.pop("acc"))
-        out.append({**g, "mean": float(acc.mean()), "spread": float(acc.max() - acc.min()), "seeds": len(acc)})
+        losses = {k: float(np.mean(g.pop(k))) if g[k] else None for k in ("loss_fourth_fifth", "loss_last_fifth")}
+        out.append({**g, **losses, "mean": float(acc.mean()), "spread": float(acc.max() - acc.min()),
+                    "seeds": len(acc)})
     return out
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| N | L | method | test acc (%) | spread | params | MMACs / image |", "|---:|---:|---|---:|---:|---:|---:|"]
+    lines = ["| N | L | method | test acc (%) | spread | params | MMACs / image | loss, 4th / last fifth |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for s in sorted(grouped(results["rows"]), key=lambda s: (s["N"], s["L"], REUSE_METHODS.index(s["method"]))):
+        loss = (f"{s['loss_fourth_fifth']:.3f} / {s['loss_last_fifth']:.3f}" if s["loss_last_fifth"] is not None
+                else "")
         lines.append(f"| {s['N']} | {s['L']} | {s['method']} | {100 * s['mean']:.2f} | {100 * s['spread']:.2f} | "
-                     f"{s['params']:,} | {s['macs'] / 1e6:.2f} |")
+                     f"{s['params']:,} | {s['macs'] / 1e6:.2f} | {loss} |")
     return "\n".join(lines)
 
 

@@ -3,9 +3,11 @@ ModularNet (weight mixing, output mixing, discrete) against a plain isometric Re
 same width and depth, and inference of an exported route against the plain network, all
 measured in one run, on random images of one shape.
 
-The template regime (soft routes mixing the weights of N modules at every step, soft to
-the end) trains exactly as `weight_mixing` does: its rows are that regime's cost, with
-K = N templates over the model's `steps`.
+`weight_mixing` is a soft route over N modules whose start is the model config's;
+`templates` is a template regime of `isomod.regimes` (`template_regime`: K = N templates
+over the model's `steps`, soft to the end, norms' affine parameters wherever that regime
+puts them), timed in training and, exported (each step's mixed weights computed once),
+in inference.
 
 Every training step runs the same images: `batch_size` images of one task, or, with `T`
 tasks per step, `batch_size / T` images of each (task-homogeneous batches, as the Trainer
@@ -34,9 +36,10 @@ from isomod.bench.base import Bench, Results, environment, register
 from isomod.errors import IsomodError, check_choice, check_out_dir
 from isomod.export import export_task
 from isomod.network import ModelConfig, ModularNet, TaskModel, TaskSpec
-from isomod.train import PRECISIONS, cross_entropy, forward_options, resolve_device
+from isomod.regimes import REGIMES, regime
+from isomod.train import PRECISIONS, TrainConfig, cross_entropy, forward_options, resolve_device
 
-TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete")
+TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete", "templates")
 
 
 @dataclass
@@ -70,10 +73,12 @@ class SpeedConfig:
 
 
 def build(method: str, config: ModelConfig, num_modules: int, tasks: int, num_classes: int,
-          image_size: int) -> TaskModel:
+          image_size: int, template_regime: str = "templates") -> TaskModel:
     specs = [TaskSpec(f"task{i}", num_classes, (config.in_channels, image_size, image_size)) for i in range(tasks)]
     if method == "plain":
         return PlainResNet(config, specs)
+    if method == "templates":
+        return ModularNet(REGIMES[template_regime].apply(config, TrainConfig(), modules=num_modules)[0], specs)
     mixing = "output" if method == "output_mixing" else "weight"
     model = ModularNet(replace(config, num_modules=num_modules, mixing=mixing), specs)
     if method == "discrete":
@@ -194,18 +199,22 @@ class SpeedBenchConfig:
     Args:
         modules: pool sizes N (the plain network has `steps` blocks whatever N is).
         tasks: tasks per training step.
+        template_regime: the template regime the `templates` rows measure.
         model: width, depth and block shape shared by all models.
         speed: batch, image size, repetitions and device.
     """
 
     modules: list[int] = field(default_factory=lambda: [4, 8, 16])
     tasks: list[int] = field(default_factory=lambda: [1, 8])
+    template_regime: str = "templates"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, steps=8))
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def __post_init__(self):
         if not self.modules or min(self.modules) < 1 or not self.tasks or min(self.tasks) < 1:
             raise IsomodError("modules and tasks must be non-empty lists of numbers >= 1")
+        if regime(self.template_regime).model.get("route_init") != "flat":
+            raise IsomodError(f"template_regime must be a template regime, got {self.template_regime!r}")
 
 
 def run(out_dir: str | Path, config: SpeedBenchConfig = SpeedBenchConfig(), progress: bool = True) -> dict:
@@ -221,7 +230,8 @@ def run(out_dir: str | Path, config: SpeedBenchConfig = SpeedBenchConfig(), prog
 
     def make(method: str, n: int, t: int):
         torch.manual_seed(0)
-        return prepare_training(build(method, model_config, n, t, speed.num_classes, speed.image_size), speed, device)
+        return prepare_training(build(method, model_config, n, t, speed.num_classes, speed.image_size,
+                                      config.template_regime), speed, device)
 
     for t in tasks:
         plain_step, images, plain_peak = make("plain", 1, t)
@@ -250,15 +260,18 @@ def run(out_dir: str | Path, config: SpeedBenchConfig = SpeedBenchConfig(), prog
         torch.manual_seed(0)
         plain = build("plain", model_config, 1, 1, speed.num_classes, speed.image_size).to(device).eval()
         modular = build("discrete", model_config, n, 1, speed.num_classes, speed.image_size).to(device).eval()
-        exported = export_task(modular, "task0")
-        t_plain, t_disc, t_exp = time_inference([lambda x: plain(x, "task0"), lambda x: modular(x, "task0"), exported],
-                                                speed, device, shape)
-        for method, t_m in (("plain", t_plain), ("discrete", t_disc), ("exported", t_exp)):
+        soft = build("templates", model_config, n, 1, speed.num_classes, speed.image_size,
+                     config.template_regime).to(device).eval()
+        exported, exported_soft = export_task(modular, "task0"), export_task(soft, "task0")
+        t_plain, t_disc, t_exp, t_soft = time_inference(
+            [lambda x: plain(x, "task0"), lambda x: modular(x, "task0"), exported, exported_soft], speed, device, shape)
+        for method, t_m in (("plain", t_plain), ("discrete", t_disc), ("exported", t_exp),
+                            ("exported_templates", t_soft)):
             rows.append({"method": method, "task": "all", "N": n, "tasks": 1, "device": device.type,
                          "metric": "infer_time_ratio_to_plain", "value": round(t_m / t_plain, 3),
                          "infer_img_per_s": round(speed.batch_size / t_m, 1)})
-        say(f"inference N={n}: exported x{t_exp / t_plain:.3f} plain, discrete ModularNet x{t_disc / t_plain:.3f}",
-            flush=True)
+        say(f"inference N={n}: exported x{t_exp / t_plain:.3f} plain, exported templates x{t_soft / t_plain:.3f}, "
+            f"discrete ModularNet x{t_disc / t_plain:.3f}", flush=True)
     results = Results(out / "results.json", "speed", {**asdict(config), "device": str(device),
                                                        "threads": torch.get_num_threads()},
                       environment=environment(device))
@@ -282,7 +295,7 @@ def markdown_table(results: dict) -> str:
     for t in cfg["tasks"]:
         for n in cfg["modules"]:
             for method in TRAIN_METHODS:
-                if method == "plain" and n != cfg["modules"][0]:
+                if (method == "plain" and n != cfg["modules"][0]) or value(rows, method, n, t, "train_img_per_s") is None:
                     continue
                 multi = value(rows, method, n, t, "multitask_time_ratio")
                 lines.append(f"| {method} | {'-' if method == 'plain' else n} | {t} | "
@@ -292,13 +305,17 @@ def markdown_table(results: dict) -> str:
                              f"{'' if multi is None else f'{multi:.2f}'} |")
     lines += ["", "| inference | " + " | ".join(f"N={n}" for n in cfg["modules"]) + " |",
               "|---|" + "---:|" * len(cfg["modules"])]
-    for method in ("discrete", "exported"):
+    for method in ("discrete", "exported", "exported_templates"):
+        if value(rows, method, cfg["modules"][0], 1, "infer_time_ratio_to_plain") is None:
+            continue  # results written before the method existed
         lines.append(f"| {method} / plain | " + " | ".join(
             f"{value(rows, method, n, 1, 'infer_time_ratio_to_plain'):.3f}" for n in cfg["modules"]) + " |")
     return "\n".join(lines)
 
 
 HEADLINES = (("weight_mixing", "train_time_ratio_to_plain", "weight-mixing training step / plain's"),
+             ("templates", "train_time_ratio_to_plain", "template-regime training step / plain's"),
+             ("exported_templates", "infer_time_ratio_to_plain", "exported template route's inference / plain's"),
              ("weight_mixing", "multitask_time_ratio", "weight mixing, a T-task step / a 1-task step"),
              ("exported", "infer_time_ratio_to_plain", "exported inference / plain's"),
              ("weight_mixing", "peak_mem_ratio_to_plain", "weight-mixing peak training memory / plain's"))
@@ -337,7 +354,7 @@ def plot_speed(rows: list[dict], path: Path) -> Path:
     dashed for more."""
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    colors = {"weight_mixing": "tab:red", "output_mixing": "tab:blue", "discrete": "tab:green"}
+    colors = {"weight_mixing": "tab:red", "output_mixing": "tab:blue", "discrete": "tab:green", "templates": "tab:purple"}
     for ax, metric, label in zip(axes, ("train_time_ratio_to_plain", "peak_mem_ratio_to_plain"),
                                  ("training step time / plain", "peak training memory / plain")):
         for method, color in colors.items():
