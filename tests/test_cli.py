@@ -153,7 +153,8 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     out = tmp_path / "bench"
     argv = ["bench", "transfer", "--out", str(out), "--pretrain-tasks", *pre, "--held-out", *new,
             "--shots", "2", "all", "--steps", "3", "--pretrain-steps", "4", "--pretrain-batch-size", "8",
-            "--pretrain-warmup-steps", "1", "--warmup-steps", "1", "--batch-size", "8", *TINY[:6], "--no-progress"]
+            "--pretrain-warmup-steps", "1", "--warmup-steps", "1", "--batch-size", "8", *TINY[:6], "--no-progress",
+            "--jobs", "2"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["bench"] == "transfer"

@@ -26,7 +26,7 @@ import numpy as np
 
 from isomod import distributed, report
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, check_seeds, environment, loss_fifths, read_log, register
+from isomod.bench.base import Bench, Results, check_seeds, job_environment, loss_fifths, read_log, register, run_jobs
 from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError, check_choices, check_out_dir
 from isomod.network import ModelConfig, macs_per_image
@@ -51,6 +51,8 @@ class ReuseConfig:
         multiples: route lengths L as multiples of N (1 runs `once`, above 1 the others).
         methods: a subset of once, cyclic, block_repeat, learned, templates, distinct.
         seeds: one run per seed.
+        jobs: training runs side by side, each in its own process with an equal share of
+            the threads (not under torchrun).
         model: width and block shape; `num_modules`, `steps` and `in_channels` are set per run.
         train: the budget every run shares; its seed is replaced per run.
     """
@@ -62,6 +64,7 @@ class ReuseConfig:
     multiples: list[int] = field(default_factory=lambda: [1, 2, 3])
     methods: list[str] = field(default_factory=lambda: list(REUSE_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    jobs: int = 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=64, lr=5e-3, lr_heads=5e-3, augment=False, checkpoint_every=500, log_every=25))
@@ -71,6 +74,8 @@ class ReuseConfig:
         if self.image_size < 1:
             raise IsomodError(f"image size must be >= 1, got {self.image_size}")
         check_seeds(self.seeds)
+        if self.jobs < 1:
+            raise IsomodError(f"jobs must be >= 1, got {self.jobs}")
 
 
 def pool_size(method: str, num_modules: int, steps: int) -> int:
@@ -116,45 +121,57 @@ def run(out_dir: str | Path, config: ReuseConfig = ReuseConfig(), progress: bool
     say = print if progress and distributed.is_main() else (lambda *a, **k: None)
     say(f"bench reuse: {data.name}, {data.spec.num_classes} classes, {len(data.y_train):,} train / "
         f"{len(data.y_test):,} test images of {data.spec.input_shape}; {len(runs)} runs x {len(seeds)} seed(s)")
+    if config.jobs > 1 and distributed.world_size() > 1:
+        raise IsomodError("--jobs runs several trainings side by side in one process group; under torchrun "
+                          "every process already trains the same run: use one or the other")
     rows: list[dict] = []
     routes: dict[str, list[int]] = {}
     timings: dict[str, float] = {}
-    for seed in seeds:
-        for method, n, steps in runs:
-            name = f"{method}-N{n}-L{steps}-s{seed}"
-            shape = replace(base, num_modules=pool_size(method, n, steps), steps=steps)
-            budget = train_config
-            if method == "templates":
-                shape, budget = REGIMES["templates"].apply(shape, train_config, modules=n)
-            pattern = None if method in LEARNED else reuse_pattern(method, n, steps)
-            say(f"== {name}: route {' '.join(map(str, pattern)) if pattern else method}", flush=True)
-            t0 = time.time()
-            model, accs = train_modular(out / "runs" / name, [data], shape, budget, seed, progress,
-                                        routes={data.name: pattern} if pattern else None)
-            timings[name] = round(time.time() - t0, 1)
-            routes[name] = model.route(data.name).indices()
-            common = {"method": method, "task": data.name, "N": n, "L": steps, "params_total": model.param_count(),
-                      "params_task": model.task_param_count(data.name), "seed": seed}
-            rows.append({**common, "metric": "test_acc", "value": round(accs[data.name], 5)})
-            rows.append({**common, "metric": "macs", "value": macs_per_image(model, data.name)})
-            fifths = loss_fifths(read_log(out / "runs" / name / "log.jsonl"))
-            if fifths is not None:
-                rows += [{**common, "metric": "loss_fourth_fifth", "value": round(fifths[0], 5)},
-                         {**common, "metric": "loss_last_fifth", "value": round(fifths[1], 5)}]
-            say(f"   test acc {100 * accs[data.name]:.2f}%, route {' '.join(map(str, routes[name]))}, "
-                f"{timings[name]} s")
+    calls = [(method, n, steps, seed, base, train_config, data, out, progress and config.jobs == 1)
+             for seed in seeds for method, n, steps in runs]
+    for name, run_rows, route, seconds in run_jobs(train_one, calls, config.jobs):
+        rows += run_rows
+        routes[name], timings[name] = route, seconds
+        acc = next(r["value"] for r in run_rows if r["metric"] == "test_acc")
+        say(f"   {name}: test acc {100 * acc:.2f}%, route {' '.join(map(str, route))}, {seconds} s", flush=True)
     results = Results(out / "results.json", "reuse",
                       {**asdict(config), "task": data.name, "num_classes": data.spec.num_classes,
                        "input_shape": list(data.spec.input_shape), "model": asdict(base),
                        "world_size": distributed.world_size()},
                       routes=routes, train_seconds=timings,
-                      environment=environment(resolve_device(train_config.device)))
+                      environment=job_environment(resolve_device(train_config.device), config.jobs))
     for row in rows:
         results.add(row)
     if distributed.is_main():
         results.save()
         write_report(out, results.data)
     return results.data
+
+
+def train_one(method: str, n: int, steps: int, seed: int, base: ModelConfig, train_config: TrainConfig,
+              data: TaskData, out: Path, progress: bool) -> tuple[str, list[dict], list[int], float]:
+    """Train (or reload) one `(method, N, L, seed)` run; its name, rows, route and seconds."""
+    name = f"{method}-N{n}-L{steps}-s{seed}"
+    shape = replace(base, num_modules=pool_size(method, n, steps), steps=steps)
+    budget = train_config
+    if method == "templates":
+        shape, budget = REGIMES["templates"].apply(shape, train_config, modules=n)
+    pattern = None if method in LEARNED else reuse_pattern(method, n, steps)
+    if progress and distributed.is_main():
+        print(f"== {name}: route {' '.join(map(str, pattern)) if pattern else method}", flush=True)
+    t0 = time.time()
+    model, accs = train_modular(out / "runs" / name, [data], shape, budget, seed, progress,
+                                routes={data.name: pattern} if pattern else None)
+    seconds = round(time.time() - t0, 1)
+    common = {"method": method, "task": data.name, "N": n, "L": steps, "params_total": model.param_count(),
+              "params_task": model.task_param_count(data.name), "seed": seed}
+    rows = [{**common, "metric": "test_acc", "value": round(accs[data.name], 5)},
+            {**common, "metric": "macs", "value": macs_per_image(model, data.name)}]
+    fifths = loss_fifths(read_log(out / "runs" / name / "log.jsonl"))
+    if fifths is not None:
+        rows += [{**common, "metric": "loss_fourth_fifth", "value": round(fifths[0], 5)},
+                 {**common, "metric": "loss_last_fifth", "value": round(fifths[1], 5)}]
+    return name, rows, model.route(data.name).indices(), seconds
 
 
 def grouped(rows: list[dict]) -> list[dict]:

@@ -14,7 +14,7 @@ Rows are written to `results.json` as they come, and a second run of the same co
 
 from __future__ import annotations
 
-import copy
+import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,8 +24,9 @@ import numpy as np
 from isomod import report
 from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, Row, check_seeds, environment, register
-from isomod.data.tasks import load_task, split_validation
+from isomod.bench.base import Bench, Results, Row, check_seeds, job_environment, register, run_jobs
+from isomod.checkpoint import load_checkpoint
+from isomod.data.tasks import TaskData, load_task, split_validation
 from isomod.errors import IsomodError, check_choices, check_out_dir
 from isomod.network import ModelConfig
 from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
@@ -58,6 +59,8 @@ class TransferBenchConfig:
         transfer: the budget of every transfer run, whatever the method; its `routes`
             says whether a learned route stays soft (`soft`) or is annealed and
             discretised (`annealed`).
+        jobs: training runs side by side, each in its own process with an equal share
+            of the threads.
     """
 
     pretrain_tasks: list[str] = field(default_factory=lambda: list(PRETRAIN))
@@ -68,6 +71,7 @@ class TransferBenchConfig:
     data_dir: str = ""
     regime: str = DEFAULT_REGIME
     validation: float = 0.0
+    jobs: int = 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=16, steps=8))
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
@@ -78,6 +82,8 @@ class TransferBenchConfig:
         regime(self.regime)
         if not 0 <= self.validation < 1:
             raise IsomodError(f"validation must lie in [0, 1), got {self.validation}")
+        if self.jobs < 1:
+            raise IsomodError(f"jobs must be >= 1, got {self.jobs}")
         for k in self.shots:
             if k != "all" and not (isinstance(k, int) and k > 0):
                 raise IsomodError(f"shots: expected positive numbers of images per class or 'all', got {k!r}")
@@ -97,54 +103,80 @@ def run(out_dir: str | Path, config: TransferBenchConfig = TransferBenchConfig()
     data_dir = config.data_dir or None
     results = Results(out / "results.json", "transfer", asdict(config), resume=True, pretrain={}, routes={},
                       sources={}, train_seconds={},
-                      environment=environment(resolve_device(config.pretrain.device)))
+                      environment=job_environment(resolve_device(config.pretrain.device), config.jobs))
     pre_data = [load_task(t, data_dir=data_dir) for t in config.pretrain_tasks]
-    new_data = {t: load_task(t, data_dir=data_dir) for t in config.held_out}
-    if config.validation:
-        new_data = {t: split_validation(d, config.validation) for t, d in new_data.items()}
-    metric = "val_acc" if config.validation else "test_acc"
     model_config, pretrain_config = REGIMES[config.regime].apply(config.model, config.pretrain)
+    if progress:
+        print(f"== pre-training on {len(pre_data)} tasks ({config.regime} regime), seeds {config.seeds}", flush=True)
+    calls = [(out / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed, progress and config.jobs == 1)
+             for seed in config.seeds]
+    pre_accs = dict(zip(config.seeds, run_jobs(pretrain_one, calls, config.jobs)))
+    runs = []
     for seed in config.seeds:
-        if progress:
-            print(f"== pre-training on {len(pre_data)} tasks (seed {seed}, {config.regime} regime)", flush=True)
-        base, pre_accs = train_modular(out / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed,
-                                       progress)
-        base.eval()
-        results["pretrain"][f"s{seed}"] = {"test_acc": pre_accs, "params": base.param_count(),
+        base = load_checkpoint(out / f"pretrain-s{seed}" / "checkpoint").eval()
+        results["pretrain"][f"s{seed}"] = {"test_acc": pre_accs[seed], "params": base.param_count(),
                                            "modules": len(base.pool),
                                            "routes": {n: base.route(n).indices() for n in base.task_names},
                                            "route_weights": {n: w.tolist() for n, w in base.usage().items()}}
-        cfg = replace(config.transfer, seed=seed)
-        whole = replace(cfg, lr=config.pretrain.lr, lr_heads=config.pretrain.lr)
-        for data in new_data.values():
-            name = data.name
+        for name in config.held_out:
+            data = held_out_task(name, data_dir, config.validation)
             source, scores = select_source(base, data, seed=seed)
-            results["sources"][f"{name}-s{seed}"] = {"source": source, "scores": scores}
-            for label in config.shots:
-                k = None if label == "all" else label
-                task = few_shot(data, k, seed=seed)
-                for method in config.methods:
-                    if results.has(method=method, task=name, shots=label, seed=seed):
-                        continue
-                    if progress:
-                        print(f"== {method} -> {name}, shots {label}, seed {seed} (source {source})", flush=True)
-                    t0 = time.time()
-                    run_cfg = whole if method in ("finetune", "scratch") else cfg
-                    res = transfer(copy.deepcopy(base), task, method, run_cfg, source=source, progress=progress)
-                    results["train_seconds"][f"{method}/{name}/{label}/{seed}"] = round(time.time() - t0, 1)
-                    fields = {"shots": label, "params_total": base.param_count() + res.params_task,
-                              "params_task": res.params_task, "seed": seed, "source": source}
-                    if res.route_steps_changed is not None:
-                        fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change)
-                    results.add(Row(method, name, metric, round(res.test_acc, 5), fields))
-                    if method in ("route_only", "route_head"):
-                        results["routes"][f"{method}:{name}/{label}-s{seed}"] = {
-                            "discrete": res.model.route(name).indices(), "soft_at_discretize": res.soft_route,
-                            "final": res.model.route(name).weights().tolist()}
-                    results.save()
+            results["sources"][f"{data.name}-s{seed}"] = {"source": source, "scores": scores}
+            runs += [(out, config, seed, name, label, method, source, progress and config.jobs == 1)
+                     for label in config.shots for method in config.methods
+                     if not results.has(method=method, task=data.name, shots=label, seed=seed)]
     results.save()
+    for row, route, seconds in run_jobs(transfer_one, runs, config.jobs):
+        results["train_seconds"][f"{row.method}/{row.task}/{row.fields['shots']}/{row.fields['seed']}"] = seconds
+        results.add(row)
+        if route is not None:
+            results["routes"][f"{row.method}:{row.task}/{row.fields['shots']}-s{row.fields['seed']}"] = route
+        results.save()
+        if progress and config.jobs > 1:
+            print(f"== {row.method} -> {row.task}, shots {row.fields['shots']}, seed {row.fields['seed']}: "
+                  f"{100 * row.value:.1f} ({seconds:.0f} s)", flush=True)
     write_report(out, results.data)
     return results.data
+
+
+def pretrain_one(run_dir: Path, tasks: list, model_config: ModelConfig, train_config: TrainConfig, seed: int,
+                 progress: bool) -> dict[str, float]:
+    """Pre-train (or reload) the pool of one seed in `run_dir`; its test accuracy per task."""
+    return train_modular(run_dir, tasks, model_config, train_config, seed, progress)[1]
+
+
+@functools.lru_cache(maxsize=None)
+def held_out_task(name: str, data_dir: str | None, validation: float) -> TaskData:
+    """A held-out task's data, read once per process (with its validation split when asked)."""
+    data = load_task(name, data_dir=data_dir)
+    return split_validation(data, validation) if validation else data
+
+
+def transfer_one(out: Path, config: TransferBenchConfig, seed: int, name: str, label: int | str, method: str,
+                 source: str, progress: bool) -> tuple[Row, dict | None, float]:
+    """One transfer run on a fresh copy of seed `seed`'s pre-trained model: its row, the
+    learned route (route methods) and its training seconds."""
+    base = load_checkpoint(out / f"pretrain-s{seed}" / "checkpoint").eval()
+    data = held_out_task(name, config.data_dir or None, config.validation)
+    task = few_shot(data, None if label == "all" else label, seed=seed)
+    cfg = replace(config.transfer, seed=seed)
+    if method in ("finetune", "scratch"):
+        cfg = replace(cfg, lr=config.pretrain.lr, lr_heads=config.pretrain.lr)
+    if progress:
+        print(f"== {method} -> {data.name}, shots {label}, seed {seed} (source {source})", flush=True)
+    params = base.param_count()
+    t0 = time.time()
+    res = transfer(base, task, method, cfg, source=source, progress=progress)
+    seconds = round(time.time() - t0, 1)
+    fields = {"shots": label, "params_total": params + res.params_task, "params_task": res.params_task,
+              "seed": seed, "source": source}
+    route = None
+    if res.route_steps_changed is not None:
+        fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change)
+        route = {"discrete": res.model.route(data.name).indices(), "soft_at_discretize": res.soft_route,
+                 "final": res.model.route(data.name).weights().tolist()}
+    metric = "val_acc" if config.validation else "test_acc"
+    return Row(method, data.name, metric, round(res.test_acc, 5), fields), route, seconds
 
 
 def summary(rows: list[dict]) -> dict:
