@@ -188,24 +188,27 @@ def test_bench_continual_end_to_end(tmp_path, capsys):
     stream = [str(write_npz(tmp_path / f"t{i}.npz", shape=(16, 16), seed=i, n_train=60)) for i in range(3)]
     out = tmp_path / "bench"
     assert main(["bench", "continual", "--out", str(out), "--stream", *stream, "--steps", "4", "--warmup-steps",
-                 "1", "--grow-threshold", "1.0", "--grow-val-fraction", "0.2", *TINY]) == 0
+                 "1", "--grow-threshold", "1.0", "--grow-val-fraction", "0.2", "--seeds", "0", "1", "--regime",
+                 "templates", "--jobs", "2", *TINY]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["bench"] == "continual"
     rows = results["rows"]
     assert {r["method"] for r in rows} == {"modular_grow", "independent", "finetune_seq"}
     for method in ("modular_grow", "independent", "finetune_seq"):
-        sel = [r for r in rows if r["method"] == method]
-        assert [r["after_index"] for r in sel] == [1, 2, 2, 3, 3, 3]
-        assert [r["task"] for r in sel if r["after_index"] == 3] == ["t0", "t1", "t2"]
-    grow = results["methods"]["modular_grow"]
-    assert all(grow["exact_outputs"].values()) and len(grow["outcomes"]) == 3
+        for seed in (0, 1):
+            sel = [r for r in rows if r["method"] == method and r["seed"] == seed]
+            assert [r["after_index"] for r in sel] == [1, 2, 2, 3, 3, 3]
+            assert [r["task"] for r in sel if r["after_index"] == 3] == ["t0", "t1", "t2"]
+    for grow in results["methods"]["modular_grow"].values():
+        assert all(grow["exact_outputs"].values()) and len(grow["outcomes"]) == 3
     params = {m: max(r["params_total"] for r in rows if r["method"] == m) for m in ("modular_grow", "independent")}
     assert params["modular_grow"] < params["independent"]
     report = (out / "report.md").read_text()
-    assert "| **mean** |" in report and "bit-identical" in report
+    assert "| **mean** |" in report and "bit-identical" in report and "| mean, each seed |" in report
     for png in ("continual.png", "forgetting.png"):
         assert (out / png).stat().st_size > 1000
-    assert load_checkpoint(out / "modular_grow" / "checkpoint").task_names == ["t0", "t1", "t2"]
+    model = load_checkpoint(out / "modular_grow-s1" / "checkpoint")
+    assert model.task_names == ["t0", "t1", "t2"] and not model.route("t0").is_discrete
 
 
 def test_import_isomod_leaves_matplotlib_alone():

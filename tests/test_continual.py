@@ -64,6 +64,28 @@ def test_growing_stream_keeps_earlier_tasks_bit_identical(stream, tmp_path):
         assert torch.equal(probes[task.name], probe(loaded, task))
 
 
+def test_soft_routes_grow_and_keep_earlier_tasks_bit_identical(stream):
+    """The template regime: soft routes over a pool that grows. Earlier routes give the
+    fresh modules exactly zero weight and mix only their own modules, so their outputs stay
+    bit-identical; a grown soft route keeps every fresh module."""
+    from isomod.regimes import REGIMES
+
+    model_cfg, cfg = REGIMES["templates"].apply(ModelConfig(channels=8, steps=4), CFG)
+    torch.manual_seed(0)
+    model = ModularNet(model_cfg)
+    probes = {}
+    for task in stream:
+        outcome = learn_task(model, task, cfg, GrowConfig(threshold=1.0, modules=2), progress=False)
+        assert not model.route(task.name).is_discrete
+        if outcome.grew and probes:
+            assert outcome.modules_added == 2
+        probes[task.name] = probe(model, task)
+        for earlier in stream[: len(probes)]:
+            assert torch.equal(probes[earlier.name], probe(model, earlier)), earlier.name
+    first_route = model.route(stream[0].name)
+    assert first_route.support().tolist() == [0, 1] and first_route.weights()[:, 2:].max() == 0
+
+
 def test_a_route_that_reaches_the_threshold_does_not_grow_the_pool(stream):
     torch.manual_seed(0)
     model = ModularNet(ModelConfig(channels=8, num_modules=2, steps=3))

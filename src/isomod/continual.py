@@ -66,15 +66,20 @@ class TaskOutcome:
     route: list[int]
 
 
-def _grown_route_logits(model: ModularNet, task: str, previous: list[int], new: list[int]) -> None:
-    # Each step starts tied between the module the frozen-pool route chose and every
-    # fresh module, so the fresh ones are trained wherever they help; a strong bias keeps
-    # the many other modules of a grown pool from diluting the start.
+def _grown_route_logits(model: ModularNet, task: str, previous: torch.Tensor | list[int], new: list[int]) -> None:
+    # Each step starts tied between what the frozen-pool route chose and every fresh
+    # module, so the fresh ones are trained wherever they help. A discrete choice gets a
+    # strong bias (the many other modules of a grown pool must not dilute the start); a
+    # soft route keeps its logits, the fresh modules tied with its largest.
     route = model.route(task)
     with torch.no_grad():
         route.logits.zero_()
-        route.logits[torch.arange(route.steps), torch.tensor(previous)] = ROUTE_BIAS
-        route.logits[:, new] = ROUTE_BIAS
+        if isinstance(previous, torch.Tensor):  # (L, N_before) logits of a soft route
+            route.logits[:, : previous.shape[1]] = previous
+            route.logits[:, new] = previous.max(1, keepdim=True).values
+        else:
+            route.logits[torch.arange(route.steps), torch.tensor(previous)] = ROUTE_BIAS
+            route.logits[:, new] = ROUTE_BIAS
 
 
 def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: GrowConfig = GrowConfig(),
@@ -86,8 +91,8 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
     `select_source` picks, at `grow.route_lr`); when its validation accuracy is below
     `grow.threshold`, `grow.modules` fresh modules join the pool and are trained with a new
     route, norms and head; that run is kept only when validation accuracy improves, and
-    then only with the fresh modules its route uses. At the end
-    everything is frozen, so no later task can change this one.
+    then only with the fresh modules its route uses (a discrete route; a soft one weights
+    them all). At the end everything is frozen, so no later task can change this one.
 
     Args:
         model: the model of the stream so far (possibly without tasks).
@@ -106,17 +111,18 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
         return TaskOutcome(name, True, len(model.pool), None, None, acc, config.steps, model.route(name).indices())
     fit = split_validation(task, grow.val_fraction, seed=config.seed)
     source = select_source(model, fit, seed=config.seed)[0]
-    route_config = replace(config, lr=grow.route_lr, lr_heads=grow.route_lr)
+    route_config = replace(config, lr=grow.route_lr, lr_heads=grow.route_lr, lr_routes=grow.route_lr)
     val_route = fit_route(model, fit, route_config, init_from=source, progress=progress)[name]
     outcome = TaskOutcome(name, False, 0, val_route, None, 0.0, config.steps, model.route(name).indices())
     if val_route < grow.threshold:
         saved = copy.deepcopy(model.branch(name).state_dict())
+        soft = not model.route(name).is_discrete
         model.remove_task(name)
         new = model.add_modules(grow.modules)
         branch = model.add_task(task.spec)
         # Norms and head start from what the frozen-pool run learned; the route is new.
         branch.load_state_dict({k: v for k, v in saved.items() if not k.startswith("route.")}, strict=False)
-        _grown_route_logits(model, name, outcome.route, new)
+        _grown_route_logits(model, name, saved["route.logits"] if soft else outcome.route, new)
         params = {**model.param_groups([name]), "pool": [p for i in new for p in model.pool.blocks[i].parameters()]}
         grown_config = replace(config, lr_heads=grow.route_lr)
         trainer = Trainer(model, {name: fit}, grown_config, progress=progress, train_tasks=[name], params=params)
@@ -125,7 +131,8 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
         if outcome.val_grown > val_route:
             # Keep the run, but only the fresh modules its discrete route uses: removing
             # the others changes nothing the task computes.
-            unused = [i for i in new if i not in model.route(name).indices()]
+            used = model.route(name).indices() if model.route(name).is_discrete else new
+            unused = [i for i in new if i not in used]
             for index in reversed(unused):
                 model.remove_module(index)
             outcome.modules_added = len(new) - len(unused)

@@ -18,12 +18,13 @@ import torch
 
 from isomod import report
 from isomod.baselines import IndependentNets, PlainResNet
-from isomod.bench.base import Bench, Results, environment, register
+from isomod.bench.base import Bench, Results, check_seeds, job_environment, register, run_jobs
 from isomod.checkpoint import save_checkpoint
 from isomod.continual import GrowConfig, learn_task
 from isomod.data.tasks import TaskData, load_task
 from isomod.network import ModelConfig, ModularNet, TaskModel
-from isomod.errors import check_choices, check_out_dir
+from isomod.errors import IsomodError, check_choices, check_out_dir
+from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
 from isomod.train import TrainConfig, Trainer, evaluate, resolve_device, to_float
 
 METHODS = ("modular_grow", "independent", "finetune_seq")
@@ -39,14 +40,23 @@ class ContinualConfig:
     Args:
         stream: task names, in arrival order.
         methods: a subset of modular_grow, independent, finetune_seq.
+        seeds: one pass over the stream per seed and method.
+        regime: the modular network's route regime (`isomod.regimes`), with a starting
+            pool of `model.num_modules` modules.
+        jobs: passes over the stream side by side, each in its own process with an
+            equal share of the threads.
         data_dir: where data that is not embedded (Fashion-MNIST) is looked for first.
         model: the shape; `num_modules` is the modular network's starting pool.
-        train: the budget of one training run, the same for every method and task.
+        train: the budget of one training run, the same for every method and task; its
+            seed is replaced per pass.
         grow: the modular network's growth threshold and size.
     """
 
     stream: list[str] = field(default_factory=lambda: list(STREAM))
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    regime: str = DEFAULT_REGIME
+    jobs: int = 1
     data_dir: str = ""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=4, steps=8))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -55,6 +65,10 @@ class ContinualConfig:
 
     def __post_init__(self):
         check_choices("continual method", self.methods, METHODS)
+        check_seeds(self.seeds)
+        regime(self.regime)
+        if self.jobs < 1:
+            raise IsomodError(f"jobs must be >= 1, got {self.jobs}")
 
 
 @torch.no_grad()
@@ -66,7 +80,8 @@ def probe_logits(model: TaskModel, task: TaskData) -> torch.Tensor:
 
 def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
                grow: GrowConfig, out: Path, progress: bool) -> tuple[list[dict], dict]:
-    """Learn the stream with one method; rows after every task, plus what the method did."""
+    """Learn the stream with one method (seeded by `train_config.seed`); rows after every
+    task, plus what the method did."""
     torch.manual_seed(train_config.seed)
     cfg0 = replace(model_config, in_channels=stream[0].spec.input_shape[0])
     model: TaskModel = {"modular_grow": ModularNet, "independent": IndependentNets, "finetune_seq": PlainResNet}[method](cfg0)
@@ -98,7 +113,7 @@ def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, t
         info["exact_outputs"] = {t.name: bool(torch.equal(probes[t.name], probe_logits(model, t))) for t in stream}
         info["pool_size"] = len(model.pool)
         info["routes"] = {n: model.route(n).indices() for n in model.task_names}
-        save_checkpoint(model, out / "modular_grow" / "checkpoint")
+        save_checkpoint(model, out / f"modular_grow-s{train_config.seed}" / "checkpoint")
     return rows, info
 
 
@@ -108,10 +123,16 @@ def run(out_dir: str | Path, config: ContinualConfig = ContinualConfig(), progre
     check_out_dir(out)
     tasks = [load_task(t, data_dir=config.data_dir or None) for t in config.stream]
     results = Results(out / "results.json", "continual", {**asdict(config), "task_names": [t.name for t in tasks]},
-                      environment=environment(resolve_device(config.train.device)), methods={})
-    for method in config.methods:
-        rows, results["methods"][method] = run_method(method, tasks, config.model, config.train, config.grow, out,
-                                                      progress)
+                      environment=job_environment(resolve_device(config.train.device), config.jobs), methods={})
+    modular = REGIMES[config.regime].apply(config.model, config.train, modules=config.model.num_modules)
+    calls = []
+    for seed in config.seeds:
+        for method in config.methods:
+            model_config, train_config = modular if method == "modular_grow" else (config.model, config.train)
+            calls.append((method, tasks, model_config, replace(train_config, seed=seed), config.grow, out,
+                          progress and config.jobs == 1))
+    for call, (rows, info) in zip(calls, run_jobs(run_method, calls, config.jobs)):
+        results["methods"].setdefault(call[0], {})[f"s{call[3].seed}"] = info
         for row in rows:
             results.add(row)
     results.save()
@@ -120,21 +141,38 @@ def run(out_dir: str | Path, config: ContinualConfig = ContinualConfig(), progre
 
 
 def final_table(results: dict) -> str:
-    """Accuracy of every task after the last one, and right after it was learned."""
+    """Accuracy of every task after the last one, and right after it was learned, mean over
+    seeds; then the mean of each seed, the parameters and the training steps."""
     stream = results["config"]["task_names"]
     methods = [m for m in results["config"]["methods"] if m in results["methods"]]
-    last = {(r["method"], r["task"]): r for r in results["rows"] if r["after_index"] == len(stream)}
-    first = {(r["method"], r["task"]): r for r in results["rows"] if r["after_task"] == r["task"]}
+    last: dict[tuple, list] = {}
+    first: dict[tuple, list] = {}
+    for r in results["rows"]:
+        if r["after_index"] == len(stream):
+            last.setdefault((r["method"], r["task"]), []).append(r)
+        if r["after_task"] == r["task"]:
+            first.setdefault((r["method"], r["task"]), []).append(r["value"])
+
+    def acc(m: str, t: str) -> float:
+        return float(np.mean([r["value"] for r in last[(m, t)]]))
+
     lines = ["| task | " + " | ".join(f"{m} end (just learned)" for m in methods) + " |",
              "|---|" + "---:|" * len(methods)]
     for t in stream:
-        cells = [f"{100 * last[(m, t)]['value']:.1f} ({100 * first[(m, t)]['value']:.1f})" for m in methods]
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    means = [f"**{100 * np.mean([last[(m, t)]['value'] for t in stream]):.1f}** "
-             f"({100 * np.mean([first[(m, t)]['value'] for t in stream]):.1f})" for m in methods]
+        lines.append(f"| {t} | " + " | ".join(f"{100 * acc(m, t):.1f} ({100 * np.mean(first[(m, t)]):.1f})"
+                                               for m in methods) + " |")
+    means = [f"**{100 * np.mean([acc(m, t) for t in stream]):.1f}** "
+             f"({100 * np.mean([np.mean(first[(m, t)]) for t in stream]):.1f})" for m in methods]
     lines.append("| **mean** | " + " | ".join(means) + " |")
-    lines.append("| params at the end | " + " | ".join(f"{last[(m, stream[-1])]['params_total']:,}" for m in methods) + " |")
-    lines.append("| training steps | " + " | ".join(f"{results['methods'][m]['steps']:,}" for m in methods) + " |")
+    seeds = sorted({r["seed"] for r in results["rows"]})
+    if len(seeds) > 1:
+        lines.append("| mean, each seed | " + " | ".join(" / ".join(
+            f"{100 * np.mean([r['value'] for t in stream for r in last[(m, t)] if r['seed'] == s]):.1f}" for s in seeds)
+            for m in methods) + " |")
+    lines.append("| params at the end | " + " | ".join(
+        f"{np.mean([r['params_total'] for r in last[(m, stream[-1])]]):,.0f}" for m in methods) + " |")
+    lines.append("| training steps | " + " | ".join(
+        f"{np.mean([info['steps'] for info in results['methods'][m].values()]):,.0f}" for m in methods) + " |")
     return "\n".join(lines)
 
 
@@ -147,13 +185,16 @@ def write_report(out: Path, results: dict) -> Path:
              f"a task whose route over the frozen pool scores below {cfg['grow']['threshold']:.0%} on validation data "
              f"gets {cfg['grow']['modules']} fresh modules (a second run). Test accuracy (%) after the last task, and in "
              "brackets right after the task was learned:", "", final_table(results), ""]
-    grow = results["methods"].get("modular_grow")
-    if grow:
-        exact = grow["exact_outputs"]
-        parts += [f"`modular_grow`: earlier tasks' logits after the last task are bit-identical to those right "
-                  f"after learning them for {sum(exact.values())} of {len(exact)} tasks; final pool "
-                  f"{grow['pool_size']} modules.", "", "| task | grew | modules added | val acc, route over frozen "
-                  "pool | val acc, grown | test acc | route |", "|---|---|---:|---:|---:|---:|---|"]
+    grows = results["methods"].get("modular_grow", {})
+    if grows:
+        exact = [e for g in grows.values() for e in g["exact_outputs"].values()]
+        sizes = " / ".join(str(g["pool_size"]) for g in grows.values())
+        first_seed, grow = next(iter(grows.items()))
+        parts += [f"`modular_grow` ({cfg.get('regime', 'annealed')} regime): earlier tasks' logits after the last "
+                  f"task are bit-identical to those right after learning them for {sum(exact)} of {len(exact)} "
+                  f"tasks over all seeds; final pool {sizes} modules (each seed). Seed {first_seed[1:]}:", "",
+                  "| task | grew | modules added | val acc, route over frozen pool | val acc, grown | test acc | "
+                  "route (argmax when soft) |", "|---|---|---:|---:|---:|---:|---|"]
         for o in grow["outcomes"]:
             vr = "" if o["val_route"] is None else f"{100 * o['val_route']:.1f}"
             vg = "" if o["val_grown"] is None else f"{100 * o['val_grown']:.1f}"
@@ -172,14 +213,15 @@ def write_report(out: Path, results: dict) -> Path:
 
 def plot_continual(rows: list[dict], stream: list[str], path: Path) -> Path:
     """Mean test accuracy over the tasks seen so far, and total parameters, after each
-    task of a stream; one line per method."""
+    task of a stream; one line per method, mean over seeds."""
     plt = report.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = range(1, len(stream) + 1)
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
         acc = [100 * np.mean([r["value"] for r in sel if r["after_index"] == i]) for i in steps]
-        params = [next(r["params_total"] for r in sel if r["after_index"] == i) for i in steps]
+        params = [np.mean([r["params_total"] for r in sel if r["after_index"] == i and r["task"] == stream[i - 1]])
+                  for i in steps]
         ax1.plot(steps, acc, marker="o", label=method)
         ax2.plot(steps, params, marker="o", label=method)
     ax1.set_ylabel("mean test accuracy, tasks so far (%)")
@@ -193,17 +235,20 @@ def plot_continual(rows: list[dict], stream: list[str], path: Path) -> Path:
 
 
 def plot_forgetting(rows: list[dict], stream: list[str], path: Path) -> Path:
-    """Per method, a tasks x stream-position map of test accuracy (blank before a task arrives)."""
+    """Per method, a tasks x stream-position map of test accuracy, mean over seeds (blank
+    before a task arrives)."""
     plt = report.pyplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 + 3.0 * len(methods), 0.8 + 0.35 * len(stream)),
                              squeeze=False)
     short = [t.rsplit("/", 1)[-1] for t in stream]
     for ax, method in zip(axes[0], methods):
-        acc = np.full((len(stream), len(stream)), np.nan)
+        total, count = np.zeros((len(stream), len(stream))), np.zeros((len(stream), len(stream)))
         for r in rows:
             if r["method"] == method:
-                acc[stream.index(r["task"]), r["after_index"] - 1] = 100 * r["value"]
+                total[stream.index(r["task"]), r["after_index"] - 1] += 100 * r["value"]
+                count[stream.index(r["task"]), r["after_index"] - 1] += 1
+        acc = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         im = ax.imshow(acc, cmap="viridis", vmin=0, vmax=100)
         for i in range(len(stream)):
             for j in range(len(stream)):
