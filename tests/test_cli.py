@@ -181,6 +181,12 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     again = json.loads((out / "results.json").read_text())
     assert again["rows"] == rows and again["train_seconds"] == seconds
     assert main(["report", str(out)]) == 0
+    # Another transfer budget over the same pre-trained pools: nothing is pre-trained again.
+    other = tmp_path / "other"
+    argv = [a if a != str(out) else str(other) for a in argv]
+    assert main([*argv, "--pretrain-dir", str(out), "--methods", "head_only", "--lr", "0.01"]) == 0
+    shared = json.loads((other / "results.json").read_text())
+    assert not (other / "pretrain-s0").exists() and shared["pretrain"] == results["pretrain"]
 
 
 @pytest.mark.slow

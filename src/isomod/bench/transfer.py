@@ -61,6 +61,9 @@ class TransferBenchConfig:
             discretised (`annealed`).
         jobs: training runs side by side, each in its own process with an equal share
             of the threads.
+        pretrain_dir: the folder holding (or to hold) the pre-trained pools,
+            `pretrain-s{seed}/checkpoint`; empty: the output folder. Runs of other
+            transfer budgets can share one pre-training this way.
     """
 
     pretrain_tasks: list[str] = field(default_factory=lambda: list(PRETRAIN))
@@ -72,6 +75,7 @@ class TransferBenchConfig:
     regime: str = DEFAULT_REGIME
     validation: float = 0.0
     jobs: int = 1
+    pretrain_dir: str = ""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=16, steps=8))
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
@@ -108,12 +112,13 @@ def run(out_dir: str | Path, config: TransferBenchConfig = TransferBenchConfig()
     model_config, pretrain_config = REGIMES[config.regime].apply(config.model, config.pretrain)
     if progress:
         print(f"== pre-training on {len(pre_data)} tasks ({config.regime} regime), seeds {config.seeds}", flush=True)
-    calls = [(out / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed, progress and config.jobs == 1)
-             for seed in config.seeds]
+    pre_dir = Path(config.pretrain_dir) if config.pretrain_dir else out
+    calls = [(pre_dir / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed,
+              progress and config.jobs == 1) for seed in config.seeds]
     pre_accs = dict(zip(config.seeds, run_jobs(pretrain_one, calls, config.jobs)))
     runs = []
     for seed in config.seeds:
-        base = load_checkpoint(out / f"pretrain-s{seed}" / "checkpoint").eval()
+        base = load_checkpoint(pre_dir / f"pretrain-s{seed}" / "checkpoint").eval()
         results["pretrain"][f"s{seed}"] = {"test_acc": pre_accs[seed], "params": base.param_count(),
                                            "modules": len(base.pool),
                                            "routes": {n: base.route(n).indices() for n in base.task_names},
@@ -122,7 +127,7 @@ def run(out_dir: str | Path, config: TransferBenchConfig = TransferBenchConfig()
             data = held_out_task(name, data_dir, config.validation)
             source, scores = select_source(base, data, seed=seed)
             results["sources"][f"{data.name}-s{seed}"] = {"source": source, "scores": scores}
-            runs += [(out, config, seed, name, label, method, source, progress and config.jobs == 1)
+            runs += [(pre_dir, config, seed, name, label, method, source, progress and config.jobs == 1)
                      for label in config.shots for method in config.methods
                      if not results.has(method=method, task=data.name, shots=label, seed=seed)]
     results.save()
@@ -152,11 +157,11 @@ def held_out_task(name: str, data_dir: str | None, validation: float) -> TaskDat
     return split_validation(data, validation) if validation else data
 
 
-def transfer_one(out: Path, config: TransferBenchConfig, seed: int, name: str, label: int | str, method: str,
+def transfer_one(pre_dir: Path, config: TransferBenchConfig, seed: int, name: str, label: int | str, method: str,
                  source: str, progress: bool) -> tuple[Row, dict | None, float]:
-    """One transfer run on a fresh copy of seed `seed`'s pre-trained model: its row, the
-    learned route (route methods) and its training seconds."""
-    base = load_checkpoint(out / f"pretrain-s{seed}" / "checkpoint").eval()
+    """One transfer run on a fresh copy of seed `seed`'s pre-trained model (in `pre_dir`):
+    its row, the learned route (route methods) and its training seconds."""
+    base = load_checkpoint(pre_dir / f"pretrain-s{seed}" / "checkpoint").eval()
     data = held_out_task(name, config.data_dir or None, config.validation)
     task = few_shot(data, None if label == "all" else label, seed=seed)
     cfg = replace(config.transfer, seed=seed)
