@@ -38,3 +38,25 @@ def test_cross_route_and_shuffled_accuracy_leave_every_route_as_it_was(two_tasks
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert net.route(two_tasks[1].name).logits.requires_grad
+
+
+def test_bench_mtl_on_a_validation_split_never_reads_the_test_images(tmp_path):
+    """Hyper-parameters are chosen with `validation`: rows report `val_acc` on held-out
+    training images, and the test images are never run."""
+    from isomod.bench import mtl
+    from isomod.data.tasks import TaskData
+
+    from conftest import glyph_task
+
+    tasks = [glyph_task("digits", 20, 5), glyph_task("hebrew", 20, 5)]
+    # Three-channel test images: running them through the one-channel stem would fail.
+    poisoned = [TaskData(t.spec, t.x_train, t.y_train, t.x_test.repeat(1, 3, 1, 1), t.y_test) for t in tasks]
+    config = mtl.MtlConfig(seeds=[0], methods=["modular", "independent"], validation=0.2,
+                           model=ModelConfig(channels=4, steps=2, stem_stride=4),
+                           train=TrainConfig(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=0, log_every=1))
+    results = mtl.run(tmp_path, config, progress=False, tasks=poisoned)
+    accs = [r for r in results["rows"] if r["metric"] in ("val_acc", "test_acc")]
+    assert accs and all(r["metric"] == "val_acc" for r in accs)
+    assert {r["task"] for r in accs} == {"glyphs/digits", "glyphs/hebrew", "mean"}
+    assert "Validation accuracy (%) on 20% of each task's training images" in (tmp_path / "report.md").read_text()
+    assert {r["metric"] for r in results["rows"]} >= {"loss_fourth_fifth", "loss_last_fifth", "shuffled_acc"}
