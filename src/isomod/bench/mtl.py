@@ -130,7 +130,8 @@ def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = T
     if config.validation:
         tasks = [split_validation(t, config.validation) for t in tasks]
     metric = "val_acc" if config.validation else "test_acc"
-    results = Results(out / "results.json", bench, {**asdict(config), "tasks": [t.name for t in tasks]},
+    results = Results(out / "results.json", bench, {**asdict(config), "tasks": [t.name for t in tasks],
+                                                    "default_regime": DEFAULT_REGIME},
                       environment=job_environment(resolve_device(config.train.device), config.jobs), routes={},
                       train_seconds={})
     calls = [(method, seed, config, tasks, out, metric, progress and config.jobs == 1)
@@ -201,6 +202,20 @@ def convergence_rows(method: str, records: list[dict], seed: int) -> list[Row]:
             Row(method, "mean", "loss_last_fifth", round(fifths[1], 5), {"seed": seed})]
 
 
+def evaluation_table(logs: dict[str, list[dict]]) -> str:
+    """Runs as rows, evaluation steps as columns: mean accuracy over tasks (%)."""
+    evals = {name: {r["step"]: float(np.mean(list(r["test_acc"].values()))) for r in records
+                    if r.get("event") == "eval"} for name, records in logs.items()}
+    evals = {name: e for name, e in evals.items() if e}
+    if not evals:
+        return ""
+    steps = sorted({s for e in evals.values() for s in e})
+    lines = ["| run | " + " | ".join(f"{s:,}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for name, e in evals.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * e[s]:.1f}" if s in e else "" for s in steps) + " |")
+    return "\n".join(lines)
+
+
 def convergence_table(rows: list[dict]) -> str:
     """Per method: the training loss over the fourth and the last fifth of training, each
     seed, and the relative change between them."""
@@ -242,6 +257,12 @@ def write_report(out: Path, results: dict) -> Path:
     if logs:
         plot_curves(logs, out / "curves.png")
         parts += ["## Training curves", "", "![training curves](curves.png)", ""]
+    during = evaluation_table(logs)
+    if during:
+        parts += ["## Accuracy during training", "",
+                  f"Mean {'validation' if metric == 'val_acc' else 'test'} accuracy (%) over tasks at each evaluation "
+                  "of each run (one cosine schedule over the whole budget, so an early figure is not what a run of "
+                  "that length would reach).", "", during, ""]
     converged = convergence_table(rows)
     if converged:
         parts += ["## Has training converged?", "",
