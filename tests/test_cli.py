@@ -131,7 +131,7 @@ def test_help_documents_every_option_with_the_command_s_defaults(capsys):
         main(["bench", "mtl", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--model-num-modules INT pool size `N`. (default 16)" in text
-    assert "--steps INT optimiser steps. (default 2000)" in text
+    assert "--steps INT optimiser steps. (default 10000)" in text
     with pytest.raises(SystemExit):
         main(["bench", "continual", "--help"])
     text = " ".join(capsys.readouterr().out.split())
