@@ -179,6 +179,23 @@ def test_head_only_keeps_the_source_norm_statistics(pretrained, digit_tasks):
     assert result.model.route("uci-digits").indices() == pretrained.route("mnist").indices()
 
 
+@pytest.mark.parametrize("method", ["route_head", "head_only", "fit_route"])
+def test_a_transfer_run_depends_on_its_seed_not_on_what_ran_before(pretrained, digit_tasks, method):
+    """A new head's initial weights come from the run's seed: two runs with the same seed
+    end with the same weights whatever the global random state was before each."""
+    cfg = TrainConfig(steps=5, batch_size=32, warmup_steps=1, checkpoint_every=0, seed=3)
+    heads = []
+    for state in (1, 2):
+        model = mnist_only(pretrained)
+        torch.manual_seed(state)
+        if method == "fit_route":
+            fit_route(model, digit_tasks[1], cfg, init_from="mnist", progress=False)
+        else:
+            transfer(model, digit_tasks[1], method, cfg, source="mnist", progress=False)
+        heads.append(model.branch("uci-digits").head.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+
+
 @pytest.fixture(scope="module")
 def soft_pretrained(digit_tasks):
     """A model of the template regime: soft route, norms' affine parameters in the modules."""

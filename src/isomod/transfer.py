@@ -99,6 +99,7 @@ def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_
             route its own starts biased towards (see `prepare_route`).
         progress: show a progress bar.
     """
+    torch.manual_seed(config.seed)  # the new head's initial weights follow the seed, not what ran before
     prepare_route(model, task, init_from)
     return Trainer(model, {task.name: task}, config, out_dir=out_dir, progress=progress, train_tasks=[task.name],
                    params=model.param_groups([task.name])).fit()
@@ -197,6 +198,7 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
     if source is None:
         source = select_source(model, task, seed=config.seed)[0]
     model.check_task(source)
+    torch.manual_seed(config.seed)  # new heads (and a scratch network) follow the seed, not what ran before
     fixed_stats = []
     if method in ROUTE_METHODS:
         target = model
@@ -205,7 +207,6 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
         if method == "route_head":
             del params["norms"]
     elif method == "scratch":
-        torch.manual_seed(config.seed)
         shape = replace(model.config, num_modules=len(model.pool))
         target = ModularNet(shape, [task.spec])
         params = target.param_groups()
