@@ -16,8 +16,9 @@ from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError
 from isomod.network import ModelConfig, ModularNet, TaskSpec
 from isomod.train import TrainConfig, Trainer, evaluate
-from isomod.adapt import (ADAPT_METHODS, MIN_TARGET_IMAGES, add_as_copy, adapt, estimate_norm_stats,
-                        stats_distance)
+from isomod.adapt import (ADAPT_METHODS, ALIGN_ROUTE_METHODS, MIN_TARGET_IMAGES, WITH_SOURCES, add_as_copy, adapt,
+                          estimate_norm_stats, setting, stats_distance)
+from isomod.data import mnistc
 
 SMALL = ModelConfig(in_channels=3, channels=8, num_modules=3, steps=3, route_init="permutation")
 QUICK_ADAPT = TrainConfig(steps=12, batch_size=32, lr=1e-3, lr_routes=5e-2, warmup_steps=2, augment=False,
@@ -100,8 +101,13 @@ def test_estimate_norm_stats_is_the_target_mean(sources_model, domains):
     assert stats_distance(model, target.name, "digits5/mnist") > 0.0
 
 
+def source_data(domains) -> dict[str, TaskData]:
+    return {d.name: d for d in (domains["mnist"], domains["synth"])}
+
+
 @pytest.mark.parametrize("method", ADAPT_METHODS)
 def test_adaptation_never_reads_target_labels_and_changes_nothing_shared(sources_model, domains, method):
+    # Except m3sda and dann, which train the whole network on the sources' labels.
     target = domains["uci"]
     g = torch.Generator().manual_seed(1)
     shuffled = TaskData(target.spec, target.x_train, target.y_train[torch.randperm(len(target.y_train), generator=g)],
@@ -110,13 +116,68 @@ def test_adaptation_never_reads_target_labels_and_changes_nothing_shared(sources
     for data in (target, shuffled):
         model = copy.deepcopy(sources_model)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        res = adapt(model, data, method, QUICK_ADAPT, progress=False)
+        res = adapt(model, data, method, QUICK_ADAPT, progress=False, sources=source_data(domains))
         after = model.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before), "a shared or source parameter changed"
-        assert model.route(target.name).is_discrete and res.source in sources_model.task_names
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        assert unchanged == (method not in ("m3sda", "dann")), "a shared or source parameter changed (or did not)"
+        assert model.route(target.name).is_discrete == (method not in ALIGN_ROUTE_METHODS)
+        assert res.source in sources_model.task_names and res.setting == setting(method)
+        assert not any(p.requires_grad for p in model.parameters())
         states.append(after)
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_alignment_with_sources_lowers_its_loss_and_changes_only_the_route_and_statistics(sources_model, domains):
+    target = domains["uci"]
+    config = replace(QUICK_ADAPT, steps=60, batch_size=64, log_every=5)
+    for method in ("route_moment", "m3sda"):
+        model = copy.deepcopy(sources_model)
+        res = adapt(model, target, method, config, progress=False, sources=source_data(domains))
+        align = [h["align"] for h in res.history]
+        # The route alone moves a few module weights (measured: 1.90 -> 1.84); the whole network far more.
+        drop = 0.98 if method == "route_moment" else 0.8
+        assert len(align) == 12 and np.mean(align[-3:]) < drop * np.mean(align[:3]), (method, align)
+        if method == "m3sda":
+            assert all("ce" in h for h in res.history)
+            assert res.params_task > model.param_count() // 2  # the whole network moved
+    for method in ALIGN_ROUTE_METHODS:
+        model = copy.deepcopy(sources_model)
+        res = adapt(model, target, method, config, progress=False, sources=source_data(domains))
+        route, norms = model.route(target.name), model.branch(target.name).norms
+        stats = sum(b.numel() for n, b in norms.named_buffers() if "running" in n)
+        # Logits, statistics and the route's temperature (the source's annealed one, back to 1); nothing else.
+        assert res.params_task == route.logits.numel() + stats + 1
+        assert res.params_task < 0.1 * model.param_count()
+        assert np.allclose(np.asarray(res.soft_route).sum(1), 1.0) and len(res.soft_route) == route.steps
+        if method == "route_adversarial":
+            assert all(0.0 <= h["domain_acc"] <= 1.0 for h in res.history)
+
+
+def test_adaptation_with_sources_needs_their_data(sources_model, domains):
+    model = copy.deepcopy(sources_model)
+    for method in WITH_SOURCES:
+        with pytest.raises(IsomodError, match="labelled source domains; their data is missing for digits5/synth"):
+            adapt(model, domains["uci"], method, QUICK_ADAPT, progress=False, sources={"digits5/mnist": domains["mnist"]})
+    assert model.task_names == sources_model.task_names
+
+
+@pytest.mark.parametrize("corruption", mnistc.CORRUPTIONS)
+def test_mnistc_domains_corrupt_digits5_mnist_deterministically(corruption):
+    clean = digits5.generate("mnist")
+    arrays = mnistc.generate(corruption)
+    for split in ("train", "test"):
+        x = arrays[f"x_{split}"]
+        assert x.dtype == np.uint8 and x.shape == clean[f"x_{split}"].shape
+        assert np.array_equal(arrays[f"y_{split}"], clean[f"y_{split}"])  # same labels, same split
+        differs = (x != clean[f"x_{split}"]).reshape(len(x), -1).any(1)
+        assert differs.mean() > 0.95, f"{corruption}: {differs.mean():.2f} of the images changed"
+    x = torch.from_numpy(clean["x_test"][:50, 0]).float() / 255
+    a = mnistc.corrupt(corruption, x, torch.Generator().manual_seed(5))
+    b = mnistc.corrupt(corruption, x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    task = load_task(f"mnistc/{corruption}")
+    assert task.spec.label_space == "digits5" and task.spec.input_shape == (3, 32, 32)
 
 
 def test_adaptation_is_above_chance_and_adabn_helps_on_a_shifted_domain(sources_model, domains):
@@ -166,19 +227,27 @@ def test_route_only_training_stops_once_routes_are_discrete(domains):
 @pytest.mark.slow
 def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", "adapt", "--out", str(out), "--targets", "digits5/uci", "--seeds", "0", "--model-channels", "8",
+    argv = ["bench", "adapt", "--out", str(out), "--targets", "digits5/uci", "mnistc/rotate", "--seeds", "0",
+            "--model-channels", "8",
             "--model-num-modules", "3", "--model-steps", "3", "--source-steps", "10", "--source-batch-size", "32",
             "--steps", "6", "--batch-size", "32", "--no-progress"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    methods = {r["method"] for r in results["rows"]}
-    assert methods == {"source_only_each", "source_only_best", "adabn", "tent", "route_select", "route_entropy",
-                       "route_im"}
-    assert all(r["task"] == "digits5/uci" and r["metric"] == "test_acc" for r in results["rows"])
-    assert sum(r["method"] == "source_only_each" for r in results["rows"]) == 4
+    rows = results["rows"]
+    expected = {"source_only_each", "adabn_each", "source_only_best"} | set(ADAPT_METHODS) - {"source_only"}
+    assert {r["method"] for r in rows} == expected
+    assert {r["task"] for r in rows} == {"digits5/uci", "mnistc/rotate"} and all(r["metric"] == "test_acc" for r in rows)
+    assert {r["setting"] for r in rows if r["method"] in WITH_SOURCES} == {"with_sources"}
+    assert {r["setting"] for r in rows if r["method"] not in WITH_SOURCES} == {"source_free"}
+    each = [r for r in rows if r["method"] == "source_only_each"]
+    assert len(each) == 4 + 5  # uci leaves itself out; the corruption adapts from all five domains
+    assert all("acc_discretized" in r for r in rows if r["method"] in ALIGN_ROUTE_METHODS)
+    assert sorted(p.name for p in out.glob("sources-*")) == ["sources-all-s0", "sources-uci-s0"]
     for png in ("accuracy.png", "routes.png", "samples.png"):
         assert (out / png).stat().st_size > 0
-    assert "best route method" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "source-free: best route method" in text and "with sources: best route method" in text
+    assert "### MNIST-C style targets" in text
     n = len(results["rows"])
     assert main(argv) == 0  # a second run resumes: nothing new
     assert len(json.loads((out / "results.json").read_text())["rows"]) == n
@@ -190,6 +259,11 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     assert "digits5/uci: route_im started from" in printed and "test acc" in printed
     adapted = load_checkpoint(tmp_path / "a" / "checkpoint")
     assert "digits5/uci" in adapted.task_names and adapted.route("digits5/uci").is_discrete
+    assert main(["adapt", "--from", str(ck), "--target", "digits5/uci", "--out", str(tmp_path / "m"), "--steps", "4",
+                 "--batch-size", "32", "--method", "route_moment", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "route_moment started from" in printed and "pool, stem, head and sources are unchanged" in printed
+    assert not load_checkpoint(tmp_path / "m" / "checkpoint").route("digits5/uci").is_discrete
     assert main(["adapt", "--from", str(ck), "--target", "digits5/mnist", "--out", str(tmp_path / "b"),
                  "--no-progress"]) == 2
     assert "already a domain of this model" in capsys.readouterr().err

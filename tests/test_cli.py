@@ -56,7 +56,7 @@ def test_config_file_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--tasks", "glyphs/klingon", "--out", "x"], "unknown task 'glyphs/klingon'; known suites: glyphs, digits, digits5; known tasks:"),
+    (["train", "--tasks", "glyphs/klingon", "--out", "x"], "unknown task 'glyphs/klingon'; known suites: glyphs, digits, digits5, mnistc; known tasks:"),
     (["report", "."], "results.json not found: run a benchmark with --out . first"),
     (["eval", "--from", "does-not-exist"], "does-not-exist: not a checkpoint folder"),
     (["train", "--tasks", "mnist", "--out", "x", "--schedule", "wavy"], "unknown schedule 'wavy'"),

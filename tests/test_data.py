@@ -57,7 +57,7 @@ def test_real_digit_tasks_have_fixed_disjoint_splits():
 
 
 def test_unknown_task_and_suite_names():
-    with pytest.raises(IsomodError, match=r"unknown task 'glyphs/klingon'; known suites: glyphs, digits, digits5; known tasks: glyphs/latin_upper"):
+    with pytest.raises(IsomodError, match=r"unknown task 'glyphs/klingon'; known suites: glyphs, digits, digits5, mnistc; known tasks: glyphs/latin_upper"):
         load_task("glyphs/klingon")
     with pytest.raises(IsomodError, match=r"unknown suite 'nope'; known suites: glyphs, digits"):
         load_suite("nope")

@@ -147,7 +147,7 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from isomod.adapt import adapt
+    from isomod.adapt import adapt, setting
     from isomod.checkpoint import load_checkpoint, save_checkpoint
     from isomod.data.tasks import load_task
     from isomod.train import check_out_dir, evaluate
@@ -157,7 +157,12 @@ def cmd_adapt(args) -> int:
     model = load_checkpoint(args.from_)
     model.require_routes(f"{args.from_}: domain adaptation")
     target = load_task(args.target, data_dir=args.data_dir)
-    res = adapt(model, target, args.method, train_cfg, out_dir=args.out, progress=not args.no_progress)
+    sources = None
+    if setting(args.method) == "with_sources":  # the model's domains of the target's label space, by name
+        names = [n for n, s in model.specs.items() if target.spec.label_space and s.label_space == target.spec.label_space]
+        sources = {n: load_task(n, data_dir=args.data_dir) for n in names}
+    res = adapt(model, target, args.method, train_cfg, out_dir=args.out, progress=not args.no_progress,
+                sources=sources)
     out = save_checkpoint(model, Path(args.out) / "checkpoint", extra={"adapted": target.name, "method": args.method})
     acc = evaluate(model, {target.name: target})[target.name]  # the target's labels are read here, and only here
     scores = ", ".join(f"{n} {v:.3f}" for n, v in res.scores.items())
@@ -166,8 +171,12 @@ def cmd_adapt(args) -> int:
     if res.kept is not None:
         print("the learned route scored better than its start and was kept" if res.kept else
               f"the learned route scored worse than its start ({res.source}'s route), which was restored")
-    print(f"the target changed {res.params_task:,} numbers; pool, stem, head and sources are unchanged; "
-          f"checkpoint: {out}")
+    if args.method in ("m3sda", "dann"):
+        print(f"the adaptation changed {res.params_task:,} numbers (the whole network, trained on the sources' labels "
+              f"too); checkpoint: {out}")
+    else:
+        print(f"the target changed {res.params_task:,} numbers; pool, stem, head and sources are unchanged; "
+              f"checkpoint: {out}")
     return 0
 
 
@@ -316,8 +325,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="the new domain, e.g. digits5/mnistm; its labels are read only to "
                    "report the final test accuracy")
     p.add_argument("--method", default="route_select", choices=ADAPT_METHODS,
-                   help="route_select (default), route_im and route_entropy change the route and norm statistics; "
-                        "source_only, adabn and tent are the baselines of `bench adapt` (where tent scored best)")
+                   help="source-free (target images only): route_select (default), route_im and route_entropy "
+                        "change the route and norm statistics; source_only, adabn and tent are their baselines. With "
+                        "the sources' labelled images (loaded by the model's domain names): route_moment and "
+                        "route_adversarial train the target's route alone to align its features with the sources'; "
+                        "m3sda and dann are their full-network baselines")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_adapt)
 

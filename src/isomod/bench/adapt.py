@@ -1,13 +1,21 @@
 """`isomod bench adapt`: unsupervised multi-source domain adaptation on `digits5`,
-leave one domain out.
+leave one domain out, and on MNIST-C style corruptions of `digits5/mnist`.
 
-For every target domain and seed, a ModularNet is trained on the four other domains (one
-route and set of step norms per domain; shared stem, pool and head). The target's
-training images, without labels, are then given to every method of `isomod.adapt`; its
-test images and labels score the result. Besides those methods, `source_only_each`
-rows hold every source route as it is (rows carry `source`).
+For every target domain and seed, a ModularNet is trained on the other domains (one
+route and set of step norms per domain; shared stem, pool and head): for a `digits5`
+target the four other domains, for an `mnistc` target all five (one model per seed
+serves every corruption). The target's training images, without labels, are then given
+to every method of `isomod.adapt`, in both settings (`setting`: `source_free`, or
+`with_sources`, where the methods also see the sources' labelled training images); its
+test images and labels score the result. Besides those methods, analysis rows that read
+target labels and adapt nothing: `source_only_each` holds every source route as it is,
+`adabn_each` every source route with statistics re-estimated on the target (its best is
+the best source route in hindsight); both carry `source`. The route alignment methods'
+rows also carry `acc_discretized`: the accuracy of their soft route's argmax (statistics
+re-estimated), the cost of discretising.
 
-The source model of each (target, seed) is kept in `OUT/sources-{target}-s{seed}` and
+The source model of each (target, seed) is kept in `OUT/sources-{left out}-s{seed}`
+(`all` for the corruptions) and
 reused when the command runs again; rows already in `results.json` (same configuration)
 are skipped, so a stopped benchmark resumes.
 """
@@ -22,16 +30,20 @@ from pathlib import Path
 import numpy as np
 
 from isomod import report
-from isomod.data import digits5
+from isomod.data import digits5, mnistc
 from isomod.bench import train_modular
 from isomod.bench.base import Bench, Results, check_seeds, environment, register
 from isomod.data.tasks import load_task
 from isomod.network import ModelConfig
 from isomod.errors import check_choices, check_out_dir
 from isomod.train import TrainConfig, evaluate, resolve_device
-from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN, ROUTE_METHODS, adapt, add_as_copy
+from isomod.adapt import (ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, WITH_SOURCES, adapt,
+                          add_as_copy, estimate_norm_stats, setting)
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
+CORRUPTED = [f"mnistc/{c}" for c in mnistc.CORRUPTIONS]
+DEFAULT_CORRUPTIONS = ("shot_noise", "shear", "scale")  # the corruptions the authors adapted to
+ANALYSIS = ("source_only_each", "adabn_each")  # rows that read target labels to analyse, one per source route
 # `permutation` starts every source domain on its own order of the shared modules, so
 # the sources end with different routes and choosing among them matters.
 ROW_NAME = {"source_only": "source_only_best"}
@@ -43,35 +55,50 @@ class AdaptBenchConfig:
     to it with every method.
 
     Args:
-        targets: the domains adapted to, each in turn (the others are its sources).
-        methods: a subset of the adaptation methods (`isomod adapt --help`).
+        targets: the domains adapted to, each in turn: a domain of `domains` (the others
+            are its sources) or a corruption `mnistc/*` (all of `domains` are sources);
+            by default every domain and the three corruptions the authors adapted to.
+        methods: a subset of the adaptation methods (`isomod adapt --help`), of either
+            setting.
         seeds: one source model and one set of adaptations per seed and target.
-        domains: all domains of the benchmark.
+        domains: the source domains of the benchmark.
         model: the multi-source model's shape. `permutation` starts every source domain
             on its own order of the shared modules, so the sources end with different
-            routes and choosing among them matters.
+            routes and choosing among them matters. The stem cuts the 32x32 images into
+            4x4 patches (8x8 feature maps): a quarter of the compute of a stride-2 stem,
+            which a bench of 3 seeds and 8 targets on 2 CPU cores needs.
         source: the supervised multi-source training budget.
         adapt: the budget of every adaptation method that trains.
     """
 
-    targets: list[str] = field(default_factory=lambda: list(DOMAINS))
+    targets: list[str] = field(default_factory=lambda: DOMAINS + [f"mnistc/{c}" for c in DEFAULT_CORRUPTIONS])
     methods: list[str] = field(default_factory=lambda: list(ADAPT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
-        in_channels=3, channels=32, num_modules=8, steps=8, route_init="permutation"))
+        in_channels=3, channels=32, num_modules=8, steps=8, stem_stride=4, route_init="permutation"))
     source: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=800, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=400, log_every=25))
     adapt: TrainConfig = field(default_factory=lambda: replace(ADAPT_TRAIN, steps=200))
 
     def __post_init__(self):
         check_choices("adaptation method", self.methods, ADAPT_METHODS)
-        check_choices("target", self.targets, self.domains)
+        check_choices("target", self.targets, self.domains + CORRUPTED)
         check_seeds(self.seeds)
 
 
 def short(task: str) -> str:
     return task.rsplit("/", 1)[-1]
+
+
+def left_out(target: str, domains: list[str]) -> str:
+    """Name of the source model a target adapts from: the domain it leaves out, or `all`."""
+    return short(target) if target in domains else "all"
+
+
+def group(task: str) -> str:
+    """`digits5` or `mnistc`: the family a target belongs to (results are averaged per family)."""
+    return task.split("/", 1)[0]
 
 
 def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), progress: bool = True) -> dict:
@@ -82,29 +109,33 @@ def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), prog
     check_out_dir(out)
     results = Results(out / "results.json", "adapt", asdict(config), resume=True, source_models={}, routes={},
                       seconds={}, environment=environment(resolve_device(config.source.device)))
-    data = {d: load_task(d) for d in config.domains}
+    data = {d: load_task(d) for d in dict.fromkeys(config.domains + config.targets)}
     for seed in config.seeds:
         for target in config.targets:
             sources = [d for d in config.domains if d != target]
+            model_key = f"{left_out(target, config.domains)}-s{seed}"
             key = f"{short(target)}-s{seed}"
             if progress:
                 print(f"== sources {', '.join(map(short, sources))} -> target {short(target)} (seed {seed})", flush=True)
             t0 = time.time()
-            base, accs = train_modular(out / f"sources-{key}", [data[s] for s in sources], config.model,
+            base, accs = train_modular(out / f"sources-{model_key}", [data[s] for s in sources], config.model,
                                        config.source, seed, progress)
             base.eval()
             routes = results["routes"].setdefault(key, {})
             routes["sources"] = {s: base.route(s).indices() for s in sources}
             # The first run's training time stays: a rerun only reloads the checkpoint.
-            results["source_models"].setdefault(key, {"test_acc": accs, "seconds": round(time.time() - t0, 1)})
+            results["source_models"].setdefault(model_key, {"test_acc": accs, "seconds": round(time.time() - t0, 1)})
             tgt = data[target]
             for s in sources:
-                if results.has(method="source_only_each", task=target, seed=seed, source=s):
-                    continue
-                model = copy.deepcopy(base)
-                add_as_copy(model, tgt.spec, s)
-                acc = evaluate(model, {target: tgt})[target]
-                results.add(_row("source_only_each", target, acc, model.param_count(), 0, seed, source=s))
+                for name in ANALYSIS:
+                    if results.has(method=name, task=target, seed=seed, source=s):
+                        continue
+                    model = copy.deepcopy(base)
+                    add_as_copy(model, tgt.spec, s)
+                    if name == "adabn_each":
+                        estimate_norm_stats(model, target, tgt.x_train)
+                    acc = evaluate(model, {target: tgt})[target]
+                    results.add(_row(name, target, acc, model.param_count(), 0, seed, source=s))
             for method in config.methods:
                 name = ROW_NAME.get(method, method)
                 if results.has(method=name, task=target, seed=seed, source=None):
@@ -113,11 +144,21 @@ def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), prog
                     print(f"== {name} -> {short(target)} (seed {seed})", flush=True)
                 t0 = time.time()
                 model = copy.deepcopy(base)
-                res = adapt(model, tgt, method, replace(config.adapt, seed=seed), progress=progress)
+                res = adapt(model, tgt, method, replace(config.adapt, seed=seed), progress=progress,
+                            sources={s: data[s] for s in sources})
                 acc = evaluate(model, {target: tgt})[target]  # the only place target labels are read
                 results["seconds"][f"{name}/{key}"] = round(time.time() - t0, 1)
+                extra = {}
+                if method in ALIGN_ROUTE_METHODS:  # what discretising the soft route would cost
+                    hard = copy.deepcopy(model)
+                    hard.discretize(target)
+                    estimate_norm_stats(hard, target, tgt.x_train)
+                    extra["acc_discretized"] = round(evaluate(hard, {target: tgt})[target], 5)
+                    routes[name] = {"discrete": hard.route(target).indices(), "soft": res.soft_route}
+                if res.history:
+                    extra["align_first"], extra["align_last"] = res.history[0]["align"], res.history[-1]["align"]
                 results.add(_row(name, target, acc, model.param_count(), res.params_task, seed,
-                                 chosen=res.source, score=res.score, scores=res.scores))
+                                 chosen=res.source, score=res.score, scores=res.scores, **extra))
                 if method in ROUTE_METHODS:
                     routes[name] = {"discrete": model.route(target).indices(), "soft_at_discretize": res.soft_route,
                                     "kept": res.kept}
@@ -129,54 +170,114 @@ def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), prog
 
 
 def _row(method: str, task: str, acc: float, params_total: int, params_task: int, seed: int, **extra) -> dict:
-    return {"method": method, "task": task, "metric": "test_acc", "value": round(acc, 5),
+    # The analysis rows (one fixed source route, with or without target statistics) and
+    # `source_only_best` read the target's images at most: source-free.
+    mode = setting(method) if method in ADAPT_METHODS else "source_free"
+    return {"method": method, "task": task, "metric": "test_acc", "value": round(acc, 5), "setting": mode,
             "params_total": params_total, "params_task": params_task, "seed": seed, **extra}
 
 
-def means(results: dict) -> dict[str, float]:
+FAMILIES = {"digits5": "digits5 targets (leave one domain out)", "mnistc": "MNIST-C style targets (sources: all five "
+             "digits5 domains)"}
+
+
+def hindsight_rows(rows: list[dict]) -> list[dict]:
+    """Rows of `best_source_hindsight`: per target and seed, the best `adabn_each` route
+    (chosen with the target's labels: an upper bound for choosing one source route)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if r["method"] == "adabn_each":
+            k = (r["task"], r["seed"])
+            if k not in best or r["value"] > best[k]["value"]:
+                best[k] = {**r, "method": "best_source_hindsight"}
+    return list(best.values())
+
+
+def family_rows(results: dict, family: str) -> list[dict]:
+    """The family's method rows, plus `best_source_hindsight`; the per-source rows left out."""
+    rows = [r for r in results["rows"] if group(r["task"]) == family]
+    return [r for r in rows if r["method"] not in ANALYSIS] + hindsight_rows(rows)
+
+
+def means(rows: list[dict]) -> dict[str, float]:
     """Mean test accuracy over targets (each the mean over seeds) per method."""
-    table = report.mean_table(results["rows"])
+    table = report.mean_table(rows)
     return {m: per["mean"] for m, per in table.items()}
 
 
-def findings(results: dict) -> list[str]:
-    """The best route method against source-only, TENT and AdaBN, on the mean over targets."""
-    s = means(results)
-    route = {m: v for m, v in s.items() if m.startswith("route_")}
-    if not route or "source_only_best" not in s:
-        return []
-    best = max(route, key=route.get)
-    r = route[best]
-    lines = [f"- best route method: {best}, mean {100 * r:.1f}"]
-    for m in ("source_only_best", "tent", "adabn"):
-        if m in s:
-            lines.append(f"- vs {m} {100 * s[m]:.1f}: {100 * (r - s[m]):+.1f} points")
+def findings(rows: list[dict]) -> list[str]:
+    """Per setting, the best route method against the baselines, on the mean over targets."""
+    s = means(rows)
+    lines = []
+    for title, candidates, refs in (
+            ("source-free", ("route_select", "route_entropy", "route_im"), ("source_only_best", "adabn", "tent")),
+            ("with sources", ALIGN_ROUTE_METHODS, ("adabn", "tent", "m3sda", "dann"))):
+        route = {m: s[m] for m in candidates if m in s}
+        if not route:
+            continue
+        best = max(route, key=route.get)
+        r = route[best]
+        changed = [x for x in rows if x["method"] == best]
+        share = 100 * np.mean([x["params_task"] / x["params_total"] for x in changed])
+        lines.append(f"- {title}: best route method {best}, mean {100 * r:.1f} (changes {share:.2f}% of the "
+                     "model's numbers)")
+        lines += [f"  - vs {m} {100 * s[m]:.1f}: {100 * (r - s[m]):+.1f} points" for m in refs if m in s]
+    if "best_source_hindsight" in s:
+        lines.append(f"- the best single source route with target statistics, chosen with target labels: "
+                     f"{100 * s['best_source_hindsight']:.1f}")
     return lines
 
 
+def start_gains(rows: list[dict]) -> dict[str, float]:
+    """Per method with sources, the mean change (points) against its own start: the
+    chosen source's route with statistics re-estimated on the target (`adabn_each`)."""
+    start = {(r["task"], r["seed"], r["source"]): r["value"] for r in rows if r["method"] == "adabn_each"}
+    gains: dict[str, list[float]] = {}
+    for r in rows:
+        key = (r["task"], r["seed"], r.get("chosen"))
+        if r["method"] in WITH_SOURCES and key in start:
+            gains.setdefault(r["method"], []).append(100 * (r["value"] - start[key]))
+    return {m: float(np.mean(v)) for m, v in gains.items()}
+
+
 def summary(results: dict) -> str:
-    return "\n".join([report.markdown_results(results["rows"]), *findings(results)])
+    parts = []
+    for family, title in FAMILIES.items():
+        rows = family_rows(results, family)
+        if rows:
+            parts += [f"### {title}", "", report.markdown_results(rows), "", *findings(rows)]
+            gains = start_gains([r for r in results["rows"] if group(r["task"]) == family])
+            if gains:
+                parts.append("- with sources, against each run's start (the nearest source's route with target "
+                             "statistics): " + ", ".join(f"{m} {v:+.1f}" for m, v in gains.items()) + " points")
+            parts.append("")
+    return "\n".join(parts).rstrip()
 
 
 def per_source_table(results: dict) -> str:
-    """Target x source route accuracy (mean over seeds), with what each method chose."""
+    """Target x source route accuracy (mean over seeds) as trained / with target
+    statistics, with what each method chose."""
     rows = results["rows"]
     targets = list(dict.fromkeys(r["task"] for r in rows))
-    used = {r["source"] for r in rows if r["method"] == "source_only_each"}
+    used = {r["source"] for r in rows if r["method"] in ANALYSIS}
     sources = [d for d in results["config"]["domains"] if d in used]
     lines = ["| target | " + " | ".join(short(s) for s in sources) + " | chosen by IM (source_only) | chosen by "
-             "statistics (route_select) |", "|---|" + "---:|" * len(sources) + "---|---|"]
+             "statistics (route_select) | chosen by feature gap (with sources) |",
+             "|---|" + "---:|" * len(sources) + "---|---|---|"]
     for t in targets:
         cells = []
         for s in sources:
-            v = [r["value"] for r in rows if r["method"] == "source_only_each" and r["task"] == t and r["source"] == s]
-            cells.append(f"{100 * np.mean(v):.1f}" if v else "-")
+            vals = []
+            for m in ANALYSIS:
+                v = [r["value"] for r in rows if r["method"] == m and r["task"] == t and r["source"] == s]
+                vals.append(f"{100 * np.mean(v):.1f}" if v else "-")
+            cells.append(" / ".join(vals))
         chosen = []
-        for m in ("source_only_best", "route_select"):
+        for m in ("source_only_best", "route_select", "route_moment"):
             picks = [short(r["chosen"]) for r in sorted((r for r in rows if r["method"] == m and r["task"] == t),
                                                         key=lambda r: r["seed"])]
             chosen.append(" / ".join(picks) or "-")
-        lines.append(f"| {short(t)} | " + " | ".join(cells) + f" | {chosen[0]} | {chosen[1]} |")
+        lines.append(f"| {short(t)} | " + " | ".join(cells + chosen) + " |")
     return "\n".join(lines)
 
 
@@ -185,17 +286,16 @@ def write_report(out: Path, results: dict) -> Path:
     cfg = results["config"]
     rows = results["rows"]
     parts = ["# isomod bench adapt", "",
-             "Unsupervised multi-source domain adaptation on `digits5`, leave one domain out: a modular network "
-             f"({cfg['model']['num_modules']} modules, {cfg['model']['steps']} steps, {cfg['model']['channels']} "
-             f"channels) is trained on the four other domains ({cfg['source']['steps']} steps), then each method "
-             f"adapts it to the target from the target's unlabelled training images ({cfg['adapt']['steps']} steps "
-             "for the methods that train). Pool, stem and the shared head never change. Test accuracy (%) on the "
-             f"target's test images, mean over seeds {cfg['seeds']}; `source_only_each` is the mean over the four "
-             "source routes; params per task = numbers the target changed (route logits, norm parameters, norm "
-             "statistics).", "", report.markdown_results(rows), ""]
-    lines = findings(results)
-    if lines:
-        parts += ["Mean over targets:", "", *lines, ""]
+             "Unsupervised multi-source domain adaptation on `digits5`, leave one domain out, and on MNIST-C style "
+             f"corruptions of `digits5/mnist`: a modular network ({cfg['model']['num_modules']} modules, "
+             f"{cfg['model']['steps']} steps, {cfg['model']['channels']} channels) is trained on the source domains "
+             f"({cfg['source']['steps']} steps), then each method adapts it to the target from the target's "
+             f"unlabelled training images ({cfg['adapt']['steps']} steps for the methods that train); the "
+             "`with_sources` methods also see the sources' labelled training images. Only `m3sda` and `dann` change "
+             "pool, stem, head and sources. Test accuracy (%) on the target's test images, mean over seeds "
+             f"{cfg['seeds']}; `best_source_hindsight`: the best source route with statistics re-estimated on the "
+             "target, chosen with the target's labels (analysis only); params per task = numbers the adaptation "
+             "changed.", "", summary(results), ""]
     kept = {m: [r[m]["kept"] for r in results.get("routes", {}).values() if r.get(m, {}).get("kept") is not None]
             for m in ("route_entropy", "route_im")}
     kept = {m: v for m, v in kept.items() if v}
@@ -203,8 +303,9 @@ def write_report(out: Path, results: dict) -> Path:
         parts += ["Learned routes kept (their IM score beat the starting source route's; otherwise it was restored): "
                   + ", ".join(f"{m} {sum(v)} of {len(v)}" for m, v in kept.items()) + ".", ""]
     parts += ["## Each source route on each target", "",
-              "Accuracy of every source route, as trained, on each target (mean over seeds), and the source each "
-              "unsupervised choice picked (per seed).", "", per_source_table(results), ""]
+              "Accuracy of every source route on each target (mean over seeds), as trained / with statistics "
+              "re-estimated on the target images, and the source each unsupervised choice picked (per seed).", "",
+              per_source_table(results), ""]
     if rows:
         report.plot_task_accuracy(rows, out / "accuracy.png")
         parts += ["![accuracy per target](accuracy.png)", ""]
@@ -218,22 +319,26 @@ def write_report(out: Path, results: dict) -> Path:
         for s, route in r.get("sources", {}).items():
             label = f"{target}: source {short(s)}"
             panels[label], chosen[label] = np.eye(n)[route], route
-        learned = r.get("route_im") or next((r[m] for m in r if m.startswith("route_")), None)
-        if learned:
-            label = f"{target}: target, " + ("learned route kept" if learned.get("kept", True) else "learned route undone")
-            panels[label] = np.asarray(learned["soft_at_discretize"] or np.eye(n)[learned["discrete"]])
+        for m in ("route_im", *ALIGN_ROUTE_METHODS):
+            learned = r.get(m)
+            if not learned:
+                continue
+            label = f"{target}: {m}" + ("" if learned.get("kept", True) else ", undone")
+            panels[label] = np.asarray(learned.get("soft") or learned.get("soft_at_discretize")
+                                       or np.eye(n)[learned["discrete"]])
             chosen[label] = learned["discrete"]
     if panels:
-        report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=5,
-                          title="per target: the four source routes and the target's route_im route (soft weights "
-                                "before discretising; dots: the final route, the starting one when undone)")
+        report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=len(cfg["domains"]) + 2,
+                          title="per target: the source routes, then the target's learned routes (soft weights: "
+                                "route_im's before discretising, the aligned ones as kept; dots: the argmax, "
+                                "route_im's start when undone)")
         parts += ["## Routes", "", f"Seed {first}.", "", "![routes](routes.png)", ""]
-    plot_samples({short(d): digits5.generate(short(d))["x_test"][:12] for d in cfg["domains"]},
-                        out / "samples.png")
-    parts += ["## digits5 samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
+    shown = list(dict.fromkeys(cfg["domains"] + cfg["targets"]))
+    plot_samples({short(d): load_task(d).x_test[:12].numpy() for d in shown}, out / "samples.png")
+    parts += ["## Samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
     models = results.get("source_models", {})
     if models:
-        parts += ["## Source models", "", "| target left out, seed | source test accuracy | seconds |", "|---|---|---:|"]
+        parts += ["## Source models", "", "| domain left out, seed | source test accuracy | seconds |", "|---|---|---:|"]
         parts += [f"| {k} | " + ", ".join(f"{short(t)} {100 * a:.1f}" for t, a in v["test_acc"].items())
                   + f" | {v['seconds']} |" for k, v in models.items()]
         parts.append("")
@@ -258,6 +363,7 @@ def plot_samples(images: dict[str, np.ndarray], path: Path, title: str = "sample
     return report.save_figure(fig, path, tight=False)
 
 
-register(Bench("adapt", "unsupervised multi-source domain adaptation on digits5, leave one domain out: route "
-               "methods vs source-only, AdaBN and TENT", AdaptBenchConfig, run, write_report, summary,
+register(Bench("adapt", "unsupervised multi-source domain adaptation on digits5 (leave one domain out) and MNIST-C "
+               "style targets: route methods vs source-only, AdaBN and TENT (source-free), and vs M3SDA and DANN "
+               "(with sources)", AdaptBenchConfig, run, write_report, summary,
                unprefixed="adapt"))

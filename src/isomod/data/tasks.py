@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isomod.data import digits5, glyphs, shipped
+from isomod.data import digits5, glyphs, mnistc, shipped
 from isomod.errors import IsomodError
 from isomod.spec import TaskSpec
 
@@ -227,10 +227,20 @@ def digits5_task(domain: str) -> TaskData:
     return task
 
 
+def mnistc_task(corruption: str) -> TaskData:
+    """`digits5/mnist` under one MNIST-C style corruption (see `isomod.data.mnistc`), in
+    the `digits5` label space: a target domain for models trained on `digits5`."""
+    task = from_arrays(f"mnistc/{corruption}", mnistc.generate(corruption), [str(i) for i in range(10)],
+                       num_classes=10)
+    task.spec.label_space = "digits5"
+    return task
+
+
 TASKS: dict[str, Callable[[], TaskData]] = {
     **{f"glyphs/{s}": partial(glyph_task, s) for s in glyphs.SCRIPTS},
     "glyphs/all": glyph_union_task,
     **{f"digits5/{d}": partial(digits5_task, d) for d in digits5.DOMAINS},
+    **{f"mnistc/{c}": partial(mnistc_task, c) for c in mnistc.CORRUPTIONS},
     "mnist": mnist_task,
     "uci-digits": uci_digits_task,
     "fashion-mnist": fashion_mnist_task,
@@ -239,6 +249,7 @@ SUITES: dict[str, list[str]] = {
     "glyphs": [f"glyphs/{s}" for s in glyphs.SUITE],
     "digits": ["mnist", "uci-digits"],
     "digits5": [f"digits5/{d}" for d in digits5.DOMAINS],
+    "mnistc": [f"mnistc/{c}" for c in mnistc.CORRUPTIONS],
 }
 
 
