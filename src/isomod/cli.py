@@ -328,8 +328,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="source-free (target images only): route_select (default), route_im and route_entropy "
                         "change the route and norm statistics; source_only, adabn and tent are their baselines. With "
                         "the sources' labelled images (loaded by the model's domain names): route_moment and "
-                        "route_adversarial train the target's route alone to align its features with the sources'; "
-                        "m3sda and dann are their full-network baselines")
+                        "route_adversarial train the target's route alone to align its features with its nearest "
+                        "source's; m3sda and dann are their full-network baselines")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_adapt)
 
