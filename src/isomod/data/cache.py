@@ -46,3 +46,14 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write an `.npz` atomically (see `write_atomic`)."""
     write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def cached_npz(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays cached as `cache_dir() / name`; on a miss, `make()`'s, written atomically."""
+    path = cache_dir() / name
+    if path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    arrays = make()
+    save_npz_atomic(path, **arrays)
+    return arrays

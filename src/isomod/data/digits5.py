@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from isomod.data import glyphs, shipped
-from isomod.data.cache import cache_dir, save_npz_atomic
+from isomod.data.cache import cached_npz
 
 DOMAINS = ("mnist", "mnistm", "uci", "synth", "street")
 SIZE = 32
@@ -207,14 +207,13 @@ MAKERS = {"mnist": make_mnist, "mnistm": make_mnistm, "uci": make_uci, "synth": 
 
 def generate(domain: str) -> dict[str, np.ndarray]:
     """One domain's `x_train, y_train, x_test, y_test` (uint8 `(N, 3, 32, 32)`), cached."""
-    path = cache_dir() / f"digits5-{VERSION}-{domain}.npz"
-    if path.exists():
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    arrays = {}
-    for split in ("train", "test"):
-        g = torch.Generator().manual_seed(zlib.crc32(f"{domain}-{split}".encode()))
-        x, y = MAKERS[domain](split, g)
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, np.asarray(y, dtype=np.int64)
-    save_npz_atomic(path, **arrays)
-    return arrays
+
+    def make() -> dict[str, np.ndarray]:
+        arrays = {}
+        for split in ("train", "test"):
+            g = torch.Generator().manual_seed(zlib.crc32(f"{domain}-{split}".encode()))
+            x, y = MAKERS[domain](split, g)
+            arrays[f"x_{split}"], arrays[f"y_{split}"] = x, np.asarray(y, dtype=np.int64)
+        return arrays
+
+    return cached_npz(f"digits5-{VERSION}-{domain}.npz", make)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isomod.data.cache import cache_dir, save_npz_atomic
+from isomod.data.cache import cached_npz
 
 CANVAS = 64  # rendering resolution; samples are warped from it, then area-downsampled
 EM_PIXELS = 40  # font size on the canvas
@@ -167,14 +167,12 @@ def _split(script: str, faces: tuple[str, ...], per_class: int, seed: int) -> tu
 
 def generate(script: str, train_per_class: int, test_per_class: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Generate (or read from the cache) one script's train and test arrays."""
-    path = cache_dir() / f"glyphs-v1-{script}-{train_per_class}-{test_per_class}-s{seed}.npz"
-    if path.exists():
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    train_faces, test_faces = faces_for(script)
-    base = seed * 1_000_003 + zlib.crc32(script.encode())
-    x_tr, y_tr = _split(script, train_faces, train_per_class, base)
-    x_te, y_te = _split(script, test_faces, test_per_class, base + 1)
-    arrays = {"x_train": x_tr[:, None], "y_train": y_tr, "x_test": x_te[:, None], "y_test": y_te}
-    save_npz_atomic(path, **arrays)
-    return arrays
+
+    def make() -> dict[str, np.ndarray]:
+        train_faces, test_faces = faces_for(script)
+        base = seed * 1_000_003 + zlib.crc32(script.encode())
+        x_tr, y_tr = _split(script, train_faces, train_per_class, base)
+        x_te, y_te = _split(script, test_faces, test_per_class, base + 1)
+        return {"x_train": x_tr[:, None], "y_train": y_tr, "x_test": x_te[:, None], "y_test": y_te}
+
+    return cached_npz(f"glyphs-v1-{script}-{train_per_class}-{test_per_class}-s{seed}.npz", make)

@@ -2,8 +2,9 @@
 
 Each corruption is applied to the `digits5/mnist` images (32x32 RGB, same labels and the
 same train/test split), so a model trained on clean `digits5/mnist` never saw a target
-test image, clean or corrupted. Every image draws its own corruption strength from a
-generator seeded by the domain and split: the domains are deterministic and cached.
+test image, clean or corrupted. Where a corruption has a strength, every image draws its
+own from a generator seeded by the domain and split: the domains are deterministic and
+cached.
 
 - `shot_noise`: Poisson photon noise, `poisson(8 x) / 8` (stronger than MNIST-C's
   `poisson(60 x) / 60`, which barely shows on these bold digits).
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from isomod.data import digits5
-from isomod.data.cache import cache_dir, save_npz_atomic
+from isomod.data.cache import cached_npz
 
 CORRUPTIONS = ("shot_noise", "impulse_noise", "shear", "scale", "rotate", "fog")
 VERSION = "v1"
@@ -100,17 +101,16 @@ def corrupt(name: str, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def generate(name: str) -> dict[str, np.ndarray]:
     """One corruption's `x_train, y_train, x_test, y_test` (uint8 `(N, 3, 32, 32)`), cached."""
-    path = cache_dir() / f"mnistc-{VERSION}-{digits5.VERSION}-{name}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    clean = digits5.generate("mnist")
-    arrays = {}
-    for split in ("train", "test"):
-        g = torch.Generator().manual_seed(zlib.crc32(f"mnistc-{name}-{split}".encode()))
-        x = torch.from_numpy(clean[f"x_{split}"][:, 0]).float() / 255.0  # the grey digit (all channels equal)
-        x = corrupt(name, x, g)
-        arrays[f"x_{split}"] = (x[:, None].expand(-1, 3, -1, -1) * 255).round().to(torch.uint8).numpy()
-        arrays[f"y_{split}"] = clean[f"y_{split}"]
-    save_npz_atomic(path, **arrays)
-    return arrays
+
+    def make() -> dict[str, np.ndarray]:
+        clean = digits5.generate("mnist")
+        arrays = {}
+        for split in ("train", "test"):
+            g = torch.Generator().manual_seed(zlib.crc32(f"mnistc-{name}-{split}".encode()))
+            x = torch.from_numpy(clean[f"x_{split}"][:, 0]).float() / 255.0  # the grey digit (all channels equal)
+            x = corrupt(name, x, g)
+            arrays[f"x_{split}"] = (x[:, None].expand(-1, 3, -1, -1) * 255).round().to(torch.uint8).numpy()
+            arrays[f"y_{split}"] = clean[f"y_{split}"]
+        return arrays
+
+    return cached_npz(f"mnistc-{VERSION}-{digits5.VERSION}-{name}.npz", make)

@@ -220,20 +220,22 @@ def fashion_mnist_task(data_dir: str | None = None) -> TaskData:
     )
 
 
-def digits5_task(domain: str) -> TaskData:
-    """One domain of `digits5` (see `isomod.data.digits5`); its domains share the label space."""
-    task = from_arrays(f"digits5/{domain}", digits5.generate(domain), [str(i) for i in range(10)], num_classes=10)
+def digit_domain(name: str, arrays: dict[str, np.ndarray]) -> TaskData:
+    """A domain of the ten-digit `digits5` label space: its domains share one head."""
+    task = from_arrays(name, arrays, [str(i) for i in range(10)], num_classes=10)
     task.spec.label_space = "digits5"
     return task
+
+
+def digits5_task(domain: str) -> TaskData:
+    """One domain of `digits5` (see `isomod.data.digits5`)."""
+    return digit_domain(f"digits5/{domain}", digits5.generate(domain))
 
 
 def mnistc_task(corruption: str) -> TaskData:
-    """`digits5/mnist` under one MNIST-C style corruption (see `isomod.data.mnistc`), in
-    the `digits5` label space: a target domain for models trained on `digits5`."""
-    task = from_arrays(f"mnistc/{corruption}", mnistc.generate(corruption), [str(i) for i in range(10)],
-                       num_classes=10)
-    task.spec.label_space = "digits5"
-    return task
+    """`digits5/mnist` under one MNIST-C style corruption (see `isomod.data.mnistc`): a
+    target domain for models trained on `digits5`."""
+    return digit_domain(f"mnistc/{corruption}", mnistc.generate(corruption))
 
 
 TASKS: dict[str, Callable[[], TaskData]] = {
