@@ -57,6 +57,7 @@ Their target starts as a copy of the nearest source (route and norms).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -77,6 +78,8 @@ WITH_SOURCES = ("route_moment", "route_adversarial", "m3sda", "dann")
 ADAPT_METHODS = SOURCE_FREE + WITH_SOURCES
 ROUTE_METHODS = ("route_entropy", "route_im")  # source-free methods that learn a route
 ALIGN_ROUTE_METHODS = ("route_moment", "route_adversarial")  # with sources, the route alone
+FULL_NETWORK_METHODS = ("m3sda", "dann")  # with sources, every parameter
+MOMENT_METHODS = ("route_moment", "m3sda")  # the others align with a discriminator
 ADAPT_TRAIN = TrainConfig(steps=300, batch_size=128, lr=1e-3, lr_routes=5e-2, lr_heads=0.0, weight_decay=0.0,
                           warmup_steps=20, augment=False, checkpoint_every=0, log_every=20)
 MIN_TARGET_IMAGES = 64
@@ -234,14 +237,16 @@ def _stats_count(model: ModularNet, task: str) -> int:
     return sum(b.numel() for n, b in model.branch(task).norms.named_buffers() if "running" in n)
 
 
-def select_by_stats(model: ModularNet, spec: TaskSpec, x: torch.Tensor, sources: list[str]) -> dict[str, float]:
-    """Every source's `stats_distance` to the target images `x` (each source route run on
-    them with statistics estimated there); leaves a copy of the last source as `spec`."""
+def score_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, sources: list[str],
+                  score: Callable[[ModularNet, str, str], float]) -> dict[str, float]:
+    """Every source's `score(model, target, source)`, with the target added as a copy of the
+    source and statistics estimated on the target images `x`; leaves a copy of the last
+    source as `spec`."""
     scores = {}
     for s in sources:
         add_as_copy(model, spec, s)
         estimate_norm_stats(model, spec.name, x)
-        scores[s] = stats_distance(model, spec.name, s)
+        scores[s] = score(model, spec.name, s)
     return scores
 
 
@@ -308,18 +313,6 @@ def changed_numbers(before: dict[str, torch.Tensor], model: ModularNet) -> int:
     return sum(int((before[k] != v).sum()) for k, v in after.items() if k in before and v.is_floating_point())
 
 
-def select_by_features(model: ModularNet, spec: TaskSpec, x: torch.Tensor, reference: dict[str, tuple]) -> dict[str, float]:
-    """Every source's `feature_gap`: the moment gap between the target's features under
-    the source's route (statistics estimated on the target images `x`) and the source's
-    own features' moments (`reference`). Leaves a copy of the last source as `spec`."""
-    scores = {}
-    for s, ref in reference.items():
-        add_as_copy(model, spec, s)
-        estimate_norm_stats(model, spec.name, x)
-        scores[s] = moment_gap(moments(task_features(model, spec.name, x[:SOURCE_FEATURE_IMAGES])), ref).item()
-    return scores
-
-
 def _adapt_with_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, names: list[str], method: str,
                         config: TrainConfig, sources: dict[str, TaskData] | None, out_dir: str | Path | None,
                         progress: bool) -> AdaptResult:
@@ -329,7 +322,13 @@ def _adapt_with_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, name
                           f"{', '.join(missing)} (pass `sources`, a dict of TaskData by name)")
     device = next(model.parameters()).device
     feats = {s: task_features(model, s, sources[s].x_train[:SOURCE_FEATURE_IMAGES]).to(device) for s in names}
-    scores = select_by_features(model, spec, x, {s: moments(f) for s, f in feats.items()})
+    reference = {s: moments(f) for s, f in feats.items()}
+
+    def feature_gap(model: ModularNet, task: str, s: str) -> float:
+        # The moment gap between the target's features under `s`'s route and `s`'s own.
+        return moment_gap(moments(task_features(model, task, x[:SOURCE_FEATURE_IMAGES])), reference[s]).item()
+
+    scores = score_sources(model, spec, x, names, feature_gap)
     source = min(scores, key=scores.get)
     add_as_copy(model, spec, source)
     before = {k: v.clone() for k, v in model.state_dict().items()}  # the target equals its source here
@@ -350,7 +349,7 @@ def _adapt_with_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, name
                 model.route(n).logits.requires_grad_(False)  # unused by a discrete route
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "base_lr": config.lr}]
     disc = None
-    if method in ("route_adversarial", "dann"):
+    if method not in MOMENT_METHODS:
         c = model.config.channels
         disc = nn.Sequential(nn.Linear(c, DISCRIMINATOR_HIDDEN), nn.ReLU(), nn.Linear(DISCRIMINATOR_HIDDEN, 1)).to(device)
         groups.append({"params": list(disc.parameters()), "base_lr": config.lr})
@@ -384,7 +383,7 @@ def _adapt_with_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, name
                 ce = ce + F.cross_entropy(model.forward_head(f, s), sources[s].y_train[idx].to(device)) / len(names)
                 fs[s] = f
         record = {"step": step + 1}
-        if method in ("route_moment", "m3sda"):
+        if method in MOMENT_METHODS:
             mt = moments(ft)
             if route_only:
                 align = moment_gap(mt, nearest_moments)
@@ -448,7 +447,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
     if method in WITH_SOURCES:
         return _adapt_with_sources(model, spec, x, names, method, config, sources, out_dir, progress)
     if method == "route_select":
-        score, scores = "stats_distance", select_by_stats(model, spec, x, names)
+        score, scores = "stats_distance", score_sources(model, spec, x, names, stats_distance)
     else:
         score, scores = "im", {s: im_score(model, s, x) for s in names}
     source = min(scores, key=scores.get)

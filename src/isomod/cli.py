@@ -147,7 +147,7 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from isomod.adapt import adapt, setting
+    from isomod.adapt import FULL_NETWORK_METHODS, adapt, check_target, setting
     from isomod.checkpoint import load_checkpoint, save_checkpoint
     from isomod.data.tasks import load_task
     from isomod.train import check_out_dir, evaluate
@@ -159,7 +159,7 @@ def cmd_adapt(args) -> int:
     target = load_task(args.target, data_dir=args.data_dir)
     sources = None
     if setting(args.method) == "with_sources":  # the model's domains of the target's label space, by name
-        names = [n for n, s in model.specs.items() if target.spec.label_space and s.label_space == target.spec.label_space]
+        names = check_target(model, target.spec, len(target.x_train))
         sources = {n: load_task(n, data_dir=args.data_dir) for n in names}
     res = adapt(model, target, args.method, train_cfg, out_dir=args.out, progress=not args.no_progress,
                 sources=sources)
@@ -171,7 +171,7 @@ def cmd_adapt(args) -> int:
     if res.kept is not None:
         print("the learned route scored better than its start and was kept" if res.kept else
               f"the learned route scored worse than its start ({res.source}'s route), which was restored")
-    if args.method in ("m3sda", "dann"):
+    if args.method in FULL_NETWORK_METHODS:
         print(f"the adaptation changed {res.params_task:,} numbers (the whole network, trained on the sources' labels "
               f"too); checkpoint: {out}")
     else:
