@@ -154,6 +154,28 @@ def test_alignment_with_sources_lowers_its_loss_and_changes_only_the_route_and_s
             assert all(0.0 <= h["domain_acc"] <= 1.0 for h in res.history)
 
 
+def test_route_oracle_trains_the_target_route_alone_on_the_target_labels(sources_model, domains):
+    from isomod.bench.adapt import route_oracle
+
+    target = domains["uci"]
+    g = torch.Generator().manual_seed(1)
+    shuffled = TaskData(target.spec, target.x_train, target.y_train[torch.randperm(len(target.y_train), generator=g)],
+                        target.x_test, target.y_test)
+    before = {k: v.clone() for k, v in sources_model.state_dict().items()}
+    logits = []
+    for data in (target, shuffled):
+        model, trainer, changed = route_oracle(sources_model, data, ["digits5/mnist", "digits5/synth"],
+                                               "digits5/synth", replace(QUICK_ADAPT, steps=20, batch_size=64))
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), "a shared or source number changed"
+        route, norms = model.route(target.name), model.branch(target.name).norms
+        assert not route.is_discrete and not any(p.requires_grad for p in model.parameters())
+        # Logits, statistics and the temperature (the source's annealed one, back to 1).
+        assert changed == route.logits.numel() + sum(b.numel() for n, b in norms.named_buffers() if "running" in n) + 1
+        logits.append(route.logits.clone())
+    assert not torch.equal(*logits), "the oracle's route does not depend on the target's labels"
+
+
 def test_adaptation_with_sources_needs_their_data(sources_model, domains):
     model = copy.deepcopy(sources_model)
     for method in WITH_SOURCES:
@@ -234,11 +256,16 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    expected = {"source_only_each", "adabn_each", "source_only_best"} | set(ADAPT_METHODS) - {"source_only"}
+    expected = {"source_only_each", "adabn_each", "source_only_best", "route_oracle"} | set(ADAPT_METHODS) - {"source_only"}
     assert {r["method"] for r in rows} == expected
     assert {r["task"] for r in rows} == {"digits5/uci", "mnistc/rotate"} and all(r["metric"] == "test_acc" for r in rows)
     assert {r["setting"] for r in rows if r["method"] in WITH_SOURCES} == {"with_sources"}
-    assert {r["setting"] for r in rows if r["method"] not in WITH_SOURCES} == {"source_free"}
+    assert {r["setting"] for r in rows if r["method"] not in WITH_SOURCES + ("route_oracle",)} == {"source_free"}
+    oracle = [r for r in rows if r["method"] == "route_oracle"]
+    assert len(oracle) == 2 and {r["setting"] for r in oracle} == {"target_labels"}
+    for r in oracle:  # it starts from the best source route in hindsight
+        best = max((b for b in rows if b["method"] == "adabn_each" and b["task"] == r["task"]), key=lambda b: b["value"])
+        assert r["chosen"] == best["source"] and {"acc_discretized", "loss_last_fifth"} <= r.keys()
     each = [r for r in rows if r["method"] == "source_only_each"]
     assert len(each) == 4 + 5  # uci leaves itself out; the corruption adapts from all five domains
     assert all("acc_discretized" in r for r in rows if r["method"] in ALIGN_ROUTE_METHODS)
@@ -247,7 +274,7 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
         assert (out / png).stat().st_size > 0
     text = (out / "report.md").read_text()
     assert "source-free: best route method" in text and "with sources: best route method" in text
-    assert "### MNIST-C style targets" in text
+    assert "### MNIST-C style targets" in text and "route_oracle, analysis" in text
     n = len(results["rows"])
     assert main(argv) == 0  # a second run resumes: nothing new
     assert len(json.loads((out / "results.json").read_text())["rows"]) == n

@@ -12,7 +12,10 @@ target labels and adapt nothing: `source_only_each` holds every source route as 
 `adabn_each` every source route with statistics re-estimated on the target (its best is
 the best source route in hindsight); both carry `source`. The route alignment methods'
 rows also carry `acc_discretized`: the accuracy of their soft route's argmax (statistics
-re-estimated), the cost of discretising.
+re-estimated), the cost of discretising. `route_oracle` (an analysis row too, `setting`
+`target_labels`) trains the target's route alone, soft, on the target's labelled training
+images for the methods' budget, from the best source route in hindsight: what re-ordering
+the modules reaches from there when its signal is perfect.
 
 The source model of each (target, seed) is kept in `OUT/sources-{left out}-s{seed}`
 (`all` for the corruptions) and
@@ -33,17 +36,18 @@ from isomod import report
 from isomod.data import digits5, mnistc
 from isomod.bench import train_modular
 from isomod.bench.base import Bench, Results, check_seeds, environment, register
-from isomod.data.tasks import load_task
-from isomod.network import ModelConfig
+from isomod.data.tasks import TaskData, load_task
+from isomod.network import ModelConfig, ModularNet
 from isomod.errors import check_choices, check_out_dir
-from isomod.train import TrainConfig, evaluate, resolve_device
+from isomod.train import TrainConfig, Trainer, evaluate, resolve_device
 from isomod.adapt import (ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, WITH_SOURCES, adapt,
-                          add_as_copy, estimate_norm_stats, setting)
+                          add_as_copy, changed_numbers, estimate_norm_stats, setting, start_from_sources)
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
 CORRUPTED = [f"mnistc/{c}" for c in mnistc.CORRUPTIONS]
 DEFAULT_CORRUPTIONS = ("shot_noise", "shear", "scale")  # the corruptions the authors adapted to
 ANALYSIS = ("source_only_each", "adabn_each")  # rows that read target labels to analyse, one per source route
+ORACLE = "route_oracle"  # analysis: the target's route trained on the target's labels
 # `permutation` starts every source domain on its own order of the shared modules, so
 # the sources end with different routes and choosing among them matters.
 ROW_NAME = {"source_only": "source_only_best"}
@@ -136,6 +140,14 @@ def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), prog
                         estimate_norm_stats(model, target, tgt.x_train)
                     acc = evaluate(model, {target: tgt})[target]
                     results.add(_row(name, target, acc, model.param_count(), 0, seed, source=s))
+            if not results.has(method=ORACLE, task=target, seed=seed):
+                start = max((r for r in results["rows"] if r["method"] == "adabn_each" and r["task"] == target
+                             and r["seed"] == seed), key=lambda r: r["value"])["source"]
+                if progress:
+                    print(f"== {ORACLE} -> {short(target)} (seed {seed}, from {short(start)})", flush=True)
+                row, routes[ORACLE] = oracle_row(base, tgt, sources, start, replace(config.adapt, seed=seed), progress)
+                results.add(row)
+                results.save()
             for method in config.methods:
                 name = ROW_NAME.get(method, method)
                 if results.has(method=name, task=target, seed=seed, source=None):
@@ -169,10 +181,51 @@ def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), prog
     return results.data
 
 
+def route_oracle(base: ModularNet, target: TaskData, sources: list[str], start: str, config: TrainConfig,
+                 progress: bool = False) -> tuple[ModularNet, Trainer, int]:
+    """A copy of `base` with `target` added and its route alone trained on the target's
+    *labels* (analysis only): soft to the end, starting like the route methods from a
+    mixture of the `sources`' routes that favours `start`, the norm statistics following
+    the route and re-estimated at the end. Pool, stem, head and sources stay as they are.
+    Returns the model, its trainer (for the loss history) and the numbers that changed."""
+    model = copy.deepcopy(base)
+    model.requires_grad_(False)
+    add_as_copy(model, target.spec, start)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start_from_sources(model, target.spec.name, sources, start)
+    trainer = Trainer(model, {target.spec.name: target}, replace(config, routes="soft", eval_every=0),
+                      progress=progress, params={"routes": [model.route(target.spec.name).logits]},
+                      frozen_norm_stats=False)
+    trainer.fit()
+    model.requires_grad_(False)
+    estimate_norm_stats(model, target.spec.name, target.x_train)
+    model.eval()
+    return model, trainer, changed_numbers(before, model)
+
+
+def oracle_row(base: ModularNet, target: TaskData, sources: list[str], start: str, config: TrainConfig,
+               progress: bool) -> tuple[dict, dict]:
+    """`route_oracle`'s result row (test accuracy soft and discretised, the training loss
+    over the first and last fifth) and its route."""
+    model, trainer, changed = route_oracle(base, target, sources, start, config, progress)
+    name = target.spec.name
+    hard = copy.deepcopy(model)
+    hard.discretize(name)
+    estimate_norm_stats(hard, name, target.x_train)
+    losses = [h["loss"] for h in trainer.history]
+    fifth = max(1, len(losses) // 5)
+    row = _row(ORACLE, name, evaluate(model, {name: target})[name], model.param_count(), changed, config.seed,
+               chosen=start, acc_discretized=round(evaluate(hard, {name: target})[name], 5),
+               loss_first_fifth=round(float(np.mean(losses[:fifth])), 5),
+               loss_last_fifth=round(float(np.mean(losses[-fifth:])), 5))
+    return row, {"discrete": hard.route(name).indices(), "soft": model.route(name).weights().detach().cpu().tolist()}
+
+
 def _row(method: str, task: str, acc: float, params_total: int, params_task: int, seed: int, **extra) -> dict:
     # The analysis rows (one fixed source route, with or without target statistics) and
     # `source_only_best` read the target's images at most: source-free.
-    mode = setting(method) if method in ADAPT_METHODS else "source_free"
+    # `route_oracle` reads the target's labels to train.
+    mode = setting(method) if method in ADAPT_METHODS else "target_labels" if method == ORACLE else "source_free"
     return {"method": method, "task": task, "metric": "test_acc", "value": round(acc, 5), "setting": mode,
             "params_total": params_total, "params_task": params_task, "seed": seed, **extra}
 
@@ -225,6 +278,11 @@ def findings(rows: list[dict]) -> list[str]:
     if "best_source_hindsight" in s:
         lines.append(f"- the best single source route with target statistics, chosen with target labels: "
                      f"{100 * s['best_source_hindsight']:.1f}")
+    if ORACLE in s:
+        hard = 100 * np.mean([r["acc_discretized"] for r in rows if r["method"] == ORACLE])
+        lines.append(f"- the target's route trained on the target's labels from that route ({ORACLE}, analysis: "
+                     f"re-ordering with a perfect signal at the methods' budget): {100 * s[ORACLE]:.1f} soft, {hard:.1f} "
+                     "discretised (mean over runs)")
     return lines
 
 
