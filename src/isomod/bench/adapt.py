@@ -141,8 +141,8 @@ def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), prog
                     acc = evaluate(model, {target: tgt})[target]
                     results.add(_row(name, target, acc, model.param_count(), 0, seed, source=s))
             if not results.has(method=ORACLE, task=target, seed=seed):
-                start = max((r for r in results["rows"] if r["method"] == "adabn_each" and r["task"] == target
-                             and r["seed"] == seed), key=lambda r: r["value"])["source"]
+                start = next(r["source"] for r in hindsight_rows(results["rows"])
+                             if r["task"] == target and r["seed"] == seed)
                 if progress:
                     print(f"== {ORACLE} -> {short(target)} (seed {seed}, from {short(start)})", flush=True)
                 row, routes[ORACLE] = oracle_row(base, tgt, sources, start, replace(config.adapt, seed=seed), progress)
@@ -162,11 +162,8 @@ def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), prog
                 results["seconds"][f"{name}/{key}"] = round(time.time() - t0, 1)
                 extra = {}
                 if method in ALIGN_ROUTE_METHODS:  # what discretising the soft route would cost
-                    hard = copy.deepcopy(model)
-                    hard.discretize(target)
-                    estimate_norm_stats(hard, target, tgt.x_train)
-                    extra["acc_discretized"] = round(evaluate(hard, {target: tgt})[target], 5)
-                    routes[name] = {"discrete": hard.route(target).indices(), "soft": res.soft_route}
+                    extra["acc_discretized"], discrete = discretized(model, tgt)
+                    routes[name] = {"discrete": discrete, "soft": res.soft_route}
                 if res.history:
                     extra["align_first"], extra["align_last"] = res.history[0]["align"], res.history[-1]["align"]
                 results.add(_row(name, target, acc, model.param_count(), res.params_task, seed,
@@ -209,16 +206,23 @@ def oracle_row(base: ModularNet, target: TaskData, sources: list[str], start: st
     over the first and last fifth) and its route."""
     model, trainer, changed = route_oracle(base, target, sources, start, config, progress)
     name = target.spec.name
-    hard = copy.deepcopy(model)
-    hard.discretize(name)
-    estimate_norm_stats(hard, name, target.x_train)
+    acc_discretized, discrete = discretized(model, target)
     losses = [h["loss"] for h in trainer.history]
     fifth = max(1, len(losses) // 5)
     row = _row(ORACLE, name, evaluate(model, {name: target})[name], model.param_count(), changed, config.seed,
-               chosen=start, acc_discretized=round(evaluate(hard, {name: target})[name], 5),
-               loss_first_fifth=round(float(np.mean(losses[:fifth])), 5),
+               chosen=start, acc_discretized=acc_discretized, loss_first_fifth=round(float(np.mean(losses[:fifth])), 5),
                loss_last_fifth=round(float(np.mean(losses[-fifth:])), 5))
-    return row, {"discrete": hard.route(name).indices(), "soft": model.route(name).weights().detach().cpu().tolist()}
+    return row, {"discrete": discrete, "soft": model.route(name).weights().detach().cpu().tolist()}
+
+
+def discretized(model: ModularNet, target: TaskData) -> tuple[float, list[int]]:
+    """Test accuracy (rounded) of a copy of `model` whose soft route for `target` is frozen to
+    its argmax, statistics re-estimated on the target images; and that route."""
+    name = target.spec.name
+    hard = copy.deepcopy(model)
+    hard.discretize(name)
+    estimate_norm_stats(hard, name, target.x_train)
+    return round(evaluate(hard, {name: target})[name], 5), hard.route(name).indices()
 
 
 def _row(method: str, task: str, acc: float, params_total: int, params_task: int, seed: int, **extra) -> dict:
