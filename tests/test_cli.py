@@ -140,7 +140,8 @@ def test_help_documents_every_option_with_the_command_s_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "transfer", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--pretrain-steps INT optimiser steps. (default 2000)" in text and "(default 400)" in text
+    assert "--pretrain-steps INT optimiser steps. (default 7500)" in text and "(default 400)" in text
+    assert "one pre-training and one set of transfer runs per seed. (default 0 1 2)" in text
     with pytest.raises(SystemExit):
         main(["transfer", "--help"])
     assert "optimiser steps. (default 600)" in " ".join(capsys.readouterr().out.split())
@@ -154,7 +155,7 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     argv = ["bench", "transfer", "--out", str(out), "--pretrain-tasks", *pre, "--held-out", *new,
             "--shots", "2", "all", "--steps", "3", "--pretrain-steps", "4", "--pretrain-batch-size", "8",
             "--pretrain-warmup-steps", "1", "--warmup-steps", "1", "--batch-size", "8", *TINY[:6], "--no-progress",
-            "--jobs", "2"]
+            "--jobs", "2", "--seeds", "0"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["bench"] == "transfer"
