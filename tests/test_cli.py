@@ -194,9 +194,10 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
 def test_bench_continual_end_to_end(tmp_path, capsys):
     stream = [str(write_npz(tmp_path / f"t{i}.npz", shape=(16, 16), seed=i, n_train=60)) for i in range(3)]
     out = tmp_path / "bench"
-    assert main(["bench", "continual", "--out", str(out), "--stream", *stream, "--steps", "4", "--warmup-steps",
-                 "1", "--grow-threshold", "1.0", "--grow-val-fraction", "0.2", "--seeds", "0", "1", "--regime",
-                 "templates", "--jobs", "2", *TINY]) == 0
+    argv = ["bench", "continual", "--out", str(out), "--stream", *stream, "--steps", "4", "--warmup-steps", "1",
+            "--grow-threshold", "1.0", "--grow-val-fraction", "0.2", "--seeds", "0", "1", "--regime", "templates",
+            "--jobs", "2", *TINY]
+    assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["bench"] == "continual"
     rows = results["rows"]
@@ -216,6 +217,23 @@ def test_bench_continual_end_to_end(tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     model = load_checkpoint(out / "modular_grow-s1" / "checkpoint")
     assert model.task_names == ["t0", "t1", "t2"] and not model.route("t0").is_discrete
+    # The same command again trains nothing; with one pass taken out, it trains only that pass.
+    seconds = {m: {s: info["seconds"] for s, info in by.items()} for m, by in results["methods"].items()}
+    written = (out / "modular_grow-s1" / "checkpoint" / "config.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == rows and again["methods"] == results["methods"]
+    assert (out / "modular_grow-s1" / "checkpoint" / "config.json").stat().st_mtime_ns == written
+    del again["methods"]["independent"]["s1"]
+    again["rows"] = [r for r in rows if not (r["method"] == "independent" and r["seed"] == 1)]
+    (out / "results.json").write_text(json.dumps(again))
+    assert main(argv) == 0
+    third = json.loads((out / "results.json").read_text())
+    assert len(third["rows"]) == len(rows) and set(third["methods"]["independent"]) == {"s0", "s1"}
+    redone = {m: {s: info["seconds"] for s, info in by.items()} for m, by in third["methods"].items()}
+    assert {k: v for k, v in redone.items() if k != "independent"} == {
+        k: v for k, v in seconds.items() if k != "independent"}
+    assert redone["independent"]["s0"] == seconds["independent"]["s0"]
 
 
 def test_import_isomod_leaves_matplotlib_alone():

@@ -5,6 +5,10 @@ After every task, every task seen so far is evaluated on its test split, so the 
 both the final accuracy and what each method forgot on the way. For the modular network
 the logits of each task on a fixed batch of its test images are recorded right after it is
 learned and compared bit for bit after the last task.
+
+One pass over the stream per method and seed; each pass's rows are saved as it ends, and
+the same command run again skips the passes `results.json` holds, so a stopped benchmark
+resumes.
 """
 
 from __future__ import annotations
@@ -118,24 +122,31 @@ def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, t
 
 
 def run(out_dir: str | Path, config: ContinualConfig = ContinualConfig(), progress: bool = True) -> dict:
-    """Learn the stream with every method; write `results.json`, figures and `report.md`."""
+    """Learn the stream with every method; write `results.json` (pass by pass: a second run
+    of the same configuration skips the passes it has, so a stopped benchmark resumes),
+    figures and `report.md`."""
     out = Path(out_dir)
     check_out_dir(out)
     tasks = [load_task(t, data_dir=config.data_dir or None) for t in config.stream]
     results = Results(out / "results.json", "continual", {**asdict(config), "task_names": [t.name for t in tasks]},
-                      environment=job_environment(resolve_device(config.train.device), config.jobs), methods={})
+                      resume=True, environment=job_environment(resolve_device(config.train.device), config.jobs),
+                      methods={})
     modular = REGIMES[config.regime].apply(config.model, config.train, modules=config.model.num_modules)
     calls = []
     for seed in config.seeds:
         for method in config.methods:
+            if f"s{seed}" in results["methods"].get(method, {}):
+                continue
             model_config, train_config = modular if method == "modular_grow" else (config.model, config.train)
             calls.append((method, tasks, model_config, replace(train_config, seed=seed), config.grow, out,
                           progress and config.jobs == 1))
+    results.save()
     for call, (rows, info) in zip(calls, run_jobs(run_method, calls, config.jobs)):
+        # A pass's rows and its entry in `methods` are saved together: a pass is all there or not at all.
         results["methods"].setdefault(call[0], {})[f"s{call[3].seed}"] = info
         for row in rows:
             results.add(row)
-    results.save()
+        results.save()
     write_report(out, results.data)
     return results.data
 
