@@ -44,6 +44,13 @@ def test_results_save_atomically_and_resume_only_the_same_config(tmp_path):
     res.save()
     assert Results(path, "b", {"k": 1}, resume=True).has(method="m", seed=0)
     assert Results(path, "b", {"k": 2}, resume=True).rows == []
+    # Another number of runs side by side resumes; any other change does not.
+    Results(path, "b", {"k": 1, "jobs": 1}, extra={}).save()
+    res = Results(path, "b", {"k": 1, "jobs": 1}, resume=True)
+    res.add(Row("m", "t", "test_acc", 0.5, {"seed": 0}))
+    res.save()
+    assert Results(path, "b", {"k": 1, "jobs": 2}, resume=True).has(method="m", seed=0)
+    assert Results(path, "b", {"k": 2, "jobs": 1}, resume=True).rows == []
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
     with pytest.raises(Exception, match="a result row needs method, task, metric, value; missing value"):
         res.add({"method": "m", "task": "t", "metric": "x"})

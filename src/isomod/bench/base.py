@@ -46,6 +46,13 @@ def environment(device: str | torch.device | None = None) -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def same_run(old: object, new: dict) -> bool:
+    """Whether an existing `results.json`'s configuration `old` is that of `new`, `jobs` aside."""
+    if not isinstance(old, dict):
+        return False
+    return {k: v for k, v in old.items() if k != "jobs"} == {k: v for k, v in new.items() if k != "jobs"}
+
+
 class Results:
     """The contents of a bench's `results.json`: `bench`, `config`, `rows` and any other
     top-level keys (routes, timings), saved atomically after every change a caller asks for.
@@ -54,7 +61,8 @@ class Results:
         path: the `results.json` file.
         bench: the benchmark's name.
         config: the JSON-serialisable configuration of the run.
-        resume: keep the rows of an existing file made with the same configuration.
+        resume: keep the rows of an existing file made with the same configuration (how
+            many runs went side by side, `jobs`, changes no result and is not compared).
     """
 
     def __init__(self, path: str | Path, bench: str, config: dict, resume: bool = False, **extra):
@@ -62,7 +70,7 @@ class Results:
         self.data = {"bench": bench, "config": json.loads(json.dumps(config)), "rows": [], **extra}
         if resume and self.path.is_file():
             old = read_results(self.path)
-            if old.get("config") == self.data["config"]:
+            if same_run(old.get("config"), self.data["config"]):
                 self.data = {**self.data, **old}
 
     @property
