@@ -248,3 +248,33 @@ def test_select_source_prefers_the_task_whose_features_separate_the_classes(pret
     assert scores["mnist"] > 0.5 > scores["blind"]
     with pytest.raises(IsomodError, match="unknown transfer method 'magic'; known: route_only, route_head, head_only"):
             transfer(model, digit_tasks[1], "magic")
+
+
+def test_the_report_pairs_runs_by_task_shots_and_seed():
+    # route_head beats head_only by 4 points on seed 0 and loses 1 on seed 1 (two tasks);
+    # finetune is present on `all` only; a run without its partner is left out.
+    from isomod.bench.transfer import comparisons, markdown_table, paired_gaps
+
+    def row(method, task, shots, seed, value):
+        return {"method": method, "task": task, "metric": "test_acc", "value": value, "shots": shots, "seed": seed,
+                "params_task": 10, "params_total": 110}
+
+    rows = []
+    for seed, gap in ((0, 0.04), (1, -0.01)):
+        for task in ("a", "b"):
+            rows += [row("head_only", task, "all", seed, 0.80), row("route_head", task, "all", seed, 0.80 + gap),
+                     row("route_only", task, "all", seed, 0.90), row("finetune", task, "all", seed, 0.95)]
+    rows.append(row("route_head", "a", 10, 0, 0.5))  # no head_only run to pair it with
+    g = paired_gaps(rows, "route_head", "head_only", "all")
+    assert g["runs"] == 4 and g["ahead"] == 2
+    assert g["mean"] == pytest.approx(0.015) and g["per_seed"] == pytest.approx({0: 0.04, 1: -0.01})
+    assert paired_gaps(rows, "route_head", "head_only", 10) is None
+    results = {"config": {"shots": [10, "all"], "methods": ["route_head", "head_only", "route_only", "finetune"]},
+               "rows": rows, "pretrain": {"s0": {"params": 100}}}
+    text = comparisons(results)
+    assert "| route_head - head_only | all | +1.5 | -1.0 to +4.0 | 2 of 4 |" in text
+    assert "| route_only - finetune | all | -5.0 | -5.0 to -5.0 | 0 of 4 |" in text
+    assert "route_head - head_only | 10" not in text
+    assert "a 94.7%, b 94.7%; mean 94.7%." in text
+    table = markdown_table(results)
+    assert "| a | all | 81.5 (5.0) | 80.0 (0.0) | 90.0 (0.0) | **95.0** (0.0) |" in table

@@ -188,20 +188,24 @@ def transfer_one(pre_dir: Path, config: TransferBenchConfig, seed: int, name: st
 
 
 def summary(rows: list[dict]) -> dict:
-    """Mean test accuracy over seeds by (method, task, shots), and mean added parameters."""
+    """Mean and spread (max - min) of accuracy over seeds by (method, task, shots), and mean
+    added parameters."""
     acc: dict = {}
     params: dict = {}
     for r in rows:
         acc.setdefault((r["method"], r["task"], r["shots"]), []).append(r["value"])
         params.setdefault((r["method"], r["task"]), []).append(r["params_task"])
     return {"acc": {k: float(np.mean(v)) for k, v in acc.items()},
+            "spread": {k: float(np.max(v) - np.min(v)) for k, v in acc.items()},
             "params": {k: int(np.mean(v)) for k, v in params.items()}}
 
 
 def markdown_table(results: dict) -> str:
-    """One row per held-out task and shot count, one column per method; then added parameters."""
+    """One row per held-out task and shot count, one column per method (the mean over seeds,
+    and the spread when there are several); then added parameters."""
     cfg = results["config"]
     s = summary(results["rows"])
+    several = len({r["seed"] for r in results["rows"]}) > 1
     methods = [m for m in cfg["methods"] if any(k[0] == m for k in s["acc"])]
     lines = ["| task | shots | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
     tasks = list(dict.fromkeys(r["task"] for r in results["rows"]))
@@ -211,7 +215,13 @@ def markdown_table(results: dict) -> str:
             if all(v is None for v in vals):
                 continue
             best = max(v for v in vals if v is not None)
-            cells = ["" if v is None else (f"**{100 * v:.1f}**" if v == best else f"{100 * v:.1f}") for v in vals]
+            cells = []
+            for m, v in zip(methods, vals):
+                if v is None:
+                    cells.append("")
+                    continue
+                cell = f"**{100 * v:.1f}**" if v == best else f"{100 * v:.1f}"
+                cells.append(cell + (f" ({100 * s['spread'][(m, task, shots)]:.1f})" if several else ""))
             lines.append(f"| {task} | {shots} | " + " | ".join(cells) + " |")
     for shots in cfg["shots"]:
         means = []
@@ -227,7 +237,58 @@ def markdown_table(results: dict) -> str:
             p = s["params"].get((m, task))
             cells.append("" if p is None else f"{p:,}" + (f" ({100 * p / pre:.2f}%)" if pre else ""))
         lines.append(f"| params added: {task} | | " + " | ".join(cells) + " |")
+    if several:
+        lines += ["", "Cells: the mean over seeds, and in brackets the spread (max - min)."]
     return "\n".join(lines)
+
+
+PAIRS = (("route_head", "head_only"), ("route_only", "norm_head"), ("route_only", "head_only"),
+         ("route_only", "finetune"))
+
+
+def paired_gaps(rows: list[dict], a: str, b: str, shots: int | str) -> dict | None:
+    """Accuracy of method `a` minus method `b` in runs with the same task, shots and seed:
+    the mean over all such runs, the mean per seed, and in how many runs `a` is ahead."""
+    by = {(r["method"], r["task"], r["shots"], r["seed"]): r["value"] for r in rows}
+    gaps = {(t, seed): v - by[(b, t, k, seed)] for (m, t, k, seed), v in by.items()
+            if m == a and k == shots and (b, t, k, seed) in by}
+    if not gaps:
+        return None
+    seeds = sorted({seed for _, seed in gaps})
+    per_seed = {seed: float(np.mean([g for (_, s_), g in gaps.items() if s_ == seed])) for seed in seeds}
+    return {"mean": float(np.mean(list(gaps.values()))), "per_seed": per_seed,
+            "ahead": sum(g > 0 for g in gaps.values()), "runs": len(gaps)}
+
+
+def comparisons(results: dict) -> str:
+    """The method pairs the bench exists to compare, run by run (same task, shots and seed):
+    the mean gap in points, its range over seeds (the mean gap of each seed), and how often
+    the first method is ahead; then route-only's share of fine-tuning with all data."""
+    rows, shots_list = results["rows"], results["config"]["shots"]
+    lines = ["| comparison | shots | mean gap (points) | per seed | runs ahead |", "|---|---:|---:|---:|---:|"]
+    for a, b in PAIRS:
+        for shots in shots_list:
+            g = paired_gaps(rows, a, b, shots)
+            if g is None:
+                continue
+            lo, hi = min(g["per_seed"].values()), max(g["per_seed"].values())
+            lines.append(f"| {a} - {b} | {shots} | {100 * g['mean']:+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} | "
+                         f"{g['ahead']} of {g['runs']} |")
+    if len(lines) == 2:
+        return ""
+    s = summary(rows)
+    shares = {t: s["acc"][("route_only", t, "all")] / s["acc"][("finetune", t, "all")] for (m, t, k) in s["acc"]
+              if m == "route_only" and k == "all" and s["acc"].get(("finetune", t, "all"))}
+    if shares:
+        lines += ["", "route_only as a share of finetune's accuracy, all data (mean over seeds): "
+                  + ", ".join(f"{t} {100 * v:.1f}%" for t, v in shares.items())
+                  + f"; mean {100 * np.mean(list(shares.values())):.1f}%."]
+    return "\n".join(lines)
+
+
+def summary_block(results: dict) -> str:
+    """What `isomod report --docs` writes into docs/results/transfer.md."""
+    return "\n\n".join(part for part in (markdown_table(results), comparisons(results)) if part)
 
 
 def findings(results: dict, tasks: list[str]) -> list[str]:
@@ -273,7 +334,7 @@ def write_report(out: Path, results: dict) -> Path:
              f"which train whole networks; learned routes {'stay soft' if cfg['transfer']['routes'] == 'soft' else 'are annealed and discretised'}). "
              f"{'Validation' if cfg.get('validation') else 'Test'} accuracy (%), mean over seeds {cfg['seeds']}; "
              "shots = training images per class.", "",
-             markdown_table(results), ""]
+             summary_block(results), ""]
     lines = findings(results, glyph_tasks)
     if lines:
         parts += ["On the held-out glyph scripts, all data:", "", *lines, ""]
@@ -360,4 +421,4 @@ def plot_transfer(rows: list[dict], path: Path) -> Path:
 
 
 register(Bench("transfer", "route-only transfer vs head-only, norms+head, fine-tuning and scratch on held-out tasks",
-               TransferBenchConfig, run, write_report, markdown_table, unprefixed="transfer"))
+               TransferBenchConfig, run, write_report, summary_block, unprefixed="transfer"))
