@@ -136,6 +136,7 @@ def test_help_documents_every_option_with_the_command_s_defaults(capsys):
         main(["bench", "continual", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--model-num-modules INT pool size `N`. (default 4)" in text and "(default 500)" in text
+    assert "as isometric networks do). (default 4)" in text  # 4x4 patches, as bench transfer
     assert "--grow-threshold FLOAT validation accuracy a route over the frozen pool must reach" in text
     with pytest.raises(SystemExit):
         main(["bench", "transfer", "--help"])

@@ -50,7 +50,9 @@ class ContinualConfig:
         jobs: passes over the stream side by side, each in its own process with an
             equal share of the threads.
         data_dir: where data that is not embedded (Fashion-MNIST) is looked for first.
-        model: the shape; `num_modules` is the modular network's starting pool.
+        model: the shape; `num_modules` is the modular network's starting pool. 4x4-pixel
+            patches (`stem_stride` 4), as in `bench transfer`: a quarter of a stride-2
+            stem's compute per step.
         train: the budget of one training run, the same for every method and task; its
             seed is replaced per pass.
         grow: the modular network's growth threshold and size.
@@ -62,7 +64,7 @@ class ContinualConfig:
     regime: str = DEFAULT_REGIME
     jobs: int = 1
     data_dir: str = ""
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=4, steps=8))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=4, steps=8, stem_stride=4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=500, batch_size=128, lr=5e-3, lr_heads=5e-3, warmup_steps=20, checkpoint_every=0, log_every=25))
     grow: GrowConfig = field(default_factory=lambda: GrowConfig(threshold=0.9, modules=2))
