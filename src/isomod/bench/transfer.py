@@ -276,9 +276,10 @@ def comparisons(results: dict) -> str:
                          f"{g['ahead']} of {g['runs']} |")
     if len(lines) == 2:
         return ""
-    s = summary(rows)
-    shares = {t: s["acc"][("route_only", t, "all")] / s["acc"][("finetune", t, "all")] for (m, t, k) in s["acc"]
-              if m == "route_only" and k == "all" and s["acc"].get(("finetune", t, "all"))}
+    acc = summary(rows)["acc"]
+    tasks = dict.fromkeys(r["task"] for r in rows)
+    shares = {t: acc[("route_only", t, "all")] / acc[("finetune", t, "all")] for t in tasks
+              if ("route_only", t, "all") in acc and acc.get(("finetune", t, "all"))}
     if shares:
         lines += ["", "route_only as a share of finetune's accuracy, all data (mean over seeds): "
                   + ", ".join(f"{t} {100 * v:.1f}%" for t, v in shares.items())
@@ -289,22 +290,6 @@ def comparisons(results: dict) -> str:
 def summary_block(results: dict) -> str:
     """What `isomod report --docs` writes into docs/results/transfer.md."""
     return "\n\n".join(part for part in (markdown_table(results), comparisons(results)) if part)
-
-
-def findings(results: dict, tasks: list[str]) -> list[str]:
-    """On `tasks` with all data: route-only against fine-tuning and head-only, and what it adds."""
-    s = summary(results["rows"])
-    pre = next(iter(results.get("pretrain", {}).values()), {}).get("params")
-    out = []
-    for t in tasks:
-        r, f, h = (s["acc"].get((m, t, "all")) for m in ("route_only", "finetune", "head_only"))
-        if r is None or f is None or h is None:
-            continue
-        p = s["params"][("route_only", t)]
-        out.append(f"- {t}: route-only {100 * r:.1f} = {100 * r / f:.1f}% of fine-tuning ({100 * f:.1f}), "
-                   f"{100 * (r - h):+.1f} points over head-only ({100 * h:.1f}), "
-                   f"{p:,} added parameters = {100 * p / pre:.2f}% of {pre:,}")
-    return out
 
 
 def route_changes(rows: list[dict]) -> list[str]:
@@ -325,7 +310,6 @@ def write_report(out: Path, results: dict) -> Path:
     """Draw the figures and write `report.md` from `results`."""
     cfg = results["config"]
     rows = results["rows"]
-    glyph_tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"].startswith("glyphs/")))
     parts = ["# isomod bench transfer", "",
              f"A pool pre-trained ({cfg.get('regime', 'annealed')} regime) on {', '.join(cfg['pretrain_tasks'])} "
              f"({cfg['pretrain']['steps']} steps), then each held-out task learned by every method with the same "
@@ -335,9 +319,6 @@ def write_report(out: Path, results: dict) -> Path:
              f"{'Validation' if cfg.get('validation') else 'Test'} accuracy (%), mean over seeds {cfg['seeds']}; "
              "shots = training images per class.", "",
              summary_block(results), ""]
-    lines = findings(results, glyph_tasks)
-    if lines:
-        parts += ["On the held-out glyph scripts, all data:", "", *lines, ""]
     moved = route_changes(rows)
     if moved:
         parts += ["Did the learned route leave the source's? Steps whose module (the argmax, for a soft route) "
