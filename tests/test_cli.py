@@ -144,6 +144,11 @@ def test_help_documents_every_option_with_the_command_s_defaults(capsys):
     assert "--pretrain-steps INT optimiser steps. (default 7500)" in text and "(default 400)" in text
     assert "one pre-training and one set of transfer runs per seed. (default 0 1 2)" in text
     with pytest.raises(SystemExit):
+        main(["bench", "reuse", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "pool sizes N. (default 4)" in text and "(default 1 2)" in text and "(default 3000)" in text
+    assert "one run per seed. (default 0 1 2)" in text and "as isometric networks do). (default 4)" in text
+    with pytest.raises(SystemExit):
         main(["transfer", "--help"])
     assert "optimiser steps. (default 600)" in " ".join(capsys.readouterr().out.split())
 

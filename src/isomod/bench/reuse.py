@@ -54,20 +54,22 @@ class ReuseConfig:
         jobs: training runs side by side, each in its own process with an equal share of
             the threads (not under torchrun).
         model: width and block shape; `num_modules`, `steps` and `in_channels` are set per run.
+            4x4-pixel patches (`stem_stride` 4), as in `bench transfer`: a quarter of a
+            stride-2 stem's compute per step.
         train: the budget every run shares; its seed is replaced per run.
     """
 
     task: str = "fashion-mnist"
     data_dir: str = ""
     image_size: int = 28
-    modules: list[int] = field(default_factory=lambda: [4, 8])
-    multiples: list[int] = field(default_factory=lambda: [1, 2, 3])
+    modules: list[int] = field(default_factory=lambda: [4])
+    multiples: list[int] = field(default_factory=lambda: [1, 2])
     methods: list[str] = field(default_factory=lambda: list(REUSE_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     jobs: int = 1
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=16))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=16, stem_stride=4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1500, batch_size=64, lr=5e-3, lr_heads=5e-3, augment=False, checkpoint_every=500, log_every=25))
+        steps=3000, batch_size=64, lr=5e-3, lr_heads=5e-3, augment=False, checkpoint_every=500, log_every=25))
 
     def __post_init__(self):
         check_choices("reuse method", self.methods, REUSE_METHODS)
