@@ -147,3 +147,19 @@ def test_fresh_modules_the_grown_route_does_not_use_are_removed(stream, monkeypa
     assert outcome.val_grown == 1.0 and not outcome.grew and outcome.modules_added == 0
     assert len(model.pool) == 2 and outcome.route == [1, 0, 1]
     assert torch.equal(seen["logits"], probe(model, stream[1]))
+
+
+def test_the_final_table_of_an_unfinished_run_lists_each_method_s_own_seeds():
+    from isomod.bench.continual import final_table
+
+    stream = ["a", "b"]
+    rows = [{"method": m, "task": t, "seed": s, "after_index": 2, "after_task": "b", "value": v,
+             "params_total": 10}
+            for m, seeds in (("grow", (0, 1)), ("alone", (0,))) for s in seeds
+            for t, v in zip(stream, ((0.5, 0.7) if s == 0 else (0.9, 0.9)))]
+    rows += [{**r, "after_index": 1, "after_task": "a"} for r in rows if r["task"] == "a"]
+    results = {"config": {"task_names": stream, "methods": ["grow", "alone"]}, "rows": rows,
+               "methods": {"grow": {"s0": {"steps": 4}, "s1": {"steps": 6}}, "alone": {"s0": {"steps": 4}}}}
+    text = final_table(results)
+    assert "| mean, each seed | 60.0 / 90.0 | 60.0 (seed 0) |" in text and "nan" not in text
+    assert "| **mean** | **75.0** (75.0) | **60.0** (60.0) |" in text and "| training steps | 5 | 4 |" in text

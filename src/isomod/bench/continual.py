@@ -177,10 +177,14 @@ def final_table(results: dict) -> str:
     means = [f"**{100 * np.mean([acc(m, t) for t in stream]):.1f}** "
              f"({100 * np.mean([np.mean(first[(m, t)]) for t in stream]):.1f})" for m in methods]
     lines.append("| **mean** | " + " | ".join(means) + " |")
-    seeds = sorted({r["seed"] for r in results["rows"]})
-    if len(seeds) > 1:
+    # A run that has not finished every pass has methods with fewer seeds than others:
+    # each cell lists the seeds its method has, in order.
+    seeds = {m: sorted({r["seed"] for t in stream for r in last[(m, t)]}) for m in methods}
+    if any(len(s) > 1 for s in seeds.values()):
         lines.append("| mean, each seed | " + " | ".join(" / ".join(
-            f"{100 * np.mean([r['value'] for t in stream for r in last[(m, t)] if r['seed'] == s]):.1f}" for s in seeds)
+            f"{100 * np.mean([r['value'] for t in stream for r in last[(m, t)] if r['seed'] == s]):.1f}"
+            for s in seeds[m]) + ("" if seeds[m] == max(seeds.values(), key=len) else
+                                  f" (seed{'s' if len(seeds[m]) > 1 else ''} {', '.join(map(str, seeds[m]))})")
             for m in methods) + " |")
     lines.append("| params at the end | " + " | ".join(
         f"{np.mean([r['params_total'] for r in last[(m, stream[-1])]]):,.0f}" for m in methods) + " |")

@@ -302,5 +302,5 @@ def plot_reuse(summary: list[dict], path: Path, title: str = "block reuse") -> P
     return report.save_figure(fig, path)
 
 
-register(Bench("reuse", "block reuse for one task: N modules run over L = N, 2N, 3N steps (cyclic, block-repeat, "
-               "learned) vs L distinct modules", ReuseConfig, run, write_report, summary))
+register(Bench("reuse", "block reuse for one task: N modules run over L = N, 2N, ... steps (cyclic, block-repeat, "
+               "learned, soft templates) vs L distinct modules", ReuseConfig, run, write_report, summary))
