@@ -1,11 +1,12 @@
 """Tiny training runs: learning above chance, resume, divergence, schedules."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from isomod import IsomodError, ModelConfig, ModularNet, TrainConfig, Trainer, TrainingDiverged, evaluate
+from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, TrainConfig, Trainer, TrainingDiverged, evaluate
 from isomod.route import RouteSchedule, SoftRoutes
 from isomod.checkpoint import load_checkpoint
 
@@ -190,6 +191,15 @@ def test_regimes_set_pool_route_start_and_schedule():
     assert REGIMES["templates_norms"].apply(base_model, base_train)[0].norm_affine == "module"
     assert REGIMES["templates_swap"].apply(base_model, base_train)[1].route_swap == 0.5
     assert REGIMES["templates"].apply(base_model, base_train, modules=3)[0].num_modules == 3
+    model, train = REGIMES["templates_permuted_swap"].apply(base_model, base_train)
+    assert (model.num_modules, model.route_init, train.routes, train.route_swap) == (4, "permutation", "soft", 0.5)
+    assert REGIMES["templates_permuted"].apply(base_model, base_train)[1].route_swap == 0.0
+    # Every task starts on its own order of the 4 templates, each at 2 of the 8 steps.
+    torch.manual_seed(0)
+    specs = [TaskSpec(f"t{i}", 3, (1, 8, 8)) for i in range(6)]
+    net = ModularNet(replace(model, channels=4), specs)
+    starts = {tuple(net.route(s.name).indices()) for s in specs}
+    assert len(starts) > 1 and all(sorted(r) == [0, 0, 1, 1, 2, 2, 3, 3] and r[:4] == r[4:] for r in starts)
     with pytest.raises(IsomodError, match="unknown route regime 'loops'; known: annealed, templates"):
         regime("loops")
 

@@ -10,11 +10,15 @@ and a training config.
 | `templates_norms` | as `templates` | as `templates` | as `templates`; the modules own the norms' affine parameters |
 | `templates_cyclic` | as `templates` | biased to `0 1 .. K-1 0 1 ..`: every template starts at `L/K` positions | as `templates` |
 | `templates_swap` | as `templates` | as `templates` | as `templates`; half of the batches run with two steps' weights exchanged |
+| `templates_permuted` | as `templates` | biased to `p p ..` for a random permutation `p` of the templates, drawn per task | as `templates` |
+| `templates_permuted_swap` | as `templates` | as `templates_permuted` | as `templates_swap` |
 
 `templates` is the regime of the authors' research code (`googleinterns/loop-project`),
 whose multi-task model shares `K < L` templates among all steps and keeps routes soft;
-`templates_norms` adds what they also did with the norms. The last two aim at modules
-that serve several positions by other means. Which regime is the default is decided by
+`templates_norms` adds what they also did with the norms. The others aim at modules
+that serve several positions by other means: a shared cyclic start, exchanged steps, or
+a start in a different order for every task (so each template serves different steps in
+different tasks), alone or with exchanged steps. Which regime is the default is decided by
 `isomod bench mtl` (docs/results/mtl-regimes.md).
 """
 
@@ -73,6 +77,10 @@ REGIMES: dict[str, Regime] = {
     "templates_cyclic": Regime("templates_cyclic", 0.5, {**TEMPLATE_MODEL, "route_init": "cyclic"},
                                {"routes": "soft", "route_swap": 0.0}, True),
     "templates_swap": Regime("templates_swap", 0.5, TEMPLATE_MODEL, {"routes": "soft", "route_swap": 0.5}, True),
+    "templates_permuted": Regime("templates_permuted", 0.5, {**TEMPLATE_MODEL, "route_init": "permutation"},
+                                 {"routes": "soft", "route_swap": 0.0}, True),
+    "templates_permuted_swap": Regime("templates_permuted_swap", 0.5, {**TEMPLATE_MODEL, "route_init": "permutation"},
+                                      {"routes": "soft", "route_swap": 0.5}, True),
 }
 DEFAULT_REGIME = "annealed"
 
