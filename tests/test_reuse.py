@@ -97,3 +97,9 @@ def test_checks_compare_reuse_with_once_and_distinct():
                          "params_total": 1, "params_task": 1, "seed": seed})
     (line,) = reuse.checks({"rows": rows})
     assert "+4.00, seed spread 1.00: beats once" in line and line.endswith("reuse recovers 67%")
+    # A loss larger than the spread is called one; no share of a gain inside the noise.
+    for r in rows:
+        r["value"] += {"cyclic": -0.08, "distinct": -0.055}.get(r["method"], 0.0)
+    (line,) = reuse.checks({"rows": rows})
+    assert "(-4.00, seed spread 1.00: below once by more than the spread)" in line
+    assert line.endswith("distinct gains +0.50, not above its seed spread 1.00: no gain to recover")

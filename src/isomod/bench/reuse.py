@@ -214,7 +214,9 @@ def markdown_table(results: dict) -> str:
 
 def checks(results: dict) -> list[str]:
     """For each pool size and reuse method at `L = 2N`: its gain over `once` against the
-    larger of the two seed spreads, and the share of `distinct`'s gain it recovers."""
+    larger of the two seed spreads (above, below or within it), and the share of
+    `distinct`'s gain it recovers when `distinct` gains more than its own spread (a share
+    of a gain inside the noise means nothing)."""
     table = {(s["N"], s["L"], s["method"]): s for s in grouped(results["rows"])}
     lines = []
     for (n, steps, method), s in table.items():
@@ -223,16 +225,17 @@ def checks(results: dict) -> list[str]:
             continue
         gain = s["mean"] - base["mean"]
         spread = max(s["spread"], base["spread"])
+        verdict = ("beats once" if gain > spread else "below once by more than the spread" if gain < -spread
+                   else "within the spread")
         text = (f"N={n}, L={steps}, {method}: {100 * s['mean']:.2f} vs once {100 * base['mean']:.2f} "
-                f"({100 * gain:+.2f}, seed spread {100 * spread:.2f}: "
-                f"{'beats once' if gain > spread else 'not above the spread'})")
+                f"({100 * gain:+.2f}, seed spread {100 * spread:.2f}: {verdict})")
         if ref is not None:
-            ref_gain = ref["mean"] - base["mean"]
-            if ref_gain > 0:
-                share = gain / ref_gain
-                text += f"; distinct gains {100 * ref_gain:+.2f}, reuse recovers {100 * share:.0f}%"
+            ref_gain, ref_spread = ref["mean"] - base["mean"], max(ref["spread"], base["spread"])
+            if ref_gain > ref_spread:
+                text += f"; distinct gains {100 * ref_gain:+.2f}, reuse recovers {100 * gain / ref_gain:.0f}%"
             else:
-                text += f"; distinct gains {100 * ref_gain:+.2f}: no gain to recover"
+                text += (f"; distinct gains {100 * ref_gain:+.2f}, not above its seed spread "
+                         f"{100 * ref_spread:.2f}: no gain to recover")
         lines.append(text)
     return lines
 
