@@ -86,6 +86,7 @@ def test_tiny_bench_writes_rows_report_and_figure(tmp_path, digit_tasks):
     text = page.read_text()
     assert text.startswith("# Reuse\n\nintro\n\n<!-- isomod report: begin -->") and text.endswith("\n\nnotes\n")
     assert "old table" not in text and text.count("| 2 | 4 | block_repeat |") == 1 and "threads " in text
+    assert "|\n\n- N=2, L=4, " in text  # the checks are a list below the table, not rows of it
 
 
 def test_checks_compare_reuse_with_once_and_distinct():

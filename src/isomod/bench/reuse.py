@@ -260,7 +260,8 @@ def write_report(out: Path, results: dict) -> Path:
 
 
 def summary(results: dict) -> str:
-    return "\n".join([markdown_table(results), *checks(results)])
+    """The table, then the checks as a list (a line right under a table would join it)."""
+    return "\n".join([markdown_table(results), "", *(f"- {line}" for line in checks(results))])
 
 
 REUSE_STYLE = {"once": "black", "cyclic": "tab:red", "block_repeat": "tab:orange", "learned": "tab:green",
