@@ -35,6 +35,11 @@ def test_train_eval_and_resume_on_a_user_npz(tmp_path, capsys):
     assert '"event": "resume", "step": 8' in (run / "log.jsonl").read_text()
     assert main(["eval", "--from", str(run / "checkpoint")]) == 0
     assert "mine: test acc" in capsys.readouterr().out
+    assert main(["eval", "--from", str(run / "checkpoint"), "--split", "train", "--limit", "7", "--diagnostics"]) == 0
+    out = capsys.readouterr().out
+    assert "mine: train acc" in out and "route distance 0.000" in out and "steps shuffled 0." in out
+    acc = float(out.split("mine: train acc ")[1].split()[0])
+    assert abs(acc * 7 - round(acc * 7)) < 1e-3  # on 7 images
 
 
 def test_train_twice_with_one_seed_gives_identical_weights(tmp_path):
@@ -58,6 +63,7 @@ def test_config_file_and_overrides(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--tasks", "glyphs/klingon", "--out", "x"], "unknown task 'glyphs/klingon'; known suites: glyphs, digits, digits5, mnistc; known tasks:"),
     (["report", "."], "results.json not found: run a benchmark with --out . first"),
+    (["eval", "--from", "x", "--limit", "-1"], "--limit must be >= 0 (0: every image), got -1"),
     (["eval", "--from", "does-not-exist"], "does-not-exist: not a checkpoint folder"),
     (["train", "--tasks", "mnist", "--out", "x", "--schedule", "wavy"], "unknown schedule 'wavy'"),
 ])

@@ -111,13 +111,37 @@ def cmd_eval(args) -> int:
     from isomod.data.tasks import load_task, resolve
     from isomod.train import evaluate
 
+    if args.limit < 0:
+        raise IsomodError(f"--limit must be >= 0 (0: every image), got {args.limit}")
     model = load_checkpoint(args.from_)
     names = resolve(args.tasks) if args.tasks else model.task_names
-    tasks = [load_task(model.check_task(n).source or n, data_dir=args.data_dir) for n in names]
-    accs = evaluate(model, dict(zip(names, tasks)), split=args.split)
+    tasks = {n: evaluation_images(load_task(model.check_task(n).source or n, data_dir=args.data_dir), args.split,
+                                  args.limit) for n in names}
+    accs = evaluate(model, tasks)
     for name, acc in accs.items():
         print(f"{name}: {args.split} acc {acc:.4f}   {model.route_str(name)}")
+    if args.diagnostics:
+        from isomod import diagnostics
+
+        _, cross = diagnostics.cross_route_accuracy(model, tasks)
+        own, other = diagnostics.own_and_other(cross)
+        shuffled = diagnostics.shuffled_accuracy(model, tasks)
+        print(f"route distance {diagnostics.route_distance(model, names):.3f} (mean total variation between tasks' "
+              f"routes); {args.split} acc with its own route {own:.4f}, with another task's route {other:.4f}, "
+              f"with its own route's steps shuffled {sum(shuffled.values()) / len(shuffled):.4f}")
     return 0
+
+
+def evaluation_images(data, split: str, limit: int):
+    """`data` with the images of `split` (a fixed random `limit` of them when `limit` > 0)
+    as its test split, the one `evaluate` and the diagnostics read."""
+    import torch
+
+    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+    if 0 < limit < len(y):
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:limit]
+        x, y = x[keep], y[keep]
+    return dataclasses.replace(data, x_test=x, y_test=y)
 
 
 def cmd_transfer(args) -> int:
@@ -346,6 +370,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder")
     p.add_argument("--tasks", nargs="*", help="tasks to evaluate (default: all of the checkpoint's)")
     p.add_argument("--split", default="test", choices=("test", "train"))
+    p.add_argument("--limit", type=int, default=0,
+                   help="at most this many images per task, a fixed random sample (default 0: all)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also whether the routes carry the tasks: the distance between tasks' routes, each task "
+                        "run with the other tasks' routes, and with its own route's steps shuffled")
     p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST)")
     p.set_defaults(func=cmd_eval)
 
