@@ -123,12 +123,10 @@ def cmd_eval(args) -> int:
     if args.diagnostics:
         from isomod import diagnostics
 
-        _, cross = diagnostics.cross_route_accuracy(model, tasks)
-        own, other = diagnostics.own_and_other(cross)
-        shuffled = diagnostics.shuffled_accuracy(model, tasks)
-        print(f"route distance {diagnostics.route_distance(model, names):.3f} (mean total variation between tasks' "
-              f"routes); {args.split} acc with its own route {own:.4f}, with another task's route {other:.4f}, "
-              f"with its own route's steps shuffled {sum(shuffled.values()) / len(shuffled):.4f}")
+        d = diagnostics.summary(model, tasks)
+        print(f"route distance {d['route_distance']:.3f} (mean total variation between tasks' routes); "
+              f"{args.split} acc with its own route {d['own']:.4f}, with another task's route {d['other']:.4f}, "
+              f"with its own route's steps shuffled {sum(d['shuffled'].values()) / len(d['shuffled']):.4f}")
     return 0
 
 

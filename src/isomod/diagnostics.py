@@ -88,3 +88,13 @@ def shuffled_accuracy(model: TaskModel, tasks: dict[str, TaskData], seed: int = 
         with borrowed_route(model, name, state):
             out[name] = evaluate(model, {name: data})[name]
     return out
+
+
+def summary(model: TaskModel, tasks: dict[str, TaskData], seed: int = 0) -> dict:
+    """All of the above for `tasks`: `route_distance` between their routes, the cross-route
+    matrix (`names`, `cross_route`) with its diagonal and off-diagonal means (`own`,
+    `other`), and each task's accuracy with its route's steps shuffled (`shuffled`)."""
+    names, acc = cross_route_accuracy(model, tasks)
+    own, other = own_and_other(acc)
+    return {"route_distance": route_distance(model, list(tasks)), "names": names, "cross_route": acc,
+            "own": own, "other": other, "shuffled": shuffled_accuracy(model, tasks, seed=seed)}

@@ -180,10 +180,11 @@ def final_table(results: dict) -> str:
     # A run that has not finished every pass has methods with fewer seeds than others:
     # each cell lists the seeds its method has, in order.
     seeds = {m: sorted({r["seed"] for t in stream for r in last[(m, t)]}) for m in methods}
+    every_seed = sorted(set().union(*seeds.values()))
     if any(len(s) > 1 for s in seeds.values()):
         lines.append("| mean, each seed | " + " | ".join(" / ".join(
             f"{100 * np.mean([r['value'] for t in stream for r in last[(m, t)] if r['seed'] == s]):.1f}"
-            for s in seeds[m]) + ("" if seeds[m] == max(seeds.values(), key=len) else
+            for s in seeds[m]) + ("" if seeds[m] == every_seed else
                                   f" (seed{'s' if len(seeds[m]) > 1 else ''} {', '.join(map(str, seeds[m]))})")
             for m in methods) + " |")
     lines.append("| params at the end | " + " | ".join(

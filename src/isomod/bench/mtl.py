@@ -104,15 +104,14 @@ def diagnostic_rows(method: str, model: TaskModel, tasks: dict[str, TaskData], s
     distance, the cross-route matrix's diagonal and off-diagonal means, and each task's
     accuracy with its route's steps shuffled; and the cross-route matrix itself."""
     common = {"params_total": model.param_count(), "seed": seed}
-    names, acc = diagnostics.cross_route_accuracy(model, tasks)
-    own, other = diagnostics.own_and_other(acc)
-    shuffled = diagnostics.shuffled_accuracy(model, tasks, seed=seed)
-    rows = [Row(method, "mean", "route_distance", round(diagnostics.route_distance(model), 5), common)]
+    d = diagnostics.summary(model, tasks, seed=seed)
+    shuffled = d["shuffled"]
+    rows = [Row(method, "mean", "route_distance", round(d["route_distance"], 5), common)]
     rows += [Row(method, t, "shuffled_acc", round(a, 5), common) for t, a in shuffled.items()]
     rows += [Row(method, "mean", "shuffled_acc", round(sum(shuffled.values()) / len(shuffled), 5), common),
-             Row(method, "mean", "cross_route_own", round(own, 5), common),
-             Row(method, "mean", "cross_route_other", round(other, 5), common)]
-    return rows, {"tasks": names, "acc": acc.round(decimals=5).tolist()}
+             Row(method, "mean", "cross_route_own", round(d["own"], 5), common),
+             Row(method, "mean", "cross_route_other", round(d["other"], 5), common)]
+    return rows, {"tasks": d["names"], "acc": d["cross_route"].round(decimals=5).tolist()}
 
 
 def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = True,
