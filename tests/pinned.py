@@ -36,6 +36,11 @@ def one_thread():
 
 
 def digest_state(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict, leaving out what a discrete route never reads: its logits
+    and temperature (a discrete route runs its `choice`)."""
+    unread = {k[: -len("choice")] + name for k, v in state.items() if k.endswith("route.choice") and bool((v >= 0).all())
+              for name in ("logits", "temperature")}
+    state = {k: v for k, v in state.items() if k not in unread}
     h = hashlib.sha256()
     for k in sorted(state):
         v = state[k].detach().cpu().contiguous()
