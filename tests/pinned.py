@@ -81,8 +81,7 @@ def patterns(name: str, classes: int, n: int, seed: int, shape=(1, 12, 12), labe
 
 
 def runs() -> dict[str, str]:
-    from isomod.adapt import ADAPT_METHODS, adapt
-    from isomod.bench.adapt import route_oracle
+    from isomod.adapt import ADAPT_METHODS, adapt, route_oracle
     from isomod.continual import GrowConfig, learn_task
     from isomod.network import ModelConfig, ModularNet
     from isomod.regimes import regime

@@ -155,7 +155,7 @@ def test_alignment_with_sources_lowers_its_loss_and_changes_only_the_route_and_s
 
 
 def test_route_oracle_trains_the_target_route_alone_on_the_target_labels(sources_model, domains):
-    from isomod.bench.adapt import route_oracle
+    from isomod.adapt import route_oracle
 
     target = domains["uci"]
     g = torch.Generator().manual_seed(1)

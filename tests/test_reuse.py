@@ -6,9 +6,10 @@ import pytest
 
 from isomod import IsomodError
 from isomod.bench import reuse
-from isomod.route import reuse_pattern
+from isomod.bench.reuse import reuse_pattern
 from isomod.cli import main
-from isomod.network import ModelConfig, ModularNet, TaskSpec, macs_per_image
+from isomod.network import ModelConfig, ModularNet, TaskSpec
+from isomod.bench.base import macs_per_image
 from isomod.train import TrainConfig
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, TrainConfig, Trainer, TrainingDiverged, evaluate
-from isomod.route import RouteSchedule, SoftRoutes
+from isomod.route_schedule import RouteSchedule
+from isomod.train import route_schedule
 from isomod.checkpoint import load_checkpoint
 
 from test_checkpoint import snapshot
@@ -96,18 +97,27 @@ def test_resume_refuses_an_incompatible_checkpoint(two_tasks, tmp_path):
     assert snapshot(tmp_path / "checkpoint") == before
 
 
+def model_route():
+    from isomod.route import Route
+
+    return Route(3, 2, init="flat")
+
+
 def test_schedules_and_temperature():
     cfg = TrainConfig(steps=100, warmup_steps=10, temperature_start=1.0, temperature_end=0.01, discretize_at=0.5)
     assert cfg.lr_factor(0) == pytest.approx(0.1)
     assert cfg.lr_factor(10) == pytest.approx(1.0)
     assert cfg.lr_factor(99) < 0.01
-    routes = RouteSchedule(cfg)
+    routes = route_schedule(cfg)
+    assert routes == RouteSchedule(100, 1.0, 0.01, 0.01, 0.5, 0.0)
     assert routes.temperature(0) == 1.0 and routes.temperature(50) == pytest.approx(0.01)
     assert routes.temperature(25) == pytest.approx(0.1) and routes.discretize_step == 50
-    never = RouteSchedule(TrainConfig(steps=100, discretize_at=1.0, temperature_end=0.01))
+    never = RouteSchedule(steps=100, discretize_at=1.0, temperature_end=0.01)
     assert never.discretize_step is None and never.temperature(50) == pytest.approx(0.1)
-    soft = SoftRoutes()
-    assert soft.discretize_step is None and soft.temperature(99) == 1.0 and soft.entropy_weight(0) == 0.0
+    soft = route_schedule(TrainConfig(routes="soft", route_swap=0.25))
+    assert soft == RouteSchedule.soft(swap=0.25)
+    assert soft.discretize_step is None and soft.temperature(99) == 1.0
+    assert soft.penalty(0, [model_route()]) is None and routes.penalty(0, []) is None
     step = TrainConfig(steps=100, warmup_steps=0, schedule="step")
     assert [step.lr_factor(s) for s in (0, 60, 90)] == pytest.approx([1.0, 0.1, 0.01])
 
@@ -205,23 +215,24 @@ def test_regimes_set_pool_route_start_and_schedule():
 
 
 def test_route_swap_exchanges_two_steps_and_still_trains_the_route(two_tasks):
-    from isomod.route import Route
-
-    route = Route(5, 3, init="flat", init_scale=1.0)
-    plain = route.weights()
-    order = torch.tensor([0, 3, 2, 1, 4])
-    with route.reordered(order):
-        swapped = route.weights()
-    assert torch.equal(swapped, plain[order]) and route.step_order is None
-    swapped[1, 0].backward()
-    assert route.logits.grad[3].abs().sum() > 0 and route.logits.grad[1].abs().sum() == 0
+    model = tiny_model(two_tasks, route_init="flat")
+    task = two_tasks[0].name
+    x = torch.rand(4, 1, 28, 28)
+    order = torch.tensor([0, 3, 2, 1])
+    route = model.route(task)
+    mixed = model.mixed_params(route, order)
+    assert all(torch.equal(mixed[k], model.mixed_params(route)[k][order]) for k in mixed)
+    mixed["w1"][1].sum().backward()  # step 1 runs step 3's mixture: only step 3's logits get a gradient
+    assert route.logits.grad[3].abs().sum() > 0 and route.logits.grad[[0, 1, 2]].abs().sum() == 0
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(x, task, step_order=order), model(x, task)), "exchanging steps changed nothing"
     # In training, about `route_swap` of the batches run with two steps exchanged.
     seen = []
 
     def watching(model, x, y, task):
-        from isomod.train import cross_entropy
-        order = model.route(task).step_order
-        seen.append(None if order is None else order.tolist())
+        from isomod.train import StepOrder, cross_entropy
+        seen.append(model.order.tolist() if isinstance(model, StepOrder) else None)
         return cross_entropy(model, x, y, task)
 
     model = tiny_model(two_tasks, route_init="flat")

@@ -9,11 +9,13 @@ from isomod.checkpoint import load_checkpoint, save_checkpoint
 from isomod.errors import CheckpointError, IsomodError, TrainingDiverged
 from isomod.network import ModelConfig, ModularNet, TaskSpec
 from isomod.pool import ModulePool
-from isomod.route import Route, RouteSchedule, SoftRoutes
+from isomod.objectives import Objective, Output
+from isomod.route import Route
+from isomod.route_schedule import RouteSchedule
 from isomod.train import TrainConfig, Trainer, evaluate
 
 __all__ = [
     "CheckpointError", "IndependentNets", "IsomodError", "ModelConfig", "ModularNet", "ModulePool",
-    "PlainResNet", "Route", "RouteSchedule", "SoftRoutes", "TaskSpec", "TrainConfig", "Trainer", "TrainingDiverged",
+    "Objective", "Output", "PlainResNet", "Route", "RouteSchedule", "TaskSpec", "TrainConfig", "Trainer", "TrainingDiverged",
     "evaluate", "load_checkpoint", "save_checkpoint",
 ]

@@ -52,43 +52,33 @@ sources' labels at the same time, and align to every source:
   plus the sources' cross-entropy, every parameter trained.
 
 Their target starts as a copy of the nearest source (route and norms).
+
+Every method is a registered unit (`ADAPT`, `isomod.methods`) with its setting and what it
+changes; every one that trains runs through the one `Trainer` (the alignment losses are
+objectives, `isomod.align`).
 """
 
 from __future__ import annotations
 
-import math
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass
-from itertools import combinations
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from isomod.transfer import task_features
+from isomod.align import SourceAlignment, moment_gap, moments
 from isomod.data.tasks import TaskData
-from isomod.errors import IsomodError, check_choice
-from isomod.logs import Progress, RunLog
-from isomod.network import ModularNet, TaskSpec
-from isomod.train import TrainConfig, Trainer, to_float
+from isomod.errors import IsomodError
+from isomod.methods import Methods
+from isomod.network import ModularNet, TaskSpec, to_float
+from isomod.route_schedule import RouteSchedule
+from isomod.train import TrainConfig, Trainer
 
-SOURCE_FREE = ("source_only", "adabn", "tent", "route_select", "route_entropy", "route_im")
-WITH_SOURCES = ("route_moment", "route_adversarial", "m3sda", "dann")
-ADAPT_METHODS = SOURCE_FREE + WITH_SOURCES
-ROUTE_METHODS = ("route_entropy", "route_im")  # source-free methods that learn a route
-ALIGN_ROUTE_METHODS = ("route_moment", "route_adversarial")  # with sources, the route alone
-FULL_NETWORK_METHODS = ("m3sda", "dann")  # with sources, every parameter
-MOMENT_METHODS = ("route_moment", "m3sda")  # the others align with a discriminator
 ADAPT_TRAIN = TrainConfig(steps=300, batch_size=128, lr=1e-3, lr_routes=5e-2, lr_heads=0.0, weight_decay=0.0,
                           warmup_steps=20, augment=False, checkpoint_every=0, log_every=20)
 MIN_TARGET_IMAGES = 64
 SOURCE_FEATURE_IMAGES = 2000  # images per source whose frozen features the route methods align to
-DISCRIMINATOR_HIDDEN = 64
-# Weight of the alignment loss beside the sources' cross-entropy (m3sda, dann): chosen on
-# validation images of two targets' training splits (digits5 mnist and mnistm, seed 0),
-# where 0.1 beat 1.0 for both methods on both (m3sda 74.4 / 46.6 against 67.5 / 42.5).
-ALIGN_WEIGHT = 0.1
 SELECTED_BIAS = 4.0  # route logits start here on the chosen source's module at each step ...
 OTHER_SOURCE_BIAS = 2.0  # ... and here on the other sources' modules at that step
 
@@ -152,11 +142,11 @@ def im_objective(model, x, y, task):
     return entropy(logits) - marginal_entropy(logits), logits
 
 
-@torch.no_grad()
 def predict_logits(model: ModularNet, task: str, x: torch.Tensor) -> torch.Tensor:
     """Logits `(B, K)` of uint8 images `x` under `task`, in eval mode, on the CPU."""
     head = model.head_of(task)
-    return model.forward_head(task_features(model, task, x).to(head.weight.device), task).cpu()
+    with torch.no_grad():
+        return model.forward_head(model.features(x, task).to(head.weight.device), task).cpu()
 
 
 def im_score(model: ModularNet, task: str, x: torch.Tensor) -> float:
@@ -180,38 +170,31 @@ def stats_distance(model: ModularNet, task: str, source: str) -> float:
 @torch.no_grad()
 def estimate_norm_stats(model: ModularNet, task: str, x: torch.Tensor, batch_size: int = 256) -> None:
     """Replace the running statistics of `task`'s norms by their average over `x` (AdaBN)."""
-    norms = [m for m in model.branch(task).norms if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    was_training = model.training
-    model.eval()
+    norms = list(model.branch(task).norms)
     saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches
-        m.train()
     device = next(model.parameters()).device
-    for i in range(0, len(x), batch_size):
-        model(to_float(x[i : i + batch_size].to(device)), task)
+    with model.evaluating():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+            m.train()
+        for i in range(0, len(x), batch_size):
+            model(to_float(x[i : i + batch_size].to(device)), task)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
-    model.train(was_training)
 
 
-# --- adaptation ---------------------------------------------------------------------
-def setting(method: str) -> str:
-    """`source_free` or `with_sources`: what `method` adapts from."""
-    check_choice("adaptation method", method, ADAPT_METHODS)
-    return "with_sources" if method in WITH_SOURCES else "source_free"
-
-
+# --- the target's start ---------------------------------------------------------------
 @dataclass
 class AdaptResult:
     """One adaptation: the method, the source whose route (or whose norms) the target
-    started from, every source's unsupervised score (`score`: `im` or `stats_distance`,
-    lower is better), the numbers the adaptation changed (`params_task`; for the
-    full-network methods, every number of the model that moved), the target's route
-    weights (before discretising, or as kept when soft), whether the learned route was
-    kept (source-free route methods), and the training log of the methods with sources
-    (`history`: `step`, `align` and, where the network trains, `ce`)."""
+    started from, every source's unsupervised score (`score`: `im`, `stats_distance` or
+    `feature_gap`, lower is better), the numbers the adaptation changed (`params_task`;
+    for the full-network methods, every number of the model that moved), the target's
+    route weights (before discretising, or as kept when soft), whether the learned route
+    was kept (source-free route methods), and the training log of the methods that train
+    (`history`: the trainer's log records; with sources they carry `align` and, where the
+    network trains, `ce`, each the mean over its log interval)."""
 
     method: str
     source: str
@@ -225,15 +208,15 @@ class AdaptResult:
 
 
 def add_as_copy(model: ModularNet, spec: TaskSpec, source: str) -> None:
-    """Add `spec` as a copy of `source`: its norms (statistics included) and its route,
-    frozen. An earlier copy of the same name is replaced."""
+    """Add `spec` as a frozen copy of `source`: its norms (statistics included) and its
+    route. An earlier copy of the same name is replaced."""
     if spec.name in model.specs:
         model.remove_task(spec.name)
-    branch = model.add_task(spec, copy_norms_from=source).requires_grad_(False)
-    branch.route.load_state_dict(model.route(source).state_dict())
+    model.add_task(spec, start_from=source).requires_grad_(False)
 
 
-def _stats_count(model: ModularNet, task: str) -> int:
+def stats_count(model: ModularNet, task: str) -> int:
+    """How many running-statistics numbers `task`'s norms hold."""
     return sum(b.numel() for n, b in model.branch(task).norms.named_buffers() if "running" in n)
 
 
@@ -253,58 +236,8 @@ def score_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, sources: l
 def start_from_sources(model: ModularNet, task: str, sources: list[str], chosen: str) -> None:
     """Make `task`'s route soft, its logits biased towards every source's module at each
     step and most towards `chosen`'s, at temperature 1."""
-    route = model.route(task)
-    route.choice.fill_(-1)
-    with torch.no_grad():
-        route.temperature.fill_(1.0)
-        route.logits.zero_()
-        steps = torch.arange(route.steps)
-        for s in sources:
-            route.logits[steps, torch.tensor(model.route(s).indices())] = OTHER_SOURCE_BIAS
-        route.logits[steps, torch.tensor(model.route(chosen).indices())] = SELECTED_BIAS
-
-
-# --- alignment with the sources -----------------------------------------------------
-def moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and second moment of features `(B, C)`."""
-    return f.mean(0), f.pow(2).mean(0)
-
-
-def moment_gap(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Squared distance between two feature distributions' first and second moments."""
-    return 0.5 * ((a[0] - b[0]).pow(2).sum() + (a[1] - b[1]).pow(2).sum())
-
-
-class _Reverse(torch.autograd.Function):
-    """Identity forward; the gradient multiplied by `-scale` backward (DANN's layer)."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.scale * grad, None
-
-
-def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    return _Reverse.apply(x, scale)
-
-
-def dann_scale(progress: float) -> float:
-    """DANN's ramp of the reversed gradient from 0 to 1 over training."""
-    return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
-
-
-def domain_loss(disc: nn.Module, source: torch.Tensor, target: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
-    """The discriminator's loss (sources labelled 0, target 1, each side weighted equally)
-    on features that pass a gradient reversal layer, and its accuracy."""
-    d_s, d_t = disc(reverse_gradient(source, scale)), disc(reverse_gradient(target, scale))
-    loss = (F.binary_cross_entropy_with_logits(d_s, torch.zeros_like(d_s))
-            + F.binary_cross_entropy_with_logits(d_t, torch.ones_like(d_t)))
-    acc = 0.5 * ((d_s < 0).float().mean() + (d_t > 0).float().mean())
-    return loss, acc.item()
+    model.route(task).start_at(*[(model.route(s).indices(), OTHER_SOURCE_BIAS) for s in sources],
+                               (model.route(chosen).indices(), SELECTED_BIAS))
 
 
 def changed_numbers(before: dict[str, torch.Tensor], model: ModularNet) -> int:
@@ -313,115 +246,229 @@ def changed_numbers(before: dict[str, torch.Tensor], model: ModularNet) -> int:
     return sum(int((before[k] != v).sum()) for k, v in after.items() if k in before and v.is_floating_point())
 
 
-def _adapt_with_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, names: list[str], method: str,
-                        config: TrainConfig, sources: dict[str, TaskData] | None, out_dir: str | Path | None,
-                        progress: bool) -> AdaptResult:
-    missing = [n for n in names if n not in (sources or {})]
+# --- the methods ------------------------------------------------------------------------
+ADAPT = Methods("adaptation method")
+
+
+@dataclass
+class Target:
+    """What an adaptation method is given: the model, the target's spec and unlabelled
+    images, the source domains' names, the budget, where to write, and (with sources) the
+    labelled source data by name."""
+
+    model: ModularNet
+    spec: TaskSpec
+    x: torch.Tensor
+    sources: list[str]
+    config: TrainConfig
+    out_dir: str | Path | None
+    progress: bool
+    data: dict[str, TaskData] | None = None
+
+
+def by_im(t: Target) -> tuple[str, dict[str, float]]:
+    """The source whose route and norms give the most confident and diverse predictions on
+    the target images, and every source's IM score."""
+    scores = {s: im_score(t.model, s, t.x) for s in t.sources}
+    return min(scores, key=scores.get), scores
+
+
+@ADAPT.register("source_only", "source_free", "nothing: the most confident and diverse source route and norms "
+                "(IM score) run the target as they are")
+def source_only(t: Target) -> AdaptResult:
+    source, scores = by_im(t)
+    add_as_copy(t.model, t.spec, source)
+    return AdaptResult("source_only", source, "im", scores, 0)
+
+
+@ADAPT.register("adabn", "source_free", "the norm statistics of source_only's route, re-estimated on the target")
+def adabn(t: Target) -> AdaptResult:
+    source, scores = by_im(t)
+    add_as_copy(t.model, t.spec, source)
+    estimate_norm_stats(t.model, t.spec.name, t.x)
+    return AdaptResult("adabn", source, "im", scores, stats_count(t.model, t.spec.name))
+
+
+@ADAPT.register("route_select", "source_free", "the source route whose target statistics lie closest to its own "
+                "source statistics, with the target statistics")
+def route_select(t: Target) -> AdaptResult:
+    scores = score_sources(t.model, t.spec, t.x, t.sources, stats_distance)
+    source = min(scores, key=scores.get)
+    add_as_copy(t.model, t.spec, source)
+    estimate_norm_stats(t.model, t.spec.name, t.x)
+    return AdaptResult("route_select", source, "stats_distance", scores, stats_count(t.model, t.spec.name))
+
+
+@ADAPT.register("tent", "source_free", "adabn, then the norms' affine parameters trained to minimise prediction "
+                "entropy (TENT)")
+def tent(t: Target) -> AdaptResult:
+    source, scores = by_im(t)
+    add_as_copy(t.model, t.spec, source)
+    estimate_norm_stats(t.model, t.spec.name, t.x)
+    params = {"norms": [p for m in t.model.branch(t.spec.name).norms for p in m.parameters()]}
+    train_target(t, params, entropy_objective, frozen_norm_stats=True)
+    changed = sum(p.numel() for ps in params.values() for p in ps) + stats_count(t.model, t.spec.name)
+    return AdaptResult("tent", source, "im", scores, changed)
+
+
+def train_target(t: Target, params: dict, objective, frozen_norm_stats: bool, **options) -> Trainer:
+    """Train `params` on the target's unlabelled images with `objective`, then discretise its
+    route (when soft) and re-estimate its statistics."""
+    trainer = Trainer(t.model, {t.spec.name: unlabelled(t.spec, t.x)}, t.config, out_dir=t.out_dir,
+                      objective=objective, progress=t.progress, train_tasks=[t.spec.name], params=params,
+                      frozen_norm_stats=frozen_norm_stats, **options)
+    trainer.fit()
+    t.model.discretize(t.spec.name)
+    estimate_norm_stats(t.model, t.spec.name, t.x)
+    return trainer
+
+
+def learn_route(t: Target, method: str, objective) -> AdaptResult:
+    """The target's route learned from a mixture of the source routes favouring
+    source_only's, by `objective` on the target images (statistics follow the route);
+    kept only when its IM score beats its start's."""
+    source, scores = by_im(t)
+    model, name = t.model, t.spec.name
+    add_as_copy(model, t.spec, source)
+    estimate_norm_stats(model, name, t.x)
+    start = (model.route(name).indices(), im_score(model, name, t.x))  # the source route, target statistics
+    start_from_sources(model, name, t.sources, source)
+    params = {"routes": [model.route(name).logits]}
+    trainer = train_target(t, params, objective, frozen_norm_stats=False)
+    # A route that collapsed onto a few classes scores worse than its start and is
+    # undone. A confidently wrong route can still pass: IM is only a proxy.
+    kept = im_score(model, name, t.x) < start[1]
+    if not kept:
+        model.route(name).set_choice(start[0])
+        estimate_norm_stats(model, name, t.x)
+    changed = model.route(name).logits.numel() + stats_count(model, name)
+    return AdaptResult(method, source, "im", scores, changed, (trainer.soft_usage or {}).get(name), kept)
+
+
+@ADAPT.register("route_entropy", "source_free", "the target's route (and statistics) learned by minimising "
+                "prediction entropy", learns_route=True)
+def route_entropy(t: Target) -> AdaptResult:
+    return learn_route(t, "route_entropy", entropy_objective)
+
+
+@ADAPT.register("route_im", "source_free", "the target's route (and statistics) learned by information "
+                "maximisation", learns_route=True)
+def route_im(t: Target) -> AdaptResult:
+    return learn_route(t, "route_im", im_objective)
+
+
+# --- with the labelled sources --------------------------------------------------------
+def nearest_source(t: Target) -> tuple[str, dict[str, float], dict[str, torch.Tensor]]:
+    """The source whose route, run on the target with statistics estimated there, gives
+    features whose moments lie closest to that source's own (`feature_gap`); every
+    source's gap; and the sources' frozen features."""
+    missing = [n for n in t.sources if n not in (t.data or {})]
     if missing:
-        raise IsomodError(f"method {method!r} adapts with the labelled source domains; their data is missing for "
+        raise IsomodError(f"this method adapts with the labelled source domains; their data is missing for "
                           f"{', '.join(missing)} (pass `sources`, a dict of TaskData by name)")
-    device = next(model.parameters()).device
-    feats = {s: task_features(model, s, sources[s].x_train[:SOURCE_FEATURE_IMAGES]).to(device) for s in names}
+    device = next(t.model.parameters()).device
+    feats = {s: t.model.features(t.data[s].x_train[:SOURCE_FEATURE_IMAGES], s).to(device) for s in t.sources}
     reference = {s: moments(f) for s, f in feats.items()}
 
     def feature_gap(model: ModularNet, task: str, s: str) -> float:
-        # The moment gap between the target's features under `s`'s route and `s`'s own.
-        return moment_gap(moments(task_features(model, task, x[:SOURCE_FEATURE_IMAGES])), reference[s]).item()
+        return moment_gap(moments(model.features(t.x[:SOURCE_FEATURE_IMAGES], task)), reference[s]).item()
 
-    scores = score_sources(model, spec, x, names, feature_gap)
-    source = min(scores, key=scores.get)
-    add_as_copy(model, spec, source)
+    scores = score_sources(t.model, t.spec, t.x, t.sources, feature_gap)
+    return min(scores, key=scores.get), scores, feats
+
+
+def align_with_sources(t: Target, method: str, align: str, route_only: bool) -> AdaptResult:
+    """The target aligned with the sources by `align` (see `isomod.align`): its route alone
+    towards the nearest source's frozen features, or the whole network with every source's
+    cross-entropy; then its statistics re-estimated."""
+    source, scores, feats = nearest_source(t)
+    model, name = t.model, t.spec.name
+    add_as_copy(model, t.spec, source)
     before = {k: v.clone() for k, v in model.state_dict().items()}  # the target equals its source here
-    route_only = method in ALIGN_ROUTE_METHODS
+    config = replace(t.config, batch_order="random", augment=False)
     torch.manual_seed(config.seed)  # the discriminator's initial weights
-    g = torch.Generator().manual_seed(config.seed)
     if route_only:
-        start_from_sources(model, spec.name, names, source)
-        route = model.route(spec.name)
-        route.logits.requires_grad_(True)
-        groups = [{"params": [route.logits], "base_lr": config.lr_routes}]
-        nearest = feats[source]  # frozen: computed once
-        nearest_moments = moments(nearest)
+        start_from_sources(model, name, t.sources, source)
+        params = {"routes": [model.route(name).logits]}
+        objective = SourceAlignment(align, [source], config.batch_size, model.config.channels, bank=feats[source])
     else:
-        model.requires_grad_(True)
-        for n in model.task_names:
-            if model.route(n).is_discrete:
-                model.route(n).logits.requires_grad_(False)  # unused by a discrete route
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "base_lr": config.lr}]
-    disc = None
-    if method not in MOMENT_METHODS:
-        c = model.config.channels
-        disc = nn.Sequential(nn.Linear(c, DISCRIMINATOR_HIDDEN), nn.ReLU(), nn.Linear(DISCRIMINATOR_HIDDEN, 1)).to(device)
-        groups.append({"params": list(disc.parameters()), "base_lr": config.lr})
-    optimizer = torch.optim.AdamW([{**grp, "lr": grp["base_lr"]} for grp in groups], betas=(0.9, 0.99),
-                                  weight_decay=config.weight_decay)
-    log = RunLog(None)
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        log = RunLog(Path(out_dir) / "log.jsonl")
-    bar = Progress(config.steps, 0, progress, desc=f"adapt {method}")
-    per_source = max(1, config.batch_size // len(names))
-    history = []
-    for step in range(config.steps):
-        for grp in optimizer.param_groups:
-            grp["lr"] = grp["base_lr"] * config.lr_factor(step)
-        if route_only:
-            model.eval()
-            model.branch(spec.name).norms.train()  # the target's statistics follow its route
-        else:
-            model.train()
-        xt = to_float(x[torch.randint(len(x), (config.batch_size,), generator=g)].to(device))
-        ft = model.forward_features(xt, spec.name)
-        ce = None
-        if route_only:
-            fs = {source: nearest[torch.randint(len(nearest), (config.batch_size,), generator=g).to(device)]}
-        else:
-            fs, ce = {}, 0.0
-            for s in names:
-                idx = torch.randint(len(sources[s].y_train), (per_source,), generator=g)
-                f = model.forward_features(to_float(sources[s].x_train[idx].to(device)), s)
-                ce = ce + F.cross_entropy(model.forward_head(f, s), sources[s].y_train[idx].to(device)) / len(names)
-                fs[s] = f
-        record = {"step": step + 1}
-        if method in MOMENT_METHODS:
-            mt = moments(ft)
-            if route_only:
-                align = moment_gap(mt, nearest_moments)
-            else:
-                src = [moments(f) for f in fs.values()]
-                align = sum(moment_gap(mt, m) for m in src) / len(src)
-                pairs = list(combinations(src, 2))
-                if pairs:  # M3SDA also pulls the sources together
-                    align = align + sum(moment_gap(a, b) for a, b in pairs) / len(pairs)
-        else:
-            align, record["domain_acc"] = domain_loss(disc, torch.cat(list(fs.values())), ft,
-                                                      dann_scale(step / config.steps))
-        loss = align if ce is None else ce + ALIGN_WEIGHT * align
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        record["align"] = round(align.item(), 6)
-        if ce is not None:
-            record["ce"] = round(ce.item(), 6)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            history.append(record)
-            log.write(**record)
-            bar.set_postfix(" ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
-        bar.update()
-    bar.close()
-    log.close()
-    model.requires_grad_(False)
-    estimate_norm_stats(model, spec.name, x)
-    model.eval()
-    soft = model.route(spec.name).weights().detach().cpu().tolist() if route_only else None
+        params = model.param_groups(include_frozen=True)
+        config = replace(config, lr_heads=config.lr)  # every number of the network trains at one rate
+        objective = SourceAlignment(align, t.sources, config.batch_size, model.config.channels)
+    trainer = Trainer(model, {name: unlabelled(t.spec, t.x), **{s: t.data[s] for s in t.sources}}, config,
+                      out_dir=t.out_dir, objective=objective, progress=t.progress, train_tasks=[name],
+                      params=params, routes=RouteSchedule.soft(), frozen_norm_stats=False)
+    trainer.fit()
+    estimate_norm_stats(model, name, t.x)
+    soft = model.route(name).weights().detach().cpu().tolist() if route_only else None
     return AdaptResult(method, source, "feature_gap", scores, changed_numbers(before, model), soft,
-                       setting="with_sources", history=history)
+                       setting="with_sources", history=trainer.history)
+
+
+@ADAPT.register("route_moment", "with_sources", "the target's route alone, trained to match its features' moments "
+                "to the nearest source's", learns_route=True)
+def route_moment(t: Target) -> AdaptResult:
+    return align_with_sources(t, "route_moment", "moment", route_only=True)
+
+
+@ADAPT.register("route_adversarial", "with_sources", "the target's route alone, trained through a reversed gradient "
+                "to fool a discriminator of the nearest source's features from the target's", learns_route=True)
+def route_adversarial(t: Target) -> AdaptResult:
+    return align_with_sources(t, "route_adversarial", "adversarial", route_only=True)
+
+
+@ADAPT.register("m3sda", "with_sources", "every number of the network: the sources' cross-entropy plus moment "
+                "matching of target and sources (M3SDA)")
+def m3sda(t: Target) -> AdaptResult:
+    return align_with_sources(t, "m3sda", "moment", route_only=False)
+
+
+@ADAPT.register("dann", "with_sources", "every number of the network: the sources' cross-entropy plus a domain "
+                "discriminator behind gradient reversal (DANN)")
+def dann(t: Target) -> AdaptResult:
+    return align_with_sources(t, "dann", "adversarial", route_only=False)
+
+
+# --- analysis ---------------------------------------------------------------------------
+def route_oracle(base: ModularNet, target: TaskData, sources: list[str], start: str, config: TrainConfig,
+                 progress: bool = False) -> tuple[ModularNet, Trainer, int]:
+    """A copy of `base` with `target` added and its route alone trained on the target's
+    *labels* (analysis only, never an adaptation method): soft to the end, starting like
+    the route methods from a mixture of the `sources`' routes that favours `start`, the
+    norm statistics following the route and re-estimated at the end. Pool, stem, head and
+    sources stay as they are. Returns the model, its trainer (for the loss history) and
+    the numbers that changed."""
+    model = copy.deepcopy(base)
+    model.requires_grad_(False)
+    name = target.spec.name
+    add_as_copy(model, target.spec, start)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start_from_sources(model, name, sources, start)
+    trainer = Trainer(model, {name: target}, replace(config, routes="soft", eval_every=0), progress=progress,
+                      params={"routes": [model.route(name).logits]}, frozen_norm_stats=False)
+    trainer.fit()
+    model.requires_grad_(False)
+    estimate_norm_stats(model, name, target.x_train)
+    return model, trainer, changed_numbers(before, model)
+
+
+SOURCE_FREE = ADAPT.names("source_free")
+WITH_SOURCES = ADAPT.names("with_sources")
+ADAPT_METHODS = SOURCE_FREE + WITH_SOURCES
+ROUTE_METHODS = tuple(m for m in SOURCE_FREE if ADAPT[m].learns_route)  # source-free methods that learn a route
+ALIGN_ROUTE_METHODS = tuple(m for m in WITH_SOURCES if ADAPT[m].learns_route)  # with sources, the route alone
+FULL_NETWORK_METHODS = tuple(m for m in WITH_SOURCES if not ADAPT[m].learns_route)  # with sources, every parameter
+
+
+def setting(method: str) -> str:
+    """What `method` adapts from: `source_free` or `with_sources`."""
+    return ADAPT[method].setting
 
 
 def adapt(model: ModularNet, target: TaskData, method: str = "route_select", config: TrainConfig = ADAPT_TRAIN,
           out_dir: str | Path | None = None, progress: bool = True,
           sources: dict[str, TaskData] | None = None) -> AdaptResult:
-    """Add the unlabelled `target` domain to `model` with one of `ADAPT_METHODS`, in place.
+    """Add the unlabelled `target` domain to `model` with one of the `ADAPT` methods, in place.
 
     Only `target.spec` and `target.x_train` are read; the target's labels never are.
     Except under `m3sda` and `dann`, pool, stem, the shared head and every source domain
@@ -430,7 +477,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
     Args:
         model: a ModularNet trained on source domains of the target's label space.
         target: the new domain; its training images are the unlabelled adaptation data.
-        method: one of `ADAPT_METHODS`.
+        method: a registered adaptation method (`ADAPT.help()` says what each changes).
         config: steps, batch size and learning rates of `tent` (`lr`) and the route
             methods (`lr_routes`, temperature schedule, `discretize_at`); with sources:
             `lr_routes` for the route, `lr` for the discriminator and, under `m3sda` and
@@ -438,50 +485,11 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
             as many source images (split evenly over the sources) per step.
         out_dir: run folder for the log and checkpoint of the trained methods.
         progress: show a progress bar.
-        sources: the labelled source domains by name (`WITH_SOURCES` methods only).
+        sources: the labelled source domains by name (`with_sources` methods only).
     """
-    check_choice("adaptation method", method, ADAPT_METHODS)
-    spec, x = target.spec, target.x_train
-    names = check_target(model, spec, len(x))
+    unit = ADAPT[method]
+    names = check_target(model, target.spec, len(target.x_train))
     model.requires_grad_(False)  # the model is left frozen, whatever the method
-    if method in WITH_SOURCES:
-        return _adapt_with_sources(model, spec, x, names, method, config, sources, out_dir, progress)
-    if method == "route_select":
-        score, scores = "stats_distance", score_sources(model, spec, x, names, stats_distance)
-    else:
-        score, scores = "im", {s: im_score(model, s, x) for s in names}
-    source = min(scores, key=scores.get)
-    add_as_copy(model, spec, source)
-    if method == "source_only":
-        return AdaptResult(method, source, score, scores, 0)
-    estimate_norm_stats(model, spec.name, x)
-    if method in ("adabn", "route_select"):
-        return AdaptResult(method, source, score, scores, _stats_count(model, spec.name))
-    branch = model.branch(spec.name)
-    if method == "tent":
-        params = {"norms": [p for m in branch.norms for p in m.parameters()]}
-        objective, frozen_stats = entropy_objective, True
-    else:
-        route = branch.route
-        start = (route.indices(), im_score(model, spec.name, x))  # the source route, target statistics
-        start_from_sources(model, spec.name, names, source)
-        params = {"routes": [route.logits]}
-        objective = entropy_objective if method == "route_entropy" else im_objective
-        frozen_stats = False  # statistics follow the route being learned
-    trainer = Trainer(model, {spec.name: unlabelled(spec, x)}, config, out_dir=out_dir, objective=objective,
-                      progress=progress, train_tasks=[spec.name], params=params, frozen_norm_stats=frozen_stats)
-    trainer.fit()
-    model.discretize(spec.name)
-    estimate_norm_stats(model, spec.name, x)
-    model.requires_grad_(False)
-    kept = None
-    if method in ROUTE_METHODS:
-        # A route that collapsed onto a few classes scores worse than its start and is
-        # undone. A confidently wrong route can still pass: IM is only a proxy.
-        kept = im_score(model, spec.name, x) < start[1]
-        if not kept:
-            model.route(spec.name).set_choice(start[0])
-            estimate_norm_stats(model, spec.name, x)
-    soft = (trainer.soft_usage or {}).get(spec.name)
-    changed = sum(p.numel() for ps in params.values() for p in ps) + _stats_count(model, spec.name)
-    return AdaptResult(method, source, score, scores, changed, soft, kept)
+    result = unit.run(Target(model, target.spec, target.x_train, names, config, out_dir, progress, sources))
+    model.requires_grad_(False)  # a route started by the method comes back trainable
+    return result

@@ -61,17 +61,19 @@ class PlainResNet(TaskModel):
         del self.heads[task]
         del self.specs[task]
 
-    def param_groups(self, tasks: list[str] | None = None) -> dict[str, list[nn.Parameter]]:
+    def norm_layers(self) -> list[nn.BatchNorm2d]:
+        return list(self.norms)
+
+    def _param_groups(self, tasks: list[str] | None) -> dict[str, list[nn.Parameter]]:
         """Everything trainable, or with `tasks` only their heads (all a task owns here)."""
         if tasks is not None:
             return {"heads": [p for t in tasks for p in self.heads[self.check_task(t).name].parameters()]}
-        groups = {
+        return {
             "stem": list(self.stem.parameters()),
             "pool": list(self.blocks.parameters()),
             "norms": list(self.norms.parameters()),
             "heads": list(self.heads.parameters()),
         }
-        return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
 
     def task_param_count(self, task: str) -> int:
         self.check_task(task)
@@ -108,14 +110,14 @@ class IndependentNets(TaskModel):
         del self.nets[task]
         del self.specs[task]
 
-    def param_groups(self, tasks: list[str] | None = None) -> dict[str, list[nn.Parameter]]:
-        """Every network's trainable parameters, or with `tasks` their whole networks."""
+    def norm_layers(self) -> list[nn.BatchNorm2d]:
+        return [m for net in self.nets.values() for m in net.norm_layers()]
+
+    def _param_groups(self, tasks: list[str] | None) -> dict[str, list[nn.Parameter]]:
+        """Every network's parameters, or with `tasks` their whole networks."""
         groups: dict[str, list[nn.Parameter]] = {}
         for name in self.task_names if tasks is None else [self.check_task(t).name for t in tasks]:
-            net = self.nets[name]
-            for k, v in (net.param_groups() if tasks is None else
-                         {"stem": list(net.stem.parameters()), "pool": list(net.blocks.parameters()),
-                          "norms": list(net.norms.parameters()), "heads": list(net.heads.parameters())}).items():
+            for k, v in self.nets[name]._param_groups(None).items():
                 groups.setdefault(k, []).extend(v)
         return groups
 

@@ -21,13 +21,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from isomod.adapt import ADAPT_METHODS, ADAPT_TRAIN
+from isomod.adapt import ADAPT, ADAPT_TRAIN
 from isomod.config import add_config_args, build_config, positive
 from isomod.errors import IsomodError, check_out_file
 from isomod.network import ModelConfig
 from isomod.regimes import REGIMES, regime
 from isomod.train import TrainConfig
-from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN
+from isomod.transfer import TRANSFER, TRANSFER_TRAIN
 
 
 @dataclasses.dataclass
@@ -119,7 +119,7 @@ def cmd_eval(args) -> int:
                                   args.limit) for n in names}
     accs = evaluate(model, tasks)
     for name, acc in accs.items():
-        print(f"{name}: {args.split} acc {acc:.4f}   {model.route_str(name)}")
+        print(f"{name}: {args.split} acc {acc:.4f}" + (f"   route {model.route(name)}" if model.has_routes else ""))
     if args.diagnostics:
         from isomod import diagnostics
 
@@ -169,7 +169,7 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from isomod.adapt import FULL_NETWORK_METHODS, adapt, check_target, setting
+    from isomod.adapt import adapt, check_target
     from isomod.checkpoint import load_checkpoint, save_checkpoint
     from isomod.data.tasks import load_task
     from isomod.train import check_out_dir, evaluate
@@ -180,7 +180,7 @@ def cmd_adapt(args) -> int:
     model.require_routes(f"{args.from_}: domain adaptation")
     target = load_task(args.target, data_dir=args.data_dir)
     sources = None
-    if setting(args.method) == "with_sources":  # the model's domains of the target's label space, by name
+    if ADAPT[args.method].setting == "with_sources":  # the model's domains of the target's label space, by name
         names = check_target(model, target.spec, len(target.x_train))
         sources = {n: load_task(n, data_dir=args.data_dir) for n in names}
     res = adapt(model, target, args.method, train_cfg, out_dir=args.out, progress=not args.no_progress,
@@ -193,7 +193,7 @@ def cmd_adapt(args) -> int:
     if res.kept is not None:
         print("the learned route scored better than its start and was kept" if res.kept else
               f"the learned route scored worse than its start ({res.source}'s route), which was restored")
-    if args.method in FULL_NETWORK_METHODS:
+    if ADAPT[args.method].setting == "with_sources" and not ADAPT[args.method].learns_route:
         print(f"the adaptation changed {res.params_task:,} numbers (the whole network, trained on the sources' labels "
               f"too); checkpoint: {out}")
     else:
@@ -292,29 +292,30 @@ def cmd_report(args) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    from isomod.bench import registry
-    from isomod.export import EXPORT_FORMATS
+def with_config(p: argparse.ArgumentParser, base, unprefixed: str = "train", data_dir: bool = True):
+    """A command's `--config`, `--no-progress`, `--data-dir` and its config dataclass's options."""
+    p.add_argument("--config", help="YAML or JSON file with any of the options below, nested by section "
+                   "(e.g. `seeds: [0, 1]`, `train: {steps: 500}`); options on the command line win")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    if data_dir:
+        add_data_dir(p)
+    add_config_args(p, base, unprefixed)
+    return p
 
-    parser = argparse.ArgumentParser(prog="isomod", description="Compositional modular networks: "
-                                     "a pool of residual modules, a learned route per task.")
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p, base, unprefixed: str = "train", data_dir: bool = True):
-        p.add_argument("--config", help="YAML or JSON file with any of the options below, nested by section "
-                       "(e.g. `seeds: [0, 1]`, `train: {steps: 500}`); options on the command line win")
-        p.add_argument("--no-progress", action="store_true", help="no progress output")
-        if data_dir:
-            p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST's "
-                           "IDX files); then $ISOMOD_DATA, then /usr/share/datasets")
-        add_config_args(p, base, unprefixed)
-        return p
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST's "
+                   "IDX files); then $ISOMOD_DATA, then /usr/share/datasets")
 
+
+def add_demo(sub) -> None:
     p = with_config(sub.add_parser("demo", help="the main job: modular vs baselines on glyphs, with a report"),
                     demo_config(), data_dir=False)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.set_defaults(func=cmd_demo)
 
+
+def add_train(sub) -> None:
     p = with_config(sub.add_parser("train", help="train a modular network on tasks or suites"), TrainRun())
     p.add_argument("--tasks", nargs="+", required=True, help="task or suite names, or paths to folders / .npz")
     p.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, TensorBoard events, "
@@ -326,6 +327,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "still win")
     p.set_defaults(func=cmd_train)
 
+
+def add_transfer(sub) -> None:
     p = with_config(sub.add_parser("transfer", help="add a task to a trained model, learning only its route, "
                                    "norms and head"), TransferRun())
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a trained ModularNet")
@@ -334,26 +337,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", "--init-from", dest="source",
                    help="the checkpoint's task to start from (its norms; its route for the baselines); "
                         "default: the one whose features separate the new classes best")
-    p.add_argument("--method", default="route_only", choices=TRANSFER_METHODS,
-                   help="route_only (default; route, norms and head) and route_head (route and head, the source's "
-                        "norms) leave every earlier task unchanged; the others are the baselines "
-                        "of `bench transfer` (finetune changes the shared pool, scratch keeps only the new task)")
+    p.add_argument("--method", default="route_only", choices=TRANSFER.names(),
+                   help=f"default route_only. {TRANSFER.help()}")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_transfer)
 
+
+def add_adapt(sub) -> None:
     p = with_config(sub.add_parser("adapt", help="add an unlabelled target domain to a multi-source model by "
                                    "re-ordering its modules (pool, stem and head unchanged)"), AdaptRun())
     p.add_argument("--from", dest="from_", required=True, help="checkpoint of a ModularNet trained on source domains")
     p.add_argument("--target", required=True, help="the new domain, e.g. digits5/mnistm; its labels are read only to "
                    "report the final test accuracy")
-    p.add_argument("--method", default="route_select", choices=ADAPT_METHODS,
-                   help="source-free (target images only): route_select (default), route_im and route_entropy "
-                        "change the route and norm statistics; source_only, adabn and tent are their baselines. With "
-                        "the sources' labelled images (loaded by the model's domain names): route_moment and "
-                        "route_adversarial train the target's route alone to align its features with its nearest "
-                        "source's; m3sda and dann are their full-network baselines")
+    p.add_argument("--method", default="route_select", choices=ADAPT.names(),
+                   help="default route_select. Source-free methods read the target's images only; with_sources ones "
+                        f"also the sources' labelled images (loaded by the model's domain names). {ADAPT.help()}")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     p.set_defaults(func=cmd_adapt)
+
+
+def add_export(sub) -> None:
+    from isomod.export import EXPORT_FORMATS
 
     p = sub.add_parser("export", help="a task's route as a standalone TorchScript or ONNX network")
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a ModularNet")
@@ -364,6 +368,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write")
     p.set_defaults(func=cmd_export)
 
+
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy of a checkpoint on its tasks")
     p.add_argument("--from", dest="from_", required=True, help="checkpoint folder")
     p.add_argument("--tasks", nargs="*", help="tasks to evaluate (default: all of the checkpoint's)")
@@ -373,8 +379,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--diagnostics", action="store_true",
                    help="also whether the routes carry the tasks: the distance between tasks' routes, each task "
                         "run with the other tasks' routes, and with its own route's steps shuffled")
-    p.add_argument("--data-dir", help="where to look first for data that is not embedded (Fashion-MNIST)")
+    add_data_dir(p)
     p.set_defaults(func=cmd_eval)
+
+
+def add_bench(sub) -> None:
+    from isomod.bench import registry
 
     benches = registry()
     bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(benches)}").add_subparsers(
@@ -384,13 +394,28 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
         p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("report", help="redraw figures and report.md from DIR/results.json")
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="redraw figures and report.md from DIR/results.json (or a results file)")
     p.add_argument("dir")
     p.add_argument("--docs", help="also rewrite the generated tables of this docs/results/<bench>.md page")
     p.set_defaults(func=cmd_report)
 
+
+def add_tasks(sub) -> None:
     p = sub.add_parser("tasks", help="list suites and tasks")
     p.set_defaults(func=cmd_tasks)
+
+
+COMMANDS = (add_demo, add_train, add_eval, add_transfer, add_adapt, add_export, add_bench, add_report, add_tasks)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isomod", description="Compositional modular networks: "
+                                     "a pool of residual modules, a learned route per task.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

@@ -66,20 +66,19 @@ class TaskOutcome:
     route: list[int]
 
 
-def _grown_route_logits(model: ModularNet, task: str, previous: torch.Tensor | list[int], new: list[int]) -> None:
+def _grown_route_start(model: ModularNet, task: str, previous: torch.Tensor | list[int], new: list[int]) -> None:
     # Each step starts tied between what the frozen-pool route chose and every fresh
     # module, so the fresh ones are trained wherever they help. A discrete choice gets a
     # strong bias (the many other modules of a grown pool must not dilute the start); a
     # soft route keeps its logits, the fresh modules tied with its largest.
     route = model.route(task)
-    with torch.no_grad():
-        route.logits.zero_()
-        if isinstance(previous, torch.Tensor):  # (L, N_before) logits of a soft route
-            route.logits[:, : previous.shape[1]] = previous
-            route.logits[:, new] = previous.max(1, keepdim=True).values
-        else:
-            route.logits[torch.arange(route.steps), torch.tensor(previous)] = ROUTE_BIAS
-            route.logits[:, new] = ROUTE_BIAS
+    if isinstance(previous, torch.Tensor):  # (L, N_before) logits of a soft route
+        logits = torch.zeros_like(route.logits)
+        logits[:, : previous.shape[1]] = previous
+        logits[:, new] = previous.max(1, keepdim=True).values
+        route.set_logits(logits)
+    else:
+        route.start_at((previous, ROUTE_BIAS), *(([m] * route.steps, ROUTE_BIAS) for m in new))
 
 
 def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: GrowConfig = GrowConfig(),
@@ -107,7 +106,7 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
     if not model.task_names:
         model.add_task(task.spec)
         acc = Trainer(model, [task], config, out_dir=run_dir, progress=progress).fit()[name]
-        model.requires_grad_(False)
+        model.requires_grad_(False)  # no later task changes what this one computes
         return TaskOutcome(name, True, len(model.pool), None, None, acc, config.steps, model.route(name).indices())
     fit = split_validation(task, grow.val_fraction, seed=config.seed)
     source = select_source(model, fit, seed=config.seed)[0]
@@ -115,35 +114,43 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
     val_route = fit_route(model, fit, route_config, init_from=source, progress=progress)[name]
     outcome = TaskOutcome(name, False, 0, val_route, None, 0.0, config.steps, model.route(name).indices())
     if val_route < grow.threshold:
-        saved = copy.deepcopy(model.branch(name).state_dict())
-        soft = not model.route(name).is_discrete
-        model.remove_task(name)
-        new = model.add_modules(grow.modules)
-        branch = model.add_task(task.spec)
-        # Norms and head start from what the frozen-pool run learned; the route is new.
-        branch.load_state_dict({k: v for k, v in saved.items() if not k.startswith("route.")}, strict=False)
-        _grown_route_logits(model, name, saved["route.logits"] if soft else outcome.route, new)
-        params = {**model.param_groups([name]), "pool": [p for i in new for p in model.pool.blocks[i].parameters()]}
-        grown_config = replace(config, lr_heads=grow.route_lr)
-        trainer = Trainer(model, {name: fit}, grown_config, progress=progress, train_tasks=[name], params=params)
-        outcome.val_grown = trainer.fit()[name]
-        outcome.steps += config.steps
-        if outcome.val_grown > val_route:
-            # Keep the run, but only the fresh modules its discrete route uses: removing
-            # the others changes nothing the task computes.
-            used = model.route(name).indices() if model.route(name).is_discrete else new
-            unused = [i for i in new if i not in used]
-            for index in reversed(unused):
-                model.remove_module(index)
-            outcome.modules_added = len(new) - len(unused)
-            outcome.grew, outcome.route = outcome.modules_added > 0, model.route(name).indices()
-        else:  # growing did not help: back to the frozen-pool route, the fresh modules go
-            model.remove_task(name)
-            for index in reversed(new):
-                model.remove_module(index)
-            model.add_task(task.spec).load_state_dict(saved)
-    model.requires_grad_(False)
+        _try_growing(model, task, fit, config, grow, outcome, progress)
+    model.requires_grad_(False)  # no later task changes what this one computes
     outcome.test_acc = evaluate(model, {name: task})[name]
     if run_dir is not None:
         save_checkpoint(model, run_dir / "checkpoint")
     return outcome
+
+
+def _try_growing(model: ModularNet, task: TaskData, fit: TaskData, config: TrainConfig, grow: GrowConfig,
+                 outcome: TaskOutcome, progress: bool) -> None:
+    """Retrain `task` with `grow.modules` fresh modules; keep the run (and the fresh modules
+    its route uses) only when its validation accuracy beats the frozen-pool route's."""
+    name = task.name
+    saved = copy.deepcopy(model.branch(name).state_dict())
+    soft = not model.route(name).is_discrete
+    model.remove_task(name)
+    new = model.add_modules(grow.modules)
+    branch = model.add_task(task.spec)
+    # Norms and head start from what the frozen-pool run learned; the route is new.
+    branch.load_state_dict({k: v for k, v in saved.items() if not k.startswith("route.")}, strict=False)
+    _grown_route_start(model, name, saved["route.logits"] if soft else outcome.route, new)
+    params = {**model.param_groups([name]), "pool": [p for i in new for p in model.pool.blocks[i].parameters()]}
+    trainer = Trainer(model, {name: fit}, replace(config, lr_heads=grow.route_lr), progress=progress,
+                      train_tasks=[name], params=params)
+    outcome.val_grown = trainer.fit()[name]
+    outcome.steps += config.steps
+    if outcome.val_grown > outcome.val_route:
+        # Keep the run, but only the fresh modules its discrete route uses: removing
+        # the others changes nothing the task computes.
+        used = model.route(name).indices() if model.route(name).is_discrete else new
+        unused = [i for i in new if i not in used]
+        for index in reversed(unused):
+            model.remove_module(index)
+        outcome.modules_added = len(new) - len(unused)
+        outcome.grew, outcome.route = outcome.modules_added > 0, model.route(name).indices()
+    else:  # growing did not help: back to the frozen-pool route, the fresh modules go
+        model.remove_task(name)
+        for index in reversed(new):
+            model.remove_module(index)
+        model.add_task(task.spec).load_state_dict(saved)

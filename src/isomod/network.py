@@ -11,6 +11,7 @@ their weights (`norm_affine="module"`, as the template regime's authors did).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from isomod.blocks import residual_block, residual_branch, with_affine
 from isomod.distributed import BatchNorm
 from isomod.config import check_value, from_dict
-from isomod.errors import IsomodError, check_choice
+from isomod.errors import IsomodError, check_choice, check_choices
 from isomod.pool import ModulePool
 from isomod.route import ROUTE_INITS, Route
 from isomod.spec import TaskSpec
@@ -111,18 +112,22 @@ class TaskBranch(nn.Module):
         self.head = None if spec.label_space else nn.Linear(config.channels, spec.num_classes)
 
 
+ROLES = ("stem", "pool", "routes", "norms", "heads")
+
+
 class TaskModel(nn.Module):
-    """The interface the trainer, the benchmarks and the checkpoints rely on.
+    """The interface the trainer, the recipes, the benchmarks and the checkpoints rely on.
 
     Subclasses take `(config, tasks)`, set `self.config` and `self.specs` (task name ->
     TaskSpec) and implement `forward_features`, `forward_head`, `add_task`, `remove_task`,
-    `param_groups` and `task_param_count`; they override `to_config` / `from_config` only
-    when a checkpoint must hold more than shape and tasks. Models without routes
-    (`has_routes` False) inherit no-op route methods, and `require_routes` refuses them
-    for the operations that need routes.
+    `param_groups`, `norm_layers` and `task_param_count`; they override `to_config` /
+    `from_config` only when a checkpoint must hold more than shape and tasks. Route
+    operations live on the models whose tasks own routes (`has_routes`); `require_routes`
+    refuses the others in one line.
     """
 
     specs: dict[str, TaskSpec]
+    has_routes = False  # whether tasks own routes (route operations, transfer, adaptation, export)
 
     @property
     def task_names(self) -> list[str]:
@@ -153,10 +158,9 @@ class TaskModel(nn.Module):
                 f"this model's stem takes {in_channels}"
             )
 
-    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, task), task)
-
-    has_routes = False  # whether tasks own routes (route operations, transfer, adaptation, export)
+    def forward(self, x: torch.Tensor, task: str, **options) -> torch.Tensor:
+        """Logits `(B, K)` of `x` under `task`; `options` go to `forward_features`."""
+        return self.forward_head(self.forward_features(x, task, **options), task)
 
     def require_routes(self, what: str) -> None:
         """Refuse, in one line, a model whose tasks own no routes."""
@@ -171,26 +175,45 @@ class TaskModel(nn.Module):
     def remove_task(self, task: str) -> None:
         raise NotImplementedError
 
-    def param_groups(self, tasks: list[str] | None = None) -> dict[str, list[nn.Parameter]]:
+    def param_groups(self, tasks: list[str] | None = None, roles: tuple[str, ...] | None = None,
+                     include_frozen: bool = False) -> dict[str, list[nn.Parameter]]:
         """Parameters by role (`stem`, `pool`, `routes`, `norms`, `heads`): with `tasks`
-        None, all that are trainable; otherwise only what those tasks own."""
+        None, all that are trainable (with `include_frozen`, frozen ones too); otherwise
+        only what those tasks own; with `roles`, only those roles. A discrete route's
+        logits never count: it runs its choice."""
+        check_choices("parameter role", roles or (), ROLES)
+        groups = self._param_groups(tasks)
+        if tasks is None and not include_frozen:
+            groups = {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+        return groups if roles is None else {k: v for k, v in groups.items() if k in roles}
+
+    def _param_groups(self, tasks: list[str] | None) -> dict[str, list[nn.Parameter]]:
+        """Parameters by role: with `tasks` None, every one the model has; otherwise what
+        those tasks own."""
         raise NotImplementedError
 
-    def soft_routes(self, tasks: list[str] | None = None) -> list[Route]:
-        """The routes of `tasks` (default: all) that are still soft."""
-        return []
+    def norm_layers(self) -> list[nn.BatchNorm2d]:
+        """Every normalisation layer; the trainer decides which keep their running statistics."""
+        raise NotImplementedError
 
-    def discretize(self, task: str | None = None) -> None:
-        pass
+    @contextmanager
+    def evaluating(self):
+        """Inside the block every layer is in eval mode; each gets its own mode back after."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield self
+        finally:
+            for m, training in modes:
+                m.training = training
 
-    def usage(self, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Route weights `(L, N)` of `tasks` (default: all); empty without routes."""
-        return {}
-
-    def route_str(self, task: str) -> str:
-        """The task and its route, for printing (the name alone without routes)."""
-        self.check_task(task)
-        return task
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, task: str, batch_size: int = 500) -> torch.Tensor:
+        """Pooled features `(B, C)`, on the CPU, of uint8 images `x` under `task`, in eval mode."""
+        device = next(self.parameters()).device
+        with self.evaluating():
+            return torch.cat([self.forward_features(to_float(x[i : i + batch_size].to(device)), task).cpu()
+                              for i in range(0, len(x), batch_size)])
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -210,21 +233,9 @@ def task_specs(data: dict) -> list[TaskSpec]:
     return [from_dict(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(tasks)]
 
 
-@torch.no_grad()
-def macs_per_image(model: TaskModel, task: str) -> int:
-    """Multiply-adds of one forward pass of one image of `task` as the model runs it now
-    (convolutions and linear layers, counted by `torch.utils.flop_counter`; a soft route
-    under weight mixing also counts the mixing of the modules' weights)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    spec = model.check_task(task)
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros((1, *spec.input_shape), device=param.device, dtype=param.dtype), task)
-    model.train(was_training)
-    return counter.get_total_flops() // 2
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images as floats in [0, 1]."""
+    return x.float().div_(255.0)
 
 
 def check_input(x: torch.Tensor, in_channels: int) -> None:
@@ -262,19 +273,24 @@ class ModularNet(TaskModel):
             self.add_task(spec)
 
     # --- tasks -------------------------------------------------------------------
-    def add_task(self, spec: TaskSpec, copy_norms_from: str | None = None) -> TaskBranch:
+    def add_task(self, spec: TaskSpec, start_from: str | None = None) -> TaskBranch:
         """Create a task's route, norms and head; nothing another task computes changes.
 
         Args:
             spec: the task's name, class count and input shape.
-            copy_norms_from: start the new norms from this existing task's norms.
+            start_from: an existing task whose norms (statistics included) and route the
+                new task starts as a copy of; the route can then be given another start
+                (`route(name).start_at(...)`).
         """
         self.check_spec(spec, self.config.in_channels)
-        branch = TaskBranch(spec, self.config, len(self.pool)).to(self.stem.weight.device)
-        if copy_norms_from is not None:
-            branch.norms.load_state_dict(self.branch(copy_norms_from).norms.state_dict())
+        source = self.branch(start_from) if start_from is not None else None
+        device = self.stem.weight.device
+        branch = TaskBranch(spec, self.config, len(self.pool)).to(device)
+        if source is not None:
+            branch.norms.load_state_dict(source.norms.state_dict())
+            branch.route.copy_from(source.route)
         if spec.label_space and spec.label_space not in self.heads:
-            self.heads[spec.label_space] = nn.Linear(self.config.channels, spec.num_classes).to(self.stem.weight.device)
+            self.heads[spec.label_space] = nn.Linear(self.config.channels, spec.num_classes).to(device)
         self.tasks[spec.name] = branch
         self.specs[spec.name] = spec
         return branch
@@ -306,17 +322,24 @@ class ModularNet(TaskModel):
         return bool(space) and any(n != task and s.label_space == space for n, s in self.specs.items())
 
     # --- forward -----------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        """Pooled features `(B, C)` of `x` `(B, C_in, H, W)` under `task`'s route."""
+    def forward_features(self, x: torch.Tensor, task: str, step_order: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features `(B, C)` of `x` `(B, C_in, H, W)` under `task`'s route.
+
+        `step_order` (a permutation of `0..L-1`) runs step `l` with the route's choice or
+        weights of step `step_order[l]`, its own norms unchanged (exchanged steps in
+        training); gradients still reach the logits.
+        """
         branch = self.branch(task)
         check_input(x, self.config.in_channels)
         h = self.stem(x)  # (B, C, H', W')
         route, norms = branch.route, branch.norms
+        order = None if step_order is None else step_order.to(route.choice.device)
         if route.is_discrete:
-            for l, c in enumerate(route.choice.tolist()):
+            choice = route.choice if order is None else route.choice[order]
+            for l, c in enumerate(choice.tolist()):
                 h = self.pool.blocks[c](h, norms[2 * l], norms[2 * l + 1])
         elif self.config.mixing == "weight":
-            mixed = self.mixed_params(route)
+            mixed = self.mixed_params(route, order)
             for l in range(route.steps):
                 norm1, norm2 = norms[2 * l], norms[2 * l + 1]
                 if self.pool.norm_affine:
@@ -324,17 +347,20 @@ class ModularNet(TaskModel):
                     norm2 = with_affine(norm2, mixed["g2"][l], mixed["b2"][l])
                 h = residual_block(h, mixed["w1"][l], mixed["w2"][l], norm1, norm2)
         else:
-            w = route.weights()  # (L, N)
+            w = route.weights() if order is None else route.weights()[order]  # (L, N)
             for l in range(route.steps):
                 h = self._output_mix(h, w[l], norms[2 * l], norms[2 * l + 1])
         h = F.relu(norms[-1](h))
         return h.mean(dim=(2, 3))  # (B, C)
 
-    def mixed_params(self, route: Route) -> dict[str, torch.Tensor]:
+    def mixed_params(self, route: Route, step_order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every module parameter mixed by a soft route's weights at each step: `w1, w2`
         `(L, C, C, k, k)`, and with module-owned norm affine parameters `g1, b1, g2, b2`
-        `(L, C)`. Only the modules the route can weight take part (see `Route.support`)."""
+        `(L, C)`. Only the modules the route can weight take part (see `Route.support`);
+        `step_order` reorders the steps' weights."""
         w = route.weights()  # (L, N)
+        if step_order is not None:
+            w = w[step_order]
         stacks = self.pool.stacked()  # (N, ...) each
         keep = route.support()
         if keep is not None:
@@ -366,6 +392,7 @@ class ModularNet(TaskModel):
 
     # --- routes ------------------------------------------------------------------
     def soft_routes(self, tasks: list[str] | None = None) -> list[Route]:
+        """The routes of `tasks` (default: all) that are still soft."""
         routes = [self.route(t) for t in (self.task_names if tasks is None else tasks)]
         return [r for r in routes if not r.is_discrete]
 
@@ -404,13 +431,12 @@ class ModularNet(TaskModel):
         self.pool.freeze()
 
     # --- parameters --------------------------------------------------------------
-    def param_groups(self, tasks: list[str] | None = None) -> dict[str, list[nn.Parameter]]:
-        """Parameters by role. With `tasks` None: every trainable one (stem, the pool's
-        unfrozen modules, soft routes, norms, heads). With `tasks`: what they own: their
-        soft routes, step norms and heads (a shared head only when no other domain of its
-        label space runs it)."""
+    def _param_groups(self, tasks: list[str] | None) -> dict[str, list[nn.Parameter]]:
+        """With `tasks` None: stem, pool, soft routes, norms, heads. With `tasks`: what they
+        own: their soft routes, step norms and heads (a shared head only when no other
+        domain of its label space runs it)."""
         if tasks is None:
-            groups = {
+            return {
                 "stem": list(self.stem.parameters()),
                 "pool": list(self.pool.parameters()),
                 "routes": [b.route.logits for b in self.tasks.values() if not b.route.is_discrete],
@@ -418,7 +444,6 @@ class ModularNet(TaskModel):
                 "heads": [p for b in self.tasks.values() if b.head is not None for p in b.head.parameters()]
                 + list(self.heads.parameters()),
             }
-            return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
         groups = {"routes": [], "norms": [], "heads": []}
         for task in tasks:
             branch = self.branch(task)
@@ -428,6 +453,9 @@ class ModularNet(TaskModel):
             if not self.shares_head(task) or set(self.domains(task)) <= set(tasks):
                 groups["heads"] += list(self.head_of(task).parameters())
         return {k: list(dict.fromkeys(v)) for k, v in groups.items()}
+
+    def norm_layers(self) -> list[nn.BatchNorm2d]:
+        return [m for branch in self.tasks.values() for m in branch.norms]
 
     def domains(self, task: str) -> list[str]:
         """The tasks that run `task`'s head: its label space's domains, or the task alone."""

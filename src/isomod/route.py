@@ -1,11 +1,11 @@
-"""Route: a task's choice of module at each step, soft then discrete; fixed route patterns;
-and the schedules that say how routes train (annealed and discretised, or soft to the end)."""
+"""Route: a task's choice of module at each step, soft then discrete.
+
+How routes *train* (temperature, entropy penalty, discretisation, exchanged steps) is the
+training side's business (`isomod.route_schedule`); this file is only the route."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -13,24 +13,8 @@ import torch.nn.functional as F
 
 from isomod.errors import IsomodError, check_choice
 
-if TYPE_CHECKING:
-    from isomod.train import TrainConfig
-
 ROUTE_INITS = ("random", "flat", "uniform", "cyclic", "permutation")
 UNUSABLE = -1e9  # the logit of a module a route never picks
-PATTERNS = ("once", "cyclic", "block_repeat", "distinct")
-
-
-def reuse_pattern(kind: str, num_modules: int, steps: int) -> list[int]:
-    """A fixed route over `steps` steps: `once` and `distinct` run modules 0 .. steps-1
-    (a pool of `steps` modules), `cyclic` runs 0 1 .. N-1 0 1 .., and `block_repeat`
-    runs each of the `N` modules for about `steps / N` consecutive steps."""
-    check_choice("route pattern", kind, PATTERNS)
-    if kind in ("once", "distinct"):
-        return list(range(steps))
-    if kind == "cyclic":
-        return [l % num_modules for l in range(steps)]
-    return [l * num_modules // steps for l in range(steps)]
 
 
 class Route(nn.Module):
@@ -76,7 +60,6 @@ class Route(nn.Module):
         self.logits = nn.Parameter(logits)  # (L, N)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("choice", torch.full((steps,), -1, dtype=torch.long))  # (L,)
-        self.step_order: torch.Tensor | None = None  # a training-time reordering of the soft weights' steps
 
     @classmethod
     def fixed(cls, pattern: Sequence[int], num_modules: int) -> "Route":
@@ -107,22 +90,39 @@ class Route(nn.Module):
         self.choice.copy_(torch.tensor(pattern, dtype=torch.long))
         self.logits.requires_grad_(False)
 
+    def start_at(self, *biases: tuple[Sequence[int], float], temperature: float = 1.0) -> None:
+        """Make the route soft and trainable from a biased start: logits zero, then for each
+        `(pattern, bias)` in turn the logit of `pattern[l]` at step `l` set to `bias` (a
+        later pair wins where two name the same module), at `temperature`."""
+        with torch.no_grad():
+            self.logits.zero_()
+            steps = torch.arange(self.steps)
+            for pattern, bias in biases:
+                self.logits[steps, torch.as_tensor(list(pattern), dtype=torch.long)] = bias
+            self.temperature.fill_(temperature)
+            self.choice.fill_(-1)
+        self.logits.requires_grad_(True)
+
+    def set_logits(self, logits: torch.Tensor, temperature: float = 1.0) -> None:
+        """Make the route soft and trainable with the given logits `(L, N)`."""
+        if tuple(logits.shape) != tuple(self.logits.shape):
+            raise IsomodError(f"route logits must be {tuple(self.logits.shape)}, got {tuple(logits.shape)}")
+        with torch.no_grad():
+            self.logits.copy_(logits)
+            self.temperature.fill_(temperature)
+            self.choice.fill_(-1)
+        self.logits.requires_grad_(True)
+
+    def copy_from(self, other: "Route") -> None:
+        """Become a copy of `other`: its logits, temperature and choice (discrete or soft)."""
+        self.load_state_dict(other.state_dict())
+        self.logits.requires_grad_(not self.is_discrete)
+
     def weights(self) -> torch.Tensor:
         """Route weights `(L, N)`, rows summing to one (one-hot once discrete)."""
         if self.is_discrete:
             return F.one_hot(self.choice, self.num_modules).to(self.logits.dtype)
-        w = torch.softmax(self.logits / self.temperature, dim=-1)
-        return w if self.step_order is None else w[self.step_order]
-
-    @contextmanager
-    def reordered(self, order: torch.Tensor):
-        """Run a soft route with its steps' weights in `order` (a permutation of `0..L-1`)
-        inside the block; gradients still reach the logits."""
-        self.step_order = order
-        try:
-            yield self
-        finally:
-            self.step_order = None
+        return torch.softmax(self.logits / self.temperature, dim=-1)
 
     def entropy(self) -> torch.Tensor:
         """Mean entropy (nats) of the step weights; zero for a discrete route."""
@@ -169,45 +169,3 @@ class Route(nn.Module):
     def __str__(self) -> str:
         text = " ".join(str(i) for i in self.indices())
         return text if self.is_discrete else f"{text} (soft, T={self.temperature.item():.3g})"
-
-
-# --- how routes train -------------------------------------------------------------
-ROUTE_SCHEDULES = ("annealed", "soft")
-
-
-class RouteSchedule:
-    """What happens to soft routes during training: their temperature and entropy weight
-    at each step, and the step at which they are frozen to their argmax (None: never).
-
-    This one anneals: the temperature falls geometrically from `temperature_start` to
-    `temperature_end` until `discretize_at * steps`, where routes are discretised; the
-    entropy of the route weights is added to the loss with `entropy_weight`. Pass another
-    schedule (e.g. `SoftRoutes`) to the Trainer to keep routes soft.
-    """
-
-    def __init__(self, config: "TrainConfig"):
-        self.start, self.end = config.temperature_start, config.temperature_end
-        self.entropy = config.entropy_weight
-        self.anneal_steps = round(config.discretize_at * config.steps)
-        self.discretize_step = self.anneal_steps if self.anneal_steps < config.steps else None
-
-    def temperature(self, step: int) -> float:
-        frac = min(1.0, step / max(1, self.anneal_steps))
-        return self.start * (self.end / self.start) ** frac
-
-    def entropy_weight(self, step: int) -> float:
-        return self.entropy
-
-
-class SoftRoutes(RouteSchedule):
-    """Routes stay soft to the end at temperature 1, with no entropy penalty."""
-
-    def __init__(self, config: "TrainConfig | None" = None):
-        self.start = self.end = 1.0
-        self.entropy = 0.0
-        self.anneal_steps, self.discretize_step = 1, None
-
-
-def route_schedule(config: "TrainConfig") -> RouteSchedule:
-    """The schedule `config.routes` names."""
-    return SoftRoutes(config) if config.routes == "soft" else RouteSchedule(config)

@@ -1,9 +1,11 @@
-"""Trainer: task-homogeneous batches interleaved across tasks, parameter groups with
-their own learning rates, schedules, route annealing, checkpoints and resume.
+"""Trainer: the one training loop. Task-homogeneous batches interleaved across tasks,
+parameter groups with their own learning rates, the learning-rate schedule, the route
+schedule's hooks, logging, checkpoints and resume, one process or many.
 
-The loss lives outside the model: an *objective* maps `(model, x, y, task)` to
-`(loss, logits)`, so multi-task training, route-only transfer and unlabelled adaptation
-are objectives and parameter choices given to one Trainer, not copies of a loop.
+The loss lives outside the model: an *objective* (`isomod.objectives`) maps a model and a
+batch to a loss, logits and metrics, and may own parameters or ask for more batches, so
+multi-task training, route-only transfer, unlabelled adaptation and alignment with labelled
+sources are objectives and parameter choices given to one Trainer, not copies of a loop.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,19 +26,14 @@ from isomod.config import from_dict
 from isomod.data.tasks import TaskData
 from isomod.errors import CheckpointError, IsomodError, TrainingDiverged, check_choice, check_out_dir
 from isomod.logs import Progress, RunLog
-from isomod.network import TaskModel
-from isomod.route import ROUTE_SCHEDULES, RouteSchedule, route_schedule
+from isomod.network import ROLES, TaskModel, to_float
+from isomod.objectives import Batch, Objective, Output, as_objective, cross_entropy
+from isomod.route_schedule import ROUTE_SCHEDULES, RouteSchedule
 
-Objective = Callable[[TaskModel, torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
 SCHEDULES = ("cosine", "step", "constant")
 SAMPLINGS = ("uniform", "proportional")
+BATCH_ORDERS = ("epochs", "random")
 PRECISIONS = ("fp32", "bf16")
-
-
-def cross_entropy(model: TaskModel, x: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The supervised objective: mean cross-entropy of the task's head."""
-    logits = model(x, task)  # (B, K)
-    return F.cross_entropy(logits, y), logits
 
 
 @dataclass
@@ -50,6 +46,8 @@ class TrainConfig:
             (each of `P` processes runs its share, about `batch_size / P`).
         tasks_per_step: tasks (one batch each) whose losses are summed in one step.
         sampling: `uniform` over tasks or `proportional` to their training-set sizes.
+        batch_order: `epochs` (each task's images shuffled once per pass, batches taken in
+            turn) or `random` (every batch drawn with replacement).
         lr: learning rate of stem, pool and norms.
         lr_routes: learning rate of route logits.
         lr_heads: learning rate of the heads.
@@ -84,6 +82,7 @@ class TrainConfig:
     batch_size: int = 64
     tasks_per_step: int = 1
     sampling: str = "uniform"
+    batch_order: str = "epochs"
     lr: float = 2e-3
     lr_routes: float = 0.05
     lr_heads: float = 2e-3
@@ -108,6 +107,7 @@ class TrainConfig:
     def __post_init__(self):
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("sampling", self.sampling, SAMPLINGS)
+        check_choice("batch order", self.batch_order, BATCH_ORDERS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("route schedule", self.routes, ROUTE_SCHEDULES)
         for name in ("steps", "batch_size", "tasks_per_step", "log_every"):
@@ -140,6 +140,13 @@ class TrainConfig:
         return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
+def route_schedule(config: TrainConfig) -> RouteSchedule:
+    """The route schedule `config.routes` names, with its numbers and exchanged steps."""
+    if config.routes == "soft":
+        return RouteSchedule.soft(swap=config.route_swap)
+    return RouteSchedule(config.steps, config.temperature_start, config.temperature_end, config.entropy_weight,
+                         config.discretize_at, config.route_swap)
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:K`; under torchrun, `auto` and
@@ -164,10 +171,6 @@ def forward_options(model: TaskModel, device: torch.device, precision: str, comp
     return forward, torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0)
-
-
 def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: slice | None = None,
                  total: int | None = None) -> torch.Tensor:
     """Shift each image by up to `max_shift` whole pixels, filling with zeros.
@@ -187,14 +190,18 @@ def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: 
 
 
 class Batches:
-    """Epoch-wise shuffled, task-homogeneous batches; its state resumes exactly.
+    """Task-homogeneous batches, epoch-wise shuffled (or drawn with replacement), from one
+    generator whose state resumes exactly; also what an objective draws beside them.
 
     Every data-parallel rank draws the same global batch and loads only its share.
     """
 
-    def __init__(self, tasks: dict[str, TaskData], batch_size: int, seed: int):
+    def __init__(self, tasks: dict[str, TaskData], batch_size: int, seed: int, order: str = "epochs",
+                 device: torch.device | None = None):
         self.tasks = tasks
         self.batch_size = batch_size
+        self.random = order == "random"
+        self.device = device
         self.g = torch.Generator().manual_seed(seed)
         self.order: dict[str, torch.Tensor] = {}
         self.cursor: dict[str, int] = {}
@@ -205,6 +212,9 @@ class Batches:
         n = len(data.y_train)
         if n == 0:
             raise IsomodError(f"task {task!r} has no training images")
+        if self.random:
+            idx_t = torch.randint(n, (self.batch_size,), generator=self.g)[distributed.shard(self.batch_size)]
+            return data.x_train[idx_t], data.y_train[idx_t], self.batch_size
         idx = []
         while len(idx) < min(self.batch_size, n):
             if task not in self.order or self.cursor[task] >= n:
@@ -215,6 +225,17 @@ class Batches:
             self.cursor[task] += take
         idx_t = torch.tensor(idx[distributed.shard(len(idx))])
         return data.x_train[idx_t], data.y_train[idx_t], len(idx)
+
+    def indices(self, n: int, size: int) -> torch.Tensor:
+        return torch.randint(n, (size,), generator=self.g)[distributed.shard(size)]
+
+    def draw(self, task: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if task not in self.tasks:
+            raise IsomodError(f"an objective asked for images of {task!r}, which this run was not given; "
+                              f"it has: {', '.join(self.tasks)}")
+        data = self.tasks[task]
+        idx = self.indices(len(data.y_train), size)
+        return to_float(data.x_train[idx].to(self.device)), data.y_train[idx].to(self.device)
 
     def state_dict(self) -> dict:
         return {"g": self.g.get_state(), "order": self.order, "cursor": self.cursor}
@@ -231,25 +252,53 @@ def evaluate(model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], spli
     ranks each evaluate a share of the images and add up their counts."""
     if isinstance(tasks, list):
         tasks = {t.name: t for t in tasks}
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     out = {}
-    for name, data in tasks.items():
-        x_all, y_all = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        part = distributed.shard(len(y_all))
-        correct = 0
-        for i in range(part.start, part.stop, batch_size):
-            j = min(i + batch_size, part.stop)
-            x = to_float(x_all[i:j].to(device))
-            correct += (model(x, name).argmax(-1).cpu() == y_all[i:j]).sum().item()
-        correct = distributed.all_sum(torch.tensor([float(correct)], device=device)).item()
-        out[name] = correct / max(1, len(y_all))
-    model.train(was_training)
+    with model.evaluating():
+        for name, data in tasks.items():
+            x_all, y_all = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+            part = distributed.shard(len(y_all))
+            correct = 0
+            for i in range(part.start, part.stop, batch_size):
+                j = min(i + batch_size, part.stop)
+                x = to_float(x_all[i:j].to(device))
+                correct += (model(x, name).argmax(-1).cpu() == y_all[i:j]).sum().item()
+            correct = distributed.all_sum(torch.tensor([float(correct)], device=device)).item()
+            out[name] = correct / max(1, len(y_all))
     return out
 
 
-ROLES = ("stem", "pool", "routes", "norms", "heads")
+class StepOrder:
+    """The model as an objective sees it for one batch whose route runs its steps' weights
+    in `order` (exchanged steps); everything else is the model's."""
+
+    def __init__(self, model, order: torch.Tensor):
+        self.model, self.order = model, order
+
+    def __call__(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.model(x, task, step_order=self.order)
+
+    def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.model.forward_features(x, task, step_order=self.order)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+@dataclass
+class _Run:
+    """What one call of `fit` holds while it runs."""
+
+    optimizer: torch.optim.Optimizer
+    batches: Batches
+    forward: Callable
+    autocast: torch.autocast
+    trainable: list[torch.Tensor]
+    weights: torch.Tensor
+    running: dict
+    bar: Progress | None = None
+    loss_ema: float | None = None
+    metrics: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -258,21 +307,22 @@ class Trainer:
 
     Args:
         model: ModularNet or a baseline.
-        tasks: the tasks to train, by name or as a list. Unlabelled data carries labels
-            of -1 (see `isomod.adapt`); tasks without test images are not evaluated.
+        tasks: the tasks to train, by name or as a list, and any task an objective draws
+            extra batches from. Unlabelled data carries labels of -1 (see `isomod.adapt`);
+            tasks without test images are not evaluated.
         config: budget and schedule.
         out_dir: run folder for `checkpoint/`, `log.jsonl`, TensorBoard events and
             `train_config.json`; None trains without writing anything.
-        objective: loss function, `cross_entropy` by default.
+        objective: an `isomod.objectives.Objective` or a function `(model, x, y, task) ->
+            (loss, logits)`; `cross_entropy` by default. Its own parameters train at `lr`.
         progress: show progress (a bar on a terminal, plain lines otherwise).
         train_tasks: the subset of `tasks` to draw batches from (default: all).
         params: what trains, by role (`stem`, `pool`, `routes`, `norms`, `heads`), e.g.
             `model.param_groups([task])` for a task's own parameters. Default: every
-            trainable parameter (`model.param_groups()`). Nothing else trains: the
-            Trainer turns gradients off for every other parameter of the model.
-        routes: the route schedule (temperature, entropy, discretisation); default
-            `route_schedule(config)`: `RouteSchedule` (anneals and discretises) or
-            `SoftRoutes`, as `config.routes` says.
+            trainable parameter (`model.param_groups()`). Nothing else of the model trains
+            during `fit`; every `requires_grad` flag and training mode is as it was after.
+        routes: the route schedule (temperature, entropy, discretisation, exchanged
+            steps); default `route_schedule(config)`.
         frozen_norm_stats: a norm whose affine parameters do not train keeps its running
             statistics; False lets every norm of a trained task normalise with batch
             statistics (statistics that follow a route being learned on new data).
@@ -283,17 +333,17 @@ class Trainer:
     """
 
     def __init__(self, model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], config: TrainConfig,
-                 out_dir: str | Path | None = None, objective: Objective = cross_entropy, progress: bool = True,
-                 train_tasks: list[str] | None = None, params: dict[str, list[torch.nn.Parameter]] | None = None,
-                 routes: RouteSchedule | None = None, frozen_norm_stats: bool = True,
-                 fixed_stats: list[torch.nn.Module] = ()):
+                 out_dir: str | Path | None = None, objective: Objective | Callable = cross_entropy,
+                 progress: bool = True, train_tasks: list[str] | None = None,
+                 params: dict[str, list[torch.nn.Parameter]] | None = None, routes: RouteSchedule | None = None,
+                 frozen_norm_stats: bool = True, fixed_stats: list[torch.nn.Module] = ()):
         self.tasks = {t.name: t for t in tasks} if isinstance(tasks, list) else dict(tasks)
         self.train_tasks = list(train_tasks or self.tasks)
         for name in self.train_tasks:
             model.check_task(name)
         self.model = model
         self.config = config
-        self.objective = objective
+        self.objective = as_objective(objective)
         self.params = {k: list(dict.fromkeys(v)) for k, v in (params or model.param_groups()).items() if v}
         unknown = sorted(set(self.params) - set(ROLES))
         if unknown:
@@ -318,37 +368,56 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.soft_usage: dict[str, list] | None = None  # route weights just before discretising
+        self._saved_flags: list | None = None
 
     @property
     def checkpoint_path(self) -> Path | None:
         return self.out_dir / "checkpoint" if self.out_dir else None
 
+    # --- what trains, and in which mode --------------------------------------------
     def _set_trainable(self) -> None:
+        """Gradients for the given parameters only; the flags and modes found are kept to
+        be put back at the end."""
+        self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self._saved_modes = [(m, m.training) for m in self.model.modules()]
         trained = {id(p) for ps in self.params.values() for p in ps}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trained)
+
+    def _restore(self) -> None:
+        if self._saved_flags is None:
+            return
+        for p, flag in self._saved_flags:
+            p.requires_grad_(flag)
+        for m, training in self._saved_modes:
+            m.training = training
+        self._saved_flags = None
 
     def _train_mode(self) -> None:
         # A norm whose affine parameters are all frozen keeps its running statistics too,
         # so a frozen feature extractor (a linear probe's) computes the same features in
         # training as at test time.
         self.model.train()
-        for m in self.model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                params = list(m.parameters(recurse=False))
-                frozen = self.frozen_norm_stats and params and not any(p.requires_grad for p in params)
-                if frozen or id(m) in self.fixed_stats:
-                    m.eval()
+        self.objective.train()
+        for m in self.model.norm_layers():
+            params = list(m.parameters(recurse=False))
+            frozen = self.frozen_norm_stats and params and not any(p.requires_grad for p in params)
+            if frozen or id(m) in self.fixed_stats:
+                m.eval()
 
     def _labelled(self) -> dict[str, TaskData]:
         return {t: self.tasks[t] for t in self.train_tasks if len(self.tasks[t].y_test)}
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
-        lrs = {"stem": c.lr, "pool": c.lr, "norms": c.lr, "routes": c.lr_routes, "heads": c.lr_heads}
-        decay = {"stem": c.weight_decay, "pool": c.weight_decay, "heads": c.weight_decay}
-        groups = [{"params": params, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": decay.get(name, 0.0),
-                   "name": name} for name, params in self.params.items()]
+        lrs = {"stem": c.lr, "pool": c.lr, "norms": c.lr, "routes": c.lr_routes, "heads": c.lr_heads,
+               "objective": c.lr}
+        decay = {"stem": c.weight_decay, "pool": c.weight_decay, "heads": c.weight_decay,
+                 "objective": c.weight_decay}
+        own = [p for p in self.objective.parameters() if p.requires_grad]
+        params = {**self.params, **({"objective": own} if own else {})}
+        groups = [{"params": ps, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": decay.get(name, 0.0),
+                   "name": name} for name, ps in params.items()]
         # foreach: one kernel per group instead of one per tensor; a task owns many small
         # tensors (its norms), so the per-tensor loop dominated multi-task steps on the CPU.
         return torch.optim.AdamW(groups, betas=(0.9, 0.99), foreach=True)
@@ -358,29 +427,31 @@ class Trainer:
             return torch.ones(len(self.train_tasks))
         return torch.tensor([float(len(self.tasks[t].y_train)) for t in self.train_tasks])
 
-    def _state(self, optimizer: torch.optim.Optimizer, batches: Batches) -> dict:
+    # --- checkpoints ------------------------------------------------------------------
+    def _state(self, run: _Run) -> dict:
         """The trainer's state as tensors and plain values (read back with weights_only)."""
-        return {"step": self.step, "optimizer": optimizer.state_dict(), "batches": batches.state_dict(),
+        return {"step": self.step, "optimizer": run.optimizer.state_dict(), "batches": run.batches.state_dict(),
                 "sampler": self.sampler.get_state(), "aug": self.aug.get_state(), "torch_rng": torch.get_rng_state(),
-                "train_config": asdict(self.config)}
+                "objective": self.objective.state_dict(), "train_config": asdict(self.config)}
 
-    def _save(self, optimizer: torch.optim.Optimizer, batches: Batches) -> None:
+    def _save(self, run: _Run) -> None:
         if self.checkpoint_path is None:
             return
         if not self.main:
             distributed.barrier()  # no rank runs ahead of a checkpoint being written
             return
-        save_checkpoint(self.model, self.checkpoint_path, trainer_state=self._state(optimizer, batches),
-                        extra={"step": self.step})
+        save_checkpoint(self.model, self.checkpoint_path, trainer_state=self._state(run), extra={"step": self.step})
         distributed.barrier()
 
-    def _resume(self, optimizer: torch.optim.Optimizer, batches: Batches, state: dict) -> None:
+    def _resume(self, run: _Run, state: dict) -> None:
         try:
-            optimizer.load_state_dict(state["optimizer"])
-            batches.load_state_dict(state["batches"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.batches.load_state_dict(state["batches"])
             self.sampler.set_state(state["sampler"])
             self.aug.set_state(state["aug"])
             torch.set_rng_state(state["torch_rng"])
+            if state.get("objective"):
+                self.objective.load_state_dict(state["objective"])
             self.step = int(state["step"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{self.checkpoint_path / 'trainer.pt'}: trainer state does not fit this run "
@@ -398,6 +469,7 @@ class Trainer:
             raise CheckpointError(f"{path}: no trainer state to resume from")
         return state
 
+    # --- the loop -----------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Train to `config.steps`; returns test accuracy per task.
 
@@ -405,20 +477,43 @@ class Trainer:
             resume: continue from `out_dir/checkpoint` when it exists (same model config
                 and tasks required; on a mismatch nothing is written or changed).
         """
+        run = None
+        try:
+            run = self.start(resume)
+            while self.step < self.config.steps:
+                if self.step == self.route_schedule.discretize_step and self._discretize(run.bar):
+                    break
+                self.train_step(run)
+            run.bar.close()
+            self._save(run)
+            return self._evaluate(run.bar)
+        finally:
+            self.finish(run)
+
+    def start(self, resume: bool = False) -> _Run:
+        """Everything a run needs before its first step: the model on its device with what
+        trains switched on, the optimiser, the batches and the random generators (restored
+        from the checkpoint when resuming), the run folder."""
         c = self.config
         state = self._read_resume_state() if resume else None
         torch.manual_seed(c.seed)
         self.model.to(self.device)
+        self.objective.to(self.device)
         if state is not None:
             load_weights(self.model, self.checkpoint_path)
         self._set_trainable()
         self._train_mode()
-        batches = Batches(self.tasks, c.batch_size, c.seed)
+        batches = Batches(self.tasks, c.batch_size, c.seed, c.batch_order, self.device)
         self.sampler = torch.Generator().manual_seed(c.seed + 1)
         self.aug = torch.Generator().manual_seed(c.seed + 2)
         optimizer = self._optimizer()
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        forward, autocast = forward_options(self.model, self.device, c.precision, c.compile)
+        run = _Run(optimizer, batches, forward, autocast, trainable, self._task_weights(),
+                   {t: None for t in self.train_tasks})
         if state is not None:
-            self._resume(optimizer, batches, state)
+            self._resume(run, state)
+        run.bar = Progress(c.steps, self.step, self.progress)
         if self.out_dir and self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
@@ -426,45 +521,96 @@ class Trainer:
             if state is not None:
                 self.log.write(event="resume", step=self.step)
         distributed.broadcast_module(self.model)
-        trainable = [p for group in optimizer.param_groups for p in group["params"]]
-        forward_model, autocast = forward_options(self.model, self.device, c.precision, c.compile)
-        weights = self._task_weights()
+        distributed.broadcast_module(self.objective)
+        return run
+
+    def finish(self, run: _Run | None) -> None:
+        """Close the progress bar and the log; put back the flags and modes `start` changed."""
+        if run is not None and run.bar is not None:
+            run.bar.close()
+        self.log.close()
+        self._restore()
+
+    def train_step(self, run: _Run) -> None:
+        """One step of the schedule: learning rates, route temperatures, the tasks drawn,
+        one optimiser step, then logging, evaluation and checkpoints when they are due."""
+        c = self.config
+        factor = c.lr_factor(self.step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        temperature = self.route_schedule.temperature(self.step)
+        for route in self._trained_routes():
+            route.temperature.fill_(temperature)
         k = min(c.tasks_per_step, len(self.train_tasks))
-        running: dict[str, float | None] = {t: None for t in self.train_tasks}
-        loss_ema = None
-        bar = Progress(c.steps, self.step, self.progress)
-        try:
-            while self.step < c.steps:
-                if self.step == self.route_schedule.discretize_step and self._discretize(bar):
-                    break
-                factor = c.lr_factor(self.step)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * factor
-                temperature = self.route_schedule.temperature(self.step)
-                for route in self._trained_routes():
-                    route.temperature.fill_(temperature)
-                chosen = [self.train_tasks[i] for i in
-                          torch.multinomial(weights, k, replacement=False, generator=self.sampler).tolist()]
-                total = self._step(optimizer, trainable, batches, forward_model, autocast, chosen, running)
-                self.step += 1
-                loss_ema = total if loss_ema is None else 0.95 * loss_ema + 0.05 * total
-                bar.update(1)
-                if self.step % c.log_every == 0 or self.step == c.steps:
-                    self._log_step(bar, loss_ema, c.lr * factor, temperature, running)
-                if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
-                    self._evaluate(bar)
-                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
-                    self._save(optimizer, batches)
-            bar.close()
-            self._save(optimizer, batches)
-            return self._evaluate(bar)
-        finally:
-            bar.close()
-            self.log.close()
+        chosen = [self.train_tasks[i] for i in
+                  torch.multinomial(run.weights, k, replacement=False, generator=self.sampler).tolist()]
+        total = self.optimizer_step(run, chosen)
+        self.step += 1
+        run.loss_ema = total if run.loss_ema is None else 0.95 * run.loss_ema + 0.05 * total
+        run.bar.update(1)
+        if self.step % c.log_every == 0 or self.step == c.steps:
+            self._log_step(run, c.lr * factor, temperature)
+        if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+            self._evaluate(run.bar)
+        if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
+            self._save(run)
+
+    def optimizer_step(self, run: _Run, chosen: list[str]) -> float:
+        """One optimiser step on one batch of each task in `chosen`; returns the loss."""
+        c = self.config
+        run.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for task in chosen:
+            x, y, global_batch = run.batches.next(task)
+            x, y = to_float(x.to(self.device)), y.to(self.device)
+            if c.augment:
+                x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
+            with run.autocast:
+                out = self.objective(self._bound(run.forward, task), Batch(task, x, y, self.step / c.steps,
+                                                                          run.batches))
+            # Weighted so that the average over ranks is the global batch's mean loss.
+            share = distributed.world_size() * len(y) / global_batch
+            total = total + share * out.loss / len(chosen)
+            self._track(run, task, y, out)
+        penalty = self.route_schedule.penalty(self.step, self._trained_routes())
+        if penalty is not None:
+            total = total + penalty
+        total.backward()
+        # All ranks see the same averaged loss, so all of them stop together on divergence.
+        total = distributed.average_gradients(run.trainable, total)
+        if not torch.isfinite(total):
+            kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() else None
+            self.log.write(event="diverged", step=self.step)
+            raise TrainingDiverged(f"loss became {total.item()} at step {self.step} (tasks {chosen}); training "
+                                   f"stopped, last good checkpoint: {kept or 'none written yet'}")
+        run.optimizer.step()
+        return total.item()
+
+    def _track(self, run: _Run, task: str, y: torch.Tensor, out: Output) -> None:
+        """Running training accuracy of a labelled batch, and the objective's metrics."""
+        if out.logits is not None and (y >= 0).any():
+            acc = (out.logits.argmax(-1) == y).float().mean().item()
+            run.running[task] = acc if run.running[task] is None else 0.9 * run.running[task] + 0.1 * acc
+        for name, value in out.metrics.items():
+            total, count = run.metrics.get(name, (0.0, 0))
+            run.metrics[name] = (total + value, count + 1)
+
+    def _bound(self, forward, task: str):
+        """The forward pass a batch of `task` runs: with two of its route's steps exchanged
+        when the route schedule asks for it (a trained soft route only)."""
+        if self.route_schedule.swap == 0 or not self.model.has_routes:
+            return forward
+        route = self.model.route(task)
+        if id(route.logits) not in self._route_ids or route.is_discrete:
+            return forward
+        order = self.route_schedule.step_order(route.steps, self.aug)
+        return forward if order is None else StepOrder(forward, order)
 
     def _trained_routes(self) -> list:
         """The soft routes this run trains (a route that is only run, not trained, is left
         as it is: its temperature, and soft or not)."""
+        if not self.model.has_routes:
+            return []
         return [r for r in self.model.soft_routes(self.train_tasks) if id(r.logits) in self._route_ids]
 
     def _discretize(self, bar: Progress) -> bool:
@@ -486,74 +632,26 @@ class Trainer:
         self.step = self.config.steps
         return True
 
-    def _step(self, optimizer, trainable, batches: Batches, forward_model, autocast, chosen: list[str],
-              running: dict) -> float:
-        """One optimiser step on one batch of each task in `chosen`; returns the loss."""
-        c = self.config
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for task in chosen:
-            x, y, global_batch = batches.next(task)
-            x, y = to_float(x.to(self.device)), y.to(self.device)
-            if c.augment:
-                x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
-            with autocast, self._swapped(task):
-                loss, logits = self.objective(forward_model, x, y, task)
-            # Weighted so that the average over ranks is the global batch's mean loss.
-            share = distributed.world_size() * len(y) / global_batch
-            total = total + share * loss / len(chosen)
-            if (y >= 0).any():
-                acc = (logits.argmax(-1) == y).float().mean().item()
-                running[task] = acc if running[task] is None else 0.9 * running[task] + 0.1 * acc
-        soft = self._trained_routes()
-        entropy_weight = self.route_schedule.entropy_weight(self.step)
-        if soft and entropy_weight > 0:
-            total = total + entropy_weight * torch.stack([r.entropy() for r in soft]).mean()
-        total.backward()
-        # All ranks see the same averaged loss, so all of them stop together on divergence.
-        total = distributed.average_gradients(trainable, total)
-        if not torch.isfinite(total):
-            kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() else None
-            self.log.write(event="diverged", step=self.step)
-            raise TrainingDiverged(f"loss became {total.item()} at step {self.step} (tasks {chosen}); training "
-                                   f"stopped, last good checkpoint: {kept or 'none written yet'}")
-        optimizer.step()
-        return total.item()
-
-    def _swapped(self, task: str):
-        """With probability `route_swap`, `task`'s trained soft route with two random steps'
-        weights exchanged for this batch; otherwise the route as it is."""
-        p = self.config.route_swap
-        if p == 0 or not self.model.has_routes:
-            return nullcontext()
-        route = self.model.route(task)
-        if id(route.logits) not in self._route_ids or route.is_discrete or route.steps < 2:
-            return nullcontext()
-        draw = torch.rand(3, generator=self.aug)  # the same draws on every rank
-        if draw[0] >= p:
-            return nullcontext()
-        i = int(draw[1] * route.steps)
-        j = (i + 1 + int(draw[2] * (route.steps - 1))) % route.steps  # any step but i
-        order = torch.arange(route.steps)
-        order[i], order[j] = j, i
-        return route.reordered(order.to(route.logits.device))
-
-    def _log_step(self, bar: Progress, loss: float, lr: float, temperature: float, running: dict) -> None:
-        accs = {t: round(a, 4) for t, a in running.items() if a is not None}
-        record = {"step": self.step, "loss": round(loss, 5), "lr": lr, "temperature": temperature, "train_acc": accs,
-                  "time": round(time.time() - bar.t0, 2)}
+    def _log_step(self, run: _Run, lr: float, temperature: float) -> None:
+        accs = {t: round(a, 4) for t, a in run.running.items() if a is not None}
+        metrics = {name: round(total / count, 6) for name, (total, count) in run.metrics.items()}
+        run.metrics = {}
+        record = {"step": self.step, "loss": round(run.loss_ema, 5), "lr": lr, "temperature": temperature,
+                  "train_acc": accs, **metrics, "time": round(time.time() - run.bar.t0, 2)}
         self.history.append(record)
         self.log.write(**record)
-        self.log.scalars(self.step, {"loss": loss, "lr": lr, "temperature": temperature,
+        self.log.scalars(self.step, {"loss": run.loss_ema, "lr": lr, "temperature": temperature, **metrics,
                                      **{f"train_acc/{t}": a for t, a in accs.items()}})
-        bar.set_postfix(f"loss {loss:.3f} " + " ".join(f"{short(t)} {a:.2f}" for t, a in accs.items()))
+        shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        run.bar.set_postfix(f"loss {run.loss_ema:.3f} {shown} " + " ".join(f"{short(t)} {a:.2f}"
+                                                                           for t, a in accs.items()))
 
     def _evaluate(self, bar: Progress) -> dict[str, float]:
         accs = evaluate(self.model, self._labelled())
-        self._train_mode()
         self.log.write(event="eval", step=self.step, test_acc=accs)
         self.log.scalars(self.step, {f"test_acc/{t}": a for t, a in accs.items()})
-        self.log.routes(self.step, self.model.usage(self.train_tasks))
+        if self.model.has_routes:
+            self.log.routes(self.step, self.model.usage(self.train_tasks))
         if self.step < self.config.steps:
             bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
         return accs

@@ -39,9 +39,9 @@ from isomod.bench.base import Bench, Results, check_seeds, environment, register
 from isomod.data.tasks import TaskData, load_task
 from isomod.network import ModelConfig, ModularNet
 from isomod.errors import check_choices, check_out_dir
-from isomod.train import TrainConfig, Trainer, evaluate, resolve_device
+from isomod.train import TrainConfig, evaluate, resolve_device
 from isomod.adapt import (ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, WITH_SOURCES, adapt,
-                          add_as_copy, changed_numbers, estimate_norm_stats, setting, start_from_sources)
+                          add_as_copy, estimate_norm_stats, route_oracle, setting)
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
 CORRUPTED = [f"mnistc/{c}" for c in mnistc.CORRUPTIONS]
@@ -176,28 +176,6 @@ def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), prog
     results.save()
     write_report(out, results.data)
     return results.data
-
-
-def route_oracle(base: ModularNet, target: TaskData, sources: list[str], start: str, config: TrainConfig,
-                 progress: bool = False) -> tuple[ModularNet, Trainer, int]:
-    """A copy of `base` with `target` added and its route alone trained on the target's
-    *labels* (analysis only): soft to the end, starting like the route methods from a
-    mixture of the `sources`' routes that favours `start`, the norm statistics following
-    the route and re-estimated at the end. Pool, stem, head and sources stay as they are.
-    Returns the model, its trainer (for the loss history) and the numbers that changed."""
-    model = copy.deepcopy(base)
-    model.requires_grad_(False)
-    add_as_copy(model, target.spec, start)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    start_from_sources(model, target.spec.name, sources, start)
-    trainer = Trainer(model, {target.spec.name: target}, replace(config, routes="soft", eval_every=0),
-                      progress=progress, params={"routes": [model.route(target.spec.name).logits]},
-                      frozen_norm_stats=False)
-    trainer.fit()
-    model.requires_grad_(False)
-    estimate_norm_stats(model, target.spec.name, target.x_train)
-    model.eval()
-    return model, trainer, changed_numbers(before, model)
 
 
 def oracle_row(base: ModularNet, target: TaskData, sources: list[str], start: str, config: TrainConfig,

@@ -209,6 +209,20 @@ def job_environment(device: str | torch.device | None, jobs: int) -> dict:
     return env
 
 
+@torch.no_grad()
+def macs_per_image(model, task: str) -> int:
+    """Multiply-adds of one forward pass of one image of `task` as the model runs it now
+    (convolutions and linear layers, counted by `torch.utils.flop_counter`; a soft route
+    under weight mixing also counts the mixing of the modules' weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = model.check_task(task)
+    param = next(model.parameters())
+    with model.evaluating(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros((1, *spec.input_shape), device=param.device, dtype=param.dtype), task)
+    return counter.get_total_flops() // 2
+
+
 def read_log(path: Path) -> list[dict]:
     """The records of a run's `log.jsonl` (none when the file is missing)."""
     if not path.exists():

@@ -26,16 +26,29 @@ import numpy as np
 
 from isomod import distributed, report
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, check_seeds, job_environment, loss_fifths, read_log, register, run_jobs
+from isomod.bench.base import (Bench, Results, check_seeds, job_environment, loss_fifths, macs_per_image, read_log,
+                               register, run_jobs)
 from isomod.data.tasks import TaskData, load_task
-from isomod.errors import IsomodError, check_choices, check_out_dir
-from isomod.network import ModelConfig, macs_per_image
-from isomod.route import reuse_pattern
+from isomod.errors import IsomodError, check_choice, check_choices, check_out_dir
+from isomod.network import ModelConfig
 from isomod.regimes import REGIMES
 from isomod.train import TrainConfig, resolve_device
 
 REUSE_METHODS = ("once", "cyclic", "block_repeat", "learned", "templates", "distinct")
 LEARNED = ("learned", "templates")
+PATTERNS = ("once", "cyclic", "block_repeat", "distinct")
+
+
+def reuse_pattern(kind: str, num_modules: int, steps: int) -> list[int]:
+    """A fixed route over `steps` steps: `once` and `distinct` run modules 0 .. steps-1
+    (a pool of `steps` modules), `cyclic` runs 0 1 .. N-1 0 1 .., and `block_repeat`
+    runs each of the `N` modules for about `steps / N` consecutive steps."""
+    check_choice("route pattern", kind, PATTERNS)
+    if kind in ("once", "distinct"):
+        return list(range(steps))
+    if kind == "cyclic":
+        return [l % num_modules for l in range(steps)]
+    return [l * num_modules // steps for l in range(steps)]
 
 
 @dataclass
