@@ -52,5 +52,5 @@ def test_results_save_atomically_and_resume_only_the_same_config(tmp_path):
     assert Results(path, "b", {"k": 1, "jobs": 2}, resume=True).has(method="m", seed=0)
     assert Results(path, "b", {"k": 2, "jobs": 1}, resume=True).rows == []
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
-    with pytest.raises(Exception, match="a result row needs method, task, metric, value; missing value"):
+    with pytest.raises(Exception, match=r"a result row is a Row \(method, task, metric, value and fields\), got dict"):
         res.add({"method": "m", "task": "t", "metric": "x"})

@@ -25,13 +25,13 @@ def test_patterns():
 
 
 def test_plan():
-    runs = reuse.plan([2], [1, 2], list(reuse.REUSE_METHODS))
+    runs = reuse.grid([2], [1, 2], list(reuse.REUSE_METHODS))
     assert runs == [("once", 2, 2), ("cyclic", 2, 4), ("block_repeat", 2, 4), ("learned", 2, 4), ("templates", 2, 4),
                     ("distinct", 2, 4)]
     with pytest.raises(IsomodError, match="nothing to run"):
-        reuse.plan([2], [1], ["cyclic"])
+        reuse.grid([2], [1], ["cyclic"])
     with pytest.raises(IsomodError, match="step multiples must be >= 1"):
-        reuse.plan([2], [0, 2], ["cyclic"])
+        reuse.grid([2], [0, 2], ["cyclic"])
 
 
 def test_macs_count_each_step_run_and_reuse_adds_no_module_parameters():

@@ -26,8 +26,9 @@ are skipped, so a stopped benchmark resumes.
 from __future__ import annotations
 
 import copy
+import functools
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,12 @@ import numpy as np
 from isomod import report
 from isomod.data import digits5, mnistc
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, check_seeds, environment, register
+from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
+from isomod.checkpoint import load_checkpoint
 from isomod.data.tasks import TaskData, load_task
 from isomod.network import ModelConfig, ModularNet
-from isomod.errors import check_choices, check_out_dir
-from isomod.train import TrainConfig, evaluate, resolve_device
+from isomod.errors import check_choices
+from isomod.train import TrainConfig, evaluate
 from isomod.adapt import (ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, WITH_SOURCES, adapt,
                           add_as_copy, estimate_norm_stats, route_oracle, setting)
 
@@ -71,6 +73,8 @@ class AdaptBenchConfig:
             routes and choosing among them matters. The stem cuts the 32x32 images into
             4x4 patches (8x8 feature maps): a quarter of the compute of a stride-2 stem,
             which a bench of 3 seeds and 8 targets on 2 CPU cores needs.
+        jobs: source models, then adaptations, side by side, each in its own process with
+            an equal share of the threads.
         source: the supervised multi-source training budget.
         adapt: the budget of every adaptation method that trains.
     """
@@ -79,6 +83,7 @@ class AdaptBenchConfig:
     methods: list[str] = field(default_factory=lambda: list(ADAPT_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
+    jobs: int = 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         in_channels=3, channels=32, num_modules=8, steps=8, stem_stride=4, route_init="permutation"))
     source: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -89,6 +94,7 @@ class AdaptBenchConfig:
         check_choices("adaptation method", self.methods, ADAPT_METHODS)
         check_choices("target", self.targets, self.domains + CORRUPTED)
         check_seeds(self.seeds)
+        check_jobs(self.jobs)
 
 
 def short(task: str) -> str:
@@ -105,81 +111,136 @@ def group(task: str) -> str:
     return task.split("/", 1)[0]
 
 
-def run(out_dir: str | Path, config: AdaptBenchConfig = AdaptBenchConfig(), progress: bool = True) -> dict:
-    """Leave each target out, train on the rest, adapt to it with every method; write
-    `results.json` (row by row: a second run of the same configuration skips the rows it
-    has), figures and `report.md`."""
-    out = Path(out_dir)
-    check_out_dir(out)
-    results = Results(out / "results.json", "adapt", asdict(config), resume=True, source_models={}, routes={},
-                      seconds={}, environment=environment(resolve_device(config.source.device)))
-    data = {d: load_task(d) for d in dict.fromkeys(config.domains + config.targets)}
-    for seed in config.seeds:
-        for target in config.targets:
-            sources = [d for d in config.domains if d != target]
-            model_key = f"{left_out(target, config.domains)}-s{seed}"
-            key = f"{short(target)}-s{seed}"
-            if progress:
-                print(f"== sources {', '.join(map(short, sources))} -> target {short(target)} (seed {seed})", flush=True)
-            t0 = time.time()
-            base, accs = train_modular(out / f"sources-{model_key}", [data[s] for s in sources], config.model,
-                                       config.source, seed, progress)
-            base.eval()
-            routes = results["routes"].setdefault(key, {})
-            routes["sources"] = {s: base.route(s).indices() for s in sources}
-            # The first run's training time stays: a rerun only reloads the checkpoint.
-            results["source_models"].setdefault(model_key, {"test_acc": accs, "seconds": round(time.time() - t0, 1)})
-            tgt = data[target]
-            for s in sources:
-                for name in ANALYSIS:
-                    if results.has(method=name, task=target, seed=seed, source=s):
-                        continue
-                    model = copy.deepcopy(base)
-                    add_as_copy(model, tgt.spec, s)
-                    if name == "adabn_each":
-                        estimate_norm_stats(model, target, tgt.x_train)
-                    acc = evaluate(model, {target: tgt})[target]
-                    results.add(_row(name, target, acc, model.param_count(), 0, seed, source=s))
-            if not results.has(method=ORACLE, task=target, seed=seed):
-                start = next(r["source"] for r in hindsight_rows(results["rows"])
-                             if r["task"] == target and r["seed"] == seed)
-                if progress:
-                    print(f"== {ORACLE} -> {short(target)} (seed {seed}, from {short(start)})", flush=True)
-                row, routes[ORACLE] = oracle_row(base, tgt, sources, start, replace(config.adapt, seed=seed), progress)
-                results.add(row)
-                results.save()
-            for method in config.methods:
-                name = ROW_NAME.get(method, method)
-                if results.has(method=name, task=target, seed=seed, source=None):
-                    continue
-                if progress:
-                    print(f"== {name} -> {short(target)} (seed {seed})", flush=True)
-                t0 = time.time()
-                model = copy.deepcopy(base)
-                res = adapt(model, tgt, method, replace(config.adapt, seed=seed), progress=progress,
-                            sources={s: data[s] for s in sources})
-                acc = evaluate(model, {target: tgt})[target]  # the only place target labels are read
-                results["seconds"][f"{name}/{key}"] = round(time.time() - t0, 1)
-                extra = {}
-                if method in ALIGN_ROUTE_METHODS:  # what discretising the soft route would cost
-                    extra["acc_discretized"], discrete = discretized(model, tgt)
-                    routes[name] = {"discrete": discrete, "soft": res.soft_route}
-                if res.history:
-                    extra["align_first"], extra["align_last"] = res.history[0]["align"], res.history[-1]["align"]
-                results.add(_row(name, target, acc, model.param_count(), res.params_task, seed,
-                                 chosen=res.source, score=res.score, scores=res.scores, **extra))
-                if method in ROUTE_METHODS:
-                    routes[name] = {"discrete": model.route(target).indices(), "soft_at_discretize": res.soft_route,
-                                    "kept": res.kept}
-                results.save()
-            results.save()
-    results.save()
-    write_report(out, results.data)
-    return results.data
+@functools.lru_cache(maxsize=None)
+def domain_data(name: str) -> TaskData:
+    """A domain's data, read once per process."""
+    return load_task(name)
+
+
+def source_dir(out: Path, target: str, domains: list[str], seed: int) -> Path:
+    return out / f"sources-{left_out(target, domains)}-s{seed}"
+
+
+def plan(ctx: Context):
+    """Three stages: the source models (one per left-out domain and seed, reloaded when
+    complete); then every analysis row and method on every target; then `route_oracle`,
+    which starts from the best source route in hindsight (an analysis row of stage two).
+    Rows already in the results are not planned again."""
+    config, results = ctx.config, ctx.results
+    pairs = [(seed, target, [d for d in config.domains if d != target]) for seed in config.seeds
+             for target in config.targets]
+    models = {}
+    for seed, target, sources in pairs:
+        models.setdefault(source_dir(ctx.out, target, config.domains, seed), (sources, seed))
+
+    def record_sources(results, output, run_dir: Path) -> None:
+        accs, seconds, routes = output
+        # The first run's training time stays: a rerun only reloads the checkpoint.
+        results["source_models"].setdefault(run_dir.name.removeprefix("sources-"), {"test_acc": accs,
+                                                                                    "seconds": seconds})
+        for seed, target, sources in pairs:
+            if source_dir(ctx.out, target, config.domains, seed) == run_dir:
+                results["routes"].setdefault(f"{short(target)}-s{seed}", {})["sources"] = routes
+
+    yield [Job(train_sources, (run_dir, sources, config.model, config.source, seed, ctx.progress),
+               lambda results, out, run_dir=run_dir: record_sources(results, out, run_dir))
+           for run_dir, (sources, seed) in models.items()]
+    jobs = []
+    for seed, target, sources in pairs:
+        run_dir = source_dir(ctx.out, target, config.domains, seed)
+        jobs += [Job(analysis_rows, (run_dir, target, s, seed), lambda results, rows: results.add(*rows))
+                 for s in sources if not results.has(method=ANALYSIS[0], task=target, seed=seed, source=s)]
+        jobs += [Job(method_run, (run_dir, target, sources, method, replace(config.adapt, seed=seed), ctx.progress),
+                     lambda results, out: record_method(ctx, out))
+                 for method in config.methods
+                 if not results.has(method=ROW_NAME.get(method, method), task=target, seed=seed, source=None)]
+    yield jobs
+    yield [Job(oracle_run, (source_dir(ctx.out, target, config.domains, seed), target, sources,
+                            best_source(results.rows, target, seed), replace(config.adapt, seed=seed), ctx.progress),
+               lambda results, out: record_oracle(results, out))
+           for seed, target, sources in pairs if not results.has(method=ORACLE, task=target, seed=seed)]
+
+
+def train_sources(run_dir: Path, sources: list[str], model_config: ModelConfig, train_config: TrainConfig,
+                  seed: int, progress: bool) -> tuple[dict[str, float], float, dict[str, list[int]]]:
+    """Train (or reload) one multi-source model; its test accuracy per source, seconds and routes."""
+    if progress:
+        print(f"== sources {', '.join(map(short, sources))} (seed {seed})", flush=True)
+    t0 = time.time()
+    base, accs = train_modular(run_dir, [domain_data(s) for s in sources], model_config, train_config, seed, progress)
+    return accs, round(time.time() - t0, 1), {s: base.route(s).indices() for s in sources}
+
+
+def load_sources(run_dir: Path) -> ModularNet:
+    return load_checkpoint(run_dir / "checkpoint").eval()
+
+
+def analysis_rows(run_dir: Path, target: str, source: str, seed: int) -> list[Row]:
+    """`source_only_each` and `adabn_each` of one source route on one target."""
+    base, tgt = load_sources(run_dir), domain_data(target)
+    rows = []
+    for name in ANALYSIS:
+        model = copy.deepcopy(base)
+        add_as_copy(model, tgt.spec, source)
+        if name == "adabn_each":
+            estimate_norm_stats(model, target, tgt.x_train)
+        acc = evaluate(model, {target: tgt})[target]
+        rows.append(_row(name, target, acc, model.param_count(), 0, seed, source=source))
+    return rows
+
+
+def method_run(run_dir: Path, target: str, sources: list[str], method: str, config: TrainConfig,
+               progress: bool) -> tuple[Row, dict | None, float]:
+    """One adaptation method on one target: its row, its route (route methods) and seconds."""
+    name, tgt = ROW_NAME.get(method, method), domain_data(target)
+    if progress:
+        print(f"== {name} -> {short(target)} (seed {config.seed})", flush=True)
+    t0 = time.time()
+    model = load_sources(run_dir)
+    res = adapt(model, tgt, method, config, progress=progress, sources={s: domain_data(s) for s in sources})
+    acc = evaluate(model, {target: tgt})[target]  # the only place target labels are read
+    seconds = round(time.time() - t0, 1)
+    extra, route = {}, None
+    if method in ALIGN_ROUTE_METHODS:  # what discretising the soft route would cost
+        extra["acc_discretized"], discrete = discretized(model, tgt)
+        route = {"discrete": discrete, "soft": res.soft_route}
+    if res.history:
+        extra["align_first"], extra["align_last"] = res.history[0]["align"], res.history[-1]["align"]
+    if method in ROUTE_METHODS:
+        route = {"discrete": model.route(target).indices(), "soft_at_discretize": res.soft_route, "kept": res.kept}
+    row = _row(name, target, acc, model.param_count(), res.params_task, config.seed, chosen=res.source,
+               score=res.score, scores=res.scores, **extra)
+    return row, route, seconds
+
+
+def record_method(ctx: Context, output: tuple[Row, dict | None, float]) -> None:
+    row, route, seconds = output
+    key = f"{short(row.task)}-s{row.fields['seed']}"
+    ctx.results["seconds"][f"{row.method}/{key}"] = seconds
+    ctx.results.add(row)
+    if route is not None:
+        ctx.results["routes"].setdefault(key, {})[row.method] = route
+
+
+def best_source(rows: list[dict], target: str, seed: int) -> str:
+    return next(r["source"] for r in hindsight_rows(rows) if r["task"] == target and r["seed"] == seed)
+
+
+def oracle_run(run_dir: Path, target: str, sources: list[str], start: str, config: TrainConfig,
+               progress: bool) -> tuple[Row, dict]:
+    if progress:
+        print(f"== {ORACLE} -> {short(target)} (seed {config.seed}, from {short(start)})", flush=True)
+    return oracle_row(load_sources(run_dir), domain_data(target), sources, start, config, progress)
+
+
+def record_oracle(results, output: tuple[Row, dict]) -> None:
+    row, route = output
+    results.add(row)
+    results["routes"].setdefault(f"{short(row.task)}-s{row.fields['seed']}", {})[ORACLE] = route
 
 
 def oracle_row(base: ModularNet, target: TaskData, sources: list[str], start: str, config: TrainConfig,
-               progress: bool) -> tuple[dict, dict]:
+               progress: bool) -> tuple[Row, dict]:
     """`route_oracle`'s result row (test accuracy soft and discretised, the training loss
     over the first and last fifth) and its route."""
     model, trainer, changed = route_oracle(base, target, sources, start, config, progress)
@@ -203,13 +264,13 @@ def discretized(model: ModularNet, target: TaskData) -> tuple[float, list[int]]:
     return round(evaluate(hard, {name: target})[name], 5), hard.route(name).indices()
 
 
-def _row(method: str, task: str, acc: float, params_total: int, params_task: int, seed: int, **extra) -> dict:
+def _row(method: str, task: str, acc: float, params_total: int, params_task: int, seed: int, **extra) -> Row:
     # The analysis rows (one fixed source route, with or without target statistics) and
     # `source_only_best` read the target's images at most: source-free.
     # `route_oracle` reads the target's labels to train.
     mode = setting(method) if method in ADAPT_METHODS else "target_labels" if method == ORACLE else "source_free"
-    return {"method": method, "task": task, "metric": "test_acc", "value": round(acc, 5), "setting": mode,
-            "params_total": params_total, "params_task": params_task, "seed": seed, **extra}
+    return Row(method, task, "test_acc", round(acc, 5), {"setting": mode, "params_total": params_total,
+                                                         "params_task": params_task, "seed": seed, **extra})
 
 
 FAMILIES = {"digits5": "digits5 targets (leave one domain out)", "mnistc": "MNIST-C style targets (sources: all five "
@@ -349,6 +410,24 @@ def write_report(out: Path, results: dict) -> Path:
     if rows:
         report.plot_task_accuracy(rows, out / "accuracy.png")
         parts += ["![accuracy per target](accuracy.png)", ""]
+    parts += routes_section(out, results)
+    shown = list(dict.fromkeys(cfg["domains"] + cfg["targets"]))
+    plot_samples({short(d): load_task(d).x_test[:12].numpy() for d in shown}, out / "samples.png")
+    parts += ["## Samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
+    models = results.get("source_models", {})
+    if models:
+        parts += ["## Source models", "", "| domain left out, seed | source test accuracy | seconds |", "|---|---|---:|"]
+        parts += [f"| {k} | " + ", ".join(f"{short(t)} {100 * a:.1f}" for t, a in v["test_acc"].items())
+                  + f" | {v['seconds']} |" for k, v in models.items()]
+        parts.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def routes_section(out: Path, results: dict) -> list[str]:
+    """The first seed's source routes and learned target routes, drawn, with their heading."""
+    cfg = results["config"]
     first = min(cfg["seeds"]) if cfg["seeds"] else None
     panels, chosen = {}, {}
     n = cfg["model"]["num_modules"]
@@ -367,24 +446,13 @@ def write_report(out: Path, results: dict) -> Path:
             panels[label] = np.asarray(learned.get("soft") or learned.get("soft_at_discretize")
                                        or np.eye(n)[learned["discrete"]])
             chosen[label] = learned["discrete"]
-    if panels:
-        report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=len(cfg["domains"]) + 2,
-                          title="per target: the source routes, then the target's learned routes (soft weights: "
-                                "route_im's before discretising, the aligned ones as kept; dots: the argmax, "
-                                "route_im's start when undone)")
-        parts += ["## Routes", "", f"Seed {first}.", "", "![routes](routes.png)", ""]
-    shown = list(dict.fromkeys(cfg["domains"] + cfg["targets"]))
-    plot_samples({short(d): load_task(d).x_test[:12].numpy() for d in shown}, out / "samples.png")
-    parts += ["## Samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
-    models = results.get("source_models", {})
-    if models:
-        parts += ["## Source models", "", "| domain left out, seed | source test accuracy | seconds |", "|---|---|---:|"]
-        parts += [f"| {k} | " + ", ".join(f"{short(t)} {100 * a:.1f}" for t, a in v["test_acc"].items())
-                  + f" | {v['seconds']} |" for k, v in models.items()]
-        parts.append("")
-    path = out / "report.md"
-    path.write_text("\n".join(parts))
-    return path
+    if not panels:
+        return []
+    report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=len(cfg["domains"]) + 2,
+                      title="per target: the source routes, then the target's learned routes (soft weights: "
+                            "route_im's before discretising, the aligned ones as kept; dots: the argmax, "
+                            "route_im's start when undone)")
+    return ["## Routes", "", f"Seed {first}.", "", "![routes](routes.png)", ""]
 
 
 def plot_samples(images: dict[str, np.ndarray], path: Path, title: str = "samples per domain") -> Path:
@@ -403,7 +471,9 @@ def plot_samples(images: dict[str, np.ndarray], path: Path, title: str = "sample
     return report.save_figure(fig, path, tight=False)
 
 
-register(Bench("adapt", "unsupervised multi-source domain adaptation on digits5 (leave one domain out) and MNIST-C "
-               "style targets: route methods vs source-only, AdaBN and TENT (source-free), and vs M3SDA and DANN "
-               "(with sources)", AdaptBenchConfig, run, write_report, summary,
-               unprefixed="adapt"))
+BENCH = register(Bench("adapt", "unsupervised multi-source domain adaptation on digits5 (leave one domain out) and "
+                       "MNIST-C style targets: route methods vs source-only, AdaBN and TENT (source-free), and vs "
+                       "M3SDA and DANN (with sources)", AdaptBenchConfig, plan, write_report, summary,
+                       unprefixed="adapt", device=lambda c: c.source.device,
+                       extra=("source_models", "routes", "seconds")))
+run = BENCH.run

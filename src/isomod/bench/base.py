@@ -1,25 +1,30 @@
-"""What every benchmark shares: the result row, the results file, and the registry the
-CLI builds `isomod bench NAME` from.
+"""What every benchmark shares: the result row, the results file, the skeleton that runs a
+bench, and the registry the CLI builds `isomod bench NAME` from.
 
 A benchmark is one module of this package. It owns one config dataclass (every default
 in one place; nested dataclasses such as `model` and `train` become option groups), a
-`run(out_dir, config, progress)` that writes `results.json`, a `write_report(out, results)`
-that draws its figures and writes `report.md`, and `summary(results)`, the lines the CLI
-prints at the end. It registers itself with `register(Bench(...))`.
+`plan(ctx)` that yields its work as stages of `Job`s (each a module-level function, its
+arguments, and how its output is recorded), a `write_report(out, results)` that draws its
+figures and writes `report.md`, and `summary(results)`, the lines the CLI prints at the
+end. It registers itself with `register(Bench(...))`. `run_bench` owns the rest: the
+output folder's check, `results.json` with resume (a job whose rows are there is not
+planned again), `--jobs` worker processes, saving after every job, the report.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from isomod import distributed
 from isomod.data.cache import write_atomic
-from isomod.errors import IsomodError
+from isomod.errors import IsomodError, check_out_dir
 
 ROW_KEYS = ("method", "task", "metric", "value")
 
@@ -80,13 +85,11 @@ class Results:
     def __getitem__(self, key: str):
         return self.data[key]
 
-    def add(self, row: Row | dict) -> dict:
-        entry = row.to_dict() if isinstance(row, Row) else dict(row)
-        missing = [k for k in ROW_KEYS if k not in entry]
-        if missing:
-            raise IsomodError(f"a result row needs {', '.join(ROW_KEYS)}; missing {', '.join(missing)}")
-        self.rows.append(entry)
-        return entry
+    def add(self, *rows: Row) -> None:
+        for row in rows:
+            if not isinstance(row, Row):
+                raise IsomodError(f"a result row is a Row ({', '.join(ROW_KEYS)} and fields), got {type(row).__name__}")
+            self.rows.append(row.to_dict())
 
     def has(self, **match) -> bool:
         """Whether a row with these field values exists (a field a row lacks counts as None)."""
@@ -113,6 +116,31 @@ def read_results(path: str | Path) -> dict:
 
 
 @dataclass
+class Job:
+    """One unit of a bench's work: `fn(*args)`, a module-level function (run in a worker
+    process under `--jobs`, so its arguments must pickle), and `record(results, output)`,
+    run in the main process, which adds what it returned to the results."""
+
+    fn: Callable
+    args: tuple
+    record: Callable[["Results", Any], None]
+
+
+@dataclass
+class Context:
+    """What a bench's plan sees: the output folder, the config, the results so far
+    (resumed), whether jobs may show their own progress (one job at a time), `say` (prints
+    when progress is on, on rank 0), and inputs given to `run_bench` directly."""
+
+    out: Path
+    config: Any
+    results: "Results"
+    progress: bool
+    say: Callable[..., None]
+    inputs: dict
+
+
+@dataclass
 class Bench:
     """A registered benchmark.
 
@@ -120,20 +148,70 @@ class Bench:
         name: `isomod bench NAME`.
         help: one line for the CLI.
         config: the config dataclass; its defaults are the bench's defaults.
-        run: `run(out_dir, config, progress) -> results dict`.
+        plan: `plan(ctx)`, a generator of stages, each a list of `Job`s; a stage runs (side
+            by side under `--jobs`) before the plan is asked for the next.
         write_report: `write_report(out_dir, results) -> report.md path`.
         summary: `summary(results) -> text` printed by the CLI after a run.
         unprefixed: the nested config whose options take no prefix (`--steps`, not
             `--train-steps`).
+        describe: `describe(config, inputs)`, the JSON configuration `results.json` records
+            (default: the config as a dict); resuming needs it unchanged.
+        device: the device the bench's config asks for (`auto`, `cpu`, `cuda`).
+        extra: top-level keys of `results.json` besides `bench`, `config` and `rows`.
+        resume: keep the rows of an earlier run of the same configuration (False for
+            timings, which compare only within one sitting).
     """
 
     name: str
     help: str
     config: type
-    run: Callable[..., dict]
+    plan: Callable[[Context], Iterator[list[Job]]]
     write_report: Callable[[Path, dict], Path]
     summary: Callable[[dict], str]
     unprefixed: str = "train"
+    describe: Callable[[Any, dict], dict] = lambda config, inputs: asdict(config)
+    device: Callable[[Any], str] = lambda config: "auto"
+    extra: tuple[str, ...] = ()
+    resume: bool = True
+
+    def run(self, out_dir: str | Path, config=None, progress: bool = True, **inputs) -> dict:
+        return run_bench(self, out_dir, config if config is not None else self.config(), progress, **inputs)
+
+
+def _call(fn: Callable, *args):
+    return fn(*args)
+
+
+def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, **inputs) -> dict:
+    """Run `bench` with `config` into `out_dir`: `results.json` (resumed when it holds a run
+    of the same configuration, saved after every job), then `report.md` and the figures.
+    `inputs` reach the plan (`ctx.inputs`), e.g. data given instead of loaded. Under
+    torchrun, rank 0 alone writes."""
+    from isomod.train import resolve_device
+
+    distributed.setup()
+    out = Path(out_dir)
+    check_out_dir(out)
+    jobs = getattr(config, "jobs", 1)
+    if jobs > 1 and distributed.world_size() > 1:
+        raise IsomodError("--jobs runs several trainings side by side in one process group; under torchrun "
+                          "every process already trains the same run: use one or the other")
+    results = Results(out / "results.json", bench.name, bench.describe(config, inputs), resume=bench.resume,
+                      environment=job_environment(resolve_device(bench.device(config)), jobs),
+                      **{k: {} for k in bench.extra})
+    main = distributed.is_main()
+    say = (lambda *a: print(*a, flush=True)) if progress and main else (lambda *a: None)
+    ctx = Context(out, config, results, progress and jobs == 1 and main, say, inputs)
+    for stage in bench.plan(ctx):
+        stage = list(stage)
+        for job, output in zip(stage, run_jobs(_call, [(j.fn, *j.args) for j in stage], jobs)):
+            job.record(results, output)
+            if main:
+                results.save()
+    if main:
+        results.save()
+        bench.write_report(out, results.data)
+    return results.data
 
 
 BENCHES: dict[str, Bench] = {}
@@ -142,6 +220,11 @@ BENCHES: dict[str, Bench] = {}
 def check_seeds(seeds: list[int]) -> None:
     if not seeds:
         raise IsomodError("give at least one seed")
+
+
+def check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise IsomodError(f"jobs must be >= 1, got {jobs}")
 
 
 def register(bench: Bench) -> Bench:

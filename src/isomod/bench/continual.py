@@ -13,6 +13,7 @@ resumes.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,14 +23,15 @@ import torch
 
 from isomod import report
 from isomod.baselines import IndependentNets, PlainResNet
-from isomod.bench.base import Bench, Results, check_seeds, job_environment, register, run_jobs
+from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
 from isomod.checkpoint import save_checkpoint
 from isomod.continual import GrowConfig, learn_task
 from isomod.data.tasks import TaskData, load_task
 from isomod.network import ModelConfig, ModularNet, TaskModel
-from isomod.errors import IsomodError, check_choices, check_out_dir
+from isomod.errors import check_choices
 from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
-from isomod.train import TrainConfig, Trainer, evaluate, resolve_device, to_float
+from isomod.network import to_float
+from isomod.train import TrainConfig, Trainer, evaluate
 
 METHODS = ("modular_grow", "independent", "finetune_seq")
 STREAM = ["glyphs/latin_upper", "glyphs/digits", "glyphs/greek", "mnist", "glyphs/cyrillic", "glyphs/armenian",
@@ -73,19 +75,18 @@ class ContinualConfig:
         check_choices("continual method", self.methods, METHODS)
         check_seeds(self.seeds)
         regime(self.regime)
-        if self.jobs < 1:
-            raise IsomodError(f"jobs must be >= 1, got {self.jobs}")
+        check_jobs(self.jobs)
 
 
 @torch.no_grad()
 def probe_logits(model: TaskModel, task: TaskData) -> torch.Tensor:
-    model.eval()
     device = next(model.parameters()).device
-    return model(to_float(task.x_test[:PROBE].to(device)), task.name).cpu()
+    with model.evaluating():
+        return model(to_float(task.x_test[:PROBE].to(device)), task.name).cpu()
 
 
 def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
-               grow: GrowConfig, out: Path, progress: bool) -> tuple[list[dict], dict]:
+               grow: GrowConfig, out: Path, progress: bool) -> tuple[list[Row], dict]:
     """Learn the stream with one method (seeded by `train_config.seed`); rows after every
     task, plus what the method did."""
     torch.manual_seed(train_config.seed)
@@ -111,9 +112,9 @@ def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, t
         seen = stream[: i + 1]
         accs = evaluate(model, {t.name: t for t in seen})
         total = model.param_count()
-        rows += [{"method": method, "task": t.name, "metric": "test_acc", "value": round(accs[t.name], 5),
-                  "after_task": task.name, "after_index": i + 1, "params_total": total,
-                  "params_task": model.task_param_count(t.name), "seed": train_config.seed} for t in seen]
+        rows += [Row(method, t.name, "test_acc", round(accs[t.name], 5),
+                     {"after_task": task.name, "after_index": i + 1, "params_total": total,
+                      "params_task": model.task_param_count(t.name), "seed": train_config.seed}) for t in seen]
     info["seconds"] = round(time.time() - t0, 1)
     if method == "modular_grow":
         info["exact_outputs"] = {t.name: bool(torch.equal(probes[t.name], probe_logits(model, t))) for t in stream}
@@ -123,34 +124,38 @@ def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, t
     return rows, info
 
 
-def run(out_dir: str | Path, config: ContinualConfig = ContinualConfig(), progress: bool = True) -> dict:
-    """Learn the stream with every method; write `results.json` (pass by pass: a second run
-    of the same configuration skips the passes it has, so a stopped benchmark resumes),
-    figures and `report.md`."""
-    out = Path(out_dir)
-    check_out_dir(out)
-    tasks = [load_task(t, data_dir=config.data_dir or None) for t in config.stream]
-    results = Results(out / "results.json", "continual", {**asdict(config), "task_names": [t.name for t in tasks]},
-                      resume=True, environment=job_environment(resolve_device(config.train.device), config.jobs),
-                      methods={})
+@functools.lru_cache(maxsize=4)
+def stream_tasks(names: tuple[str, ...], data_dir: str) -> tuple[TaskData, ...]:
+    """The stream's tasks, read once per process."""
+    return tuple(load_task(t, data_dir=data_dir or None) for t in names)
+
+
+def describe(config: ContinualConfig, inputs: dict) -> dict:
+    return {**asdict(config), "task_names": [t.name for t in stream_tasks(tuple(config.stream), config.data_dir)]}
+
+
+def plan(ctx: Context):
+    """One pass over the stream per method and seed that `results.json` does not hold; a
+    pass's rows and its entry in `methods` are saved together, all there or not at all."""
+    config = ctx.config
+    tasks = list(stream_tasks(tuple(config.stream), config.data_dir))
     modular = REGIMES[config.regime].apply(config.model, config.train, modules=config.model.num_modules)
-    calls = []
+
+    def record(results, output, method: str, seed: int) -> None:
+        rows, info = output
+        results["methods"].setdefault(method, {})[f"s{seed}"] = info
+        results.add(*rows)
+
+    jobs = []
     for seed in config.seeds:
         for method in config.methods:
-            if f"s{seed}" in results["methods"].get(method, {}):
+            if f"s{seed}" in ctx.results["methods"].get(method, {}):
                 continue
             model_config, train_config = modular if method == "modular_grow" else (config.model, config.train)
-            calls.append((method, tasks, model_config, replace(train_config, seed=seed), config.grow, out,
-                          progress and config.jobs == 1))
-    results.save()
-    for call, (rows, info) in zip(calls, run_jobs(run_method, calls, config.jobs)):
-        # A pass's rows and its entry in `methods` are saved together: a pass is all there or not at all.
-        results["methods"].setdefault(call[0], {})[f"s{call[3].seed}"] = info
-        for row in rows:
-            results.add(row)
-        results.save()
-    write_report(out, results.data)
-    return results.data
+            jobs.append(Job(run_method, (method, tasks, model_config, replace(train_config, seed=seed), config.grow,
+                                         ctx.out, ctx.progress),
+                            lambda results, out, method=method, seed=seed: record(results, out, method, seed)))
+    yield jobs
 
 
 def final_table(results: dict) -> str:
@@ -281,5 +286,7 @@ def plot_forgetting(rows: list[dict], stream: list[str], path: Path) -> Path:
     return report.save_figure(fig, path, tight=False)
 
 
-register(Bench("continual", "a stream of tasks: growing pool vs independent networks vs sequential fine-tuning",
-               ContinualConfig, run, write_report, final_table))
+BENCH = register(Bench("continual", "a stream of tasks: growing pool vs independent networks vs sequential "
+                       "fine-tuning", ContinualConfig, plan, write_report, final_table, describe=describe,
+                       device=lambda c: c.train.device, extra=("methods",)))
+run = BENCH.run

@@ -12,13 +12,12 @@ import torch
 
 from isomod import diagnostics, report
 from isomod.baselines import IndependentNets, PlainResNet
-from isomod.data.tasks import TaskData, load_suite, split_validation
-from isomod.bench.base import (Bench, Results, Row, check_seeds, job_environment, loss_fifths, read_log, register,
-                               run_jobs)
+from isomod.data.tasks import TaskData, load_suite, resolve, split_validation
+from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, loss_fifths, read_log, register
 from isomod.network import ModelConfig, ModularNet, TaskModel
-from isomod.errors import IsomodError, check_choices, check_out_dir
+from isomod.errors import IsomodError, check_choices
 from isomod.regimes import DEFAULT_REGIME, REGIMES
-from isomod.train import TrainConfig, Trainer, resolve_device
+from isomod.train import TrainConfig, Trainer
 
 # `modular` trains with the default regime, `modular_<regime>` with another (isomod.regimes).
 METHODS = {"modular": ModularNet, **{f"modular_{r}": ModularNet for r in REGIMES if r != DEFAULT_REGIME},
@@ -83,8 +82,7 @@ class MtlConfig:
             raise IsomodError(f"modules must be >= 0 (0: each regime's own pool size), got {self.modules}")
         if not 0 <= self.validation < 1:
             raise IsomodError(f"validation must lie in [0, 1), got {self.validation}")
-        if self.jobs < 1:
-            raise IsomodError(f"jobs must be >= 1, got {self.jobs}")
+        check_jobs(self.jobs)
         check_seeds(self.seeds)
 
 
@@ -114,8 +112,36 @@ def diagnostic_rows(method: str, model: TaskModel, tasks: dict[str, TaskData], s
     return rows, {"tasks": d["names"], "acc": d["cross_route"].round(decimals=5).tolist()}
 
 
+def describe(config: MtlConfig, inputs: dict) -> dict:
+    return {**asdict(config), "tasks": resolve([config.suite]), "default_regime": DEFAULT_REGIME}
+
+
+def plan(ctx: Context):
+    """One job per method and seed not in the results yet. `ctx.inputs["tasks"]`: the
+    suite's tasks themselves, instead of loading them (the demo)."""
+    config = ctx.config
+    tasks = ctx.inputs.get("tasks") or load_suite(config.suite)
+    if config.validation:
+        tasks = [split_validation(t, config.validation) for t in tasks]
+    metric = "val_acc" if config.validation else "test_acc"
+
+    def record(results, output) -> None:
+        method, seed, rows, routes, seconds = output
+        results["train_seconds"][f"{method}-s{seed}"] = seconds
+        results.add(*rows)
+        if routes is not None:
+            results["routes"][f"s{seed}" if method == "modular" else f"{method}-s{seed}"] = routes
+        if config.jobs > 1:
+            mean = next(r.value for r in rows if r.metric == metric and r.task == "mean")
+            ctx.say(f"== {method} (seed {seed}): {metric} {100 * mean:.1f}, {seconds:.0f} s")
+
+    yield [Job(train_one, (method, seed, config, tasks, ctx.out, metric, ctx.progress), record)
+           for seed in config.seeds for method in config.methods
+           if not ctx.results.has(method=method, seed=seed, metric=metric)]
+
+
 def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = True,
-        tasks: list[TaskData] | None = None, bench: str = "mtl") -> dict:
+        tasks: list[TaskData] | None = None) -> dict:
     """Train every method for every seed; write `results.json`, figures and `report.md`.
 
     Args:
@@ -123,33 +149,8 @@ def run(out_dir: str | Path, config: MtlConfig = MtlConfig(), progress: bool = T
         config: suite, seeds, methods, model shape and budget.
         progress: show progress.
         tasks: the tasks themselves, instead of loading the suite.
-        bench: the name written into `results.json`.
     """
-    out = Path(out_dir)
-    check_out_dir(out)
-    tasks = tasks if tasks is not None else load_suite(config.suite)
-    if config.validation:
-        tasks = [split_validation(t, config.validation) for t in tasks]
-    metric = "val_acc" if config.validation else "test_acc"
-    results = Results(out / "results.json", bench, {**asdict(config), "tasks": [t.name for t in tasks],
-                                                    "default_regime": DEFAULT_REGIME},
-                      environment=job_environment(resolve_device(config.train.device), config.jobs), routes={},
-                      train_seconds={})
-    calls = [(method, seed, config, tasks, out, metric, progress and config.jobs == 1)
-             for seed in config.seeds for method in config.methods]
-    for method, seed, rows, routes, seconds in run_jobs(train_one, calls, config.jobs):
-        results["train_seconds"][f"{method}-s{seed}"] = seconds
-        for row in rows:
-            results.add(row)
-        if routes is not None:
-            results["routes"][f"s{seed}" if method == "modular" else f"{method}-s{seed}"] = routes
-        results.save()
-        if progress and config.jobs > 1:
-            mean = next(r.value for r in rows if r.metric == metric and r.task == "mean")
-            print(f"== {method} (seed {seed}): {metric} {100 * mean:.1f}, {seconds:.0f} s", flush=True)
-    results.save()
-    write_report(out, results.data)
-    return results.data
+    return BENCH.run(out_dir, config, progress, **({"tasks": tasks} if tasks is not None else {}))
 
 
 def train_one(method: str, seed: int, config: MtlConfig, tasks: list[TaskData], out: Path, metric: str,
@@ -338,4 +339,6 @@ def plot_curves(logs: dict[str, list[dict]], path: Path) -> Path:
     return report.save_figure(fig, path)
 
 
-register(Bench("mtl", "modular vs independent networks vs a shared trunk", MtlConfig, run, write_report, summary))
+BENCH = register(Bench("mtl", "modular vs independent networks vs a shared trunk", MtlConfig, plan, write_report,
+                       summary, describe=describe, device=lambda c: c.train.device,
+                       extra=("routes", "train_seconds")))

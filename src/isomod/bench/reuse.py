@@ -18,6 +18,7 @@ command trains data-parallel (see `isomod.distributed`).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,13 +27,13 @@ import numpy as np
 
 from isomod import distributed, report
 from isomod.bench import train_modular
-from isomod.bench.base import (Bench, Results, check_seeds, job_environment, loss_fifths, macs_per_image, read_log,
-                               register, run_jobs)
+from isomod.bench.base import (Bench, Context, Job, Row, check_jobs, check_seeds, loss_fifths, macs_per_image,
+                               read_log, register)
 from isomod.data.tasks import TaskData, load_task
-from isomod.errors import IsomodError, check_choice, check_choices, check_out_dir
+from isomod.errors import IsomodError, check_choice, check_choices
 from isomod.network import ModelConfig
 from isomod.regimes import REGIMES
-from isomod.train import TrainConfig, resolve_device
+from isomod.train import TrainConfig
 
 REUSE_METHODS = ("once", "cyclic", "block_repeat", "learned", "templates", "distinct")
 LEARNED = ("learned", "templates")
@@ -89,8 +90,7 @@ class ReuseConfig:
         if self.image_size < 1:
             raise IsomodError(f"image size must be >= 1, got {self.image_size}")
         check_seeds(self.seeds)
-        if self.jobs < 1:
-            raise IsomodError(f"jobs must be >= 1, got {self.jobs}")
+        check_jobs(self.jobs)
 
 
 def pool_size(method: str, num_modules: int, steps: int) -> int:
@@ -98,7 +98,7 @@ def pool_size(method: str, num_modules: int, steps: int) -> int:
     return steps if method == "distinct" else num_modules
 
 
-def plan(modules: list[int], multiples: list[int], methods: list[str]) -> list[tuple[str, int, int]]:
+def grid(modules: list[int], multiples: list[int], methods: list[str]) -> list[tuple[str, int, int]]:
     """The runs `(method, N, L)`: `once` at `L = N`, every other method at each `L > N`."""
     for m in multiples:
         if m < 1:
@@ -116,55 +116,52 @@ def plan(modules: list[int], multiples: list[int], methods: list[str]) -> list[t
     return runs
 
 
-def run(out_dir: str | Path, config: ReuseConfig = ReuseConfig(), progress: bool = True,
-        data: TaskData | None = None) -> dict:
-    """Train every planned `(method, N, L)` for every seed; write `results.json`, figures, `report.md`.
+@functools.lru_cache(maxsize=2)
+def reuse_data(task: str, data_dir: str, image_size: int) -> TaskData:
+    """The bench's task, read once per process."""
+    return load_task(task, data_dir=data_dir or None, image_size=image_size)
 
-    Each run keeps its checkpoint and log under `OUT/runs/`; a run whose checkpoint is
-    complete is reloaded, not trained again. `data` is the task's data itself, instead of
-    loading `config.task`. Under torchrun, rank 0 alone prints and writes.
-    """
-    distributed.setup()
-    out = Path(out_dir)
-    check_out_dir(out)
-    data = data if data is not None else load_task(config.task, data_dir=config.data_dir or None,
-                                                   image_size=config.image_size)
-    modules, multiples, seeds = config.modules, config.multiples, config.seeds
-    model_config, train_config = config.model, config.train
-    runs = plan(list(modules), list(multiples), list(config.methods))
-    base = replace(model_config, in_channels=data.spec.input_shape[0])
-    say = print if progress and distributed.is_main() else (lambda *a, **k: None)
-    say(f"bench reuse: {data.name}, {data.spec.num_classes} classes, {len(data.y_train):,} train / "
-        f"{len(data.y_test):,} test images of {data.spec.input_shape}; {len(runs)} runs x {len(seeds)} seed(s)")
-    if config.jobs > 1 and distributed.world_size() > 1:
-        raise IsomodError("--jobs runs several trainings side by side in one process group; under torchrun "
-                          "every process already trains the same run: use one or the other")
-    rows: list[dict] = []
-    routes: dict[str, list[int]] = {}
-    timings: dict[str, float] = {}
-    calls = [(method, n, steps, seed, base, train_config, data, out, progress and config.jobs == 1)
-             for seed in seeds for method, n, steps in runs]
-    for name, run_rows, route, seconds in run_jobs(train_one, calls, config.jobs):
-        rows += run_rows
-        routes[name], timings[name] = route, seconds
-        acc = next(r["value"] for r in run_rows if r["metric"] == "test_acc")
-        say(f"   {name}: test acc {100 * acc:.2f}%, route {' '.join(map(str, route))}, {seconds} s", flush=True)
-    results = Results(out / "results.json", "reuse",
-                      {**asdict(config), "task": data.name, "num_classes": data.spec.num_classes,
-                       "input_shape": list(data.spec.input_shape), "model": asdict(base),
-                       "world_size": distributed.world_size()},
-                      routes=routes, train_seconds=timings,
-                      environment=job_environment(resolve_device(train_config.device), config.jobs))
-    for row in rows:
-        results.add(row)
-    if distributed.is_main():
-        results.save()
-        write_report(out, results.data)
-    return results.data
+
+def bench_data(config: ReuseConfig, inputs: dict) -> TaskData:
+    """`inputs["data"]` (the task's data given directly), or `config.task` loaded."""
+    return inputs.get("data") or reuse_data(config.task, config.data_dir, config.image_size)
+
+
+def describe(config: ReuseConfig, inputs: dict) -> dict:
+    data = bench_data(config, inputs)
+    return {**asdict(config), "task": data.name, "num_classes": data.spec.num_classes,
+            "input_shape": list(data.spec.input_shape),
+            "model": asdict(replace(config.model, in_channels=data.spec.input_shape[0])),
+            "world_size": distributed.world_size()}
+
+
+def plan(ctx: Context):
+    """One job per planned `(method, N, L)` and seed not in the results. Each run keeps its
+    checkpoint and log under `OUT/runs/`; a run whose checkpoint is complete is reloaded,
+    not trained again. `ctx.inputs["data"]`: the task's data itself, instead of loading
+    `config.task`. Under torchrun, rank 0 alone prints and writes."""
+    config = ctx.config
+    data = bench_data(config, ctx.inputs)
+    runs = grid(list(config.modules), list(config.multiples), list(config.methods))
+    base = replace(config.model, in_channels=data.spec.input_shape[0])
+    ctx.say(f"bench reuse: {data.name}, {data.spec.num_classes} classes, {len(data.y_train):,} train / "
+            f"{len(data.y_test):,} test images of {data.spec.input_shape}; {len(runs)} runs x {len(config.seeds)} "
+            f"seed(s)")
+
+    def record(results, output) -> None:
+        name, rows, route, seconds = output
+        results.add(*rows)
+        results["routes"][name], results["train_seconds"][name] = route, seconds
+        acc = next(r.value for r in rows if r.metric == "test_acc")
+        ctx.say(f"   {name}: test acc {100 * acc:.2f}%, route {' '.join(map(str, route))}, {seconds} s")
+
+    yield [Job(train_one, (method, n, steps, seed, base, config.train, data, ctx.out, ctx.progress), record)
+           for seed in config.seeds for method, n, steps in runs
+           if not ctx.results.has(method=method, N=n, L=steps, seed=seed)]
 
 
 def train_one(method: str, n: int, steps: int, seed: int, base: ModelConfig, train_config: TrainConfig,
-              data: TaskData, out: Path, progress: bool) -> tuple[str, list[dict], list[int], float]:
+              data: TaskData, out: Path, progress: bool) -> tuple[str, list[Row], list[int], float]:
     """Train (or reload) one `(method, N, L, seed)` run; its name, rows, route and seconds."""
     name = f"{method}-N{n}-L{steps}-s{seed}"
     shape = replace(base, num_modules=pool_size(method, n, steps), steps=steps)
@@ -178,14 +175,14 @@ def train_one(method: str, n: int, steps: int, seed: int, base: ModelConfig, tra
     model, accs = train_modular(out / "runs" / name, [data], shape, budget, seed, progress,
                                 routes={data.name: pattern} if pattern else None)
     seconds = round(time.time() - t0, 1)
-    common = {"method": method, "task": data.name, "N": n, "L": steps, "params_total": model.param_count(),
+    common = {"N": n, "L": steps, "params_total": model.param_count(),
               "params_task": model.task_param_count(data.name), "seed": seed}
-    rows = [{**common, "metric": "test_acc", "value": round(accs[data.name], 5)},
-            {**common, "metric": "macs", "value": macs_per_image(model, data.name)}]
+    rows = [Row(method, data.name, "test_acc", round(accs[data.name], 5), common),
+            Row(method, data.name, "macs", macs_per_image(model, data.name), common)]
     fifths = loss_fifths(read_log(out / "runs" / name / "log.jsonl"))
     if fifths is not None:
-        rows += [{**common, "metric": "loss_fourth_fifth", "value": round(fifths[0], 5)},
-                 {**common, "metric": "loss_last_fifth", "value": round(fifths[1], 5)}]
+        rows += [Row(method, data.name, "loss_fourth_fifth", round(fifths[0], 5), common),
+                 Row(method, data.name, "loss_last_fifth", round(fifths[1], 5), common)]
     return name, rows, model.route(data.name).indices(), seconds
 
 
@@ -319,5 +316,13 @@ def plot_reuse(summary: list[dict], path: Path, title: str = "block reuse") -> P
     return report.save_figure(fig, path)
 
 
-register(Bench("reuse", "block reuse for one task: N modules run over L = N, 2N, ... steps (cyclic, block-repeat, "
-               "learned, soft templates) vs L distinct modules", ReuseConfig, run, write_report, summary))
+BENCH = register(Bench("reuse", "block reuse for one task: N modules run over L = N, 2N, ... steps (cyclic, "
+                       "block-repeat, learned, soft templates) vs L distinct modules", ReuseConfig, plan, write_report,
+                       summary, describe=describe, device=lambda c: c.train.device, extra=("routes", "train_seconds")))
+
+
+def run(out_dir: str | Path, config: ReuseConfig = ReuseConfig(), progress: bool = True,
+        data: TaskData | None = None) -> dict:
+    """Train every planned `(method, N, L)` for every seed; write `results.json`, figures and
+    `report.md` (see `plan`). `data`: the task's data itself, instead of loading `config.task`."""
+    return BENCH.run(out_dir, config, progress, **({"data": data} if data is not None else {}))

@@ -25,19 +25,22 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from isomod import report
 from isomod.baselines import PlainResNet
-from isomod.bench.base import Bench, Results, environment, register
-from isomod.errors import IsomodError, check_choice, check_out_dir
+from isomod.bench.base import Bench, Context, Job, Row, register
+from isomod.data.tasks import TaskData
+from isomod.errors import IsomodError, check_choice
 from isomod.export import export_task
 from isomod.network import ModelConfig, ModularNet, TaskModel, TaskSpec
 from isomod.regimes import REGIMES, regime
-from isomod.train import PRECISIONS, TrainConfig, cross_entropy, forward_options, resolve_device
+from isomod.train import PRECISIONS, TrainConfig, Trainer, resolve_device
 
 TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete", "templates")
 
@@ -105,41 +108,44 @@ class SavedBytes:
         return sum(self.seen.values())
 
 
-def train_step(model: TaskModel, optimizer: torch.optim.Optimizer, batches: list[tuple[str, torch.Tensor, torch.Tensor]],
-               autocast: torch.autocast):
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for task, x, y in batches:
-        with autocast:
-            loss, _ = cross_entropy(model, x, y, task)
-        total = total + loss / len(batches)
-    total.backward()
-    optimizer.step()
+def random_tasks(model: TaskModel, per_task: int, num_classes: int, seed: int = 0) -> list[TaskData]:
+    """Random uint8 images and labels for every task of `model`, a few batches' worth."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name in model.task_names:
+        spec = model.specs[name]
+        x = torch.randint(0, 256, (4 * per_task, *spec.input_shape), generator=g, dtype=torch.uint8)
+        y = torch.randint(0, num_classes, (4 * per_task,), generator=g)
+        out.append(TaskData(spec, x, y, x[:0], y[:0]))
+    return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class Prepared:
+    """A training step ready to time: `step()` runs one optimiser step of the Trainer on one
+    batch of every task; `images` per step, `peak` bytes and `macs` multiply-adds of a step."""
+
+    step: Callable[[], None]
+    images: int
+    peak: int
+    macs: int
+    done: Callable[[], None]
 
 
-def prepare_training(model: TaskModel, cfg: SpeedConfig, device: torch.device, seed: int = 0):
-    """A function running one training step of `model` on fixed random batches, warmed up,
-    and the peak bytes of such a step."""
-    model.to(device).train()
+def prepare_training(model: TaskModel, cfg: SpeedConfig, device: torch.device, seed: int = 0) -> Prepared:
+    """The Trainer's own optimiser step on `model` (every task in each step, `batch_size /
+    T` images of each), warmed up, its peak bytes and its multiply-adds."""
     names = model.task_names
     per_task = cfg.batch_size // len(names)
     if per_task < 1:
         raise IsomodError(f"batch size {cfg.batch_size} cannot be split over {len(names)} tasks")
-    g = torch.Generator().manual_seed(seed)
-    shape = model.specs[names[0]].input_shape
-    batches = [(n, torch.rand((per_task, *shape), generator=g).to(device),
-                torch.randint(0, cfg.num_classes, (per_task,), generator=g).to(device)) for n in names]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
-    forward, autocast = forward_options(model, device, cfg.precision, cfg.compile)
+    train = TrainConfig(steps=10**9, batch_size=per_task, warmup_steps=0, augment=False, checkpoint_every=0,
+                        log_every=10**9, device=str(device), precision=cfg.precision, compile=cfg.compile, seed=seed)
+    trainer = Trainer(model, random_tasks(model, per_task, cfg.num_classes, seed), train, progress=False)
+    run = trainer.start()
 
     def step():
-        train_step(forward, optimizer, batches, autocast)
+        trainer.optimizer_step(run, names)
 
     for _ in range(cfg.warmup):
         step()
@@ -148,11 +154,30 @@ def prepare_training(model: TaskModel, cfg: SpeedConfig, device: torch.device, s
         step()
         peak = torch.cuda.max_memory_allocated(device)
     else:
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
         counter = SavedBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             step()
         peak = sum(p.numel() * p.element_size() for p in params) * 4 + counter.total  # weights, grads, 2 moments
-    return step, per_task * len(names), peak
+    with FlopCounterMode(display=False) as flops:
+        step()
+    return Prepared(step, per_task * len(names), peak, flops.get_total_flops() // 2, lambda: trainer.finish(run))
+
+
+def peak_macs_per_s(cfg: SpeedConfig, device: torch.device) -> float:
+    """Multiply-adds per second of a large square matmul in the training precision, on this
+    device and thread count: the ceiling a training step is compared with."""
+    n = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if cfg.precision == "bf16" and device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    seconds = time_interleaved([lambda: a @ b], max(cfg.repeats, 5), device)[0]
+    return n**3 / seconds
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_interleaved(calls: list, repeats: int, device: torch.device) -> list[float]:
@@ -181,15 +206,19 @@ def time_inference(nets: list, cfg: SpeedConfig, device: torch.device, shape) ->
     return time_interleaved(calls, cfg.repeats, device)
 
 
-def train_rows(method: str, n: int, tasks: int, device: torch.device, images: int, step_s: float, peak: int,
-               plain_step_s: float, plain_peak: int) -> list[dict]:
-    """The three training rows of one measurement: images per second, and step time and
-    peak memory as multiples of the plain network's."""
-    common = {"method": method, "task": "all", "N": n, "tasks": tasks, "device": device.type,
-              "step_s": round(step_s, 5), "peak_bytes": peak}
-    return [{**common, "metric": "train_img_per_s", "value": round(images / step_s, 1)},
-            {**common, "metric": "train_time_ratio_to_plain", "value": round(step_s / plain_step_s, 3)},
-            {**common, "metric": "peak_mem_ratio_to_plain", "value": round(peak / plain_peak, 3)}]
+def train_rows(method: str, n: int, tasks: int, device: torch.device, prepared: Prepared, step_s: float,
+               plain: Prepared, plain_step_s: float, peak_macs: float) -> list[Row]:
+    """The training rows of one measurement: images per second, step time and peak memory
+    as multiples of the plain network's, and the multiply-adds per second the step achieves
+    with their ratio to a large matmul's (model-FLOPs utilisation)."""
+    achieved = prepared.macs / step_s
+    common = {"N": n, "tasks": tasks, "device": device.type, "step_s": round(step_s, 5), "peak_bytes": prepared.peak,
+              "macs_per_step": prepared.macs}
+    return [Row(method, "all", "train_img_per_s", round(prepared.images / step_s, 1), common),
+            Row(method, "all", "train_time_ratio_to_plain", round(step_s / plain_step_s, 3), common),
+            Row(method, "all", "peak_mem_ratio_to_plain", round(prepared.peak / plain.peak, 3), common),
+            Row(method, "all", "train_macs_per_s", round(achieved), common),
+            Row(method, "all", "mfu", round(achieved / peak_macs, 4), {**common, "peak_macs_per_s": round(peak_macs)})]
 
 
 @dataclass
@@ -217,69 +246,90 @@ class SpeedBenchConfig:
             raise IsomodError(f"template_regime must be a template regime, got {self.template_regime!r}")
 
 
-def run(out_dir: str | Path, config: SpeedBenchConfig = SpeedBenchConfig(), progress: bool = True) -> dict:
-    """Measure every method for every pool size and task count; write `results.json`,
-    `report.md` and a figure."""
-    out = Path(out_dir)
-    check_out_dir(out)
-    modules, tasks, model_config, speed = config.modules, config.tasks, config.model, config.speed
-    device = resolve_device(speed.device)
-    say = print if progress else (lambda *a, **k: None)
-    rows: list[dict] = []
-    shape = (model_config.in_channels, speed.image_size, speed.image_size)
-
-    def make(method: str, n: int, t: int):
-        torch.manual_seed(0)
-        return prepare_training(build(method, model_config, n, t, speed.num_classes, speed.image_size,
-                                      config.template_regime), speed, device)
-
-    for t in tasks:
-        plain_step, images, plain_peak = make("plain", 1, t)
-        for n in modules:
-            prepared = {m: make(m, n, t) for m in TRAIN_METHODS if m != "plain"}
+def measure_training(config: "SpeedBenchConfig", device: torch.device, peak_macs: float, say) -> list[Row]:
+    """Every method's training step against plain's, for every pool size and task count."""
+    speed = config.speed
+    rows = []
+    for t in config.tasks:
+        plain = make(config, "plain", 1, t, device)
+        for n in config.modules:
+            prepared = {m: make(config, m, n, t, device) for m in TRAIN_METHODS if m != "plain"}
             # Each method is timed against plain in the same window.
-            for method, (step, _, peak) in prepared.items():
-                t_plain, t_m = time_interleaved([plain_step, step], speed.repeats, device)
-                rows += train_rows(method, n, t, device, images, t_m, peak, t_plain, plain_peak)
-                say(f"{method:>14} N={n:<2} tasks={t}: {images / t_m:8.0f} img/s, x{t_m / t_plain:.2f} plain's step, "
-                    f"x{peak / plain_peak:.2f} plain's memory", flush=True)
-            if n == modules[0]:
-                t_plain = time_interleaved([plain_step], speed.repeats, device)[0]
-                rows += train_rows("plain", n, t, device, images, t_plain, plain_peak, t_plain, plain_peak)
-    # A T-task step against a 1-task step of the same method and number of images, timed together.
-    if 1 in tasks:
-        for t in [t for t in tasks if t != 1]:
-            for n in modules:
-                for method in TRAIN_METHODS:
-                    one, many = make(method, n, 1)[0], make(method, n, t)[0]
-                    t_one, t_many = time_interleaved([one, many], speed.repeats, device)
-                    rows.append({"method": method, "task": "all", "N": n, "tasks": t, "device": device.type,
-                                 "metric": "multitask_time_ratio", "value": round(t_many / t_one, 3)})
-                    say(f"{method:>14} N={n:<2}: a {t}-task step takes x{t_many / t_one:.2f} a 1-task step", flush=True)
-    for n in modules:
+            for method, p in prepared.items():
+                t_plain, t_m = time_interleaved([plain.step, p.step], speed.repeats, device)
+                rows += train_rows(method, n, t, device, p, t_m, plain, t_plain, peak_macs)
+                say(f"{method:>14} N={n:<2} tasks={t}: {p.images / t_m:8.0f} img/s, x{t_m / t_plain:.2f} plain's "
+                    f"step, x{p.peak / plain.peak:.2f} plain's memory, MFU {p.macs / t_m / peak_macs:.3f}")
+                p.done()
+            if n == config.modules[0]:
+                t_plain = time_interleaved([plain.step], speed.repeats, device)[0]
+                rows += train_rows("plain", n, t, device, plain, t_plain, plain, t_plain, peak_macs)
+        plain.done()
+    return rows
+
+
+def make(config: "SpeedBenchConfig", method: str, n: int, t: int, device: torch.device) -> Prepared:
+    torch.manual_seed(0)
+    speed = config.speed
+    return prepare_training(build(method, config.model, n, t, speed.num_classes, speed.image_size,
+                                  config.template_regime), speed, device)
+
+
+def measure_multitask(config: "SpeedBenchConfig", device: torch.device, say) -> list[Row]:
+    """A T-task step against a 1-task step of the same method and number of images, timed together."""
+    rows = []
+    for t in [t for t in config.tasks if t != 1] if 1 in config.tasks else []:
+        for n in config.modules:
+            for method in TRAIN_METHODS:
+                one, many = make(config, method, n, 1, device), make(config, method, n, t, device)
+                t_one, t_many = time_interleaved([one.step, many.step], config.speed.repeats, device)
+                one.done(), many.done()
+                rows.append(Row(method, "all", "multitask_time_ratio", round(t_many / t_one, 3),
+                                {"N": n, "tasks": t, "device": device.type}))
+                say(f"{method:>14} N={n:<2}: a {t}-task step takes x{t_many / t_one:.2f} a 1-task step")
+    return rows
+
+
+def measure_inference(config: "SpeedBenchConfig", device: torch.device, say) -> list[Row]:
+    """Inference of a discrete ModularNet and of exported discrete and template routes against plain's."""
+    speed, model_config = config.speed, config.model
+    shape = (model_config.in_channels, speed.image_size, speed.image_size)
+    rows = []
+    for n in config.modules:
         torch.manual_seed(0)
         plain = build("plain", model_config, 1, 1, speed.num_classes, speed.image_size).to(device).eval()
         modular = build("discrete", model_config, n, 1, speed.num_classes, speed.image_size).to(device).eval()
         soft = build("templates", model_config, n, 1, speed.num_classes, speed.image_size,
                      config.template_regime).to(device).eval()
         exported, exported_soft = export_task(modular, "task0"), export_task(soft, "task0")
-        t_plain, t_disc, t_exp, t_soft = time_inference(
-            [lambda x: plain(x, "task0"), lambda x: modular(x, "task0"), exported, exported_soft], speed, device, shape)
-        for method, t_m in (("plain", t_plain), ("discrete", t_disc), ("exported", t_exp),
-                            ("exported_templates", t_soft)):
-            rows.append({"method": method, "task": "all", "N": n, "tasks": 1, "device": device.type,
-                         "metric": "infer_time_ratio_to_plain", "value": round(t_m / t_plain, 3),
-                         "infer_img_per_s": round(speed.batch_size / t_m, 1)})
-        say(f"inference N={n}: exported x{t_exp / t_plain:.3f} plain, exported templates x{t_soft / t_plain:.3f}, "
-            f"discrete ModularNet x{t_disc / t_plain:.3f}", flush=True)
-    results = Results(out / "results.json", "speed", {**asdict(config), "device": str(device),
-                                                       "threads": torch.get_num_threads()},
-                      environment=environment(device))
-    for row in rows:
-        results.add(row)
-    results.save()
-    write_report(out, results.data)
-    return results.data
+        times = time_inference([lambda x: plain(x, "task0"), lambda x: modular(x, "task0"), exported, exported_soft],
+                               speed, device, shape)
+        for method, t_m in zip(("plain", "discrete", "exported", "exported_templates"), times):
+            rows.append(Row(method, "all", "infer_time_ratio_to_plain", round(t_m / times[0], 3),
+                            {"N": n, "tasks": 1, "device": device.type,
+                             "infer_img_per_s": round(speed.batch_size / t_m, 1)}))
+        say(f"inference N={n}: exported x{times[2] / times[0]:.3f} plain, exported templates "
+            f"x{times[3] / times[0]:.3f}, discrete ModularNet x{times[1] / times[0]:.3f}")
+    return rows
+
+
+def measure(config: "SpeedBenchConfig", progress: bool) -> list[Row]:
+    """Every measurement of the bench, in one process (timings compare within it)."""
+    device = resolve_device(config.speed.device)
+    say = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
+    peak = peak_macs_per_s(config.speed, device)
+    say(f"a {1024 if device.type == 'cpu' else 4096}-square matmul: {peak / 1e9:.2f} G multiply-adds/s")
+    return (measure_training(config, device, peak, say) + measure_multitask(config, device, say)
+            + measure_inference(config, device, say))
+
+
+def describe(config: "SpeedBenchConfig", inputs: dict) -> dict:
+    return {**asdict(config), "device": str(resolve_device(config.speed.device)), "threads": torch.get_num_threads()}
+
+
+def plan(ctx: Context):
+    """One job, in this process: the timings compare with each other, measured together."""
+    yield [Job(measure, (ctx.config, ctx.progress), lambda results, rows: results.add(*rows))]
 
 
 def value(rows: list[dict], method: str, n: int, tasks: int, metric: str) -> float | None:
@@ -290,19 +340,26 @@ def value(rows: list[dict], method: str, n: int, tasks: int, metric: str) -> flo
 def markdown_table(results: dict) -> str:
     rows = results["rows"]
     cfg = results["config"]
-    lines = ["| method | N | tasks / step | img/s | step time / plain | peak memory / plain | T-task step / 1-task step |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | N | tasks / step | img/s | step time / plain | peak memory / plain | T-task step / 1-task step "
+             "| G multiply-adds / s | MFU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in cfg["tasks"]:
         for n in cfg["modules"]:
             for method in TRAIN_METHODS:
                 if (method == "plain" and n != cfg["modules"][0]) or value(rows, method, n, t, "train_img_per_s") is None:
                     continue
                 multi = value(rows, method, n, t, "multitask_time_ratio")
+                macs, mfu = value(rows, method, n, t, "train_macs_per_s"), value(rows, method, n, t, "mfu")
                 lines.append(f"| {method} | {'-' if method == 'plain' else n} | {t} | "
                              f"{value(rows, method, n, t, 'train_img_per_s'):,.0f} | "
                              f"{value(rows, method, n, t, 'train_time_ratio_to_plain'):.2f} | "
                              f"{value(rows, method, n, t, 'peak_mem_ratio_to_plain'):.2f} | "
-                             f"{'' if multi is None else f'{multi:.2f}'} |")
+                             f"{'' if multi is None else f'{multi:.2f}'} | "
+                             f"{'' if macs is None else f'{macs / 1e9:.2f}'} | {'' if mfu is None else f'{mfu:.3f}'} |")
+    peak = next((r["peak_macs_per_s"] for r in rows if r["metric"] == "mfu"), None)
+    if peak:
+        lines += ["", f"MFU: the multiply-adds a training step executes (forward and backward, weight mixing "
+                  f"included, counted by torch's flop counter) per second, over a large matmul's "
+                  f"{peak / 1e9:.2f} G multiply-adds/s measured in the same run."]
     lines += ["", "| inference | " + " | ".join(f"N={n}" for n in cfg["modules"]) + " |",
               "|---|" + "---:|" * len(cfg["modules"])]
     for method in ("discrete", "exported", "exported_templates"):
@@ -374,5 +431,7 @@ def plot_speed(rows: list[dict], path: Path) -> Path:
     return report.save_figure(fig, path)
 
 
-register(Bench("speed", "training and inference speed and memory of routes against a plain isometric ResNet",
-               SpeedBenchConfig, run, write_report, summary, unprefixed="speed"))
+BENCH = register(Bench("speed", "training and inference speed and memory of routes against a plain isometric ResNet",
+                       SpeedBenchConfig, plan, write_report, summary, unprefixed="speed", describe=describe,
+                       device=lambda c: c.speed.device, resume=False))
+run = BENCH.run

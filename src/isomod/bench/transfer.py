@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +24,13 @@ import numpy as np
 from isomod import report
 from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench import train_modular
-from isomod.bench.base import Bench, Results, Row, check_seeds, job_environment, register, run_jobs
+from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
 from isomod.checkpoint import load_checkpoint
 from isomod.data.tasks import TaskData, load_task, split_validation
-from isomod.errors import IsomodError, check_choices, check_out_dir
+from isomod.errors import IsomodError, check_choices
 from isomod.network import ModelConfig
 from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
-from isomod.train import TrainConfig, resolve_device
+from isomod.train import TrainConfig
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
@@ -89,8 +89,7 @@ class TransferBenchConfig:
         regime(self.regime)
         if not 0 <= self.validation < 1:
             raise IsomodError(f"validation must lie in [0, 1), got {self.validation}")
-        if self.jobs < 1:
-            raise IsomodError(f"jobs must be >= 1, got {self.jobs}")
+        check_jobs(self.jobs)
         for k in self.shots:
             if k != "all" and not (isinstance(k, int) and k > 0):
                 raise IsomodError(f"shots: expected positive numbers of images per class or 'all', got {k!r}")
@@ -101,24 +100,19 @@ def shots_label(shots: int | None) -> int | str:
     return "all" if shots is None else shots
 
 
-def run(out_dir: str | Path, config: TransferBenchConfig = TransferBenchConfig(), progress: bool = True) -> dict:
-    """Pre-train, transfer every held-out task with every method and shot count; write
-    `results.json` (row by row: a second run of the same configuration skips the rows it
-    has), figures and `report.md`."""
-    out = Path(out_dir)
-    check_out_dir(out)
+def plan(ctx: Context):
+    """Pre-training of every seed (reloaded when its checkpoint is complete), then one job
+    per held-out task, shot count, method and seed that the results do not hold yet."""
+    config, results = ctx.config, ctx.results
     data_dir = config.data_dir or None
-    results = Results(out / "results.json", "transfer", asdict(config), resume=True, pretrain={}, routes={},
-                      sources={}, train_seconds={},
-                      environment=job_environment(resolve_device(config.pretrain.device), config.jobs))
     pre_data = [load_task(t, data_dir=data_dir) for t in config.pretrain_tasks]
     model_config, pretrain_config = REGIMES[config.regime].apply(config.model, config.pretrain)
-    if progress:
-        print(f"== pre-training on {len(pre_data)} tasks ({config.regime} regime), seeds {config.seeds}", flush=True)
-    pre_dir = Path(config.pretrain_dir) if config.pretrain_dir else out
-    calls = [(pre_dir / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed,
-              progress and config.jobs == 1) for seed in config.seeds]
-    pre_accs = dict(zip(config.seeds, run_jobs(pretrain_one, calls, config.jobs)))
+    ctx.say(f"== pre-training on {len(pre_data)} tasks ({config.regime} regime), seeds {config.seeds}")
+    pre_dir = Path(config.pretrain_dir) if config.pretrain_dir else ctx.out
+    pre_accs = {}
+    yield [Job(pretrain_one, (pre_dir / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed,
+                              ctx.progress), lambda results, accs, seed=seed: pre_accs.update({seed: accs}))
+           for seed in config.seeds]
     runs = []
     for seed in config.seeds:
         base = load_checkpoint(pre_dir / f"pretrain-s{seed}" / "checkpoint").eval()
@@ -130,21 +124,23 @@ def run(out_dir: str | Path, config: TransferBenchConfig = TransferBenchConfig()
             data = held_out_task(name, data_dir, config.validation)
             source, scores = select_source(base, data, seed=seed)
             results["sources"][f"{data.name}-s{seed}"] = {"source": source, "scores": scores}
-            runs += [(pre_dir, config, seed, name, label, method, source, progress and config.jobs == 1)
+            runs += [Job(transfer_one, (pre_dir, config, seed, name, label, method, source, ctx.progress),
+                         lambda results, out: record_transfer(ctx, out))
                      for label in config.shots for method in config.methods
                      if not results.has(method=method, task=data.name, shots=label, seed=seed)]
-    results.save()
-    for row, route, seconds in run_jobs(transfer_one, runs, config.jobs):
-        results["train_seconds"][f"{row.method}/{row.task}/{row.fields['shots']}/{row.fields['seed']}"] = seconds
-        results.add(row)
-        if route is not None:
-            results["routes"][f"{row.method}:{row.task}/{row.fields['shots']}-s{row.fields['seed']}"] = route
-        results.save()
-        if progress and config.jobs > 1:
-            print(f"== {row.method} -> {row.task}, shots {row.fields['shots']}, seed {row.fields['seed']}: "
-                  f"{100 * row.value:.1f} ({seconds:.0f} s)", flush=True)
-    write_report(out, results.data)
-    return results.data
+    yield runs
+
+
+def record_transfer(ctx: Context, output: tuple[Row, dict | None, float]) -> None:
+    row, route, seconds = output
+    key = f"{row.task}/{row.fields['shots']}"
+    ctx.results["train_seconds"][f"{row.method}/{key}/{row.fields['seed']}"] = seconds
+    ctx.results.add(row)
+    if route is not None:
+        ctx.results["routes"][f"{row.method}:{key}-s{row.fields['seed']}"] = route
+    if ctx.config.jobs > 1:
+        ctx.say(f"== {row.method} -> {row.task}, shots {row.fields['shots']}, seed {row.fields['seed']}: "
+                f"{100 * row.value:.1f} ({seconds:.0f} s)")
 
 
 def pretrain_one(run_dir: Path, tasks: list, model_config: ModelConfig, train_config: TrainConfig, seed: int,
@@ -326,34 +322,7 @@ def write_report(out: Path, results: dict) -> Path:
     if rows:
         plot_transfer(rows, out / "accuracy_vs_params.png")
         parts += ["![accuracy against added parameters](accuracy_vs_params.png)", ""]
-    first_seed = next(iter(results.get("pretrain", {})), None)
-    if first_seed and results.get("routes"):
-        pre = results["pretrain"][first_seed]
-        n = pre.get("modules", cfg["model"]["num_modules"])
-        pre_weights = pre.get("route_weights") or {p: np.eye(n)[r].tolist() for p, r in pre["routes"].items()}
-        panels, chosen = {}, {}
-        for key, route in results["routes"].items():
-            method, _, rest = key.rpartition(":")
-            if not rest.endswith(f"/all-{first_seed}") or method not in ("", "route_only"):
-                continue
-            task = rest.rsplit("/", 1)[0]
-            new = np.asarray(route.get("soft_at_discretize") or route.get("final") or np.eye(n)[route["discrete"]])
-            names, sim = report.route_similarity({"new": new, **pre_weights})
-            sims = dict(zip(names[1:], sim[0, 1:].tolist()))
-            panels[f"new: {task}"] = new
-            chosen[f"new: {task}"] = route["discrete"]
-            for p in sorted(sims, key=sims.get, reverse=True)[:2]:
-                label = f"{task.rsplit('/', 1)[-1]} ~ {p.rsplit('/', 1)[-1]} ({sims[p]:.2f})"
-                panels[label] = np.asarray(pre_weights[p])
-                chosen[label] = pre["routes"][p]
-        if panels:
-            report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=3,
-                              title="route_only: the new task's route (its soft weights) next to the two most "
-                                    "similar pre-training routes")
-            parts += ["## Routes", "",
-                      "Each held-out task's route learned by route_only (all data, first seed) next to the two "
-                      "pre-training routes it resembles most (similarity: the probability that both run the same "
-                      "module at a step, averaged over steps).", "", "![routes](routes.png)", ""]
+    parts += routes_section(out, results)
     sources = results.get("sources", {})
     if sources:
         parts += ["## Source task", "",
@@ -369,6 +338,42 @@ def write_report(out: Path, results: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def routes_section(out: Path, results: dict) -> list[str]:
+    """Each held-out task's route learned by route_only (all data, first seed) next to the
+    two pre-training routes it resembles most, drawn, with its heading."""
+    cfg = results["config"]
+    first_seed = next(iter(results.get("pretrain", {})), None)
+    if not (first_seed and results.get("routes")):
+        return []
+    pre = results["pretrain"][first_seed]
+    n = pre.get("modules", cfg["model"]["num_modules"])
+    pre_weights = pre.get("route_weights") or {p: np.eye(n)[r].tolist() for p, r in pre["routes"].items()}
+    panels, chosen = {}, {}
+    for key, route in results["routes"].items():
+        method, _, rest = key.rpartition(":")
+        if not rest.endswith(f"/all-{first_seed}") or method not in ("", "route_only"):
+            continue
+        task = rest.rsplit("/", 1)[0]
+        new = np.asarray(route.get("soft_at_discretize") or route.get("final") or np.eye(n)[route["discrete"]])
+        names, sim = report.route_similarity({"new": new, **pre_weights})
+        sims = dict(zip(names[1:], sim[0, 1:].tolist()))
+        panels[f"new: {task}"] = new
+        chosen[f"new: {task}"] = route["discrete"]
+        for p in sorted(sims, key=sims.get, reverse=True)[:2]:
+            label = f"{task.rsplit('/', 1)[-1]} ~ {p.rsplit('/', 1)[-1]} ({sims[p]:.2f})"
+            panels[label] = np.asarray(pre_weights[p])
+            chosen[label] = pre["routes"][p]
+    if not panels:
+        return []
+    report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=3,
+                      title="route_only: the new task's route (its soft weights) next to the two most "
+                            "similar pre-training routes")
+    return ["## Routes", "",
+            "Each held-out task's route learned by route_only (all data, first seed) next to the two "
+            "pre-training routes it resembles most (similarity: the probability that both run the same "
+            "module at a step, averaged over steps).", "", "![routes](routes.png)", ""]
 
 
 TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "route_head": ("P", "tab:orange"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
@@ -401,5 +406,7 @@ def plot_transfer(rows: list[dict], path: Path) -> Path:
     return report.save_figure(fig, path)
 
 
-register(Bench("transfer", "route-only transfer vs head-only, norms+head, fine-tuning and scratch on held-out tasks",
-               TransferBenchConfig, run, write_report, summary_block, unprefixed="transfer"))
+BENCH = register(Bench("transfer", "route-only transfer vs head-only, norms+head, fine-tuning and scratch on held-out "
+                       "tasks", TransferBenchConfig, plan, write_report, summary_block, unprefixed="transfer",
+                       device=lambda c: c.pretrain.device, extra=("pretrain", "routes", "sources", "train_seconds")))
+run = BENCH.run
