@@ -177,7 +177,8 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
         for t in ("new0", "new1") for k in (2, "all")}
     for r in rows:
         assert r["metric"] == "test_acc" and 0 <= r["value"] <= 1 and r["seed"] == 0
-        assert r["params_total"] == results["pretrain"]["s0"]["params"] + r["params_task"]
+        assert r["params_total"] == results["pretrain"]["annealed"]["s0"]["params"] + r["params_task"]
+        assert r["regime"] == "annealed"
         assert ("route_steps_changed" in r) == ("route_change" in r) == (r["method"] in ("route_only", "route_head"))
     by = {(r["method"], r["task"], r["shots"]): r["params_task"] for r in rows}
     assert by[("head_only", "new0", 2)] < by[("route_head", "new0", 2)] < by[("route_only", "new0", 2)]
@@ -186,7 +187,7 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     report = (out / "report.md").read_text()
     assert "| new0 | all |" in report and "| **mean** | 2 |" in report
     assert "- route_head: a different module at some step in " in report and "weight moved" in report
-    for png in ("accuracy_vs_params.png", "routes.png"):
+    for png in ("accuracy_vs_params.png", "routes-annealed.png"):
         assert (out / png).stat().st_size > 1000 and png in report
     capsys.readouterr()
     seconds = results["train_seconds"]
@@ -199,7 +200,13 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     argv = [a if a != str(out) else str(other) for a in argv]
     assert main([*argv, "--pretrain-dir", str(out), "--methods", "head_only", "--lr", "0.01"]) == 0
     shared = json.loads((other / "results.json").read_text())
-    assert not (other / "pretrain-s0").exists() and shared["pretrain"] == results["pretrain"]
+    assert not (other / "pretrain-annealed-s0").exists() and shared["pretrain"] == results["pretrain"]
+    # A resumed run may add methods, shots or seeds: only the new rows are computed.
+    assert main([*argv, "--pretrain-dir", str(out), "--methods", "head_only", "route_head", "--lr", "0.01"]) == 0
+    grown = json.loads((other / "results.json").read_text())
+    assert grown["rows"][: len(shared["rows"])] == shared["rows"]
+    assert {r["method"] for r in grown["rows"]} == {"head_only", "route_head"}
+    assert grown["config"]["methods"] == ["head_only", "route_head"] and len(grown["rows"]) == 2 * len(shared["rows"])
 
 
 @pytest.mark.slow

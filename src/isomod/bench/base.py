@@ -46,16 +46,49 @@ class Row:
 
 def environment(device: str | torch.device | None = None) -> dict:
     """What a result was computed with: thread count and device change the numbers a
-    training run ends with, so every `results.json` records them."""
-    return {"threads": torch.get_num_threads(), "device": str(device) if device is not None else "cpu",
-            "torch": torch.__version__, "python": platform.python_version()}
+    training run ends with, so every `results.json` records them (and the code's commit,
+    when it runs from a git checkout)."""
+    env = {"threads": torch.get_num_threads(), "device": str(device) if device is not None else "cpu",
+           "torch": torch.__version__, "python": platform.python_version()}
+    commit = code_commit()
+    return {**env, "commit": commit} if commit else env
 
 
-def same_run(old: object, new: dict) -> bool:
-    """Whether an existing `results.json`'s configuration `old` is that of `new`, `jobs` aside."""
+def code_commit() -> str | None:
+    """The commit of the checkout isomod's code is imported from (with `+changes` when files
+    differ from it), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "src"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def same_run(old: object, new: dict, extensible: tuple[str, ...] = ()) -> bool:
+    """Whether an existing `results.json`'s configuration `old` is that of `new`, `jobs` and
+    the `extensible` lists (methods, seeds, ... whose rows stand on their own) aside."""
     if not isinstance(old, dict):
         return False
-    return {k: v for k, v in old.items() if k != "jobs"} == {k: v for k, v in new.items() if k != "jobs"}
+    drop = {"jobs", *extensible}
+    return {k: v for k, v in old.items() if k not in drop} == {k: v for k, v in new.items() if k not in drop}
+
+
+def merged_config(old: dict, new: dict, extensible: tuple[str, ...]) -> dict:
+    """`new`, each extensible list holding the old items first, then the new ones: the rows
+    of both runs are described."""
+    out = dict(new)
+    for key in extensible:
+        if isinstance(old.get(key), list) and isinstance(new.get(key), list):
+            out[key] = old[key] + [v for v in new[key] if v not in old[key]]
+    return out
 
 
 class Results:
@@ -68,15 +101,19 @@ class Results:
         config: the JSON-serialisable configuration of the run.
         resume: keep the rows of an existing file made with the same configuration (how
             many runs went side by side, `jobs`, changes no result and is not compared).
+        extensible: config lists a resumed run may extend (more methods, seeds or
+            shots): the rows already there are kept, the recorded lists become the union.
     """
 
-    def __init__(self, path: str | Path, bench: str, config: dict, resume: bool = False, **extra):
+    def __init__(self, path: str | Path, bench: str, config: dict, resume: bool = False,
+                 extensible: tuple[str, ...] = (), **extra):
         self.path = Path(path)
         self.data = {"bench": bench, "config": json.loads(json.dumps(config)), "rows": [], **extra}
         if resume and self.path.is_file():
             old = read_results(self.path)
-            if same_run(old.get("config"), self.data["config"]):
-                self.data = {**self.data, **old}
+            if same_run(old.get("config"), self.data["config"], extensible):
+                self.data = {**self.data, **old, "config": merged_config(old["config"], self.data["config"],
+                                                                         extensible)}
 
     @property
     def rows(self) -> list[dict]:
@@ -160,6 +197,7 @@ class Bench:
         extra: top-level keys of `results.json` besides `bench`, `config` and `rows`.
         resume: keep the rows of an earlier run of the same configuration (False for
             timings, which compare only within one sitting).
+        extensible: config lists a resumed run may extend (see `Results`).
     """
 
     name: str
@@ -173,6 +211,7 @@ class Bench:
     device: Callable[[Any], str] = lambda config: "auto"
     extra: tuple[str, ...] = ()
     resume: bool = True
+    extensible: tuple[str, ...] = ()
 
     def run(self, out_dir: str | Path, config=None, progress: bool = True, **inputs) -> dict:
         return run_bench(self, out_dir, config if config is not None else self.config(), progress, **inputs)
@@ -197,6 +236,7 @@ def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, 
         raise IsomodError("--jobs runs several trainings side by side in one process group; under torchrun "
                           "every process already trains the same run: use one or the other")
     results = Results(out / "results.json", bench.name, bench.describe(config, inputs), resume=bench.resume,
+                      extensible=bench.extensible,
                       environment=job_environment(resolve_device(bench.device(config)), jobs),
                       **{k: {} for k in bench.extra})
     main = distributed.is_main()

@@ -29,7 +29,7 @@ from isomod.checkpoint import load_checkpoint
 from isomod.data.tasks import TaskData, load_task, split_validation
 from isomod.errors import IsomodError, check_choices
 from isomod.network import ModelConfig
-from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
+from isomod.regimes import DEFAULT_REGIME, REGIMES
 from isomod.train import TrainConfig
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
@@ -49,8 +49,9 @@ class TransferBenchConfig:
         methods: a subset of route_only, route_head, head_only, norm_head, finetune, scratch.
         seeds: one pre-training and one set of transfer runs per seed.
         data_dir: where data that is not embedded (Fashion-MNIST) is looked for first.
-        regime: the route regime of pre-training (`isomod.regimes`); it sets the pool
-            size and the route fields of `model` and `pretrain`.
+        regimes: the route regimes of pre-training (`isomod.regimes`), one pool per regime
+            and seed; a regime sets the pool size and the route fields of `model` and
+            `pretrain`. Every row carries its pool's `regime`.
         validation: hold out this fraction of each held-out task's training images and
             report accuracy on them instead of the test split (for choosing the transfer
             budget's hyper-parameters); 0 reports the test split.
@@ -65,7 +66,7 @@ class TransferBenchConfig:
         jobs: training runs side by side, each in its own process with an equal share
             of the threads.
         pretrain_dir: the folder holding (or to hold) the pre-trained pools,
-            `pretrain-s{seed}/checkpoint`; empty: the output folder. Runs of other
+            `pretrain-{regime}-s{seed}/checkpoint`; empty: the output folder. Runs of other
             transfer budgets can share one pre-training this way.
     """
 
@@ -75,7 +76,7 @@ class TransferBenchConfig:
     methods: list[str] = field(default_factory=lambda: list(TRANSFER_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data_dir: str = ""
-    regime: str = DEFAULT_REGIME
+    regimes: list[str] = field(default_factory=lambda: [DEFAULT_REGIME])
     validation: float = 0.0
     jobs: int = 1
     pretrain_dir: str = ""
@@ -86,7 +87,9 @@ class TransferBenchConfig:
 
     def __post_init__(self):
         check_choices("transfer method", self.methods, TRANSFER_METHODS)
-        regime(self.regime)
+        check_choices("route regime", self.regimes, tuple(REGIMES))
+        if not self.regimes:
+            raise IsomodError("give at least one regime")
         if not 0 <= self.validation < 1:
             raise IsomodError(f"validation must lie in [0, 1), got {self.validation}")
         check_jobs(self.jobs)
@@ -100,46 +103,50 @@ def shots_label(shots: int | None) -> int | str:
     return "all" if shots is None else shots
 
 
+def pretrain_dir(config: TransferBenchConfig, out: Path, regime_name: str, seed: int) -> Path:
+    return (Path(config.pretrain_dir) if config.pretrain_dir else out) / f"pretrain-{regime_name}-s{seed}"
+
+
 def plan(ctx: Context):
-    """Pre-training of every seed (reloaded when its checkpoint is complete), then one job
-    per held-out task, shot count, method and seed that the results do not hold yet."""
+    """Pre-training of every regime and seed (reloaded when its checkpoint is complete),
+    then one job per pool, held-out task, shot count and method that the results lack."""
     config, results = ctx.config, ctx.results
-    data_dir = config.data_dir or None
-    pre_data = [load_task(t, data_dir=data_dir) for t in config.pretrain_tasks]
-    model_config, pretrain_config = REGIMES[config.regime].apply(config.model, config.pretrain)
-    ctx.say(f"== pre-training on {len(pre_data)} tasks ({config.regime} regime), seeds {config.seeds}")
-    pre_dir = Path(config.pretrain_dir) if config.pretrain_dir else ctx.out
+    pre_data = [load_task(t, data_dir=config.data_dir or None) for t in config.pretrain_tasks]
+    ctx.say(f"== pre-training on {len(pre_data)} tasks ({', '.join(config.regimes)}), seeds {config.seeds}")
     pre_accs = {}
-    yield [Job(pretrain_one, (pre_dir / f"pretrain-s{seed}", pre_data, model_config, pretrain_config, seed,
-                              ctx.progress), lambda results, accs, seed=seed: pre_accs.update({seed: accs}))
-           for seed in config.seeds]
+    pools = [(r, seed) for r in config.regimes for seed in config.seeds]
+    yield [Job(pretrain_one, (pretrain_dir(config, ctx.out, r, seed), pre_data,
+                              *REGIMES[r].apply(config.model, config.pretrain), seed, ctx.progress),
+               lambda results, accs, key=(r, seed): pre_accs.update({key: accs})) for r, seed in pools]
     runs = []
-    for seed in config.seeds:
-        base = load_checkpoint(pre_dir / f"pretrain-s{seed}" / "checkpoint").eval()
-        results["pretrain"][f"s{seed}"] = {"test_acc": pre_accs[seed], "params": base.param_count(),
-                                           "modules": len(base.pool),
-                                           "routes": {n: base.route(n).indices() for n in base.task_names},
-                                           "route_weights": {n: w.tolist() for n, w in base.usage().items()}}
+    for r, seed in pools:
+        run_dir = pretrain_dir(config, ctx.out, r, seed)
+        base = load_checkpoint(run_dir / "checkpoint").eval()
+        results["pretrain"].setdefault(r, {})[f"s{seed}"] = {
+            "test_acc": pre_accs[(r, seed)], "params": base.param_count(), "modules": len(base.pool),
+            "routes": {n: base.route(n).indices() for n in base.task_names},
+            "route_weights": {n: w.tolist() for n, w in base.usage().items()}}
         for name in config.held_out:
-            data = held_out_task(name, data_dir, config.validation)
+            data = held_out_task(name, config.data_dir or None, config.validation)
             source, scores = select_source(base, data, seed=seed)
-            results["sources"][f"{data.name}-s{seed}"] = {"source": source, "scores": scores}
-            runs += [Job(transfer_one, (pre_dir, config, seed, name, label, method, source, ctx.progress),
+            results["sources"].setdefault(r, {})[f"{data.name}-s{seed}"] = {"source": source, "scores": scores}
+            runs += [Job(transfer_one, (run_dir, config, r, seed, name, label, method, source, ctx.progress),
                          lambda results, out: record_transfer(ctx, out))
                      for label in config.shots for method in config.methods
-                     if not results.has(method=method, task=data.name, shots=label, seed=seed)]
+                     if not results.has(method=method, task=data.name, shots=label, seed=seed, regime=r)]
     yield runs
 
 
 def record_transfer(ctx: Context, output: tuple[Row, dict | None, float]) -> None:
     row, route, seconds = output
-    key = f"{row.task}/{row.fields['shots']}"
-    ctx.results["train_seconds"][f"{row.method}/{key}/{row.fields['seed']}"] = seconds
+    f = row.fields
+    key = f"{row.task}/{f['shots']}"
+    ctx.results["train_seconds"][f"{f['regime']}/{row.method}/{key}/{f['seed']}"] = seconds
     ctx.results.add(row)
     if route is not None:
-        ctx.results["routes"][f"{row.method}:{key}-s{row.fields['seed']}"] = route
+        ctx.results["routes"].setdefault(f["regime"], {})[f"{row.method}:{key}-s{f['seed']}"] = route
     if ctx.config.jobs > 1:
-        ctx.say(f"== {row.method} -> {row.task}, shots {row.fields['shots']}, seed {row.fields['seed']}: "
+        ctx.say(f"== {f['regime']}: {row.method} -> {row.task}, shots {f['shots']}, seed {f['seed']}: "
                 f"{100 * row.value:.1f} ({seconds:.0f} s)")
 
 
@@ -156,24 +163,24 @@ def held_out_task(name: str, data_dir: str | None, validation: float) -> TaskDat
     return split_validation(data, validation) if validation else data
 
 
-def transfer_one(pre_dir: Path, config: TransferBenchConfig, seed: int, name: str, label: int | str, method: str,
-                 source: str, progress: bool) -> tuple[Row, dict | None, float]:
-    """One transfer run on a fresh copy of seed `seed`'s pre-trained model (in `pre_dir`):
-    its row, the learned route (route methods) and its training seconds."""
-    base = load_checkpoint(pre_dir / f"pretrain-s{seed}" / "checkpoint").eval()
+def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, seed: int, name: str,
+                 label: int | str, method: str, source: str, progress: bool) -> tuple[Row, dict | None, float]:
+    """One transfer run on a fresh copy of a pre-trained pool (in `run_dir`): its row, the
+    learned route (route methods) and its training seconds."""
+    base = load_checkpoint(run_dir / "checkpoint").eval()
     data = held_out_task(name, config.data_dir or None, config.validation)
     task = few_shot(data, None if label == "all" else label, seed=seed)
     cfg = replace(config.transfer, seed=seed)
     if method in ("finetune", "scratch"):
         cfg = replace(cfg, lr=config.pretrain.lr, lr_heads=config.pretrain.lr)
     if progress:
-        print(f"== {method} -> {data.name}, shots {label}, seed {seed} (source {source})", flush=True)
+        print(f"== {regime_name}: {method} -> {data.name}, shots {label}, seed {seed} (source {source})", flush=True)
     params = base.param_count()
     t0 = time.time()
     res = transfer(base, task, method, cfg, source=source, progress=progress)
     seconds = round(time.time() - t0, 1)
     fields = {"shots": label, "params_total": params + res.params_task, "params_task": res.params_task,
-              "seed": seed, "source": source}
+              "seed": seed, "source": source, "regime": regime_name}
     route = None
     if res.route_steps_changed is not None:
         fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change)
@@ -283,9 +290,39 @@ def comparisons(results: dict) -> str:
     return "\n".join(lines)
 
 
+def regimes_of(results: dict) -> list[str]:
+    """The pools' regimes, in the config's order (a results file from before regimes were a
+    list has one, `regime`)."""
+    cfg = results["config"]
+    return list(cfg.get("regimes") or [cfg.get("regime", DEFAULT_REGIME)])
+
+
+def regime_view(results: dict, regime_name: str) -> dict:
+    """The results of one regime's pools, as a single-regime results dict."""
+    single = "regimes" not in results["config"]
+
+    def part(key: str) -> dict:
+        data = results.get(key, {})
+        return data if single else data.get(regime_name, {})
+
+    rows = [r for r in results["rows"] if r.get("regime", regime_name) == regime_name]
+    return {**results, "rows": rows, "pretrain": part("pretrain"), "routes": part("routes"),
+            "sources": part("sources")}
+
+
 def summary_block(results: dict) -> str:
-    """What `isomod report --docs` writes into docs/results/transfer.md."""
-    return "\n\n".join(part for part in (markdown_table(results), comparisons(results)) if part)
+    """What `isomod report --docs` writes into docs/results/transfer.md: per pool regime,
+    the accuracy table and the paired comparisons."""
+    names = regimes_of(results)
+    parts = []
+    for name in names:
+        view = regime_view(results, name)
+        if not view["rows"]:
+            continue
+        if len(names) > 1:
+            parts.append(f"#### Pools of the `{name}` regime")
+        parts += [p for p in (markdown_table(view), comparisons(view)) if p]
+    return "\n\n".join(parts)
 
 
 def route_changes(rows: list[dict]) -> list[str]:
@@ -307,7 +344,7 @@ def write_report(out: Path, results: dict) -> Path:
     cfg = results["config"]
     rows = results["rows"]
     parts = ["# isomod bench transfer", "",
-             f"A pool pre-trained ({cfg.get('regime', 'annealed')} regime) on {', '.join(cfg['pretrain_tasks'])} "
+             f"Pools pre-trained ({', '.join(regimes_of(results))} regime) on {', '.join(cfg['pretrain_tasks'])} "
              f"({cfg['pretrain']['steps']} steps), then each held-out task learned by every method with the same "
              f"budget: {cfg['transfer']['steps']} steps of up to {cfg['transfer']['batch_size']} images (learning rate "
              f"{cfg['transfer']['lr']:g}; {cfg['pretrain']['lr']:g}, the pre-training rate, for finetune and scratch, "
@@ -315,32 +352,41 @@ def write_report(out: Path, results: dict) -> Path:
              f"{'Validation' if cfg.get('validation') else 'Test'} accuracy (%), mean over seeds {cfg['seeds']}; "
              "shots = training images per class.", "",
              summary_block(results), ""]
-    moved = route_changes(rows)
-    if moved:
-        parts += ["Did the learned route leave the source's? Steps whose module (the argmax, for a soft route) "
-                  "differs from the source route's:", "", *moved, ""]
     if rows:
         plot_transfer(rows, out / "accuracy_vs_params.png")
         parts += ["![accuracy against added parameters](accuracy_vs_params.png)", ""]
-    parts += routes_section(out, results)
-    sources = results.get("sources", {})
-    if sources:
-        parts += ["## Source task", "",
-                  "The pre-training task whose frozen features separate the new classes best (nearest-class-mean "
-                  "accuracy); every method but scratch starts from its norms, head-only, norms+head and fine-tuning "
-                  "keep its route, and the route methods start their own route from it.", "", "| held-out task | source | score |", "|---|---|---:|"]
-        parts += [f"| {k} | {v['source']} | {v['scores'][v['source']]:.3f} |" for k, v in sources.items()] + [""]
-    pre = results.get("pretrain", {})
-    if pre:
-        parts += ["## Pre-training", "", "| seed | mean test acc | parameters |", "|---|---:|---:|"]
-        parts += [f"| {s} | {100 * np.mean(list(v['test_acc'].values())):.1f} | {v['params']:,} |" for s, v in pre.items()]
-        parts.append("")
+    for name in regimes_of(results):
+        parts += regime_sections(out, regime_view(results, name), name)
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
 
 
-def routes_section(out: Path, results: dict) -> list[str]:
+def regime_sections(out: Path, view: dict, name: str) -> list[str]:
+    """The report's sections on one regime's pools: route changes, routes, sources, pre-training."""
+    parts = [f"## Pools of the `{name}` regime", ""]
+    moved = route_changes(view["rows"])
+    if moved:
+        parts += ["Did the learned route leave the source's? Steps whose module (the argmax, for a soft route) "
+                  "differs from the source route's:", "", *moved, ""]
+    parts += routes_section(out, view, name)
+    if view["sources"]:
+        parts += ["### Source task", "",
+                  "The pre-training task whose frozen features separate the new classes best (nearest-class-mean "
+                  "accuracy); every method but scratch starts from its norms, head-only, norms+head and fine-tuning "
+                  "keep its route, and the route methods start their own route from it.", "",
+                  "| held-out task | source | score |", "|---|---|---:|"]
+        parts += [f"| {k} | {v['source']} | {v['scores'][v['source']]:.3f} |" for k, v in view["sources"].items()]
+        parts.append("")
+    if view["pretrain"]:
+        parts += ["### Pre-training", "", "| seed | mean test acc | parameters |", "|---|---:|---:|"]
+        parts += [f"| {s} | {100 * np.mean(list(v['test_acc'].values())):.1f} | {v['params']:,} |"
+                  for s, v in view["pretrain"].items()]
+        parts.append("")
+    return parts
+
+
+def routes_section(out: Path, results: dict, name: str = "") -> list[str]:
     """Each held-out task's route learned by route_only (all data, first seed) next to the
     two pre-training routes it resembles most, drawn, with its heading."""
     cfg = results["config"]
@@ -367,13 +413,14 @@ def routes_section(out: Path, results: dict) -> list[str]:
             chosen[label] = pre["routes"][p]
     if not panels:
         return []
-    report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=3,
+    figure = f"routes-{name}.png" if name else "routes.png"
+    report.plot_usage(panels, out / figure, chosen=chosen, cols=3,
                       title="route_only: the new task's route (its soft weights) next to the two most "
                             "similar pre-training routes")
-    return ["## Routes", "",
+    return ["### Routes", "",
             "Each held-out task's route learned by route_only (all data, first seed) next to the two "
             "pre-training routes it resembles most (similarity: the probability that both run the same "
-            "module at a step, averaged over steps).", "", "![routes](routes.png)", ""]
+            "module at a step, averaged over steps).", "", f"![routes]({figure})", ""]
 
 
 TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "route_head": ("P", "tab:orange"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
@@ -408,5 +455,6 @@ def plot_transfer(rows: list[dict], path: Path) -> Path:
 
 BENCH = register(Bench("transfer", "route-only transfer vs head-only, norms+head, fine-tuning and scratch on held-out "
                        "tasks", TransferBenchConfig, plan, write_report, summary_block, unprefixed="transfer",
-                       device=lambda c: c.pretrain.device, extra=("pretrain", "routes", "sources", "train_seconds")))
+                       device=lambda c: c.pretrain.device, extra=("pretrain", "routes", "sources", "train_seconds"),
+                       extensible=("methods", "shots", "seeds", "held_out", "regimes")))
 run = BENCH.run
