@@ -54,3 +54,4 @@ def test_results_save_atomically_and_resume_only_the_same_config(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
     with pytest.raises(Exception, match=r"a result row is a Row \(method, task, metric, value and fields\), got dict"):
         res.add({"method": "m", "task": "t", "metric": "x"})
+

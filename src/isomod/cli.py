@@ -275,20 +275,27 @@ def cmd_report(args) -> int:
     from isomod.bench import registry
     from isomod.bench.base import read_results, write_docs
 
-    results = read_results(Path(args.dir) / "results.json")
+    path = Path(args.dir)
+    file = path if path.suffix == ".json" else path / "results.json"
+    results = read_results(file)
     benches = registry()
     if results["bench"] not in benches:
-        raise IsomodError(f"{args.dir}/results.json: unknown benchmark {results['bench']!r}; known: {', '.join(benches)}")
+        raise IsomodError(f"{file}: unknown benchmark {results['bench']!r}; known: {', '.join(benches)}")
     bench = benches[results["bench"]]
+    out = Path(args.out) if args.out else (None if path.suffix == ".json" else path)
     try:
-        print(f"wrote {bench.write_report(Path(args.dir), results)}")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"wrote {bench.write_report(out, results)}")
         block = bench.summary(results)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise IsomodError(f"{args.dir}/results.json: not what `isomod bench {bench.name}` writes "
+        raise IsomodError(f"{file}: not what `isomod bench {bench.name}` writes "
                           f"({type(exc).__name__}: {exc})") from None
     if args.docs:
         write_docs(Path(args.docs), args.dir, results, block)
         print(f"wrote {args.docs}")
+    if out is None and not args.docs:
+        raise IsomodError(f"{file}: give --out DIR for the report and figures, or --docs PAGE for a docs page's tables")
     return 0
 
 
@@ -396,9 +403,11 @@ def add_bench(sub) -> None:
 
 
 def add_report(sub) -> None:
-    p = sub.add_parser("report", help="redraw figures and report.md from DIR/results.json (or a results file)")
-    p.add_argument("dir")
+    p = sub.add_parser("report", help="redraw report.md and figures from a run folder's results.json, or "
+                       "a docs page's tables from a results file (docs/results/NAME.json)")
+    p.add_argument("dir", metavar="PATH", help="a bench's output folder, or a results .json file")
     p.add_argument("--docs", help="also rewrite the generated tables of this docs/results/<bench>.md page")
+    p.add_argument("--out", help="folder for report.md and the figures (default: PATH when it is a folder)")
     p.set_defaults(func=cmd_report)
 
 
