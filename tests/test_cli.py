@@ -172,14 +172,16 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     results = json.loads((out / "results.json").read_text())
     assert results["bench"] == "transfer"
     rows = results["rows"]
+    from isomod.transfer import TRANSFER
+
     assert {(r["method"], r["task"], r["shots"]) for r in rows} == {
-        (m, t, k) for m in ("route_only", "route_head", "head_only", "norm_head", "finetune", "scratch")
-        for t in ("new0", "new1") for k in (2, "all")}
+        (m, t, k) for m in TRANSFER.names() for t in ("new0", "new1") for k in (2, "all")}
     for r in rows:
         assert r["metric"] == "test_acc" and 0 <= r["value"] <= 1 and r["seed"] == 0
         assert r["params_total"] == results["pretrain"]["annealed"]["s0"]["params"] + r["params_task"]
         assert r["regime"] == "annealed"
-        assert ("route_steps_changed" in r) == ("route_change" in r) == (r["method"] in ("route_only", "route_head"))
+        assert ("route_steps_changed" in r) == ("route_change" in r) == TRANSFER[r["method"]].learns_route
+        assert ("candidates" in r) == (r["method"] == "route_search")
     by = {(r["method"], r["task"], r["shots"]): r["params_task"] for r in rows}
     assert by[("head_only", "new0", 2)] < by[("route_head", "new0", 2)] < by[("route_only", "new0", 2)]
     assert by[("head_only", "new0", 2)] < by[("norm_head", "new0", 2)] < by[("route_only", "new0", 2)] \

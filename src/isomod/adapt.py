@@ -71,7 +71,7 @@ from isomod.align import SourceAlignment, moment_gap, moments
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError
 from isomod.methods import Methods
-from isomod.network import ModularNet, TaskSpec, to_float
+from isomod.network import ModularNet, TaskSpec
 from isomod.route_schedule import RouteSchedule
 from isomod.train import TrainConfig, Trainer
 
@@ -167,23 +167,6 @@ def stats_distance(model: ModularNet, task: str, source: str) -> float:
     return torch.stack(out).mean().item()
 
 
-@torch.no_grad()
-def estimate_norm_stats(model: ModularNet, task: str, x: torch.Tensor, batch_size: int = 256) -> None:
-    """Replace the running statistics of `task`'s norms by their average over `x` (AdaBN)."""
-    norms = list(model.branch(task).norms)
-    saved = [m.momentum for m in norms]
-    device = next(model.parameters()).device
-    with model.evaluating():
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches
-            m.train()
-        for i in range(0, len(x), batch_size):
-            model(to_float(x[i : i + batch_size].to(device)), task)
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-
-
 # --- the target's start ---------------------------------------------------------------
 @dataclass
 class AdaptResult:
@@ -215,11 +198,6 @@ def add_as_copy(model: ModularNet, spec: TaskSpec, source: str) -> None:
     model.add_task(spec, start_from=source).requires_grad_(False)
 
 
-def stats_count(model: ModularNet, task: str) -> int:
-    """How many running-statistics numbers `task`'s norms hold."""
-    return sum(b.numel() for n, b in model.branch(task).norms.named_buffers() if "running" in n)
-
-
 def score_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, sources: list[str],
                   score: Callable[[ModularNet, str, str], float]) -> dict[str, float]:
     """Every source's `score(model, target, source)`, with the target added as a copy of the
@@ -228,7 +206,7 @@ def score_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, sources: l
     scores = {}
     for s in sources:
         add_as_copy(model, spec, s)
-        estimate_norm_stats(model, spec.name, x)
+        model.estimate_stats(spec.name, x)
         scores[s] = score(model, spec.name, s)
     return scores
 
@@ -285,8 +263,8 @@ def source_only(t: Target) -> AdaptResult:
 def adabn(t: Target) -> AdaptResult:
     source, scores = by_im(t)
     add_as_copy(t.model, t.spec, source)
-    estimate_norm_stats(t.model, t.spec.name, t.x)
-    return AdaptResult("adabn", source, "im", scores, stats_count(t.model, t.spec.name))
+    t.model.estimate_stats(t.spec.name, t.x)
+    return AdaptResult("adabn", source, "im", scores, t.model.stats_count(t.spec.name))
 
 
 @ADAPT.register("route_select", "source_free", "the source route whose target statistics lie closest to its own "
@@ -295,8 +273,8 @@ def route_select(t: Target) -> AdaptResult:
     scores = score_sources(t.model, t.spec, t.x, t.sources, stats_distance)
     source = min(scores, key=scores.get)
     add_as_copy(t.model, t.spec, source)
-    estimate_norm_stats(t.model, t.spec.name, t.x)
-    return AdaptResult("route_select", source, "stats_distance", scores, stats_count(t.model, t.spec.name))
+    t.model.estimate_stats(t.spec.name, t.x)
+    return AdaptResult("route_select", source, "stats_distance", scores, t.model.stats_count(t.spec.name))
 
 
 @ADAPT.register("tent", "source_free", "adabn, then the norms' affine parameters trained to minimise prediction "
@@ -304,10 +282,10 @@ def route_select(t: Target) -> AdaptResult:
 def tent(t: Target) -> AdaptResult:
     source, scores = by_im(t)
     add_as_copy(t.model, t.spec, source)
-    estimate_norm_stats(t.model, t.spec.name, t.x)
+    t.model.estimate_stats(t.spec.name, t.x)
     params = {"norms": [p for m in t.model.branch(t.spec.name).norms for p in m.parameters()]}
     train_target(t, params, entropy_objective, frozen_norm_stats=True)
-    changed = sum(p.numel() for ps in params.values() for p in ps) + stats_count(t.model, t.spec.name)
+    changed = sum(p.numel() for ps in params.values() for p in ps) + t.model.stats_count(t.spec.name)
     return AdaptResult("tent", source, "im", scores, changed)
 
 
@@ -319,7 +297,7 @@ def train_target(t: Target, params: dict, objective, frozen_norm_stats: bool, **
                       frozen_norm_stats=frozen_norm_stats, **options)
     trainer.fit()
     t.model.discretize(t.spec.name)
-    estimate_norm_stats(t.model, t.spec.name, t.x)
+    t.model.estimate_stats(t.spec.name, t.x)
     return trainer
 
 
@@ -330,7 +308,7 @@ def learn_route(t: Target, method: str, objective) -> AdaptResult:
     source, scores = by_im(t)
     model, name = t.model, t.spec.name
     add_as_copy(model, t.spec, source)
-    estimate_norm_stats(model, name, t.x)
+    model.estimate_stats(name, t.x)
     start = (model.route(name).indices(), im_score(model, name, t.x))  # the source route, target statistics
     start_from_sources(model, name, t.sources, source)
     params = {"routes": [model.route(name).logits]}
@@ -340,8 +318,8 @@ def learn_route(t: Target, method: str, objective) -> AdaptResult:
     kept = im_score(model, name, t.x) < start[1]
     if not kept:
         model.route(name).set_choice(start[0])
-        estimate_norm_stats(model, name, t.x)
-    changed = model.route(name).logits.numel() + stats_count(model, name)
+        model.estimate_stats(name, t.x)
+    changed = model.route(name).logits.numel() + model.stats_count(name)
     return AdaptResult(method, source, "im", scores, changed, (trainer.soft_usage or {}).get(name), kept)
 
 
@@ -399,7 +377,7 @@ def align_with_sources(t: Target, method: str, align: str, route_only: bool) -> 
                       out_dir=t.out_dir, objective=objective, progress=t.progress, train_tasks=[name],
                       params=params, routes=RouteSchedule.soft(), frozen_norm_stats=False)
     trainer.fit()
-    estimate_norm_stats(model, name, t.x)
+    model.estimate_stats(name, t.x)
     soft = model.route(name).weights().detach().cpu().tolist() if route_only else None
     return AdaptResult(method, source, "feature_gap", scores, changed_numbers(before, model), soft,
                        setting="with_sources", history=trainer.history)
@@ -448,7 +426,7 @@ def route_oracle(base: ModularNet, target: TaskData, sources: list[str], start: 
                       params={"routes": [model.route(name).logits]}, frozen_norm_stats=False)
     trainer.fit()
     model.requires_grad_(False)
-    estimate_norm_stats(model, name, target.x_train)
+    model.estimate_stats(name, target.x_train)
     return model, trainer, changed_numbers(before, model)
 
 

@@ -26,6 +26,7 @@ from isomod.config import add_config_args, build_config, positive
 from isomod.errors import IsomodError, check_out_file
 from isomod.network import ModelConfig
 from isomod.regimes import REGIMES, regime
+from isomod.search import SearchConfig
 from isomod.train import TrainConfig
 from isomod.transfer import TRANSFER, TRANSFER_TRAIN
 
@@ -49,9 +50,11 @@ class TransferRun:
 
     Args:
         train: the new task's training budget.
+        search: how `--method route_search` searches (isomod.search); its seed is the run's.
     """
 
     train: TrainConfig = dataclasses.field(default_factory=lambda: TRANSFER_TRAIN)
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
 
 @dataclasses.dataclass
@@ -148,7 +151,8 @@ def cmd_transfer(args) -> int:
     from isomod.train import check_out_dir
     from isomod.transfer import few_shot, transfer
 
-    train_cfg = build_config(args, TransferRun()).train
+    run = build_config(args, TransferRun())
+    train_cfg = run.train
     check_out_dir(Path(args.out))
     model = load_checkpoint(args.from_)
     model.require_routes(f"{args.from_}: transfer")
@@ -158,11 +162,17 @@ def cmd_transfer(args) -> int:
     model.check_spec(task.spec, model.config.in_channels)
     task = few_shot(task, args.shots, seed=train_cfg.seed)
     before = model.param_count()
+    options = {"search": dataclasses.replace(run.search, seed=train_cfg.seed)} \
+        if args.method in ("route_search", "stats_head") else {}
     result = transfer(model, task, args.method, train_cfg, source=args.source, out_dir=args.out,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, **options)
     out = Path(args.out) / "checkpoint"
     print(f"{task.name}: test acc {result.test_acc:.4f}    route {result.model.route(task.name)}    "
           f"(started from task {result.source})")
+    if "candidates" in result.info:
+        i = result.info
+        print(f"route search ({i['strategy']}, {i['proxy']} proxy): {i['candidates']} routes scored in "
+              f"{i['search_seconds']:.1f} s; proxy {i['proxy_start']:.3f} at the start, {i['proxy_found']:.3f} found")
     print(f"added {result.params_task:,} parameters ({100 * result.params_task / before:.2f}% of the {before:,} before); "
           f"checkpoint: {out} (holds {len(result.model.task_names)} task(s))")
     return 0

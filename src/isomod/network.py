@@ -404,6 +404,27 @@ class ModularNet(TaskModel):
     def route_str(self, task: str) -> str:
         return f"{task}: {self.route(task)}"
 
+    @torch.no_grad()
+    def estimate_stats(self, task: str, x: torch.Tensor, batch_size: int = 256) -> None:
+        """Replace the running statistics of `task`'s norms by their average over the uint8
+        images `x` under its route (AdaBN); nothing else changes."""
+        norms = list(self.branch(task).norms)
+        saved = [m.momentum for m in norms]
+        device = self.stem.weight.device
+        with self.evaluating():
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the batches
+                m.train()
+            for i in range(0, len(x), batch_size):
+                self(to_float(x[i : i + batch_size].to(device)), task)
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+    def stats_count(self, task: str) -> int:
+        """How many running-statistics numbers `task`'s norms hold."""
+        return sum(b.numel() for n, b in self.branch(task).norms.named_buffers() if "running" in n)
+
     def usage(self, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Route weights `(L, N)` of `tasks` (default: all), detached on the CPU."""
         return {name: self.route(name).weights().detach().cpu() for name in (self.task_names if tasks is None else tasks)}

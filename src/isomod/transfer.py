@@ -20,6 +20,7 @@ from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError
 from isomod.methods import Methods
 from isomod.network import ModularNet, TaskModel
+from isomod.search import SearchConfig, search_route
 from isomod.train import TrainConfig, Trainer
 
 # Route, norms and head are a few thousand numbers on frozen features: they take a far
@@ -98,11 +99,15 @@ TRANSFER = Methods("transfer method")
 @dataclass
 class Setup:
     """What a transfer method trains: the model that serves the new task, its parameters by
-    role, and the modules whose norms keep their running statistics while training."""
+    role, the modules whose norms keep their running statistics while training, the numbers
+    it set without training them (re-estimated statistics, a searched route) and what else
+    it reports (`info`)."""
 
     model: TaskModel
     params: dict[str, list[torch.nn.Parameter]]
     fixed_stats: list[torch.nn.Module] = field(default_factory=list)
+    numbers_set: int = 0
+    info: dict = field(default_factory=dict)
 
 
 @TRANSFER.register("route_only", "transfer", "a new route, step norms and head, in place; every earlier task is "
@@ -133,6 +138,39 @@ def norm_head(model: ModularNet, task: TaskData, source: str, config: TrainConfi
     return Setup(model, {**model.param_groups([task.name], roles=("heads",)), "norms": list(branch.norms.parameters())})
 
 
+def stats_sample(task: TaskData, search: SearchConfig) -> torch.Tensor:
+    """The task's training images its statistics are estimated on (the search's own sample)."""
+    g = torch.Generator().manual_seed(search.seed)
+    return task.x_train[torch.randperm(len(task.x_train), generator=g)[: search.stats_images]]
+
+
+@TRANSFER.register("stats_head", "transfer", "the source's route with its norm statistics re-estimated on the task's "
+                   "images, and a new head (route_search's start, without the search)")
+def stats_head(model: ModularNet, task: TaskData, source: str, config: TrainConfig,
+               search: SearchConfig | None = None) -> Setup:
+    search = search or SearchConfig(seed=config.seed)
+    branch = model.add_task(task.spec, start_from=source)
+    model.estimate_stats(task.name, stats_sample(task, search))
+    return Setup(model, model.param_groups([task.name], roles=("heads",)), [branch.norms],
+                 numbers_set=model.stats_count(task.name))
+
+
+@TRANSFER.register("route_search", "transfer", "a discrete route found by search from the source's (isomod.search: "
+                   "every candidate's statistics re-estimated on the task's images, scored by a leave-one-out proxy "
+                   "on its labelled images), those statistics, and a new head", learns_route=True)
+def route_search(model: ModularNet, task: TaskData, source: str, config: TrainConfig,
+                 search: SearchConfig | None = None) -> Setup:
+    search = search or SearchConfig(seed=config.seed)
+    branch = model.add_task(task.spec, start_from=source)
+    found = search_route(model, task.name, task.x_train, task.x_train, task.y_train, model.route(source).indices(),
+                         search)
+    info = {"strategy": search.strategy, "proxy": search.proxy, "candidates": found.candidates,
+            "search_seconds": found.seconds, "proxy_start": round(found.start_score, 5),
+            "proxy_found": round(found.score, 5)}
+    return Setup(model, model.param_groups([task.name], roles=("heads",)), [branch.norms],
+                 numbers_set=model.stats_count(task.name) + model.route(task.name).steps, info=info)
+
+
 @TRANSFER.register("finetune", "transfer", "a copy of the whole model from the source's route and norms: stem, "
                    "pool, norms and head trained")
 def finetune(model: ModularNet, task: TaskData, source: str, config: TrainConfig) -> Setup:
@@ -155,8 +193,9 @@ TRANSFER_METHODS = TRANSFER.names()
 @dataclass
 class TransferResult:
     """What one transfer run gives: the model serving the new task, its test accuracy,
-    and the parameters the task added (only the trained ones; a fine-tuned or scratch
-    network counts whole, since the task needs all of it)."""
+    and the numbers the task added (the trained ones and those set without training, such
+    as re-estimated statistics; a fine-tuned or scratch network counts whole, since the
+    task needs all of it)."""
 
     model: TaskModel
     test_acc: float
@@ -165,6 +204,7 @@ class TransferResult:
     soft_route: list | None = None  # (L, N) route weights just before discretising
     route_steps_changed: int | None = None  # route methods: steps whose module (argmax) differs from the source's
     route_change: float | None = None  # route methods: mean total variation from the source's route weights
+    info: dict = field(default_factory=dict)  # what the method reports besides (a search's candidates, seconds)
 
 
 def select_source(model: ModularNet, task: TaskData, max_images: int = 1000, seed: int = 0) -> tuple[str, dict[str, float]]:
@@ -197,7 +237,8 @@ def select_source(model: ModularNet, task: TaskData, max_images: int = 1000, see
 
 
 def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig = TRANSFER_TRAIN,
-             source: str | None = None, out_dir: str | Path | None = None, progress: bool = True) -> TransferResult:
+             source: str | None = None, out_dir: str | Path | None = None, progress: bool = True,
+             **options) -> TransferResult:
     """Learn a new task on a trained model with one of the `TRANSFER` methods (`route_only`,
     `route_head`, `head_only`, `norm_head`, `finetune`, `scratch`; `TRANSFER.help()` says
     what each trains).
@@ -211,6 +252,8 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
             that keep one); None picks it with `select_source`.
         out_dir: run folder for the log and checkpoint.
         progress: show a progress bar.
+        options: what the method takes besides, e.g. `search=SearchConfig(...)` for
+            `route_search` and `stats_head`.
     """
     unit = TRANSFER[method]
     model.require_routes("transfer")
@@ -218,12 +261,13 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
         source = select_source(model, task, seed=config.seed)[0]
     model.check_task(source)
     torch.manual_seed(config.seed)  # new heads (and a scratch network) follow the seed, not what ran before
-    setup = unit.run(model, task, source, config)
+    setup = unit.run(model, task, source, config, **options)
     trainer = Trainer(setup.model, {task.name: task}, config, out_dir=out_dir, progress=progress,
                       train_tasks=[task.name], params=setup.params, fixed_stats=setup.fixed_stats)
     accs = trainer.fit()
     trained = sum(p.numel() for ps in setup.params.values() for p in ps)
-    result = TransferResult(setup.model, accs[task.name], trained, source, (trainer.soft_usage or {}).get(task.name))
+    result = TransferResult(setup.model, accs[task.name], trained + setup.numbers_set, source,
+                            (trainer.soft_usage or {}).get(task.name), info=setup.info)
     if unit.learns_route:
         new, old = setup.model.route(task.name), setup.model.route(source)
         result.route_steps_changed = sum(a != b for a, b in zip(new.indices(), old.indices()))

@@ -43,7 +43,7 @@ from isomod.network import ModelConfig, ModularNet
 from isomod.errors import check_choices
 from isomod.train import TrainConfig, evaluate
 from isomod.adapt import (ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, WITH_SOURCES, adapt,
-                          add_as_copy, estimate_norm_stats, route_oracle, setting)
+                          add_as_copy, route_oracle, setting)
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
 CORRUPTED = [f"mnistc/{c}" for c in mnistc.CORRUPTIONS]
@@ -183,7 +183,7 @@ def analysis_rows(run_dir: Path, target: str, source: str, seed: int) -> list[Ro
         model = copy.deepcopy(base)
         add_as_copy(model, tgt.spec, source)
         if name == "adabn_each":
-            estimate_norm_stats(model, target, tgt.x_train)
+            model.estimate_stats(target, tgt.x_train)
         acc = evaluate(model, {target: tgt})[target]
         rows.append(_row(name, target, acc, model.param_count(), 0, seed, source=source))
     return rows
@@ -260,7 +260,7 @@ def discretized(model: ModularNet, target: TaskData) -> tuple[float, list[int]]:
     name = target.spec.name
     hard = copy.deepcopy(model)
     hard.discretize(name)
-    estimate_norm_stats(hard, name, target.x_train)
+    hard.estimate_stats(name, target.x_train)
     return round(evaluate(hard, {name: target})[name], 5), hard.route(name).indices()
 
 

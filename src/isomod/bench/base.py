@@ -72,11 +72,26 @@ def code_commit() -> str | None:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def same_run(old: object, new: dict, extensible: tuple[str, ...] = ()) -> bool:
+def with_defaults(old: dict, defaults: dict) -> dict:
+    """`old` with the keys it lacks (options added since it was written) taken from
+    `defaults`, nested mappings key by key."""
+    out = dict(old)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(out[key], value)
+    return out
+
+
+def same_run(old: object, new: dict, extensible: tuple[str, ...] = (), defaults: dict | None = None) -> bool:
     """Whether an existing `results.json`'s configuration `old` is that of `new`, `jobs` and
-    the `extensible` lists (methods, seeds, ... whose rows stand on their own) aside."""
+    the `extensible` lists (methods, seeds, ... whose rows stand on their own) aside. An
+    option `old` lacks counts as its default from `defaults` (it did not exist then, and its
+    default keeps what it changes as it was)."""
     if not isinstance(old, dict):
         return False
+    old = with_defaults(old, defaults or {})
     drop = {"jobs", *extensible}
     return {k: v for k, v in old.items() if k not in drop} == {k: v for k, v in new.items() if k not in drop}
 
@@ -103,15 +118,16 @@ class Results:
             many runs went side by side, `jobs`, changes no result and is not compared).
         extensible: config lists a resumed run may extend (more methods, seeds or
             shots): the rows already there are kept, the recorded lists become the union.
+        defaults: the config's defaults, standing in for options an older file lacks.
     """
 
     def __init__(self, path: str | Path, bench: str, config: dict, resume: bool = False,
-                 extensible: tuple[str, ...] = (), **extra):
+                 extensible: tuple[str, ...] = (), defaults: dict | None = None, **extra):
         self.path = Path(path)
         self.data = {"bench": bench, "config": json.loads(json.dumps(config)), "rows": [], **extra}
         if resume and self.path.is_file():
             old = read_results(self.path)
-            if same_run(old.get("config"), self.data["config"], extensible):
+            if same_run(old.get("config"), self.data["config"], extensible, json.loads(json.dumps(defaults or {}))):
                 self.data = {**self.data, **old, "config": merged_config(old["config"], self.data["config"],
                                                                          extensible)}
 
@@ -236,7 +252,7 @@ def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, 
         raise IsomodError("--jobs runs several trainings side by side in one process group; under torchrun "
                           "every process already trains the same run: use one or the other")
     results = Results(out / "results.json", bench.name, bench.describe(config, inputs), resume=bench.resume,
-                      extensible=bench.extensible,
+                      extensible=bench.extensible, defaults=asdict(type(config)()),
                       environment=job_environment(resolve_device(bench.device(config)), jobs),
                       **{k: {} for k in bench.extra})
     main = distributed.is_main()

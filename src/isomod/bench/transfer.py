@@ -30,11 +30,13 @@ from isomod.data.tasks import TaskData, load_task, split_validation
 from isomod.errors import IsomodError, check_choices
 from isomod.network import ModelConfig
 from isomod.regimes import DEFAULT_REGIME, REGIMES
+from isomod.search import SearchConfig
 from isomod.train import TrainConfig
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
 HELD_OUT = ["glyphs/georgian", "glyphs/hebrew", "mnist", "uci-digits", "fashion-mnist"]
+SEARCHING = ("route_search", "stats_head")  # methods that take the search config (stats_head: its image sample)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class TransferBenchConfig:
             annealed and discretised (`annealed`).
         jobs: training runs side by side, each in its own process with an equal share
             of the threads.
+        search: how `route_search` searches (strategy, proxy, budget); its seed is the run's.
         pretrain_dir: the folder holding (or to hold) the pre-trained pools,
             `pretrain-{regime}-s{seed}/checkpoint`; empty: the output folder. Runs of other
             transfer budgets can share one pre-training this way.
@@ -84,6 +87,7 @@ class TransferBenchConfig:
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=7500, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=500, log_every=25))
     transfer: TrainConfig = field(default_factory=lambda: replace(TRANSFER_TRAIN, steps=400, routes="soft"))
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self):
         check_choices("transfer method", self.methods, TRANSFER_METHODS)
@@ -177,10 +181,11 @@ def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, s
         print(f"== {regime_name}: {method} -> {data.name}, shots {label}, seed {seed} (source {source})", flush=True)
     params = base.param_count()
     t0 = time.time()
-    res = transfer(base, task, method, cfg, source=source, progress=progress)
+    options = {"search": replace(config.search, seed=seed)} if method in SEARCHING else {}
+    res = transfer(base, task, method, cfg, source=source, progress=progress, **options)
     seconds = round(time.time() - t0, 1)
     fields = {"shots": label, "params_total": params + res.params_task, "params_task": res.params_task,
-              "seed": seed, "source": source, "regime": regime_name}
+              "seed": seed, "source": source, "regime": regime_name, **res.info}
     route = None
     if res.route_steps_changed is not None:
         fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change)
@@ -423,7 +428,8 @@ def routes_section(out: Path, results: dict, name: str = "") -> list[str]:
             "module at a step, averaged over steps).", "", f"![routes]({figure})", ""]
 
 
-TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "route_head": ("P", "tab:orange"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
+TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "route_head": ("P", "tab:orange"), "route_search": ("*", "tab:brown"),
+                  "stats_head": ("p", "tab:cyan"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
                   "finetune": ("^", "tab:purple"), "scratch": ("v", "tab:gray")}
 
 
