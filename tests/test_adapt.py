@@ -16,9 +16,12 @@ from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError
 from isomod.network import ModelConfig, ModularNet, TaskSpec
 from isomod.train import TrainConfig, Trainer, evaluate
-from isomod.adapt import (ADAPT_METHODS, ALIGN_ROUTE_METHODS, FULL_NETWORK_METHODS, MIN_TARGET_IMAGES, WITH_SOURCES,
-                          add_as_copy, adapt, estimate_norm_stats, setting, stats_distance)
+from isomod.adapt import (ADAPT_METHODS, ALIGN_ROUTE_METHODS, FEW_LABELS, FULL_NETWORK_METHODS, MIN_TARGET_IMAGES,
+                          WITH_SOURCES,
+                          add_as_copy, adapt, setting, stats_distance)
 from isomod.data import mnistc
+from isomod.search import SearchConfig
+from isomod.bench.adapt_report import FEW_LABEL_METHODS
 
 SMALL = ModelConfig(in_channels=3, channels=8, num_modules=3, steps=3, route_init="permutation")
 QUICK_ADAPT = TrainConfig(steps=12, batch_size=32, lr=1e-3, lr_routes=5e-2, warmup_steps=2, augment=False,
@@ -94,7 +97,7 @@ def test_estimate_norm_stats_is_the_target_mean(sources_model, domains):
     add_as_copy(model, target.spec, "digits5/mnist")
     assert stats_distance(model, target.name, "digits5/mnist") == 0.0
     x = target.x_train[:100]
-    estimate_norm_stats(model, target.name, x, batch_size=100)
+    model.estimate_stats(target.name, x, batch_size=100)
     with torch.no_grad():
         h = model.stem(x.float() / 255)  # what the first norm sees
     assert torch.allclose(model.branch(target.name).norms[0].running_mean, h.mean((0, 2, 3)), atol=1e-5)
@@ -105,7 +108,10 @@ def source_data(domains) -> dict[str, TaskData]:
     return {d.name: d for d in (domains["mnist"], domains["synth"])}
 
 
-@pytest.mark.parametrize("method", ADAPT_METHODS)
+SOFT_AT_THE_END = ALIGN_ROUTE_METHODS + ("route_shot",)
+
+
+@pytest.mark.parametrize("method", [m for m in ADAPT_METHODS if m != "route_calibrated"])  # that one: 3 sources
 def test_adaptation_never_reads_target_labels_and_changes_nothing_shared(sources_model, domains, method):
     # Except m3sda and dann, which train the whole network on the sources' labels.
     target = domains["uci"]
@@ -120,7 +126,7 @@ def test_adaptation_never_reads_target_labels_and_changes_nothing_shared(sources
         after = model.state_dict()
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
         assert unchanged == (method not in FULL_NETWORK_METHODS), "a shared or source parameter changed (or did not)"
-        assert model.route(target.name).is_discrete == (method not in ALIGN_ROUTE_METHODS)
+        assert model.route(target.name).is_discrete == (method not in SOFT_AT_THE_END)
         assert res.source in sources_model.task_names and res.setting == setting(method)
         assert not any(p.requires_grad for p in model.parameters())
         states.append(after)
@@ -252,15 +258,23 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     argv = ["bench", "adapt", "--out", str(out), "--targets", "digits5/uci", "mnistc/rotate", "--seeds", "0",
             "--model-channels", "8",
             "--model-num-modules", "3", "--model-steps", "3", "--source-steps", "10", "--source-batch-size", "32",
-            "--steps", "6", "--batch-size", "32", "--no-progress"]
+            "--steps", "6", "--batch-size", "32", "--no-progress", "--shots", "2", "--few-label-targets", "digits5/uci",
+            "--few-steps", "4", "--search-max-candidates", "6"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
+    unsupervised = [r for r in rows if r["setting"] != "few_labels"]
     expected = {"source_only_each", "adabn_each", "source_only_best", "route_oracle"} | set(ADAPT_METHODS) - {"source_only"}
-    assert {r["method"] for r in rows} == expected
+    assert {r["method"] for r in unsupervised} == expected
     assert {r["task"] for r in rows} == {"digits5/uci", "mnistc/rotate"} and all(r["metric"] == "test_acc" for r in rows)
-    assert {r["setting"] for r in rows if r["method"] in WITH_SOURCES} == {"with_sources"}
-    assert {r["setting"] for r in rows if r["method"] not in WITH_SOURCES + ("route_oracle",)} == {"source_free"}
+    assert {r["setting"] for r in unsupervised if r["method"] in WITH_SOURCES} == {"with_sources"}
+    assert {r["setting"] for r in unsupervised if r["method"] not in WITH_SOURCES + ("route_oracle",)} == {"source_free"}
+    assert all(r["regime"] == "default" for r in rows)
+    trained = [r for r in unsupervised if r.get("sources_train")]
+    assert sorted(r["method"] for r in trained) == sorted(2 * list(ALIGN_ROUTE_METHODS))
+    few = [r for r in rows if r["setting"] == "few_labels"]
+    assert {(r["method"], r["shots"], r["task"]) for r in few} == {(m, 2, "digits5/uci") for m in FEW_LABEL_METHODS}
+    assert next(r for r in few if r["method"] == "route_search")["candidates"] <= 6
     oracle = [r for r in rows if r["method"] == "route_oracle"]
     assert len(oracle) == 2 and {r["setting"] for r in oracle} == {"target_labels"}
     for r in oracle:  # it starts from the best source route in hindsight
@@ -275,6 +289,8 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "source-free: best route method" in text and "with sources: best route method" in text
     assert "### MNIST-C style targets" in text and "route_oracle, analysis" in text
+    assert "### A few labelled target images per class" in text and "What each adapted number buys" in text
+    assert (out / "numbers-default.png").stat().st_size > 0
     n = len(results["rows"])
     assert main(argv) == 0  # a second run resumes: nothing new
     assert len(json.loads((out / "results.json").read_text())["rows"]) == n
@@ -322,3 +338,99 @@ def test_transfer_trains_a_new_label_space_s_head_but_never_a_shared_one(sources
     res = transfer(model, other, "route_only", replace(QUICK_ADAPT, steps=4), source="digits5/mnist", progress=False)
     head = model.head_of("other/uci")
     assert res.params_task == model.task_param_count("other/uci") + head.weight.numel() + head.bias.numel()
+
+
+def labelled_part(target: TaskData, shots: int) -> TaskData:
+    from isomod.transfer import few_shot
+
+    return few_shot(target, shots, seed=0)
+
+
+def without_labels(target: TaskData) -> TaskData:
+    """The target with every label replaced: a method that read them would change."""
+    return TaskData(target.spec, target.x_train, torch.full_like(target.y_train, 3), target.x_test,
+                    torch.full_like(target.y_test, 3))
+
+
+@pytest.mark.parametrize("method", FEW_LABELS)
+def test_few_label_methods_read_only_the_labelled_images_and_keep_what_they_should(sources_model, domains, method):
+    target = domains["uci"]
+    labelled = labelled_part(target, 3)
+    assert torch.bincount(labelled.y_train).tolist() == [3] * 10  # exactly 3 a class
+    config = replace(QUICK_ADAPT, steps=6, lr=5e-2, lr_heads=5e-2)
+    states = []
+    for data in (target, without_labels(target)):
+        model = copy.deepcopy(sources_model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res = adapt(model, data, method, config, progress=False, labelled=labelled,
+                    **({"search": SearchConfig(proxy="head", max_candidates=8)} if method == "route_search" else {}))
+        after = model.state_dict()
+        shared_changed = any(not torch.equal(before[k], after[k]) for k in before)
+        assert shared_changed == (method == "finetune"), method
+        assert res.setting == "few_labels" and res.params_task > 0
+        assert (model.head_of(target.name) is model.heads["digits5"]) == (method not in ("head", "finetune"))
+        states.append(after)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_few_label_methods_need_their_labelled_images(sources_model, domains):
+    target = domains["uci"]
+    with pytest.raises(IsomodError, match="needs some labelled images of 'digits5/uci'"):
+        adapt(copy.deepcopy(sources_model), target, "route", progress=False)
+    wrong = labelled_part(domains["synth"], 2)
+    with pytest.raises(IsomodError, match="labelled images are of task 'digits5/synth'"):
+        adapt(copy.deepcopy(sources_model), target, "route", progress=False, labelled=wrong)
+
+
+@pytest.mark.parametrize("method", ALIGN_ROUTE_METHODS)
+def test_sources_keep_training_while_the_route_aligns_and_no_target_label_is_read(sources_model, domains, method):
+    target = domains["uci"]
+    config = replace(QUICK_ADAPT, steps=8, batch_size=32)
+    states = []
+    for data in (target, without_labels(target)):
+        model = copy.deepcopy(sources_model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res = adapt(model, data, method, config, progress=False, sources=source_data(domains), sources_train=True)
+        after = model.state_dict()
+        assert not torch.equal(before["pool.blocks.0.w1"], after["pool.blocks.0.w1"])  # the sources trained
+        assert res.info["sources_train"] and res.params_task > res.info["target_numbers"] > 0
+        assert all("ce" in h and "align" in h for h in res.history)
+        assert not model.route(target.name).is_discrete
+        states.append(after)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.fixture(scope="module")
+def three_sources(domains):
+    extra = subset(load_task("digits5/street"), 600, 300)
+    sources = [domains["mnist"], domains["synth"], extra]
+    torch.manual_seed(0)
+    model = ModularNet(replace(SMALL, channels=8), [t.spec for t in sources])
+    Trainer(model, sources, TrainConfig(steps=60, batch_size=32, lr=5e-3, lr_heads=5e-3, warmup_steps=5,
+                                        checkpoint_every=0), progress=False).fit()
+    return model.eval(), {t.name: t for t in sources}
+
+
+def test_a_calibrated_route_comes_from_the_candidates_and_reads_no_target_label(three_sources, domains):
+    from isomod.adapt_select import SCORES, candidates
+
+    base, sources = three_sources
+    target = domains["uci"]
+    routes = {c.route for c in candidates(base, list(sources))}
+    assert len(routes) > 3
+    states = []
+    for data in (target, without_labels(target)):
+        model = copy.deepcopy(base)
+        res = adapt(model, data, "route_calibrated", QUICK_ADAPT, progress=False, sources=sources)
+        assert tuple(model.route(target.name).indices()) in routes and model.route(target.name).is_discrete
+        assert set(res.info["calibration"]) == set(SCORES) and res.score in SCORES
+        assert all(-1 <= v["spearman"] <= 1 and v["regret"] >= 0 for v in res.info["calibration"].values())
+        assert model.task_names == base.task_names + [target.name]
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_calibrating_a_route_score_needs_three_sources(sources_model, domains):
+    with pytest.raises(IsomodError, match="needs at least 3 source domains, the model has 2"):
+        adapt(copy.deepcopy(sources_model), domains["uci"], "route_calibrated", QUICK_ADAPT, progress=False,
+              sources=source_data(domains))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, TrainConfig, Trainer, load_checkpoint
-from isomod.transfer import TRANSFER_METHODS, few_shot, fit_route, select_source, transfer
+from isomod.transfer import TRANSFER, TRANSFER_METHODS, few_shot, fit_route, select_source, transfer
 from isomod.cli import main
 from isomod.data.tasks import load_task, read_idx
 
@@ -146,9 +146,9 @@ def test_every_transfer_method_learns_and_counts_what_it_added(pretrained, digit
         added[method] = result.params_task
         if method == "finetune":  # trains a copy: the model handed in is untouched
             assert result.model is not model and "uci-digits" not in model.specs
-        if method in ("route_only", "route_head", "head_only", "norm_head"):  # in place, earlier tasks unchanged
+        if method not in ("finetune", "scratch"):  # in place, earlier tasks unchanged
             assert result.model is model and torch.equal(before, model.eval()(x, "mnist"))
-        if method in ("route_only", "route_head"):
+        if TRANSFER[method].learns_route:
             assert result.route_steps_changed == sum(
                 a != b for a, b in zip(model.route("uci-digits").indices(), model.route("mnist").indices()))
         else:
@@ -163,6 +163,8 @@ def test_every_transfer_method_learns_and_counts_what_it_added(pretrained, digit
     assert added["head_only"] == head and added["norm_head"] == head + norms
     assert added["route_only"] == head + norms + branch.route.logits.numel()
     assert added["route_head"] == head + branch.route.logits.numel()
+    stats = sum(b.numel() for n, b in branch.norms.named_buffers() if "running" in n)
+    assert added["stats_head"] == head + stats and added["route_search"] == head + stats + branch.route.steps
     assert added["finetune"] == head + norms + sum(p.numel() for p in pretrained.stem.parameters()) + \
         sum(p.numel() for p in pretrained.pool.parameters())
 

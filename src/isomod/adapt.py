@@ -61,8 +61,9 @@ objectives, `isomod.align`).
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -108,6 +109,18 @@ def check_target(model: ModularNet, spec: TaskSpec, num_images: int) -> list[str
         raise IsomodError(f"target {spec.name!r} has {num_images} unlabelled images; estimating its normalisation "
                           f"statistics needs at least {MIN_TARGET_IMAGES}")
     return sources
+
+
+def check_labelled(spec: TaskSpec, labelled: TaskData | None) -> None:
+    """Refuse, in one line, missing or mismatched labelled images for a few-label method."""
+    if labelled is None:
+        raise IsomodError(f"a few-label method needs some labelled images of {spec.name!r} (pass `labelled`, e.g. "
+                          "few_shot(target, 10))")
+    if labelled.spec.name != spec.name or labelled.spec.num_classes != spec.num_classes:
+        raise IsomodError(f"the labelled images are of task {labelled.spec.name!r} with {labelled.spec.num_classes} "
+                          f"classes; the target is {spec.name!r} with {spec.num_classes}")
+    if len(labelled.y_train) == 0:
+        raise IsomodError(f"no labelled images of {spec.name!r} were given")
 
 
 def unlabelled(spec: TaskSpec, x: torch.Tensor) -> TaskData:
@@ -188,6 +201,7 @@ class AdaptResult:
     kept: bool | None = None  # route methods: whether the learned route beat its start
     setting: str = "source_free"
     history: list[dict] | None = None
+    info: dict = field(default_factory=dict)  # what a method reports besides (a search's candidates, seconds)
 
 
 def add_as_copy(model: ModularNet, spec: TaskSpec, source: str) -> None:
@@ -219,9 +233,11 @@ def start_from_sources(model: ModularNet, task: str, sources: list[str], chosen:
 
 
 def changed_numbers(before: dict[str, torch.Tensor], model: ModularNet) -> int:
-    """Floating-point numbers of `model`'s state that differ from `before`."""
+    """Floating-point numbers of `model`'s state that differ from `before` (all of a tensor
+    `before` lacks, such as a head the target was given)."""
     after = model.state_dict()
-    return sum(int((before[k] != v).sum()) for k, v in after.items() if k in before and v.is_floating_point())
+    return sum(int((before[k] != v).sum()) if k in before else v.numel() for k, v in after.items()
+               if v.is_floating_point())
 
 
 # --- the methods ------------------------------------------------------------------------
@@ -231,8 +247,9 @@ ADAPT = Methods("adaptation method")
 @dataclass
 class Target:
     """What an adaptation method is given: the model, the target's spec and unlabelled
-    images, the source domains' names, the budget, where to write, and (with sources) the
-    labelled source data by name."""
+    images, the source domains' names, the budget, where to write, (with sources) the
+    labelled source data by name, (few labels) the target's labelled images, and the
+    method's own options."""
 
     model: ModularNet
     spec: TaskSpec
@@ -242,6 +259,8 @@ class Target:
     out_dir: str | Path | None
     progress: bool
     data: dict[str, TaskData] | None = None
+    labelled: TaskData | None = None
+    options: dict = field(default_factory=dict)
 
 
 def by_im(t: Target) -> tuple[str, dict[str, float]]:
@@ -358,29 +377,50 @@ def nearest_source(t: Target) -> tuple[str, dict[str, float], dict[str, torch.Te
 def align_with_sources(t: Target, method: str, align: str, route_only: bool) -> AdaptResult:
     """The target aligned with the sources by `align` (see `isomod.align`): its route alone
     towards the nearest source's frozen features, or the whole network with every source's
-    cross-entropy; then its statistics re-estimated."""
+    cross-entropy, or (`sources_train` in the options, route methods) its route while stem,
+    pool, head and the sources keep training on the sources' labels; then its statistics
+    re-estimated."""
     source, scores, feats = nearest_source(t)
     model, name = t.model, t.spec.name
     add_as_copy(model, t.spec, source)
     before = {k: v.clone() for k, v in model.state_dict().items()}  # the target equals its source here
     config = replace(t.config, batch_order="random", augment=False)
     torch.manual_seed(config.seed)  # the discriminator's initial weights
+    sources_train = route_only and bool(t.options.get("sources_train"))
+    channels = model.config.channels
     if route_only:
         start_from_sources(model, name, t.sources, source)
+    if sources_train:
+        params = network_params(model, exclude=name)
+        params["routes"] = params.get("routes", []) + [model.route(name).logits]
+        config = replace(config, lr_heads=config.lr)
+        objective = SourceAlignment(align, t.sources, config.batch_size, channels, target_logits=model.route(name).logits)
+    elif route_only:
         params = {"routes": [model.route(name).logits]}
-        objective = SourceAlignment(align, [source], config.batch_size, model.config.channels, bank=feats[source])
+        objective = SourceAlignment(align, [source], config.batch_size, channels, bank=feats[source])
     else:
         params = model.param_groups(include_frozen=True)
         config = replace(config, lr_heads=config.lr)  # every number of the network trains at one rate
-        objective = SourceAlignment(align, t.sources, config.batch_size, model.config.channels)
+        objective = SourceAlignment(align, t.sources, config.batch_size, channels)
     trainer = Trainer(model, {name: unlabelled(t.spec, t.x), **{s: t.data[s] for s in t.sources}}, config,
                       out_dir=t.out_dir, objective=objective, progress=t.progress, train_tasks=[name],
                       params=params, routes=RouteSchedule.soft(), frozen_norm_stats=False)
     trainer.fit()
     model.estimate_stats(name, t.x)
     soft = model.route(name).weights().detach().cpu().tolist() if route_only else None
+    own = model.route(name).logits.numel() + model.stats_count(name)
     return AdaptResult(method, source, "feature_gap", scores, changed_numbers(before, model), soft,
-                       setting="with_sources", history=trainer.history)
+                       setting="with_sources", history=trainer.history,
+                       info={"sources_train": sources_train, "target_numbers": own} if sources_train else {})
+
+
+def network_params(model: ModularNet, exclude: str) -> dict[str, list[torch.nn.Parameter]]:
+    """Every parameter of the network by role (the frozen ones too), without what task
+    `exclude` owns."""
+    own = {id(p) for ps in model.param_groups([exclude]).values() for p in ps}
+    own |= {id(p) for p in model.branch(exclude).parameters()}
+    groups = model.param_groups(include_frozen=True)
+    return {k: [p for p in v if id(p) not in own] for k, v in groups.items()}
 
 
 @ADAPT.register("route_moment", "with_sources", "the target's route alone, trained to match its features' moments "
@@ -430,26 +470,31 @@ def route_oracle(base: ModularNet, target: TaskData, sources: list[str], start: 
     return model, trainer, changed_numbers(before, model)
 
 
+for _module in ("isomod.adapt_few", "isomod.adapt_select"):  # the methods of the other settings register there
+    importlib.import_module(_module)
+
 SOURCE_FREE = ADAPT.names("source_free")
 WITH_SOURCES = ADAPT.names("with_sources")
-ADAPT_METHODS = SOURCE_FREE + WITH_SOURCES
+FEW_LABELS = ADAPT.names("few_labels")
+ADAPT_METHODS = SOURCE_FREE + WITH_SOURCES  # the unsupervised ones
 ROUTE_METHODS = tuple(m for m in SOURCE_FREE if ADAPT[m].learns_route)  # source-free methods that learn a route
 ALIGN_ROUTE_METHODS = tuple(m for m in WITH_SOURCES if ADAPT[m].learns_route)  # with sources, the route alone
 FULL_NETWORK_METHODS = tuple(m for m in WITH_SOURCES if not ADAPT[m].learns_route)  # with sources, every parameter
 
 
 def setting(method: str) -> str:
-    """What `method` adapts from: `source_free` or `with_sources`."""
+    """What `method` adapts from: `source_free`, `with_sources` or `few_labels`."""
     return ADAPT[method].setting
 
 
 def adapt(model: ModularNet, target: TaskData, method: str = "route_select", config: TrainConfig = ADAPT_TRAIN,
-          out_dir: str | Path | None = None, progress: bool = True,
-          sources: dict[str, TaskData] | None = None) -> AdaptResult:
+          out_dir: str | Path | None = None, progress: bool = True, sources: dict[str, TaskData] | None = None,
+          labelled: TaskData | None = None, **options) -> AdaptResult:
     """Add the unlabelled `target` domain to `model` with one of the `ADAPT` methods, in place.
 
-    Only `target.spec` and `target.x_train` are read; the target's labels never are.
-    Except under `m3sda` and `dann`, pool, stem, the shared head and every source domain
+    Only `target.spec` and `target.x_train` are read, and under the `few_labels` methods
+    `labelled` too; the target's own labels never are. Except under `m3sda`, `dann`, and
+    the few-label `head` and `finetune`, pool, stem, the shared head and every source domain
     stay bit-identical. The model is left with every parameter frozen.
 
     Args:
@@ -464,10 +509,18 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
         out_dir: run folder for the log and checkpoint of the trained methods.
         progress: show a progress bar.
         sources: the labelled source domains by name (`with_sources` methods only).
+        labelled: a few labelled images of the target (`few_labels` methods only), e.g.
+            `few_shot(target, 10)`: its name and classes are the target's.
+        options: the method's own, e.g. `sources_train=True` for `route_moment` and
+            `route_adversarial`, `search=SearchConfig(...)` for `route_search`.
     """
     unit = ADAPT[method]
     names = check_target(model, target.spec, len(target.x_train))
+    if unit.setting == "few_labels":
+        check_labelled(target.spec, labelled)
+        labelled = replace(labelled, x_test=labelled.x_test[:0], y_test=labelled.y_test[:0])  # never evaluated
     model.requires_grad_(False)  # the model is left frozen, whatever the method
-    result = unit.run(Target(model, target.spec, target.x_train, names, config, out_dir, progress, sources))
+    result = unit.run(Target(model, target.spec, target.x_train, names, config, out_dir, progress, sources, labelled,
+                             options))
     model.requires_grad_(False)  # a route started by the method comes back trainable
     return result

@@ -10,7 +10,11 @@ game; the objective owns the discriminator). Two forms:
   aligns to the nearest source's, and only its route trains;
 - whole network (`bank` None): every step also draws labelled images of every source,
   whose cross-entropy joins the loss, and all sources are pulled together (M3SDA) or
-  towards the target (DANN).
+  towards the target (DANN);
+- sources training, the route aligning (`target_logits` given; the authors' setting): the
+  sources' cross-entropy trains the network, while the alignment's gradient reaches the
+  target's route logits alone (the sources' features held fixed in it), as their separate
+  optimiser of the target's mixture weights does.
 """
 
 from __future__ import annotations
@@ -85,15 +89,18 @@ class SourceAlignment(Objective):
             features drawn from `bank`).
         channels: feature width (the discriminator's input).
         bank: frozen features `(M, C)` of the nearest source (route-only form), or None.
+        target_logits: the target route's logits, the only numbers the alignment may move
+            while the sources train (None: the alignment's gradient goes wherever it flows).
     Metrics: `align` (the alignment loss), `ce` (the sources' cross-entropy, whole
     network), `domain_acc` (the discriminator's accuracy, adversarial).
     """
 
     def __init__(self, align: str, sources: list[str], batch_size: int, channels: int,
-                 bank: torch.Tensor | None = None):
+                 bank: torch.Tensor | None = None, target_logits: nn.Parameter | None = None):
         super().__init__()
         check_choice("alignment", align, ALIGNMENTS)
         self.align, self.sources, self.batch_size = align, list(sources), batch_size
+        self.target_logits = [target_logits] if target_logits is not None else []  # a list: not registered here
         self.per_source = max(1, batch_size // len(self.sources))
         self.register_buffer("bank", bank, persistent=False)
         self.reference = moments(bank) if bank is not None else None
@@ -126,6 +133,10 @@ class SourceAlignment(Objective):
     def forward(self, model, batch: Batch) -> Output:
         ft = model.forward_features(batch.x, batch.task)
         feats, ce = self._source_features(model, batch)
+        with torch.no_grad():
+            logits = model.forward_head(ft, batch.task)
+        if self.target_logits:
+            return self._route_aligning(ft, feats, ce, logits, batch)
         metrics = {}
         if self.align == "moment":
             align = self._moment_loss(ft, feats)
@@ -135,6 +146,23 @@ class SourceAlignment(Objective):
         metrics["align"] = align.item()
         if ce is not None:
             metrics["ce"] = ce.item()
-        with torch.no_grad():
-            logits = model.forward_head(ft, batch.task)
         return Output(align if ce is None else ce + ALIGN_WEIGHT * align, logits, metrics)
+
+    def _route_aligning(self, ft: torch.Tensor, feats: dict, ce: torch.Tensor, logits: torch.Tensor,
+                        batch: Batch) -> Output:
+        """The sources' cross-entropy, the discriminator's own loss, and a term whose gradient
+        is the alignment's gradient with respect to the target's route logits alone (its value
+        is zero, so the logged loss stays the cross-entropy's)."""
+        held = {k: v.detach() for k, v in feats.items()}
+        metrics = {"ce": ce.item()}
+        if self.align == "moment":
+            align, disc_loss = self._moment_loss(ft, held), 0.0
+        else:
+            disc_loss, metrics["domain_acc"] = domain_loss(self.disc, torch.cat(list(held.values())), ft.detach(), 1.0)
+            d_t = self.disc(reverse_gradient(ft, dann_scale(batch.progress)))
+            align = F.binary_cross_entropy_with_logits(d_t, torch.ones_like(d_t))
+        metrics["align"] = align.item()
+        (logits_param,) = self.target_logits
+        (grad,) = torch.autograd.grad(align, logits_param, retain_graph=True)
+        steer = (logits_param * grad).sum()
+        return Output(ce + disc_loss + steer - steer.detach(), logits, metrics)

@@ -11,8 +11,9 @@ their weights (`norm_affine="module"`, as the template regime's authors did).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -315,6 +316,19 @@ class ModularNet(TaskModel):
         """The task's classifier: its own head, or the one its label space shares."""
         space = self.check_task(task).label_space
         return self.heads[space] if space else self.tasks[task].head
+
+    def own_head(self, task: str) -> nn.Linear:
+        """Give a domain its own copy of the head its label space shares (it leaves that
+        label space; the other domains keep the shared head); a task with its own head keeps it."""
+        spec = self.check_task(task)
+        if not spec.label_space:
+            return self.tasks[task].head
+        head = copy.deepcopy(self.heads[spec.label_space])
+        self.tasks[task].head = head
+        self.specs[task] = replace(spec, label_space="")
+        if not any(s.label_space == spec.label_space for s in self.specs.values()):
+            del self.heads[spec.label_space]
+        return head
 
     def shares_head(self, task: str) -> bool:
         """Whether another task runs the same head (a domain of the same label space)."""

@@ -12,13 +12,16 @@ and a training config.
 | `templates_swap` | as `templates` | as `templates` | as `templates`; half of the batches run with two steps' weights exchanged |
 | `templates_permuted` | as `templates` | biased to `p p ..` for a random permutation `p` of the templates, drawn per task | as `templates` |
 | `templates_permuted_swap` | as `templates` | as `templates_permuted` | as `templates_swap` |
+| `templates_norms_swap` | as `templates` | as `templates` | as `templates_swap`; the modules own the norms' affine parameters |
 
 `templates` is the regime of the authors' research code (`googleinterns/loop-project`),
 whose multi-task model shares `K < L` templates among all steps and keeps routes soft;
 `templates_norms` adds what they also did with the norms. The others aim at modules
 that serve several positions by other means: a shared cyclic start, exchanged steps, or
 a start in a different order for every task (so each template serves different steps in
-different tasks), alone or with exchanged steps. Which regime is the default is decided by
+different tasks), alone or with exchanged steps. `templates_norms_swap` puts the two
+together: a route that also moves every channel's scale and shift, over modules trained to
+work at any position. Which regime is the default is decided by
 `isomod bench mtl` (docs/results/mtl-regimes.md).
 """
 
@@ -81,6 +84,8 @@ REGIMES: dict[str, Regime] = {
                                  {"routes": "soft", "route_swap": 0.0}, True),
     "templates_permuted_swap": Regime("templates_permuted_swap", 0.5, {**TEMPLATE_MODEL, "route_init": "permutation"},
                                       {"routes": "soft", "route_swap": 0.5}, True),
+    "templates_norms_swap": Regime("templates_norms_swap", 0.5, {**TEMPLATE_MODEL, "norm_affine": "module"},
+                                   {"routes": "soft", "route_swap": 0.5}, True),
 }
 DEFAULT_REGIME = "annealed"
 

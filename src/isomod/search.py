@@ -6,7 +6,9 @@ re-estimated on its images under that route (the affine parameters stay as they 
 the pooled features of its labelled images scored by a proxy that does not fit anything to
 the images it scores: the leave-one-out accuracy of a nearest-class-mean classifier
 (`ncm`, cosine similarity) or of a closed-form ridge probe (`ridge`, leave-one-out through
-the hat matrix). Three strategies, measured against each other with the same proxy:
+the hat matrix), or, for a domain that shares a fixed head, the mean log-likelihood of the
+labels under that head (`head`). Three strategies, measured against each other with the
+same proxy:
 
 - `greedy`: coordinate ascent from the start route, every module tried at every step in
   turn, `sweeps` times (or until a sweep changes nothing);
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from isomod.errors import IsomodError, check_choice
 
 STRATEGIES = ("greedy", "beam", "evolution")
-PROXIES = ("ncm", "ridge")
+PROXIES = ("ncm", "ridge", "head")
 
 
 @dataclass
@@ -39,7 +41,9 @@ class SearchConfig:
 
     Args:
         strategy: `greedy`, `beam` or `evolution`.
-        proxy: `ncm` (leave-one-out nearest class mean) or `ridge` (leave-one-out ridge probe).
+        proxy: `ncm` (leave-one-out nearest class mean), `ridge` (leave-one-out ridge probe)
+            or `head` (the mean log-likelihood of the labels under the task's own head, which
+            nothing fits: for a domain whose head is shared and fixed).
         sweeps: greedy passes over the steps.
         beam: routes kept per step by the beam search.
         max_candidates: distinct routes scored at most (every strategy).
@@ -111,6 +115,14 @@ def ridge_loo(f: torch.Tensor, y: torch.Tensor, num_classes: int, penalty: float
     return (loo.argmax(1) == y).double().mean().item()
 
 
+@torch.no_grad()
+def head_likelihood(model, task: str, f: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean log-likelihood of labels `y` under `task`'s head on features `f` `(B, C)`."""
+    head = model.head_of(task)
+    logits = model.forward_head(f.to(head.weight.device), task).double().cpu()
+    return torch.log_softmax(logits, -1)[torch.arange(len(y)), y].mean().item()
+
+
 def balanced_sample(y: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     """Indices of up to `size` items, as many of each class as fit (sorted)."""
     if len(y) <= size:
@@ -142,8 +154,12 @@ class RouteScorer:
             self.model.route(self.task).set_choice(route)
             self.model.estimate_stats(self.task, self.x_stats)
             f = self.model.features(self.x, self.task)
-            proxy = ncm_loo(f, self.y, self.k) if self.config.proxy == "ncm" else ridge_loo(f, self.y, self.k,
-                                                                                               self.config.ridge)
+            if self.config.proxy == "ncm":
+                proxy = ncm_loo(f, self.y, self.k)
+            elif self.config.proxy == "ridge":
+                proxy = ridge_loo(f, self.y, self.k, self.config.ridge)
+            else:
+                proxy = head_likelihood(self.model, self.task, f, self.y)
             self.cache[key] = proxy
             self.trace.append(max(self.trace[-1], proxy) if self.trace else proxy)
         return self.cache[key]

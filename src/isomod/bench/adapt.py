@@ -33,25 +33,25 @@ from pathlib import Path
 
 import numpy as np
 
-from isomod import report
 from isomod.data import digits5, mnistc
 from isomod.bench import train_modular
+from isomod.bench.adapt_report import (ANALYSIS, DEFAULT_REGIME, FEW_LABEL_METHODS, ORACLE, hindsight_rows, short,
+                                       summary, write_report)
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
 from isomod.checkpoint import load_checkpoint
 from isomod.data.tasks import TaskData, load_task
+from isomod.errors import IsomodError, check_choices
 from isomod.network import ModelConfig, ModularNet
-from isomod.errors import check_choices
+from isomod.regimes import REGIMES
+from isomod.search import SearchConfig
 from isomod.train import TrainConfig, evaluate
-from isomod.adapt import (ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, WITH_SOURCES, adapt,
+from isomod.transfer import few_shot
+from isomod.adapt import (ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, adapt,
                           add_as_copy, route_oracle, setting)
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
 CORRUPTED = [f"mnistc/{c}" for c in mnistc.CORRUPTIONS]
 DEFAULT_CORRUPTIONS = ("shot_noise", "shear", "scale")  # the corruptions the authors adapted to
-ANALYSIS = ("source_only_each", "adabn_each")  # rows that read target labels to analyse, one per source route
-ORACLE = "route_oracle"  # analysis: the target's route trained on the target's labels
-# `permutation` starts every source domain on its own order of the shared modules, so
-# the sources end with different routes and choosing among them matters.
 ROW_NAME = {"source_only": "source_only_best"}
 
 
@@ -64,51 +64,72 @@ class AdaptBenchConfig:
         targets: the domains adapted to, each in turn: a domain of `domains` (the others
             are its sources) or a corruption `mnistc/*` (all of `domains` are sources);
             by default every domain and the three corruptions the authors adapted to.
-        methods: a subset of the adaptation methods (`isomod adapt --help`), of either
-            setting.
+        methods: the unsupervised methods (`source_free` and `with_sources`; `isomod adapt
+            --help`).
+        sources_train: also run the route alignment methods (route_moment,
+            route_adversarial) while stem, pool, head and the sources keep training on the
+            sources' labels (rows carry `sources_train: true`).
+        few_label_methods: the methods of the `few_labels` setting (route, route_search,
+            norm_patch, route_norms, head, finetune, and adabn as their common start).
+        shots: labelled target images per class in the `few_labels` setting.
+        few_label_targets: the targets of the `few_labels` setting.
         seeds: one source model and one set of adaptations per seed and target.
         domains: the source domains of the benchmark.
+        regimes: the route regimes of the source models: `default` (the `model` and
+            `source` configs as they are) or a regime of `isomod.regimes` applied to them.
+        jobs: source models, then adaptations, side by side, each in its own process with
+            an equal share of the threads.
         model: the multi-source model's shape. `permutation` starts every source domain
             on its own order of the shared modules, so the sources end with different
             routes and choosing among them matters. The stem cuts the 32x32 images into
             4x4 patches (8x8 feature maps): a quarter of the compute of a stride-2 stem,
             which a bench of 3 seeds and 8 targets on 2 CPU cores needs.
-        jobs: source models, then adaptations, side by side, each in its own process with
-            an equal share of the threads.
         source: the supervised multi-source training budget.
-        adapt: the budget of every adaptation method that trains.
+        adapt: the budget of every unsupervised adaptation method that trains.
+        few: the budget of every few-label method that trains; `lr` is also finetune's
+            rate for its head, `finetune_lr` its rate for stem and pool (the sources' rate).
+        finetune_lr: the learning rate of few-label fine-tuning.
+        search: how the few-label `route_search` searches (its seed is the run's).
     """
 
     targets: list[str] = field(default_factory=lambda: DOMAINS + [f"mnistc/{c}" for c in DEFAULT_CORRUPTIONS])
     methods: list[str] = field(default_factory=lambda: list(ADAPT_METHODS))
+    sources_train: bool = True
+    few_label_methods: list[str] = field(default_factory=lambda: list(FEW_LABEL_METHODS))
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    few_label_targets: list[str] = field(default_factory=lambda: list(DOMAINS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
+    regimes: list[str] = field(default_factory=lambda: [DEFAULT_REGIME])
     jobs: int = 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         in_channels=3, channels=32, num_modules=8, steps=8, stem_stride=4, route_init="permutation"))
     source: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=800, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=400, log_every=25))
     adapt: TrainConfig = field(default_factory=lambda: replace(ADAPT_TRAIN, steps=200))
+    few: TrainConfig = field(default_factory=lambda: replace(ADAPT_TRAIN, steps=200, lr=5e-2, lr_heads=5e-2))
+    finetune_lr: float = 5e-3
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(proxy="head"))
 
     def __post_init__(self):
         check_choices("adaptation method", self.methods, ADAPT_METHODS)
+        check_choices("few-label method", self.few_label_methods, FEW_LABEL_METHODS)
         check_choices("target", self.targets, self.domains + CORRUPTED)
+        check_choices("few-label target", self.few_label_targets, self.domains + CORRUPTED)
+        check_choices("source regime", self.regimes, (DEFAULT_REGIME, *REGIMES))
+        if any(k < 1 for k in self.shots):
+            raise IsomodError(f"shots must be positive numbers of images per class, got {self.shots}")
         check_seeds(self.seeds)
         check_jobs(self.jobs)
 
-
-def short(task: str) -> str:
-    return task.rsplit("/", 1)[-1]
+    def shapes(self, regime: str) -> tuple[ModelConfig, TrainConfig]:
+        """The model and source budget of a regime's source models."""
+        return (self.model, self.source) if regime == DEFAULT_REGIME else REGIMES[regime].apply(self.model, self.source)
 
 
 def left_out(target: str, domains: list[str]) -> str:
     """Name of the source model a target adapts from: the domain it leaves out, or `all`."""
     return short(target) if target in domains else "all"
-
-
-def group(task: str) -> str:
-    """`digits5` or `mnistc`: the family a target belongs to (results are averaged per family)."""
-    return task.split("/", 1)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,48 +138,81 @@ def domain_data(name: str) -> TaskData:
     return load_task(name)
 
 
-def source_dir(out: Path, target: str, domains: list[str], seed: int) -> Path:
-    return out / f"sources-{left_out(target, domains)}-s{seed}"
+def source_dir(out: Path, target: str, domains: list[str], seed: int, regime: str = DEFAULT_REGIME) -> Path:
+    tag = "" if regime == DEFAULT_REGIME else f"{regime}-"
+    return out / f"sources-{tag}{left_out(target, domains)}-s{seed}"
 
 
 def plan(ctx: Context):
-    """Three stages: the source models (one per left-out domain and seed, reloaded when
-    complete); then every analysis row and method on every target; then `route_oracle`,
-    which starts from the best source route in hindsight (an analysis row of stage two).
-    Rows already in the results are not planned again."""
-    config, results = ctx.config, ctx.results
-    pairs = [(seed, target, [d for d in config.domains if d != target]) for seed in config.seeds
-             for target in config.targets]
+    """Three stages: the source models (one per regime, left-out domain and seed, reloaded
+    when complete); then every analysis row and every method of every setting on every
+    target; then `route_oracle`, which starts from the best source route in hindsight (an
+    analysis row of stage two). Rows already in the results are not planned again."""
+    config = ctx.config
+    runs = [(r, seed, target, [d for d in config.domains if d != target]) for r in config.regimes
+            for seed in config.seeds for target in dict.fromkeys(config.targets + config.few_label_targets)]
     models = {}
-    for seed, target, sources in pairs:
-        models.setdefault(source_dir(ctx.out, target, config.domains, seed), (sources, seed))
-
-    def record_sources(results, output, run_dir: Path) -> None:
-        accs, seconds, routes = output
-        # The first run's training time stays: a rerun only reloads the checkpoint.
-        results["source_models"].setdefault(run_dir.name.removeprefix("sources-"), {"test_acc": accs,
-                                                                                    "seconds": seconds})
-        for seed, target, sources in pairs:
-            if source_dir(ctx.out, target, config.domains, seed) == run_dir:
-                results["routes"].setdefault(f"{short(target)}-s{seed}", {})["sources"] = routes
-
-    yield [Job(train_sources, (run_dir, sources, config.model, config.source, seed, ctx.progress),
-               lambda results, out, run_dir=run_dir: record_sources(results, out, run_dir))
-           for run_dir, (sources, seed) in models.items()]
+    for r, seed, target, sources in runs:
+        models.setdefault(source_dir(ctx.out, target, config.domains, seed, r), (r, sources, seed))
+    yield [Job(train_sources, (run_dir, sources, *config.shapes(r), seed, ctx.progress),
+               lambda results, out, run_dir=run_dir, r=r: record_sources(ctx, runs, out, run_dir, r))
+           for run_dir, (r, sources, seed) in models.items()]
     jobs = []
-    for seed, target, sources in pairs:
-        run_dir = source_dir(ctx.out, target, config.domains, seed)
-        jobs += [Job(analysis_rows, (run_dir, target, s, seed), lambda results, rows: results.add(*rows))
-                 for s in sources if not results.has(method=ANALYSIS[0], task=target, seed=seed, source=s)]
-        jobs += [Job(method_run, (run_dir, target, sources, method, replace(config.adapt, seed=seed), ctx.progress),
-                     lambda results, out: record_method(ctx, out))
-                 for method in config.methods
-                 if not results.has(method=ROW_NAME.get(method, method), task=target, seed=seed, source=None)]
+    for r, seed, target, sources in runs:
+        jobs += adaptation_jobs(ctx, r, seed, target, sources)
     yield jobs
-    yield [Job(oracle_run, (source_dir(ctx.out, target, config.domains, seed), target, sources,
-                            best_source(results.rows, target, seed), replace(config.adapt, seed=seed), ctx.progress),
-               lambda results, out: record_oracle(results, out))
-           for seed, target, sources in pairs if not results.has(method=ORACLE, task=target, seed=seed)]
+    yield [Job(oracle_run, (source_dir(ctx.out, target, config.domains, seed, r), target, sources,
+                            best_source(ctx.results.rows, target, seed, r), replace(config.adapt, seed=seed),
+                            r, ctx.progress), lambda results, out: record_oracle(results, out))
+           for r, seed, target, sources in runs
+           if target in config.targets and not ctx.results.has(method=ORACLE, task=target, seed=seed, regime=r)]
+
+
+def record_sources(ctx: Context, runs: list, output, run_dir: Path, regime: str) -> None:
+    accs, seconds, routes = output
+    # The first run's training time stays: a rerun only reloads the checkpoint.
+    ctx.results["source_models"].setdefault(run_dir.name.removeprefix("sources-"), {"test_acc": accs,
+                                                                                    "seconds": seconds})
+    for r, seed, target, sources in runs:
+        if r == regime and source_dir(ctx.out, target, ctx.config.domains, seed, r) == run_dir:
+            routes_of(ctx.results, r, target, seed)["sources"] = routes
+
+
+def routes_of(results, regime: str, target: str, seed: int) -> dict:
+    return results["routes"].setdefault(regime, {}).setdefault(f"{short(target)}-s{seed}", {})
+
+
+def adaptation_jobs(ctx: Context, regime: str, seed: int, target: str, sources: list[str]) -> list[Job]:
+    """The analysis rows, unsupervised methods (and their sources-training variants) and
+    few-label methods of one target, seed and regime that the results lack."""
+    config, results = ctx.config, ctx.results
+    run_dir = source_dir(ctx.out, target, config.domains, seed, regime)
+    common = {"task": target, "seed": seed, "regime": regime}
+    record = lambda results, out: record_method(ctx, out)  # noqa: E731
+    jobs = []
+    if target in config.targets:
+        jobs += [Job(analysis_rows, (run_dir, target, s, seed, regime), lambda results, rows: results.add(*rows))
+                 for s in sources if not results.has(method=ANALYSIS[0], source=s, **common)]
+        adapt_config = replace(config.adapt, seed=seed)
+        variants = [(m, False) for m in config.methods]
+        variants += [(m, True) for m in config.methods if config.sources_train and m in ALIGN_ROUTE_METHODS]
+        jobs += [Job(method_run, (run_dir, target, sources, m, adapt_config, regime, {"sources_train": True} if st else {},
+                                  None, ctx.progress), record)
+                 for m, st in variants if not results.has(method=ROW_NAME.get(m, m), source=None, shots=None,
+                                                           sources_train=True if st else None, **common)]
+    if target in config.few_label_targets:
+        few = replace(config.few, seed=seed)
+        jobs += [Job(method_run, (run_dir, target, sources, m, few, regime, few_label_options(config, m, seed), k,
+                                  ctx.progress), record)
+                 for k in config.shots for m in config.few_label_methods
+                 if not results.has(method=m, shots=k, setting="few_labels", **common)]
+    return jobs
+
+
+def few_label_options(config: AdaptBenchConfig, method: str, seed: int) -> dict:
+    if method == "route_search":
+        return {"search": replace(config.search, seed=seed)}
+    return {"finetune_lr": config.finetune_lr} if method == "finetune" else {}
 
 
 def train_sources(run_dir: Path, sources: list[str], model_config: ModelConfig, train_config: TrainConfig,
@@ -175,7 +229,7 @@ def load_sources(run_dir: Path) -> ModularNet:
     return load_checkpoint(run_dir / "checkpoint").eval()
 
 
-def analysis_rows(run_dir: Path, target: str, source: str, seed: int) -> list[Row]:
+def analysis_rows(run_dir: Path, target: str, source: str, seed: int, regime: str) -> list[Row]:
     """`source_only_each` and `adabn_each` of one source route on one target."""
     base, tgt = load_sources(run_dir), domain_data(target)
     rows = []
@@ -185,29 +239,38 @@ def analysis_rows(run_dir: Path, target: str, source: str, seed: int) -> list[Ro
         if name == "adabn_each":
             model.estimate_stats(target, tgt.x_train)
         acc = evaluate(model, {target: tgt})[target]
-        rows.append(_row(name, target, acc, model.param_count(), 0, seed, source=source))
+        rows.append(_row(name, target, acc, model.param_count(), 0, seed, source=source, regime=regime))
     return rows
 
 
-def method_run(run_dir: Path, target: str, sources: list[str], method: str, config: TrainConfig,
-               progress: bool) -> tuple[Row, dict | None, float]:
-    """One adaptation method on one target: its row, its route (route methods) and seconds."""
-    name, tgt = ROW_NAME.get(method, method), domain_data(target)
+def method_run(run_dir: Path, target: str, sources: list[str], method: str, config: TrainConfig, regime: str,
+               options: dict, shots: int | None, progress: bool) -> tuple[Row, dict | None, float]:
+    """One adaptation method on one target (with `shots` labelled images per class in the
+    few-label setting): its row, its route (route methods) and seconds."""
+    name, tgt = ROW_NAME.get(method, method) if shots is None else method, domain_data(target)
     if progress:
-        print(f"== {name} -> {short(target)} (seed {config.seed})", flush=True)
+        print(f"== {regime}: {name}{' (sources train)' if options.get('sources_train') else ''} -> {short(target)}"
+              f"{f', {shots} labels a class' if shots else ''} (seed {config.seed})", flush=True)
     t0 = time.time()
     model = load_sources(run_dir)
-    res = adapt(model, tgt, method, config, progress=progress, sources={s: domain_data(s) for s in sources})
-    acc = evaluate(model, {target: tgt})[target]  # the only place target labels are read
+    labelled = few_shot(tgt, shots, seed=config.seed) if shots is not None else None
+    res = adapt(model, tgt, method, config, progress=progress, sources={s: domain_data(s) for s in sources},
+                labelled=labelled, **options)
+    acc = evaluate(model, {target: tgt})[target]  # the only place the target's test labels are read
     seconds = round(time.time() - t0, 1)
-    extra, route = {}, None
-    if method in ALIGN_ROUTE_METHODS:  # what discretising the soft route would cost
+    extra, route = {"regime": regime}, None
+    if shots is not None:
+        extra.update(setting="few_labels", shots=shots)
+    if res.soft_route is not None and not model.route(target).is_discrete:  # what discretising would cost
         extra["acc_discretized"], discrete = discretized(model, tgt)
         route = {"discrete": discrete, "soft": res.soft_route}
-    if res.history:
+    if res.history and "align" in res.history[0]:
         extra["align_first"], extra["align_last"] = res.history[0]["align"], res.history[-1]["align"]
     if method in ROUTE_METHODS:
         route = {"discrete": model.route(target).indices(), "soft_at_discretize": res.soft_route, "kept": res.kept}
+    extra.update({k: v for k, v in res.info.items() if k != "calibration"})
+    if "calibration" in res.info:
+        extra["calibration"] = res.info["calibration"]
     row = _row(name, target, acc, model.param_count(), res.params_task, config.seed, chosen=res.source,
                score=res.score, scores=res.scores, **extra)
     return row, route, seconds
@@ -215,28 +278,33 @@ def method_run(run_dir: Path, target: str, sources: list[str], method: str, conf
 
 def record_method(ctx: Context, output: tuple[Row, dict | None, float]) -> None:
     row, route, seconds = output
-    key = f"{short(row.task)}-s{row.fields['seed']}"
-    ctx.results["seconds"][f"{row.method}/{key}"] = seconds
+    f = row.fields
+    variant = "+sources" if f.get("sources_train") else f"/{f['shots']}" if "shots" in f else ""
+    key = f"{short(row.task)}-s{f['seed']}"
+    ctx.results["seconds"][f"{f['regime']}/{row.method}{variant}/{key}"] = seconds
     ctx.results.add(row)
     if route is not None:
-        ctx.results["routes"].setdefault(key, {})[row.method] = route
+        routes_of(ctx.results, f["regime"], row.task, f["seed"])[row.method + variant] = route
 
 
-def best_source(rows: list[dict], target: str, seed: int) -> str:
-    return next(r["source"] for r in hindsight_rows(rows) if r["task"] == target and r["seed"] == seed)
+def best_source(rows: list[dict], target: str, seed: int, regime: str) -> str:
+    return next(r["source"] for r in hindsight_rows([r for r in rows if r.get("regime") == regime])
+                if r["task"] == target and r["seed"] == seed)
 
 
-def oracle_run(run_dir: Path, target: str, sources: list[str], start: str, config: TrainConfig,
+def oracle_run(run_dir: Path, target: str, sources: list[str], start: str, config: TrainConfig, regime: str,
                progress: bool) -> tuple[Row, dict]:
     if progress:
-        print(f"== {ORACLE} -> {short(target)} (seed {config.seed}, from {short(start)})", flush=True)
-    return oracle_row(load_sources(run_dir), domain_data(target), sources, start, config, progress)
+        print(f"== {regime}: {ORACLE} -> {short(target)} (seed {config.seed}, from {short(start)})", flush=True)
+    row, route = oracle_row(load_sources(run_dir), domain_data(target), sources, start, config, progress)
+    row.fields["regime"] = regime
+    return row, route
 
 
 def record_oracle(results, output: tuple[Row, dict]) -> None:
     row, route = output
     results.add(row)
-    results["routes"].setdefault(f"{short(row.task)}-s{row.fields['seed']}", {})[ORACLE] = route
+    routes_of(results, row.fields["regime"], row.task, row.fields["seed"])[ORACLE] = route
 
 
 def oracle_row(base: ModularNet, target: TaskData, sources: list[str], start: str, config: TrainConfig,
@@ -269,211 +337,16 @@ def _row(method: str, task: str, acc: float, params_total: int, params_task: int
     # `source_only_best` read the target's images at most: source-free.
     # `route_oracle` reads the target's labels to train.
     mode = setting(method) if method in ADAPT_METHODS else "target_labels" if method == ORACLE else "source_free"
-    return Row(method, task, "test_acc", round(acc, 5), {"setting": mode, "params_total": params_total,
-                                                         "params_task": params_task, "seed": seed, **extra})
-
-
-FAMILIES = {"digits5": "digits5 targets (leave one domain out)", "mnistc": "MNIST-C style targets (sources: all five "
-             "digits5 domains)"}
-
-
-def hindsight_rows(rows: list[dict]) -> list[dict]:
-    """Rows of `best_source_hindsight`: per target and seed, the best `adabn_each` route
-    (chosen with the target's labels: an upper bound for choosing one source route)."""
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        if r["method"] == "adabn_each":
-            k = (r["task"], r["seed"])
-            if k not in best or r["value"] > best[k]["value"]:
-                best[k] = {**r, "method": "best_source_hindsight"}
-    return list(best.values())
-
-
-def family_rows(results: dict, family: str) -> list[dict]:
-    """The family's method rows, plus `best_source_hindsight`; the per-source rows left out."""
-    rows = [r for r in results["rows"] if group(r["task"]) == family]
-    return [r for r in rows if r["method"] not in ANALYSIS] + hindsight_rows(rows)
-
-
-def means(rows: list[dict]) -> dict[str, float]:
-    """Mean test accuracy over targets (each the mean over seeds) per method."""
-    table = report.mean_table(rows)
-    return {m: per["mean"] for m, per in table.items()}
-
-
-def findings(rows: list[dict]) -> list[str]:
-    """Per setting, the best route method against the baselines, on the mean over targets."""
-    s = means(rows)
-    lines = []
-    for title, candidates, refs in (
-            ("source-free", ("route_select", "route_entropy", "route_im"), ("source_only_best", "adabn", "tent")),
-            ("with sources", ALIGN_ROUTE_METHODS, ("adabn", "tent", "m3sda", "dann"))):
-        route = {m: s[m] for m in candidates if m in s}
-        if not route:
-            continue
-        best = max(route, key=route.get)
-        r = route[best]
-        changed = [x for x in rows if x["method"] == best]
-        share = 100 * np.mean([x["params_task"] / x["params_total"] for x in changed])
-        lines.append(f"- {title}: best route method {best}, mean {100 * r:.1f} (changes {share:.2f}% of the "
-                     "model's numbers)")
-        lines += [f"  - vs {m} {100 * s[m]:.1f}: {100 * (r - s[m]):+.1f} points" for m in refs if m in s]
-    if "best_source_hindsight" in s:
-        lines.append(f"- the best single source route with target statistics, chosen with target labels: "
-                     f"{100 * s['best_source_hindsight']:.1f}")
-    if ORACLE in s:
-        hard = 100 * np.mean([r["acc_discretized"] for r in rows if r["method"] == ORACLE])
-        lines.append(f"- the target's route trained on the target's labels from that route ({ORACLE}, analysis: "
-                     f"re-ordering with a perfect signal at the methods' budget): {100 * s[ORACLE]:.1f} soft, {hard:.1f} "
-                     "discretised (mean over runs)")
-    return lines
-
-
-def start_gains(rows: list[dict]) -> dict[str, float]:
-    """Per method with sources, the mean change (points) against its own start: the
-    chosen source's route with statistics re-estimated on the target (`adabn_each`)."""
-    start = {(r["task"], r["seed"], r["source"]): r["value"] for r in rows if r["method"] == "adabn_each"}
-    gains: dict[str, list[float]] = {}
-    for r in rows:
-        key = (r["task"], r["seed"], r.get("chosen"))
-        if r["method"] in WITH_SOURCES and key in start:
-            gains.setdefault(r["method"], []).append(100 * (r["value"] - start[key]))
-    return {m: float(np.mean(v)) for m, v in gains.items()}
-
-
-def summary(results: dict) -> str:
-    parts = []
-    for family, title in FAMILIES.items():
-        rows = family_rows(results, family)
-        if rows:
-            parts += [f"### {title}", "", report.markdown_results(rows), "", *findings(rows)]
-            gains = start_gains([r for r in results["rows"] if group(r["task"]) == family])
-            if gains:
-                parts.append("- with sources, against each run's start (the nearest source's route with target "
-                             "statistics): " + ", ".join(f"{m} {v:+.1f}" for m, v in gains.items()) + " points")
-            parts.append("")
-    return "\n".join(parts).rstrip()
-
-
-def per_source_table(results: dict) -> str:
-    """Target x source route accuracy (mean over seeds) as trained / with target
-    statistics, with what each method chose."""
-    rows = results["rows"]
-    targets = list(dict.fromkeys(r["task"] for r in rows))
-    used = {r["source"] for r in rows if r["method"] in ANALYSIS}
-    sources = [d for d in results["config"]["domains"] if d in used]
-    lines = ["| target | " + " | ".join(short(s) for s in sources) + " | chosen by IM (source_only) | chosen by "
-             "statistics (route_select) | chosen by feature gap (with sources) |",
-             "|---|" + "---:|" * len(sources) + "---|---|---|"]
-    for t in targets:
-        cells = []
-        for s in sources:
-            vals = []
-            for m in ANALYSIS:
-                v = [r["value"] for r in rows if r["method"] == m and r["task"] == t and r["source"] == s]
-                vals.append(f"{100 * np.mean(v):.1f}" if v else "-")
-            cells.append(" / ".join(vals))
-        chosen = []
-        for m in ("source_only_best", "route_select", "route_moment"):
-            picks = [short(r["chosen"]) for r in sorted((r for r in rows if r["method"] == m and r["task"] == t),
-                                                        key=lambda r: r["seed"])]
-            chosen.append(" / ".join(picks) or "-")
-        lines.append(f"| {short(t)} | " + " | ".join(cells + chosen) + " |")
-    return "\n".join(lines)
-
-
-def write_report(out: Path, results: dict) -> Path:
-    """Draw the figures and write `report.md` from `results`."""
-    cfg = results["config"]
-    rows = results["rows"]
-    parts = ["# isomod bench adapt", "",
-             "Unsupervised multi-source domain adaptation on `digits5`, leave one domain out, and on MNIST-C style "
-             f"corruptions of `digits5/mnist`: a modular network ({cfg['model']['num_modules']} modules, "
-             f"{cfg['model']['steps']} steps, {cfg['model']['channels']} channels) is trained on the source domains "
-             f"({cfg['source']['steps']} steps), then each method adapts it to the target from the target's "
-             f"unlabelled training images ({cfg['adapt']['steps']} steps for the methods that train); the "
-             "`with_sources` methods also see the sources' labelled training images. Only `m3sda` and `dann` change "
-             "pool, stem, head and sources. Test accuracy (%) on the target's test images, mean over seeds "
-             f"{cfg['seeds']}; `best_source_hindsight`: the best source route with statistics re-estimated on the "
-             "target, chosen with the target's labels (analysis only); params per task = numbers the adaptation "
-             "changed.", "", summary(results), ""]
-    kept = {m: [r[m]["kept"] for r in results.get("routes", {}).values() if r.get(m, {}).get("kept") is not None]
-            for m in ("route_entropy", "route_im")}
-    kept = {m: v for m, v in kept.items() if v}
-    if kept:
-        parts += ["Learned routes kept (their IM score beat the starting source route's; otherwise it was restored): "
-                  + ", ".join(f"{m} {sum(v)} of {len(v)}" for m, v in kept.items()) + ".", ""]
-    parts += ["## Each source route on each target", "",
-              "Accuracy of every source route on each target (mean over seeds), as trained / with statistics "
-              "re-estimated on the target images, and the source each unsupervised choice picked (per seed).", "",
-              per_source_table(results), ""]
-    if rows:
-        report.plot_task_accuracy(rows, out / "accuracy.png")
-        parts += ["![accuracy per target](accuracy.png)", ""]
-    parts += routes_section(out, results)
-    shown = list(dict.fromkeys(cfg["domains"] + cfg["targets"]))
-    plot_samples({short(d): load_task(d).x_test[:12].numpy() for d in shown}, out / "samples.png")
-    parts += ["## Samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
-    models = results.get("source_models", {})
-    if models:
-        parts += ["## Source models", "", "| domain left out, seed | source test accuracy | seconds |", "|---|---|---:|"]
-        parts += [f"| {k} | " + ", ".join(f"{short(t)} {100 * a:.1f}" for t, a in v["test_acc"].items())
-                  + f" | {v['seconds']} |" for k, v in models.items()]
-        parts.append("")
-    path = out / "report.md"
-    path.write_text("\n".join(parts))
-    return path
-
-
-def routes_section(out: Path, results: dict) -> list[str]:
-    """The first seed's source routes and learned target routes, drawn, with their heading."""
-    cfg = results["config"]
-    first = min(cfg["seeds"]) if cfg["seeds"] else None
-    panels, chosen = {}, {}
-    n = cfg["model"]["num_modules"]
-    for key, r in results.get("routes", {}).items():
-        if not key.endswith(f"-s{first}"):
-            continue
-        target = key.rsplit("-s", 1)[0]
-        for s, route in r.get("sources", {}).items():
-            label = f"{target}: source {short(s)}"
-            panels[label], chosen[label] = np.eye(n)[route], route
-        for m in ("route_im", *ALIGN_ROUTE_METHODS):
-            learned = r.get(m)
-            if not learned:
-                continue
-            label = f"{target}: {m}" + ("" if learned.get("kept", True) else ", undone")
-            panels[label] = np.asarray(learned.get("soft") or learned.get("soft_at_discretize")
-                                       or np.eye(n)[learned["discrete"]])
-            chosen[label] = learned["discrete"]
-    if not panels:
-        return []
-    report.plot_usage(panels, out / "routes.png", chosen=chosen, cols=len(cfg["domains"]) + 2,
-                      title="per target: the source routes, then the target's learned routes (soft weights: "
-                            "route_im's before discretising, the aligned ones as kept; dots: the argmax, "
-                            "route_im's start when undone)")
-    return ["## Routes", "", f"Seed {first}.", "", "![routes](routes.png)", ""]
-
-
-def plot_samples(images: dict[str, np.ndarray], path: Path, title: str = "samples per domain") -> Path:
-    """One row of uint8 images `(n, C, H, W)` per name."""
-    plt = report.pyplot()
-    cols = max(len(x) for x in images.values())
-    fig, axes = plt.subplots(len(images), cols, figsize=(0.8 * cols + 1.0, 0.85 * len(images)), squeeze=False)
-    for row, (name, x) in zip(axes, images.items()):
-        for ax in row:
-            ax.axis("off")
-        for ax, img in zip(row, x):
-            img = np.asarray(img).transpose(1, 2, 0)
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-        row[0].text(-0.1, 0.5, name, transform=row[0].transAxes, ha="right", va="center", fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    return report.save_figure(fig, path, tight=False)
+    return Row(method, task, "test_acc", round(acc, 5), {"setting": extra.pop("setting", mode),
+                                                         "params_total": params_total, "params_task": params_task,
+                                                         "seed": seed, **extra})
 
 
 BENCH = register(Bench("adapt", "unsupervised multi-source domain adaptation on digits5 (leave one domain out) and "
                        "MNIST-C style targets: route methods vs source-only, AdaBN and TENT (source-free), and vs "
                        "M3SDA and DANN (with sources)", AdaptBenchConfig, plan, write_report, summary,
                        unprefixed="adapt", device=lambda c: c.source.device,
-                       extra=("source_models", "routes", "seconds")))
+                       extra=("source_models", "routes", "seconds"),
+                       extensible=("targets", "methods", "few_label_methods", "shots", "few_label_targets", "seeds",
+                                   "regimes")))
 run = BENCH.run

@@ -1,0 +1,378 @@
+"""The report of `isomod bench adapt`: its tables, findings and figures, from `results.json`.
+
+Rows carry `setting` (`source_free`, `with_sources`, `few_labels` with `shots`, or the
+analysis rows' `target_labels`), `regime` (the source models' route regime; absent in
+files from before regimes) and, where the sources kept training while the target's route
+aligned, `sources_train: true` (shown as `METHOD+sources`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from isomod import report
+from isomod.adapt import ALIGN_ROUTE_METHODS, WITH_SOURCES
+from isomod.data.tasks import load_task
+from isomod.regimes import REGIMES
+
+ANALYSIS = ("source_only_each", "adabn_each")  # rows that read target labels to analyse, one per source route
+ORACLE = "route_oracle"  # analysis: the target's route trained on the target's labels
+DEFAULT_REGIME = "default"  # the bench's own model and source configs
+FEW_LABEL_METHODS = ("route", "route_search", "norm_patch", "route_norms", "head", "finetune", "adabn")
+ROUTE_ONLY = ("route", "route_search")  # few-label methods that change the route and statistics alone
+
+
+def short(task: str) -> str:
+    return task.rsplit("/", 1)[-1]
+
+
+def group(task: str) -> str:
+    """`digits5` or `mnistc`: the family a target belongs to (results are averaged per family)."""
+    return task.split("/", 1)[0]
+
+
+def regimes_of(results: dict) -> list[str]:
+    return list(results["config"].get("regimes") or [DEFAULT_REGIME])
+
+
+def regime_view(results: dict, regime: str) -> dict:
+    """The rows of one regime's source models (rows without a regime: the default's), with
+    the display names of rows whose sources kept training."""
+    rows = [{**r, "method": f"{r['method']}+sources"} if r.get("sources_train") else r
+            for r in results["rows"] if r.get("regime", DEFAULT_REGIME) == regime]
+    routes = results.get("routes", {})
+    routes = routes.get(regime, {}) if "regimes" in results["config"] else routes
+    return {**results, "rows": rows, "routes": routes}
+
+
+FAMILIES = {"digits5": "digits5 targets (leave one domain out)", "mnistc": "MNIST-C style targets (sources: all five "
+             "digits5 domains)"}
+
+
+def hindsight_rows(rows: list[dict]) -> list[dict]:
+    """Rows of `best_source_hindsight`: per target and seed, the best `adabn_each` route
+    (chosen with the target's labels: an upper bound for choosing one source route)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if r["method"] == "adabn_each":
+            k = (r["task"], r["seed"])
+            if k not in best or r["value"] > best[k]["value"]:
+                best[k] = {**r, "method": "best_source_hindsight"}
+    return list(best.values())
+
+
+def family_rows(results: dict, family: str) -> list[dict]:
+    """The family's unsupervised method rows, plus `best_source_hindsight`; the per-source
+    and the few-label rows left out."""
+    rows = [r for r in results["rows"] if group(r["task"]) == family and r.get("setting") != "few_labels"]
+    return [r for r in rows if r["method"] not in ANALYSIS] + hindsight_rows(rows)
+
+
+def means(rows: list[dict]) -> dict[str, float]:
+    """Mean test accuracy over targets (each the mean over seeds) per method."""
+    table = report.mean_table(rows)
+    return {m: per["mean"] for m, per in table.items()}
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """Per setting, the best route method against the baselines, on the mean over targets."""
+    s = means(rows)
+    lines = []
+    for title, candidates, refs in (
+            ("source-free", ("route_select", "route_entropy", "route_im", "route_shot"),
+             ("source_only_best", "adabn", "tent")),
+            ("with sources", (*ALIGN_ROUTE_METHODS, *(f"{m}+sources" for m in ALIGN_ROUTE_METHODS), "route_calibrated"),
+             ("adabn", "tent", "m3sda", "dann"))):
+        route = {m: s[m] for m in candidates if m in s}
+        if not route:
+            continue
+        best = max(route, key=route.get)
+        r = route[best]
+        changed = [x for x in rows if x["method"] == best]
+        share = 100 * np.mean([x["params_task"] / x["params_total"] for x in changed])
+        lines.append(f"- {title}: best route method {best}, mean {100 * r:.1f} (changes {share:.2f}% of the "
+                     "model's numbers)")
+        lines += [f"  - vs {m} {100 * s[m]:.1f}: {100 * (r - s[m]):+.1f} points" for m in refs if m in s]
+    if "best_source_hindsight" in s:
+        lines.append(f"- the best single source route with target statistics, chosen with target labels: "
+                     f"{100 * s['best_source_hindsight']:.1f}")
+    if ORACLE in s:
+        hard = 100 * np.mean([r["acc_discretized"] for r in rows if r["method"] == ORACLE])
+        lines.append(f"- the target's route trained on the target's labels from that route ({ORACLE}, analysis: "
+                     f"re-ordering with a perfect signal at the methods' budget): {100 * s[ORACLE]:.1f} soft, {hard:.1f} "
+                     "discretised (mean over runs)")
+    return lines
+
+
+def start_gains(rows: list[dict]) -> dict[str, float]:
+    """Per method with sources, the mean change (points) against its own start: the
+    chosen source's route with statistics re-estimated on the target (`adabn_each`)."""
+    start = {(r["task"], r["seed"], r["source"]): r["value"] for r in rows if r["method"] == "adabn_each"}
+    gains: dict[str, list[float]] = {}
+    for r in rows:
+        key = (r["task"], r["seed"], r.get("chosen"))
+        if r["method"].removesuffix("+sources") in WITH_SOURCES and key in start:
+            gains.setdefault(r["method"], []).append(100 * (r["value"] - start[key]))
+    return {m: float(np.mean(v)) for m, v in gains.items()}
+
+
+def unsupervised_summary(results: dict) -> list[str]:
+    parts = []
+    for family, title in FAMILIES.items():
+        rows = family_rows(results, family)
+        if rows:
+            parts += [f"### {title}", "", report.markdown_results(rows), "", *findings(rows)]
+            gains = start_gains([r for r in results["rows"] if group(r["task"]) == family])
+            if gains:
+                parts.append("- with sources, against each run's start (the nearest source's route with target "
+                             "statistics): " + ", ".join(f"{m} {v:+.1f}" for m, v in gains.items()) + " points")
+            parts.append("")
+    return parts
+
+
+def few_label_means(rows: list[dict]) -> dict[tuple[str, int], dict[str, float]]:
+    """(method, shots) -> target -> mean accuracy over seeds, and `mean` over targets."""
+    acc: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in rows:
+        if r.get("setting") == "few_labels":
+            acc.setdefault((r["method"], r["shots"]), {}).setdefault(r["task"], []).append(r["value"])
+    out = {}
+    for key, per in acc.items():
+        out[key] = {t: float(np.mean(v)) for t, v in per.items()}
+        out[key]["mean"] = float(np.mean(list(out[key].values())))
+    return out
+
+
+def few_label_table(rows: list[dict]) -> list[str]:
+    """Targets as rows, methods as columns, one table per shot count; then the checks of
+    the route-only methods against AdaBN and the norm patch."""
+    table = few_label_means(rows)
+    if not table:
+        return []
+    methods = [m for m in FEW_LABEL_METHODS if any(k[0] == m for k in table)]
+    parts = ["### A few labelled target images per class (`few_labels`)", "",
+             "Test accuracy (%), mean over seeds; every method starts where AdaBN ends and gets the same labelled "
+             "images and budget.", ""]
+    for shots in sorted({k[1] for k in table}):
+        tasks = sorted({t for (m, k), per in table.items() if k == shots for t in per if t != "mean"})
+        parts += [f"{shots} labelled image{'s' if shots > 1 else ''} per class:", "",
+                  "| target | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+        for t in tasks + ["mean"]:
+            cells = [f"{100 * table[(m, shots)][t]:.1f}" if t in table.get((m, shots), {}) else "" for m in methods]
+            label = "**mean**" if t == "mean" else t
+            parts.append(f"| {label} | " + " | ".join(cells) + " |")
+        parts.append("")
+        for m in ROUTE_ONLY:
+            if (m, shots) not in table:
+                continue
+            mine = table[(m, shots)]["mean"]
+            refs = [f"{ref} {100 * (mine - table[(ref, shots)]['mean']):+.1f}" for ref in ("adabn", "norm_patch")
+                    if (ref, shots) in table]
+            parts.append(f"- {m} at {shots} a class: {100 * mine:.1f}, against " + ", ".join(refs) + " points")
+        parts.append("")
+    return parts
+
+
+def numbers_rows(rows: list[dict], family: str = "digits5", shots: int = 10) -> list[dict]:
+    """Per method (unsupervised, and few-label at `shots`): mean accuracy over the family's
+    targets, mean numbers changed, the gain over AdaBN of the same setting and per
+    thousand numbers changed."""
+    groups: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        if group(r["task"]) != family or r["method"] in ANALYSIS or r["method"] == ORACLE:
+            continue
+        few = r.get("setting") == "few_labels"
+        if few and r.get("shots") != shots:
+            continue
+        key = ("few_labels" if few else "unlabelled", r["method"])
+        g = groups.setdefault(key, {"acc": {}, "numbers": []})
+        g["acc"].setdefault(r["task"], []).append(r["value"])
+        g["numbers"].append(r["params_task"])
+    out = []
+    for (setting, method), g in groups.items():
+        acc = float(np.mean([np.mean(v) for v in g["acc"].values()]))
+        out.append({"setting": setting, "method": method, "acc": acc, "numbers": float(np.mean(g["numbers"]))})
+    base = {o["setting"]: o["acc"] for o in out if o["method"] == "adabn"}
+    for o in out:
+        ref = base.get(o["setting"], base.get("unlabelled"))
+        o["gain"] = None if ref is None else o["acc"] - ref
+        o["gain_per_k"] = None if ref is None or not o["numbers"] else 1000 * o["gain"] / o["numbers"]
+    return sorted(out, key=lambda o: (o["setting"], o["numbers"]))
+
+
+def numbers_table(rows: list[dict]) -> list[str]:
+    found = numbers_rows(rows)
+    if not found:
+        return []
+    lines = ["### What each adapted number buys (digits5 targets)", "",
+             "Mean test accuracy over the digits5 targets against the numbers each method changes (mean over runs; "
+             "few-label methods at 10 labelled images per class), and the gain over AdaBN of the same setting, in "
+             "points and per thousand numbers.", "",
+             "| setting | method | numbers changed | accuracy | gain over AdaBN | gain per 1,000 numbers |",
+             "|---|---|---:|---:|---:|---:|"]
+    for o in found:
+        gain = "" if o["gain"] is None else f"{100 * o['gain']:+.1f}"
+        per = "" if o["gain_per_k"] is None else f"{100 * o['gain_per_k']:+.3f}"
+        lines.append(f"| {o['setting']} | {o['method']} | {o['numbers']:,.0f} | {100 * o['acc']:.1f} | {gain} | {per} |")
+    return lines + [""]
+
+
+def summary(results: dict) -> str:
+    names = regimes_of(results)
+    parts = []
+    for name in names:
+        view = regime_view(results, name)
+        if not view["rows"]:
+            continue
+        if len(names) > 1:
+            parts += [f"## Source models of the `{name}` regime", ""]
+        parts += unsupervised_summary(view) + few_label_table(view["rows"]) + numbers_table(view["rows"])
+    return "\n".join(parts).rstrip()
+
+
+def per_source_table(results: dict) -> str:
+    """Target x source route accuracy (mean over seeds) as trained / with target
+    statistics, with what each method chose."""
+    rows = results["rows"]
+    targets = list(dict.fromkeys(r["task"] for r in rows))
+    used = {r["source"] for r in rows if r["method"] in ANALYSIS}
+    sources = [d for d in results["config"]["domains"] if d in used]
+    lines = ["| target | " + " | ".join(short(s) for s in sources) + " | chosen by IM (source_only) | chosen by "
+             "statistics (route_select) | chosen by feature gap (with sources) |",
+             "|---|" + "---:|" * len(sources) + "---|---|---|"]
+    for t in targets:
+        cells = []
+        for s in sources:
+            vals = []
+            for m in ANALYSIS:
+                v = [r["value"] for r in rows if r["method"] == m and r["task"] == t and r["source"] == s]
+                vals.append(f"{100 * np.mean(v):.1f}" if v else "-")
+            cells.append(" / ".join(vals))
+        chosen = []
+        for m in ("source_only_best", "route_select", "route_moment"):
+            picks = [short(r["chosen"]) for r in sorted((r for r in rows if r["method"] == m and r["task"] == t),
+                                                        key=lambda r: r["seed"])]
+            chosen.append(" / ".join(picks) or "-")
+        lines.append(f"| {short(t)} | " + " | ".join(cells + chosen) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, results: dict) -> Path:
+    """Draw the figures and write `report.md` from `results`."""
+    cfg = results["config"]
+    rows = results["rows"]
+    parts = ["# isomod bench adapt", "",
+             "Unsupervised multi-source domain adaptation on `digits5`, leave one domain out, and on MNIST-C style "
+             f"corruptions of `digits5/mnist`: a modular network ({cfg['model']['num_modules']} modules, "
+             f"{cfg['model']['steps']} steps, {cfg['model']['channels']} channels) is trained on the source domains "
+             f"({cfg['source']['steps']} steps), then each method adapts it to the target from the target's "
+             f"unlabelled training images ({cfg['adapt']['steps']} steps for the methods that train); the "
+             "`with_sources` methods also see the sources' labelled training images. Only `m3sda` and `dann` change "
+             "pool, stem, head and sources. Test accuracy (%) on the target's test images, mean over seeds "
+             f"{cfg['seeds']}; `best_source_hindsight`: the best source route with statistics re-estimated on the "
+             "target, chosen with the target's labels (analysis only); params per task = numbers the adaptation "
+             "changed.", "", summary(results), ""]
+    all_routes = [r for name in regimes_of(results) for r in regime_view(results, name)["routes"].values()]
+    kept = {m: [r[m]["kept"] for r in all_routes if r.get(m, {}).get("kept") is not None]
+            for m in ("route_entropy", "route_im")}
+    kept = {m: v for m, v in kept.items() if v}
+    if kept:
+        parts += ["Learned routes kept (their IM score beat the starting source route's; otherwise it was restored): "
+                  + ", ".join(f"{m} {sum(v)} of {len(v)}" for m, v in kept.items()) + ".", ""]
+    parts += ["## Each source route on each target", "",
+              "Accuracy of every source route on each target (mean over seeds), as trained / with statistics "
+              "re-estimated on the target images, and the source each unsupervised choice picked (per seed).", "",
+              per_source_table(results), ""]
+    unsupervised = [r for r in rows if r.get("setting") != "few_labels"]
+    if unsupervised:
+        report.plot_task_accuracy(unsupervised, out / "accuracy.png")
+        parts += ["![accuracy per target](accuracy.png)", ""]
+    for name in regimes_of(results):
+        view = regime_view(results, name)
+        figure = f"numbers-{name}.png"
+        if plot_numbers(numbers_rows(view["rows"]), out / figure, f"digits5 targets, {name} source models"):
+            parts += [f"![accuracy against numbers changed, {name}]({figure})", ""]
+        parts += routes_section(out, view, name)
+    shown = list(dict.fromkeys(cfg["domains"] + cfg["targets"]))
+    plot_samples({short(d): load_task(d).x_test[:12].numpy() for d in shown}, out / "samples.png")
+    parts += ["## Samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
+    models = results.get("source_models", {})
+    if models:
+        parts += ["## Source models", "", "| domain left out, seed | source test accuracy | seconds |", "|---|---|---:|"]
+        parts += [f"| {k} | " + ", ".join(f"{short(t)} {100 * a:.1f}" for t, a in v["test_acc"].items())
+                  + f" | {v['seconds']} |" for k, v in models.items()]
+        parts.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def plot_numbers(found: list[dict], path: Path, title: str) -> Path | None:
+    """Accuracy against the numbers a method changes (log scale), one marker per method;
+    filled for the few-label setting."""
+    found = [o for o in found if o["numbers"] > 0]
+    if not found:
+        return None
+    plt = report.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for o in found:
+        few = o["setting"] == "few_labels"
+        ax.scatter(o["numbers"], 100 * o["acc"], marker="o" if few else "s", s=40,
+                   facecolors="tab:red" if few else "none", edgecolors="tab:red" if few else "tab:blue")
+        ax.annotate(o["method"], (o["numbers"], 100 * o["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="numbers the method changes", ylabel="mean test accuracy (%)",
+           title=f"{title} (filled: 10 labels a class; open: unlabelled)")
+    ax.grid(alpha=0.3)
+    return report.save_figure(fig, path)
+
+
+def routes_section(out: Path, results: dict, name: str = DEFAULT_REGIME) -> list[str]:
+    """The first seed's source routes and learned target routes, drawn, with their heading."""
+    cfg = results["config"]
+    first = min(cfg["seeds"]) if cfg["seeds"] else None
+    panels, chosen = {}, {}
+    n = cfg["model"]["num_modules"] if name == DEFAULT_REGIME else REGIMES[name].pool_size(cfg["model"]["steps"])
+    for key, r in results.get("routes", {}).items():
+        if not key.endswith(f"-s{first}"):
+            continue
+        target = key.rsplit("-s", 1)[0]
+        for s, route in r.get("sources", {}).items():
+            label = f"{target}: source {short(s)}"
+            panels[label], chosen[label] = np.eye(n)[route], route
+        for m in ("route_im", *ALIGN_ROUTE_METHODS):
+            learned = r.get(m)
+            if not learned:
+                continue
+            label = f"{target}: {m}" + ("" if learned.get("kept", True) else ", undone")
+            panels[label] = np.asarray(learned.get("soft") or learned.get("soft_at_discretize")
+                                       or np.eye(n)[learned["discrete"]])
+            chosen[label] = learned["discrete"]
+    if not panels:
+        return []
+    figure = "routes.png" if name == DEFAULT_REGIME else f"routes-{name}.png"
+    report.plot_usage(panels, out / figure, chosen=chosen, cols=len(cfg["domains"]) + 2,
+                      title="per target: the source routes, then the target's learned routes (soft weights: "
+                            "route_im's before discretising, the aligned ones as kept; dots: the argmax, "
+                            "route_im's start when undone)")
+    return [f"## Routes ({name} source models)", "", f"Seed {first}.", "", f"![routes]({figure})", ""]
+
+
+def plot_samples(images: dict[str, np.ndarray], path: Path, title: str = "samples per domain") -> Path:
+    """One row of uint8 images `(n, C, H, W)` per name."""
+    plt = report.pyplot()
+    cols = max(len(x) for x in images.values())
+    fig, axes = plt.subplots(len(images), cols, figsize=(0.8 * cols + 1.0, 0.85 * len(images)), squeeze=False)
+    for row, (name, x) in zip(axes, images.items()):
+        for ax in row:
+            ax.axis("off")
+        for ax, img in zip(row, x):
+            img = np.asarray(img).transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        row[0].text(-0.1, 0.5, name, transform=row[0].transAxes, ha="right", va="center", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return report.save_figure(fig, path, tight=False)
+
+
