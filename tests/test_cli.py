@@ -14,6 +14,7 @@ from conftest import write_npz
 
 TINY = ["--model-channels", "8", "--model-num-modules", "3", "--model-steps", "3", "--batch-size", "16",
         "--warmup-steps", "2", "--log-every", "2", "--no-progress"]
+TINY_BENCH = [a for i, a in enumerate(TINY) if a != "--model-num-modules" and TINY[i - 1] != "--model-num-modules"]
 
 
 def test_tasks_lists_suites(capsys):
@@ -31,8 +32,9 @@ def test_train_eval_and_resume_on_a_user_npz(tmp_path, capsys):
     assert json.loads((run / "train_config.json").read_text())["steps"] == 8
     config = json.loads((run / "checkpoint" / "config.json").read_text())
     assert config["model"]["channels"] == 8 and len(config["routes"]["mine"]) == 3
-    assert main(["train", "--tasks", data, "--out", str(run), "--steps", "12", "--resume", *TINY]) == 0
-    assert '"event": "resume", "step": 8' in (run / "log.jsonl").read_text()
+    assert main(["train", "--tasks", data, "--out", str(run), "--steps", "12", "--resume", "--extend", *TINY]) == 0
+    assert '"event": "resume", "step": 8, "extension": "extending the run from 8 to 12 steps' in \
+        (run / "log.jsonl").read_text()
     assert main(["eval", "--from", str(run / "checkpoint")]) == 0
     assert "mine: test acc" in capsys.readouterr().out
     assert main(["eval", "--from", str(run / "checkpoint"), "--split", "train", "--limit", "7", "--diagnostics"]) == 0
@@ -96,7 +98,7 @@ def test_bad_npz_through_the_cli(tmp_path, capsys):
 def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "isomod.cli", *command, "--out", str(out), "--steps", "6",
-           "--checkpoint-every", "0", "--discretize-at", "0.5", *TINY]
+           "--checkpoint-every", "0", "--discretize-at", "0.5", *TINY_BENCH]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
@@ -136,7 +138,8 @@ def test_help_documents_every_option_with_the_command_s_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "mtl", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--model-num-modules INT pool size `N`. (default 16)" in text
+    assert "--model-num-modules" not in text and "--seed " not in text  # set by each regime / per run
+    assert "--modules INT pool size of every modular method" in text
     assert "--steps INT optimiser steps. (default 10000)" in text
     with pytest.raises(SystemExit):
         main(["bench", "continual", "--help"])
@@ -166,7 +169,7 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     out = tmp_path / "bench"
     argv = ["bench", "transfer", "--out", str(out), "--pretrain-tasks", *pre, "--held-out", *new,
             "--shots", "2", "all", "--steps", "3", "--pretrain-steps", "4", "--pretrain-batch-size", "8",
-            "--pretrain-warmup-steps", "1", "--warmup-steps", "1", "--batch-size", "8", *TINY[:6], "--no-progress",
+            "--pretrain-warmup-steps", "1", "--warmup-steps", "1", "--batch-size", "8", *TINY_BENCH[:4], "--no-progress",
             "--jobs", "2", "--seeds", "0"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())

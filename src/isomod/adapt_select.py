@@ -194,13 +194,13 @@ def route_shot(t: Target) -> AdaptResult:
     start_from_sources(model, name, t.sources, source)
     config = replace(t.config, steps=max(1, t.config.steps // SHOT_ROUNDS))
     agreement = []
-    for _ in range(SHOT_ROUNDS):
+    for round_ in range(SHOT_ROUNDS):
         labels = pseudo_labels(model, name, t.x)
         agreement.append(round(float((labels == predictions(model, name, t.x)).double().mean()), 5))
         data = TaskData(t.spec, t.x, labels, t.x[:0], labels[:0])
         Trainer(model, {name: data}, config, out_dir=t.out_dir, objective=shot_objective, progress=t.progress,
                 params={"routes": [model.route(name).logits]}, routes=RouteSchedule.soft(),
-                frozen_norm_stats=False).fit()
+                frozen_norm_stats=False).fit(force=round_ > 0)  # each round replaces the last one's checkpoint
         model.estimate_stats(name, t.x)
     soft = model.route(name).weights().detach().cpu().tolist()
     return AdaptResult("route_shot", source, "im", scores, changed_numbers(before, model), soft,

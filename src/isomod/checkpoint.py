@@ -64,6 +64,11 @@ def save_checkpoint(model: TaskModel, path: str | Path, trainer_state: dict | No
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
         _replace_dir(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        kept = "the last good checkpoint is kept" if checkpoint_exists(path) else "no checkpoint was written before"
+        raise CheckpointError(f"cannot write the checkpoint {path} ({reason}); {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,17 +1,20 @@
 """The `isomod` command.
 
     isomod demo                      train on `glyphs` with the baselines, write runs/demo/
-    isomod train --tasks glyphs --out runs/x [--config cfg.yaml] [--steps 500] [--resume] [--image-size 224]
+    isomod train --tasks glyphs --out runs/x [--config cfg.yaml] [--steps 500] [--resume [--extend]] [--force]
                  (model options take a prefix: --model-channels 16 --model-steps 6)
-    isomod eval --from runs/x/checkpoint
-    isomod export --from runs/x/checkpoint --task glyphs/greek --format torchscript|onnx --out greek.pt
-    isomod transfer --from runs/x/checkpoint --task uci-digits [--shots 10] --out runs/y
-    isomod adapt --from runs/x/checkpoint --target digits5/mnistm --out runs/z [--method route_select]
+    isomod eval --from runs/x [--tasks T] [--data PATH] [--diagnostics]
+    isomod predict --from runs/x --task T IMAGE_OR_FOLDER... [--top 3] [--json]
+    isomod export --from runs/x --task glyphs/greek --format torchscript|onnx --out greek.pt
+    isomod transfer --from runs/x --task uci-digits [--shots 10] [--method route_search] --out runs/y
+    isomod adapt --from runs/x --target digits5/mnistm --out runs/z [--method route_select] [--shots 10]
     isomod bench NAME --out runs/bench-NAME [--config cfg.yaml] [options]   (NAME: see `isomod bench --help`;
                  each bench's options come from its config dataclass in isomod/bench/NAME.py)
     torchrun --nproc_per_node=P -m isomod train|bench reuse ...   data-parallel over P processes
     isomod report runs/bench-mtl [--docs docs/results/mtl.md]   redraw figures and report.md from results.json
     isomod tasks                     list registered suites and tasks
+
+The model commands live in `isomod.cli_model`.
 """
 
 from __future__ import annotations
@@ -21,51 +24,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from isomod.adapt import ADAPT, ADAPT_TRAIN
+from isomod.adapt import ADAPT
+from isomod.cli_model import (ONE_TASK, AdaptRun, TrainRun, TransferRun, add_image_size, add_label_space,
+                              add_run_folder_options, cmd_adapt, cmd_eval, cmd_export, cmd_predict, cmd_train,
+                              cmd_transfer)
 from isomod.config import add_config_args, build_config, positive
-from isomod.errors import IsomodError, check_out_file
-from isomod.network import ModelConfig
-from isomod.regimes import REGIMES, regime
-from isomod.search import SearchConfig
-from isomod.train import TrainConfig
-from isomod.transfer import TRANSFER, TRANSFER_TRAIN
-
-
-@dataclasses.dataclass
-class TrainRun:
-    """`isomod train`.
-
-    Args:
-        model: the modular network's shape.
-        train: the training budget and schedule.
-    """
-
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-
-
-@dataclasses.dataclass
-class TransferRun:
-    """`isomod transfer`.
-
-    Args:
-        train: the new task's training budget.
-        search: how `--method route_search` searches (isomod.search); its seed is the run's.
-    """
-
-    train: TrainConfig = dataclasses.field(default_factory=lambda: TRANSFER_TRAIN)
-    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
-
-
-@dataclasses.dataclass
-class AdaptRun:
-    """`isomod adapt`.
-
-    Args:
-        train: the budget of the methods that train.
-    """
-
-    train: TrainConfig = dataclasses.field(default_factory=lambda: ADAPT_TRAIN)
+from isomod.errors import Interrupted, IsomodError
+from isomod.regimes import REGIMES
+from isomod.transfer import TRANSFER
 
 
 def cmd_tasks(args) -> int:
@@ -79,169 +45,13 @@ def cmd_tasks(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    import torch
-
-    from isomod.data.tasks import load_task, resolve
-    from isomod.network import ModularNet
-    from isomod.train import Trainer, check_out_dir
-
-    base = TrainRun()
-    if args.regime:
-        base = TrainRun(*regime(args.regime).apply(base.model, base.train))
-    cfg = build_config(args, base)
-    model_cfg, train_cfg = cfg.model, cfg.train
-    check_out_dir(Path(args.out))
-    tasks = [load_task(n, data_dir=args.data_dir, image_size=args.image_size) for n in resolve(args.tasks)]
-    channels = {t.spec.input_shape[0] for t in tasks}
-    if len(channels) > 1:
-        raise IsomodError(f"tasks mix {sorted(channels)}-channel inputs; one model takes one channel count")
-    model_cfg = dataclasses.replace(model_cfg, in_channels=channels.pop())
-    torch.manual_seed(train_cfg.seed)  # the seed fixes the initial weights too, not only the batches
-    model = ModularNet(model_cfg, [t.spec for t in tasks])
-    trainer = Trainer(model, tasks, train_cfg, out_dir=args.out, progress=not args.no_progress)
-    accs = trainer.fit(resume=args.resume)
-    if not trainer.main:
-        return 0
-    for name in model.task_names:
-        print(f"{model.route_str(name)}    test acc {accs[name]:.3f}")
-    print(f"mean test acc {sum(accs.values()) / len(accs):.3f}; checkpoint: {trainer.checkpoint_path}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from isomod.checkpoint import load_checkpoint
-    from isomod.data.tasks import load_task, resolve
-    from isomod.train import evaluate
-
-    if args.limit < 0:
-        raise IsomodError(f"--limit must be >= 0 (0: every image), got {args.limit}")
-    model = load_checkpoint(args.from_)
-    names = resolve(args.tasks) if args.tasks else model.task_names
-    tasks = {n: evaluation_images(load_task(model.check_task(n).source or n, data_dir=args.data_dir), args.split,
-                                  args.limit) for n in names}
-    accs = evaluate(model, tasks)
-    for name, acc in accs.items():
-        print(f"{name}: {args.split} acc {acc:.4f}" + (f"   route {model.route(name)}" if model.has_routes else ""))
-    if args.diagnostics:
-        from isomod import diagnostics
-
-        d = diagnostics.summary(model, tasks)
-        print(f"route distance {d['route_distance']:.3f} (mean total variation between tasks' routes); "
-              f"{args.split} acc with its own route {d['own']:.4f}, with another task's route {d['other']:.4f}, "
-              f"with its own route's steps shuffled {sum(d['shuffled'].values()) / len(d['shuffled']):.4f}")
-    return 0
-
-
-def evaluation_images(data, split: str, limit: int):
-    """`data` with the images of `split` (a fixed random `limit` of them when `limit` > 0)
-    as its test split, the one `evaluate` and the diagnostics read."""
-    import torch
-
-    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-    if 0 < limit < len(y):
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:limit]
-        x, y = x[keep], y[keep]
-    return dataclasses.replace(data, x_test=x, y_test=y)
-
-
-def cmd_transfer(args) -> int:
-    from isomod.checkpoint import load_checkpoint
-    from isomod.data.tasks import load_task
-    from isomod.train import check_out_dir
-    from isomod.transfer import few_shot, transfer
-
-    run = build_config(args, TransferRun())
-    train_cfg = run.train
-    check_out_dir(Path(args.out))
-    model = load_checkpoint(args.from_)
-    model.require_routes(f"{args.from_}: transfer")
-    if args.source is not None:
-        model.check_task(args.source)
-    task = load_task(args.task, data_dir=args.data_dir)
-    model.check_spec(task.spec, model.config.in_channels)
-    task = few_shot(task, args.shots, seed=train_cfg.seed)
-    before = model.param_count()
-    options = {"search": dataclasses.replace(run.search, seed=train_cfg.seed)} \
-        if args.method in ("route_search", "stats_head") else {}
-    result = transfer(model, task, args.method, train_cfg, source=args.source, out_dir=args.out,
-                      progress=not args.no_progress, **options)
-    out = Path(args.out) / "checkpoint"
-    print(f"{task.name}: test acc {result.test_acc:.4f}    route {result.model.route(task.name)}    "
-          f"(started from task {result.source})")
-    if "candidates" in result.info:
-        i = result.info
-        print(f"route search ({i['strategy']}, {i['proxy']} proxy): {i['candidates']} routes scored in "
-              f"{i['search_seconds']:.1f} s; proxy {i['proxy_start']:.3f} at the start, {i['proxy_found']:.3f} found")
-    print(f"added {result.params_task:,} parameters ({100 * result.params_task / before:.2f}% of the {before:,} before); "
-          f"checkpoint: {out} (holds {len(result.model.task_names)} task(s))")
-    return 0
-
-
-def cmd_adapt(args) -> int:
-    from isomod.adapt import adapt, check_target
-    from isomod.checkpoint import load_checkpoint, save_checkpoint
-    from isomod.data.tasks import load_task
-    from isomod.train import check_out_dir, evaluate
-
-    train_cfg = build_config(args, AdaptRun()).train
-    check_out_dir(Path(args.out))
-    model = load_checkpoint(args.from_)
-    model.require_routes(f"{args.from_}: domain adaptation")
-    target = load_task(args.target, data_dir=args.data_dir)
-    sources = None
-    if ADAPT[args.method].setting == "with_sources":  # the model's domains of the target's label space, by name
-        names = check_target(model, target.spec, len(target.x_train))
-        sources = {n: load_task(n, data_dir=args.data_dir) for n in names}
-    res = adapt(model, target, args.method, train_cfg, out_dir=args.out, progress=not args.no_progress,
-                sources=sources)
-    out = save_checkpoint(model, Path(args.out) / "checkpoint", extra={"adapted": target.name, "method": args.method})
-    acc = evaluate(model, {target.name: target})[target.name]  # the target's labels are read here, and only here
-    scores = ", ".join(f"{n} {v:.3f}" for n, v in res.scores.items())
-    print(f"{target.name}: {args.method} started from {res.source} (by {res.score}, lower is better: {scores})")
-    print(f"route {model.route(target.name)}    test acc {acc:.4f} (labels used for this line only)")
-    if res.kept is not None:
-        print("the learned route scored better than its start and was kept" if res.kept else
-              f"the learned route scored worse than its start ({res.source}'s route), which was restored")
-    if ADAPT[args.method].setting == "with_sources" and not ADAPT[args.method].learns_route:
-        print(f"the adaptation changed {res.params_task:,} numbers (the whole network, trained on the sources' labels "
-              f"too); checkpoint: {out}")
-    else:
-        print(f"the target changed {res.params_task:,} numbers; pool, stem, head and sources are unchanged; "
-              f"checkpoint: {out}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    import torch
-
-    from isomod.checkpoint import load_checkpoint
-    from isomod.export import example_input, export_task, save_onnx, save_torchscript
-
-    check_out_file(Path(args.out))
-    model = load_checkpoint(args.from_).eval()
-    model.check_task(args.task)
-    net = export_task(model, args.task)
-    x = example_input(model, args.task, batch=8)
-    with torch.no_grad():
-        diff = (net(x) - model(x, args.task)).abs().max().item()
-    out = save_torchscript(net, args.out) if args.format == "torchscript" else save_onnx(net, args.out, x[:2])
-    stored = len(list(net.parameters()))  # parameters() yields a shared tensor once
-    what = (f"a soft route, each of the {len(net.route)} steps stored as its own mixture of modules" if net.soft
-            else f"{len(set(net.route))} distinct modules for {len(net.route)} steps")
-    print(f"{args.task}: route {' '.join(map(str, net.route))}{' (argmax of soft)' if net.soft else ''}; "
-          f"{stored} weight tensors, {sum(p.numel() for p in net.parameters()):,} parameters ({what})")
-    print(f"max abs difference from the model on 8 random inputs: {diff:.2e}; wrote {out} ({args.format})")
-    return 0
-
-
 def cmd_bench(args) -> int:
     from isomod import distributed
     from isomod.bench import registry
 
     bench = registry()[args.bench]
     config = build_config(args, bench.config())
-    results = bench.run(args.out, config, progress=not args.no_progress)
+    results = bench.run(args.out, config, progress=not args.no_progress, force=args.force)
     if distributed.is_main():
         print(bench.summary(results))
         print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
@@ -268,6 +78,9 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     print(f"\nreport: {out / 'report.md'}\ncheckpoint: {out / 'runs' / f'modular-s{config.seeds[0]}' / 'checkpoint'}")
     return 0
+
+
+DEMO_HIDDEN = ("train.seed", "model.num_modules")  # set per run, or by each method's regime
 
 
 def demo_config():
@@ -309,14 +122,15 @@ def cmd_report(args) -> int:
     return 0
 
 
-def with_config(p: argparse.ArgumentParser, base, unprefixed: str = "train", data_dir: bool = True):
+def with_config(p: argparse.ArgumentParser, base, unprefixed: str = "train", data_dir: bool = True,
+                hidden: tuple[str, ...] = ()):
     """A command's `--config`, `--no-progress`, `--data-dir` and its config dataclass's options."""
     p.add_argument("--config", help="YAML or JSON file with any of the options below, nested by section "
                    "(e.g. `seeds: [0, 1]`, `train: {steps: 500}`); options on the command line win")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     if data_dir:
         add_data_dir(p)
-    add_config_args(p, base, unprefixed)
+    add_config_args(p, base, unprefixed, hidden)
     return p
 
 
@@ -325,30 +139,35 @@ def add_data_dir(p: argparse.ArgumentParser) -> None:
                    "IDX files); then $ISOMOD_DATA, then /usr/share/datasets")
 
 
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="auto (CUDA when present), cpu or cuda (default cpu)")
+
+
 def add_demo(sub) -> None:
     p = with_config(sub.add_parser("demo", help="the main job: modular vs baselines on glyphs, with a report"),
-                    demo_config(), data_dir=False)
+                    demo_config(), data_dir=False, hidden=DEMO_HIDDEN)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, force=False)
 
 
 def add_train(sub) -> None:
     p = with_config(sub.add_parser("train", help="train a modular network on tasks or suites"), TrainRun())
     p.add_argument("--tasks", nargs="+", required=True, help="task or suite names, or paths to folders / .npz")
     p.add_argument("--out", required=True, help="run folder: checkpoint/, log.jsonl, TensorBoard events, "
-                   "train_config.json")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--image-size", type=positive, help="side a folder's images are resized to (default 28)")
-    p.add_argument("--regime", choices=tuple(REGIMES), help="a route regime (isomod.regimes): its pool size, "
-                   "route start and route schedule replace the defaults below; the config file and options "
-                   "still win")
+                   "train_config.json (the budget, tasks, model, regime and command)")
+    add_run_folder_options(p, resume=True)
+    add_image_size(p, "28")
+    add_label_space(p)
+    p.add_argument("--regime", choices=tuple(REGIMES), help="a route regime (isomod.regimes; default annealed): its "
+                   "pool size, route start and route schedule replace the defaults below; the config file and "
+                   "options still win")
     p.set_defaults(func=cmd_train)
 
 
 def add_transfer(sub) -> None:
     p = with_config(sub.add_parser("transfer", help="add a task to a trained model, learning only its route, "
-                                   "norms and head"), TransferRun())
-    p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a trained ModularNet")
+                                   "norms and head"), TransferRun(), hidden=ONE_TASK)
+    p.add_argument("--from", dest="from_", required=True, help="a ModularNet's checkpoint or run folder")
     p.add_argument("--task", required=True, help="the new task: a registered name, a folder or an .npz")
     p.add_argument("--shots", type=positive, help="training images per class (default: all)")
     p.add_argument("--source", "--init-from", dest="source",
@@ -357,19 +176,31 @@ def add_transfer(sub) -> None:
     p.add_argument("--method", default="route_only", choices=TRANSFER.names(),
                    help=f"default route_only. {TRANSFER.help()}")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
+    add_run_folder_options(p)
+    add_image_size(p, "the size the model's tasks were trained at")
+    add_label_space(p)
     p.set_defaults(func=cmd_transfer)
 
 
 def add_adapt(sub) -> None:
     p = with_config(sub.add_parser("adapt", help="add an unlabelled target domain to a multi-source model by "
-                                   "re-ordering its modules (pool, stem and head unchanged)"), AdaptRun())
-    p.add_argument("--from", dest="from_", required=True, help="checkpoint of a ModularNet trained on source domains")
-    p.add_argument("--target", required=True, help="the new domain, e.g. digits5/mnistm; its labels are read only to "
-                   "report the final test accuracy")
+                                   "re-ordering its modules (pool, stem and head unchanged)"), AdaptRun(),
+                    hidden=ONE_TASK)
+    p.add_argument("--from", dest="from_", required=True, help="a ModularNet trained on source domains: its "
+                   "checkpoint or run folder")
+    p.add_argument("--target", required=True, help="the new domain, e.g. digits5/mnistm, or your folder / .npz with "
+                   "--label-space; its test labels are read only to report the final test accuracy")
     p.add_argument("--method", default="route_select", choices=ADAPT.names(),
-                   help="default route_select. Source-free methods read the target's images only; with_sources ones "
-                        f"also the sources' labelled images (loaded by the model's domain names). {ADAPT.help()}")
+                   help="default route_select. source_free methods read the target's images only; with_sources ones "
+                        "also the sources' labelled images (loaded by the model's domain names); few_labels ones "
+                        f"--shots labelled target images per class. {ADAPT.help()}")
+    p.add_argument("--shots", type=positive, help="few_labels methods: labelled target training images per class")
+    p.add_argument("--sources-train", action="store_true", help="route_moment, route_adversarial: stem, pool, head "
+                   "and the sources keep training on the sources' labels while the target's route aligns")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
+    add_run_folder_options(p)
+    add_image_size(p, "the size the model's tasks were trained at")
+    add_label_space(p)
     p.set_defaults(func=cmd_adapt)
 
 
@@ -377,19 +208,22 @@ def add_export(sub) -> None:
     from isomod.export import EXPORT_FORMATS
 
     p = sub.add_parser("export", help="a task's route as a standalone TorchScript or ONNX network")
-    p.add_argument("--from", dest="from_", required=True, help="checkpoint folder of a ModularNet")
+    p.add_argument("--from", dest="from_", required=True, help="a ModularNet's checkpoint or run folder")
     p.add_argument("--task", required=True, help="the task to export (a soft route needs weight mixing)")
     p.add_argument("--format", default="torchscript", choices=EXPORT_FORMATS,
                    help="torchscript (torch.jit.load, no isomod needed) or onnx (onnxruntime; needs the onnx and "
                         "onnxscript packages)")
     p.add_argument("--out", required=True, help="file to write")
+    add_device(p)
     p.set_defaults(func=cmd_export)
 
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy of a checkpoint on its tasks")
-    p.add_argument("--from", dest="from_", required=True, help="checkpoint folder")
+    p.add_argument("--from", dest="from_", required=True, help="a checkpoint or run folder")
     p.add_argument("--tasks", nargs="*", help="tasks to evaluate (default: all of the checkpoint's)")
+    p.add_argument("--data", help="one task's images from here instead (a folder of class sub-folders, train/ and "
+                   "test/ folders, or an .npz): for data that moved, or a new test set")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--limit", type=int, default=0,
                    help="at most this many images per task, a fixed random sample (default 0: all)")
@@ -397,7 +231,19 @@ def add_eval(sub) -> None:
                    help="also whether the routes carry the tasks: the distance between tasks' routes, each task "
                         "run with the other tasks' routes, and with its own route's steps shuffled")
     add_data_dir(p)
+    add_device(p)
     p.set_defaults(func=cmd_eval)
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="the classes a trained model gives image files")
+    p.add_argument("--from", dest="from_", required=True, help="a checkpoint or run folder")
+    p.add_argument("--task", required=True, help="the task whose classes to predict")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, or folders of them")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON: file, then class, index and probability")
+    add_device(p)
+    p.set_defaults(func=cmd_predict)
 
 
 def add_bench(sub) -> None:
@@ -407,8 +253,10 @@ def add_bench(sub) -> None:
     bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(benches)}").add_subparsers(
         dest="bench", required=True, metavar="{" + ",".join(benches) + "}")
     for name, b in benches.items():
-        p = with_config(bench.add_parser(name, help=b.help), b.config(), b.unprefixed, data_dir=False)
+        p = with_config(bench.add_parser(name, help=b.help), b.config(), b.unprefixed, data_dir=False, hidden=b.hidden)
         p.add_argument("--out", required=True, help="output folder for results.json, report.md, figures")
+        p.add_argument("--force", action="store_true", help="start afresh in an --out folder whose results.json "
+                       "holds a run of another configuration (the folder is emptied first)")
         p.set_defaults(func=cmd_bench)
 
 
@@ -426,7 +274,8 @@ def add_tasks(sub) -> None:
     p.set_defaults(func=cmd_tasks)
 
 
-COMMANDS = (add_demo, add_train, add_eval, add_transfer, add_adapt, add_export, add_bench, add_report, add_tasks)
+COMMANDS = (add_demo, add_train, add_eval, add_predict, add_transfer, add_adapt, add_export, add_bench, add_report,
+            add_tasks)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -440,14 +289,40 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"isomod: {exc}", file=sys.stderr)
+        command = resume_command(argv)
+        if exc.checkpoint is not None and command:
+            print(f"isomod: continue with: {command}", file=sys.stderr)
+        return 128 + exc.signum
     except IsomodError as exc:
         print(f"isomod: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A full disk, a read-only or vanished folder: what was saved before stays as it was.
+        print(f"isomod: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (files already "
+              "written, the last good checkpoint among them, are kept)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("isomod: interrupted; the last checkpoint written stays on disk", file=sys.stderr)
         return 130
+
+
+def resume_command(argv: list[str] | None) -> str | None:
+    """The command line that continues an interrupted run (`train`: the same with `--resume`;
+    a bench or the demo resume by themselves: the same), or None (a transfer or adaptation
+    starts over)."""
+    import shlex
+
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--force"]
+    if not words or words[0] not in ("train", "bench", "demo"):
+        return None
+    if words[0] == "train" and "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(["isomod", *words])
 
 
 if __name__ == "__main__":

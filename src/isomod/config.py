@@ -175,21 +175,28 @@ def _parser_for(tp):
     return {int: int, float: float, bool: _bool, str: str}[tp], None
 
 
-def add_config_args(parser: argparse.ArgumentParser, base, unprefixed: str = "train") -> None:
+def add_config_args(parser: argparse.ArgumentParser, base, unprefixed: str = "train",
+                    hidden: tuple[str, ...] = ()) -> None:
     """Options for every field of the config dataclass instance `base`: its own fields as
     `--field-name`, each nested config's as `--section-field-name` (no prefix for the
-    section named `unprefixed`). The help shows the defaults; unset options parse to None."""
+    section named `unprefixed`), but those named in `hidden` (`section.field`: options the
+    command sets itself or that mean nothing for it). The help shows the defaults; unset
+    options parse to None."""
     cls = type(base)
     docs = docstring_args(cls)
     own = parser.add_argument_group("options")
     for f in dataclasses.fields(cls):
         tp = field_types(cls)[f.name]
         value = getattr(base, f.name)
+        if f.name in hidden:
+            continue
         if is_config(tp):
             group = parser.add_argument_group(f"{f.name} options", docs.get(f.name))
             prefix = "" if f.name == unprefixed else f"{f.name.replace('_', '-')}-"
             sub_docs = docstring_args(tp)
             for g in dataclasses.fields(tp):
+                if f"{f.name}.{g.name}" in hidden:
+                    continue
                 _add(group, f"--{prefix}{g.name.replace('_', '-')}", f"cfg.{f.name}.{g.name}", field_types(tp)[g.name],
                      sub_docs.get(g.name, ""), getattr(value, g.name))
         else:

@@ -16,6 +16,14 @@ class TrainingDiverged(IsomodError):
     """The loss stopped being finite; the last good checkpoint is kept."""
 
 
+class Interrupted(IsomodError):
+    """A signal (SIGTERM, SIGINT) ended a run after the step in progress, which was saved."""
+
+    def __init__(self, message: str, signum: int, checkpoint=None):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
 def check_choice(what: str, value, known) -> None:
     """Refuse `value` unless it is one of `known`, in one line that lists them."""
     if value not in known:

@@ -154,28 +154,57 @@ def _mixed_steps(model: ModularNet, branch) -> list[StaticStep]:
     return steps
 
 
+def metadata(model: ModularNet, task: str, net: StaticNet) -> dict:
+    """What a user of an exported file needs to feed it and read its output: the task, its
+    class names (output index -> name), the input shape and value range, and the route."""
+    spec = model.check_task(task)
+    names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
+    return {"format": "isomod-export", "task": spec.name, "class_names": names,
+            "input_shape": list(spec.input_shape), "channels": spec.input_shape[0], "value_range": [0.0, 1.0],
+            "input": "float32 images (batch, channels, height, width), pixel values divided by 255",
+            "output": "logits (batch, classes); softmax gives class probabilities",
+            "route": list(net.route), "soft_route": bool(net.soft)}
+
+
+def read_torchscript_metadata(path: str | Path) -> dict:
+    """The metadata an exported TorchScript file carries (`isomod.json`), read with plain torch."""
+    import json
+
+    extra = {METADATA: ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    return json.loads(extra[METADATA])
+
+
+METADATA = "isomod.json"
+
+
 def example_input(model: ModularNet, task: str, batch: int = 2) -> torch.Tensor:
     spec = model.check_task(task)
     return torch.rand((batch, *spec.input_shape), device=model.stem.weight.device)
 
 
-def save_torchscript(net: StaticNet, path: str | Path) -> Path:
-    """Script `net` and save it atomically; `torch.jit.load(path)` runs it without isomod."""
+def save_torchscript(net: StaticNet, path: str | Path, meta: dict | None = None) -> Path:
+    """Script `net` and save it atomically, `meta` as its extra file `isomod.json`;
+    `torch.jit.load(path)` runs it without isomod."""
+    import json
     import warnings
 
     path = Path(path)
+    extra = {METADATA: json.dumps(meta or {})}
     with warnings.catch_warnings():
         # torch 2.13 marks TorchScript deprecated; it is still what runs without Python deps.
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(net)
-        write_atomic(path, lambda f: torch.jit.save(scripted, f))
+        write_atomic(path, lambda f: torch.jit.save(scripted, f, _extra_files=extra))
     return path
 
 
-def save_onnx(net: StaticNet, path: str | Path, example: torch.Tensor) -> Path:
-    """Export `net` to ONNX with a dynamic batch size (needs the `onnx` and `onnxscript`
-    packages) and write it atomically."""
+def save_onnx(net: StaticNet, path: str | Path, example: torch.Tensor, meta: dict | None = None) -> Path:
+    """Export `net` to ONNX with a dynamic batch size, its input named `images` and its output
+    `logits`, `meta` in the model's metadata (each value as JSON); needs the `onnx` and
+    `onnxscript` packages; written atomically."""
     import importlib.util
+    import json
     import logging
     import warnings
 
@@ -191,9 +220,14 @@ def save_onnx(net: StaticNet, path: str | Path, example: torch.Tensor) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # raised inside torch's exporter
-            program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+            program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
+                                        input_names=["images"], output_names=["logits"])
     finally:
         registration.setLevel(level)
-    data = program.model_proto.SerializeToString()
+    proto = program.model_proto
+    for key, value in (meta or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    data = proto.SerializeToString()
     write_atomic(path, lambda f: f.write(data))
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,11 +25,13 @@ from isomod import distributed
 from isomod.checkpoint import check_compatible, checkpoint_exists, load_trainer_state, load_weights, save_checkpoint
 from isomod.config import from_dict
 from isomod.data.tasks import TaskData
-from isomod.errors import CheckpointError, IsomodError, TrainingDiverged, check_choice, check_out_dir
+from isomod.data.cache import write_atomic
+from isomod.errors import CheckpointError, Interrupted, IsomodError, TrainingDiverged, check_choice, check_out_dir
 from isomod.logs import Progress, RunLog
 from isomod.network import ROLES, TaskModel, to_float
 from isomod.objectives import Batch, Objective, Output, as_objective, cross_entropy
 from isomod.route_schedule import ROUTE_SCHEDULES, RouteSchedule
+from isomod.runs import RunLock, check_resumed_config, check_start
 
 SCHEDULES = ("cosine", "step", "constant")
 SAMPLINGS = ("uniform", "proportional")
@@ -330,13 +333,15 @@ class Trainer:
             parameters) normalise with batch statistics, unless `fixed_stats` holds them.
         fixed_stats: modules whose norms keep their running statistics (eval mode) while
             training, e.g. the step norms under a linear probe's frozen features.
+        record: what else `train_config.json` records beside the budget (the tasks, the
+            model, the regime, the command that ran it).
     """
 
     def __init__(self, model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], config: TrainConfig,
                  out_dir: str | Path | None = None, objective: Objective | Callable = cross_entropy,
                  progress: bool = True, train_tasks: list[str] | None = None,
                  params: dict[str, list[torch.nn.Parameter]] | None = None, routes: RouteSchedule | None = None,
-                 frozen_norm_stats: bool = True, fixed_stats: list[torch.nn.Module] = ()):
+                 frozen_norm_stats: bool = True, fixed_stats: list[torch.nn.Module] = (), record: dict | None = None):
         self.tasks = {t.name: t for t in tasks} if isinstance(tasks, list) else dict(tasks)
         self.train_tasks = list(train_tasks or self.tasks)
         for name in self.train_tasks:
@@ -368,7 +373,11 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.soft_usage: dict[str, list] | None = None  # route weights just before discretising
+        self.record = dict(record or {})
         self._saved_flags: list | None = None
+        self._lock: RunLock | None = None
+        self._stop: int | None = None
+        self._extension: str | None = None
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -457,7 +466,7 @@ class Trainer:
             raise CheckpointError(f"{self.checkpoint_path / 'trainer.pt'}: trainer state does not fit this run "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
-    def _read_resume_state(self) -> dict | None:
+    def _read_resume_state(self, extend: bool) -> dict | None:
         """The checkpoint's trainer state when resuming is possible; checked before anything
         of the run folder is written, so a refused resume changes nothing."""
         path = self.checkpoint_path
@@ -467,35 +476,97 @@ class Trainer:
         state = load_trainer_state(path)
         if state is None:
             raise CheckpointError(f"{path}: no trainer state to resume from")
+        saved = state.get("train_config")
+        if isinstance(saved, dict):
+            self._extension = check_resumed_config(saved, asdict(self.config), extend)
         return state
 
+    def _open_folder(self, resume: bool | str, force: bool) -> bool:
+        """Lock the run folder and check it may hold this run; whether to resume."""
+        if self.out_dir is None or not self.main:
+            return bool(resume) and self.out_dir is not None
+        self._lock = RunLock(self.out_dir).__enter__()
+        if resume == "auto":
+            resume = checkpoint_exists(self.out_dir / "checkpoint")
+            force = force or not resume
+        check_start(self.out_dir, bool(resume), force)
+        return bool(resume)
+
     # --- the loop -----------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, float]:
+    def fit(self, resume: bool | str = False, force: bool = False, extend: bool = False) -> dict[str, float]:
         """Train to `config.steps`; returns test accuracy per task.
 
+        The run folder (`out_dir`) is locked while the run writes it; a folder that holds
+        another run is refused unless `resume` or `force`. SIGTERM or SIGINT end the run
+        after the step in progress, with a checkpoint of that step (`Interrupted`).
+
         Args:
-            resume: continue from `out_dir/checkpoint` when it exists (same model config
-                and tasks required; on a mismatch nothing is written or changed).
+            resume: continue from `out_dir/checkpoint` (True: one must be there; `"auto"`:
+                when it is, else start afresh). The model config, tasks and every option
+                that changes what the run computes must be as they were; on a mismatch
+                nothing is written or changed.
+            force: start over in a folder that holds another run, clearing its files.
+            extend: with `resume`, allow a longer `steps` than the run was set up with
+                (the learning-rate schedule is recomputed over the new length).
         """
         run = None
         try:
-            run = self.start(resume)
+            run = self.start(resume, force, extend)
             while self.step < self.config.steps:
                 if self.step == self.route_schedule.discretize_step and self._discretize(run.bar):
                     break
                 self.train_step(run)
+                if self._stop is not None:
+                    self._interrupt(run)
             run.bar.close()
             self._save(run)
             return self._evaluate(run.bar)
         finally:
             self.finish(run)
 
-    def start(self, resume: bool = False) -> _Run:
-        """Everything a run needs before its first step: the model on its device with what
-        trains switched on, the optimiser, the batches and the random generators (restored
-        from the checkpoint when resuming), the run folder."""
+    def _interrupt(self, run: _Run) -> None:
+        """Save the step just finished and stop, saying how to go on."""
+        import signal
+
+        name = signal.Signals(self._stop).name
+        self._save(run)
+        self.log.write(event="interrupted", step=self.step, signal=name)
+        where = f"checkpoint of step {self.step} saved in {self.checkpoint_path}" if self.checkpoint_path else \
+            "nothing saved (no run folder)"
+        raise Interrupted(f"stopped by {name} at step {self.step} of {self.config.steps}: {where}", self._stop,
+                          self.checkpoint_path)
+
+    def _catch_signals(self) -> None:
+        """From now on SIGTERM and SIGINT ask the loop to stop after the step in progress (a
+        second one stops at once)."""
+        import signal
+        import threading
+
+        self._stop = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def ask(signum, frame):
+            if self._stop is not None:
+                raise KeyboardInterrupt
+            self._stop = signum
+
+        self._handlers = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _release_signals(self) -> None:
+        import signal
+
+        for s, handler in getattr(self, "_handlers", {}).items():
+            signal.signal(s, handler)
+        self._handlers = {}
+
+    def start(self, resume: bool | str = False, force: bool = False, extend: bool = False) -> _Run:
+        """Everything a run needs before its first step: the run folder locked and checked,
+        the model on its device with what trains switched on, the optimiser, the batches and
+        the random generators (restored from the checkpoint when resuming)."""
         c = self.config
-        state = self._read_resume_state() if resume else None
+        resume = self._open_folder(resume, force)
+        state = self._read_resume_state(extend) if resume else None
         torch.manual_seed(c.seed)
         self.model.to(self.device)
         self.objective.to(self.device)
@@ -516,20 +587,30 @@ class Trainer:
         run.bar = Progress(c.steps, self.step, self.progress)
         if self.out_dir and self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
+            write_atomic(self.out_dir / "train_config.json",
+                         lambda f: f.write(json.dumps({**asdict(c), **self.record}, indent=2).encode()))
             self.log = RunLog(self.out_dir / "log.jsonl")
             if state is not None:
-                self.log.write(event="resume", step=self.step)
+                self.log.write(event="resume", step=self.step, extension=self._extension)
+                # Said whether or not progress is shown: a resumed run must never pass for a fresh one.
+                print(f"resuming {self.out_dir} from step {self.step} of {c.steps}"
+                      + (f"; {self._extension}" if self._extension else ""), file=sys.stderr, flush=True)
         distributed.broadcast_module(self.model)
         distributed.broadcast_module(self.objective)
+        self._catch_signals()
         return run
 
     def finish(self, run: _Run | None) -> None:
-        """Close the progress bar and the log; put back the flags and modes `start` changed."""
+        """Close the progress bar and the log; put back the flags, modes and signal handlers
+        `start` changed; unlock the run folder."""
         if run is not None and run.bar is not None:
             run.bar.close()
         self.log.close()
         self._restore()
+        self._release_signals()
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     def train_step(self, run: _Run) -> None:
         """One step of the schedule: learning rates, route temperatures, the tasks drawn,
@@ -642,9 +723,10 @@ class Trainer:
         self.log.write(**record)
         self.log.scalars(self.step, {"loss": run.loss_ema, "lr": lr, "temperature": temperature, **metrics,
                                      **{f"train_acc/{t}": a for t, a in accs.items()}})
-        shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-        run.bar.set_postfix(f"loss {run.loss_ema:.3f} {shown} " + " ".join(f"{short(t)} {a:.2f}"
-                                                                           for t, a in accs.items()))
+        shown = "".join(f", {k} {v:.3f}" for k, v in metrics.items())
+        accuracy = ", train acc " + " ".join(f"{short(t)} {a:.2f}" for t, a in accs.items()) if accs else ""
+        # The values are those of this log step; a plain progress line between log steps says so.
+        run.bar.set_postfix(f"at step {self.step}: train loss {run.loss_ema:.3f}{shown}{accuracy}")
 
     def _evaluate(self, bar: Progress) -> dict[str, float]:
         accs = evaluate(self.model, self._labelled())
@@ -658,7 +740,6 @@ class Trainer:
 
 
 def short(task: str) -> str:
-    """A compact task label for progress bars: `glyphs/latin_upper` -> `lat_up`."""
-    tail = task.rsplit("/", 1)[-1]
-    parts = tail.replace("-", "_").split("_")
-    return "_".join(p[:3] for p in parts)
+    """A task's label in progress lines: its name without the suite (`glyphs/latin_upper` ->
+    `latin_upper`)."""
+    return task.rsplit("/", 1)[-1]

@@ -37,4 +37,4 @@ def train_modular(run_dir: Path, tasks: list[TaskData], model_config: ModelConfi
     for name, pattern in (routes or {}).items():
         model.route(name).set_choice(pattern)
     trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=run_dir, progress=progress)
-    return model, trainer.fit(resume=True)
+    return model, trainer.fit(resume="auto")

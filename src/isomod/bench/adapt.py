@@ -348,5 +348,6 @@ BENCH = register(Bench("adapt", "unsupervised multi-source domain adaptation on 
                        unprefixed="adapt", device=lambda c: c.source.device,
                        extra=("source_models", "routes", "seconds"),
                        extensible=("targets", "methods", "few_label_methods", "shots", "few_label_targets", "seeds",
-                                   "regimes")))
+                                   "regimes"),
+                       hidden=("source.seed", "adapt.seed", "few.seed", "search.seed")))
 run = BENCH.run

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,6 +215,8 @@ class Bench:
         resume: keep the rows of an earlier run of the same configuration (False for
             timings, which compare only within one sitting).
         extensible: config lists a resumed run may extend (see `Results`).
+        hidden: config fields the command line does not offer (`section.field`): those the
+            bench sets itself, per run (a seed) or per method (a regime's pool size).
     """
 
     name: str
@@ -228,21 +231,24 @@ class Bench:
     extra: tuple[str, ...] = ()
     resume: bool = True
     extensible: tuple[str, ...] = ()
+    hidden: tuple[str, ...] = ()
 
-    def run(self, out_dir: str | Path, config=None, progress: bool = True, **inputs) -> dict:
-        return run_bench(self, out_dir, config if config is not None else self.config(), progress, **inputs)
+    def run(self, out_dir: str | Path, config=None, progress: bool = True, force: bool = False, **inputs) -> dict:
+        return run_bench(self, out_dir, config if config is not None else self.config(), progress, force, **inputs)
 
 
 def _call(fn: Callable, *args):
     return fn(*args)
 
 
-def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, **inputs) -> dict:
+def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, force: bool = False,
+              **inputs) -> dict:
     """Run `bench` with `config` into `out_dir`: `results.json` (resumed when it holds a run
-    of the same configuration, saved after every job), then `report.md` and the figures.
-    `inputs` reach the plan (`ctx.inputs`), e.g. data given instead of loaded. Under
-    torchrun, rank 0 alone writes."""
-    from isomod.train import resolve_device
+    of the same configuration, saved after every job; one of another configuration is
+    refused unless `force`), then `report.md` and the figures. `inputs` reach the plan
+    (`ctx.inputs`), e.g. data given instead of loaded. The folder is locked while the bench
+    writes it; under torchrun, rank 0 alone writes."""
+    from isomod.runs import RunLock
 
     distributed.setup()
     out = Path(out_dir)
@@ -251,8 +257,20 @@ def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, 
     if jobs > 1 and distributed.world_size() > 1:
         raise IsomodError("--jobs runs several trainings side by side in one process group; under torchrun "
                           "every process already trains the same run: use one or the other")
-    results = Results(out / "results.json", bench.name, bench.describe(config, inputs), resume=bench.resume,
-                      extensible=bench.extensible, defaults=asdict(type(config)()),
+    if not distributed.is_main():
+        return _run_bench(bench, out, config, progress, force, inputs)
+    with RunLock(out):
+        return _run_bench(bench, out, config, progress, force, inputs)
+
+
+def _run_bench(bench: Bench, out: Path, config, progress: bool, force: bool, inputs: dict) -> dict:
+    from isomod.train import resolve_device
+
+    jobs = getattr(config, "jobs", 1)
+    described, defaults = bench.describe(config, inputs), asdict(type(config)())
+    refuse_another_run(out / "results.json", bench, described, defaults, force)
+    results = Results(out / "results.json", bench.name, described, resume=bench.resume,
+                      extensible=bench.extensible, defaults=defaults,
                       environment=job_environment(resolve_device(bench.device(config)), jobs),
                       **{k: {} for k in bench.extra})
     main = distributed.is_main()
@@ -268,6 +286,32 @@ def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, 
         results.save()
         bench.write_report(out, results.data)
     return results.data
+
+
+def refuse_another_run(path: Path, bench: Bench, config: dict, defaults: dict, force: bool) -> None:
+    """Refuse, unless `force`, to replace a `results.json` of another configuration (or
+    another bench) that this run would not resume; with `force`, empty the folder first
+    (its runs were made under the other configuration)."""
+    if not path.is_file() or not bench.resume:
+        return
+    old = read_results(path)
+    config = json.loads(json.dumps(config))
+    if old.get("bench") == bench.name and same_run(old.get("config"), config, bench.extensible,
+                                                   json.loads(json.dumps(defaults))):
+        return
+    if force:
+        from isomod.runs import LOCK
+
+        for child in path.parent.iterdir():
+            if child.name != LOCK:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return
+    theirs = with_defaults(old.get("config") or {}, json.loads(json.dumps(defaults)))
+    keys = sorted(k for k in set(theirs) | set(config) if k != "jobs" and k not in bench.extensible
+                  and theirs.get(k) != config.get(k))
+    what = f"bench {old.get('bench')!r}" if old.get("bench") != bench.name else f"other {', '.join(keys[:5])}"
+    raise IsomodError(f"{path} holds a run of {what}; run the same configuration again to resume it, or use "
+                      "--force (it is replaced) or another --out")
 
 
 BENCHES: dict[str, Bench] = {}

@@ -288,5 +288,5 @@ def plot_forgetting(rows: list[dict], stream: list[str], path: Path) -> Path:
 
 BENCH = register(Bench("continual", "a stream of tasks: growing pool vs independent networks vs sequential "
                        "fine-tuning", ContinualConfig, plan, write_report, final_table, describe=describe,
-                       device=lambda c: c.train.device, extra=("methods",)))
+                       device=lambda c: c.train.device, extra=("methods",), hidden=("train.seed",)))
 run = BENCH.run

@@ -165,7 +165,7 @@ def train_one(method: str, seed: int, config: MtlConfig, tasks: list[TaskData], 
     trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=out / "runs" / f"{method}-s{seed}",
                       progress=progress)
     t0 = time.time()
-    accs = trainer.fit()
+    accs = trainer.fit(resume="auto")  # a run a stopped bench left half done goes on from its checkpoint
     seconds = round(time.time() - t0, 1)
     rows = rows_for(method, model, accs, seed, metric) + convergence_rows(method, trainer.history, seed)
     if not model.has_routes:
@@ -340,5 +340,5 @@ def plot_curves(logs: dict[str, list[dict]], path: Path) -> Path:
 
 
 BENCH = register(Bench("mtl", "modular vs independent networks vs a shared trunk", MtlConfig, plan, write_report,
-                       summary, describe=describe, device=lambda c: c.train.device,
+                       summary, describe=describe, device=lambda c: c.train.device, hidden=("train.seed", "model.num_modules"),
                        extra=("routes", "train_seconds")))

@@ -318,7 +318,8 @@ def plot_reuse(summary: list[dict], path: Path, title: str = "block reuse") -> P
 
 BENCH = register(Bench("reuse", "block reuse for one task: N modules run over L = N, 2N, ... steps (cyclic, "
                        "block-repeat, learned, soft templates) vs L distinct modules", ReuseConfig, plan, write_report,
-                       summary, describe=describe, device=lambda c: c.train.device, extra=("routes", "train_seconds")))
+                       summary, describe=describe, device=lambda c: c.train.device, extra=("routes", "train_seconds"),
+                       hidden=("train.seed", "model.num_modules", "model.steps", "model.in_channels")))
 
 
 def run(out_dir: str | Path, config: ReuseConfig = ReuseConfig(), progress: bool = True,

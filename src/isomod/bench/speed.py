@@ -433,5 +433,5 @@ def plot_speed(rows: list[dict], path: Path) -> Path:
 
 BENCH = register(Bench("speed", "training and inference speed and memory of routes against a plain isometric ResNet",
                        SpeedBenchConfig, plan, write_report, summary, unprefixed="speed", describe=describe,
-                       device=lambda c: c.speed.device, resume=False))
+                       device=lambda c: c.speed.device, resume=False, hidden=("model.num_modules",)))
 run = BENCH.run

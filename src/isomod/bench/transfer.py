@@ -462,5 +462,6 @@ def plot_transfer(rows: list[dict], path: Path) -> Path:
 BENCH = register(Bench("transfer", "route-only transfer vs head-only, norms+head, fine-tuning and scratch on held-out "
                        "tasks", TransferBenchConfig, plan, write_report, summary_block, unprefixed="transfer",
                        device=lambda c: c.pretrain.device, extra=("pretrain", "routes", "sources", "train_seconds"),
-                       extensible=("methods", "shots", "seeds", "held_out", "regimes")))
+                       extensible=("methods", "shots", "seeds", "held_out", "regimes"),
+                       hidden=("pretrain.seed", "transfer.seed", "search.seed", "model.num_modules")))
 run = BENCH.run

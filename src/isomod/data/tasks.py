@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -374,25 +374,54 @@ def load_image_folder(path: Path, image_size: int = 28, test_fraction: float = 0
     return from_arrays(path.name, arrays, classes, source=str(path), num_classes=len(classes))
 
 
-def load_task(name: str, data_dir: str | None = None, image_size: int | None = None) -> TaskData:
+def load_task(name: str, data_dir: str | None = None, image_size: int | None = None,
+              label_space: str | None = None) -> TaskData:
     """A registered task by name, or a user's folder / `.npz` by path.
 
     `data_dir` is where data that is not embedded (Fashion-MNIST) is looked for first;
-    `image_size` is the side a folder's images are resized to (default 28).
+    `image_size` is the side a folder's images are resized to (default 28); `label_space`
+    makes a user's task a domain of that label space (tasks of one label space share a head).
     """
     if name == "fashion-mnist":
         return fashion_mnist_task(data_dir)
     if name in TASKS:
-        return TASKS[name]()
+        task = TASKS[name]()
+        if label_space is not None and label_space != task.spec.label_space:
+            raise IsomodError(f"task {name!r} is registered with label space {task.spec.label_space or 'none'!r}; "
+                              "--label-space names the classes of your own folders and .npz files")
+        return task
     path = Path(name)
     if path.suffix == ".npz" and path.is_file():
-        return load_npz(path)
-    if path.is_dir():
-        return load_image_folder(path, 28 if image_size is None else image_size)
-    raise IsomodError(
-        f"unknown task {name!r}; known suites: {', '.join(SUITES)}; known tasks: {', '.join(TASKS)}; "
-        "or give a folder of class sub-folders or an .npz file"
-    )
+        task = load_npz(path)
+    elif path.is_dir():
+        task = load_image_folder(path, 28 if image_size is None else image_size)
+    else:
+        raise IsomodError(
+            f"unknown task {name!r}; known suites: {', '.join(SUITES)}; known tasks: {', '.join(TASKS)}; "
+            "or give a folder of class sub-folders or an .npz file"
+        )
+    if label_space:
+        task.spec.label_space = label_space
+    return task
+
+
+def load_recorded(spec: TaskSpec, data_dir: str | None = None, path: str | None = None) -> TaskData:
+    """The data of a task a model records: from `path` when given, else from where it was
+    read (`spec.source`), a folder at the recorded image size, under the task's name; refused,
+    in one line, when it holds images of another shape or another number of classes."""
+    where = path or spec.source or spec.name
+    if path is None and where not in TASKS and where != "fashion-mnist" and not Path(where).exists():
+        raise IsomodError(f"task {spec.name!r} was read from {where}, which is not there now; give its data with "
+                          "--data PATH (a folder of class sub-folders or an .npz)")
+    data = load_task(where, data_dir=data_dir, image_size=spec.input_shape[-1],
+                     label_space=spec.label_space or None if where not in TASKS else None)
+    if tuple(data.spec.input_shape) != tuple(spec.input_shape):
+        raise IsomodError(f"{where} holds {'x'.join(map(str, data.spec.input_shape))} images; task {spec.name!r} "
+                          f"takes {'x'.join(map(str, spec.input_shape))} (channels x height x width)")
+    if data.spec.num_classes != spec.num_classes:
+        raise IsomodError(f"{where} has {data.spec.num_classes} classes; task {spec.name!r} has {spec.num_classes}")
+    return TaskData(replace(data.spec, name=spec.name, label_space=spec.label_space), data.x_train, data.y_train,
+                    data.x_test, data.y_test)
 
 
 def resolve(names: list[str]) -> list[str]:
