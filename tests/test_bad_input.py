@@ -191,7 +191,7 @@ def test_a_kill_between_the_two_renames_is_recovered(trained, data, capsys):
     assert sorted(p.name for p in trained.iterdir() if p.name.startswith(".checkpoint")) == []
     # Resuming from it continues at its step, not from step 0.
     shutil.move(str(ck), str(trained / ".checkpoint.old-x3"))
-    assert main(["train", "--tasks", data, "--out", str(trained), "--steps", "4", "--resume", *TINY]) == 0
+    assert main(["train", "--tasks", data, "--out", str(trained), "--steps", "4", "--resume", "--extend", *TINY]) == 0
     assert '"event": "resume", "step": 2' in (trained / "log.jsonl").read_text()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from isomod.adapt import ADAPT, ADAPT_TRAIN
 from isomod.config import build_config, positive
-from isomod.errors import IsomodError, check_out_file
+from isomod.errors import IsomodError, check_out_dir, check_out_file
 from isomod.network import ModelConfig
 from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
 from isomod.search import SearchConfig
@@ -190,6 +190,7 @@ def cmd_transfer(args) -> int:
     from isomod.transfer import few_shot, transfer
 
     run = build_config(args, TransferRun())
+    check_out_dir(Path(args.out))
     model = load_model(args.from_)
     model.require_routes(f"{args.from_}: transfer")
     if args.source is not None:
@@ -221,9 +222,7 @@ def guard_folder(args) -> None:
     """A transfer or adaptation writes a run folder of its own: refuse one holding another run
     (the trainer inside checks again, under the same lock)."""
     from isomod.runs import check_start
-    from isomod.train import check_out_dir
 
-    check_out_dir(Path(args.out))
     check_start(Path(args.out), resume=False, force=args.force)
 
 
@@ -236,6 +235,7 @@ def cmd_adapt(args) -> int:
     from isomod.transfer import few_shot
 
     run = build_config(args, AdaptRun())
+    check_out_dir(Path(args.out))
     model = load_model(args.from_)
     model.require_routes(f"{args.from_}: domain adaptation")
     target = new_task(args, model, args.target)

@@ -86,9 +86,10 @@ class AdaptBenchConfig:
             which a bench of 3 seeds and 8 targets on 2 CPU cores needs.
         source: the supervised multi-source training budget.
         adapt: the budget of every unsupervised adaptation method that trains.
-        few: the budget of every few-label method that trains; `lr` is also finetune's
-            rate for its head, `finetune_lr` its rate for stem and pool (the sources' rate).
-        finetune_lr: the learning rate of few-label fine-tuning.
+        few: the budget of every few-label method that trains: norms and heads at `lr`,
+            routes at `lr_routes`, chosen on validation images of one target's training
+            split (docs/results/adapt.md).
+        finetune_lr: the learning rate of few-label fine-tuning (every number it trains).
         search: how the few-label `route_search` searches (its seed is the run's).
     """
 
@@ -107,8 +108,9 @@ class AdaptBenchConfig:
     source: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=800, batch_size=128, lr=5e-3, lr_heads=5e-3, checkpoint_every=400, log_every=25))
     adapt: TrainConfig = field(default_factory=lambda: replace(ADAPT_TRAIN, steps=200))
-    few: TrainConfig = field(default_factory=lambda: replace(ADAPT_TRAIN, steps=200, lr=5e-2, lr_heads=5e-2))
-    finetune_lr: float = 5e-3
+    few: TrainConfig = field(default_factory=lambda: replace(ADAPT_TRAIN, steps=200, lr=1e-2, lr_heads=1e-2,
+                                                              lr_routes=5e-2))
+    finetune_lr: float = 1e-3
     search: SearchConfig = field(default_factory=lambda: SearchConfig(proxy="head"))
 
     def __post_init__(self):
