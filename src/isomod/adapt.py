@@ -172,6 +172,9 @@ def stats_distance(model: ModularNet, task: str, source: str) -> float:
     """How far `task`'s norm statistics lie from `source`'s: the symmetric KL divergence
     between per-channel Gaussians, averaged over channels and norms. Run on the target
     with `source`'s route, it measures how alien the target looks to that route."""
+    if not model.stats_count(task):
+        raise IsomodError("route_select compares norm statistics; this model's norms keep none (layer norms of a "
+                          "transformer pool): use route_calibrated or another method")
     out = []
     for a, b in zip(model.branch(task).norms, model.branch(source).norms):
         v1, v2 = a.running_var + a.eps, b.running_var + b.eps

@@ -76,8 +76,10 @@ def scores_of(model, task: str, candidate: Candidate, x: torch.Tensor, reference
     head = model.head_of(task)
     with torch.no_grad():
         logits = model.forward_head(f.to(head.weight.device), task).cpu()
-    gap = []
+    gap = [torch.zeros(())]  # layer norms (a transformer's) keep no statistics to compare
     for i, (mine, source) in enumerate(zip(model.branch(task).norms, candidate.norms_from)):
+        if not getattr(mine, "track_running_stats", False):
+            continue
         theirs = model.branch(source).norms[i]
         v1, v2 = mine.running_var + mine.eps, theirs.running_var + theirs.eps
         d2 = (mine.running_mean - theirs.running_mean) ** 2

@@ -7,14 +7,13 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from isomod.blocks import ResidualModule
-from isomod.network import ModelConfig, TaskModel, TaskSpec, check_input, make_norm, make_stem
+from isomod.network import ModelConfig, TaskModel, TaskSpec, check_input, make_norm, make_pool, make_stem, pooled
 
 
 class PlainResNet(TaskModel):
-    """An isometric ResNet of `config.steps` distinct blocks with shared norms.
+    """An isometric network of `config.steps` distinct blocks with shared norms: a ResNet of
+    residual convolution blocks, or (`block="transformer"`) a plain ViT.
 
     The same blocks as ModularNet's pool, run once each in order; every task shares
     stem, blocks and norms and owns only its head (the shared-trunk baseline).
@@ -27,30 +26,26 @@ class PlainResNet(TaskModel):
     def __init__(self, config: ModelConfig, tasks: list[TaskSpec] = ()):
         super().__init__()
         self.config = config
-        c = config.channels
         self.stem = make_stem(config)
-        self.blocks = nn.ModuleList(
-            ResidualModule(c, config.kernel_size, config.residual_scale) for _ in range(config.steps)
-        )
-        self.norms = nn.ModuleList(make_norm(c) for _ in range(2 * config.steps + 1))
+        self.blocks = nn.ModuleList(make_pool(replace(config, norm_affine="step"), config.steps).blocks)
+        self.norms = nn.ModuleList(make_norm(config) for _ in range(2 * config.steps + 1))
         self.heads = nn.ModuleDict()
         self.specs: dict[str, TaskSpec] = {}
         for spec in tasks:
             self.add_task(spec)
 
     def add_task(self, spec: TaskSpec) -> None:
-        self.check_spec(spec, self.config.in_channels)
+        self.check_spec(spec, self.config)
         self.heads[spec.name] = nn.Linear(self.config.channels, spec.num_classes).to(self.stem.weight.device)
         self.specs[spec.name] = spec
 
     def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
         self.check_task(task)
-        check_input(x, self.config.in_channels)
-        h = self.stem(x)  # (B, C, H', W')
+        check_input(x, self.config)
+        h = self.stem(x)  # (B, C, H', W'), or tokens (B, T, C)
         for l, block in enumerate(self.blocks):
             h = block(h, self.norms[2 * l], self.norms[2 * l + 1])
-        h = F.relu(self.norms[-1](h))
-        return h.mean(dim=(2, 3))  # (B, C)
+        return pooled(self.config, h, self.norms[-1])  # (B, C)
 
     def forward_head(self, h: torch.Tensor, task: str) -> torch.Tensor:
         self.check_task(task)
@@ -92,7 +87,7 @@ class IndependentNets(TaskModel):
             self.add_task(spec)
 
     def add_task(self, spec: TaskSpec) -> None:
-        self.check_spec(spec, self.config.in_channels)
+        self.check_spec(spec, self.config)
         device = next(iter(self.nets.values())).stem.weight.device if self.nets else None
         self.nets[spec.name] = PlainResNet(replace(self.config), [spec]).to(device)
         self.specs[spec.name] = spec

@@ -1,9 +1,14 @@
-"""The residual block, written once and callable with given weights.
+"""The blocks a pool is made of, each written once and callable with given weights.
 
-A module of the pool owns its convolution weights and, optionally, the affine parameters
-of its two norms. Normalisation statistics always belong to the route step that runs the
-module (see `network.py`), so the block is a pure function of its input, two weight
-tensors and two normalisation callables.
+- the residual convolution block (`block="conv"`): `x + conv(relu(norm2(conv(relu(norm1(x))))))`
+  on feature maps `(B, C, H, W)`;
+- the pre-norm transformer block (`block="transformer"`): `h = x + attn(norm1(x))`, then
+  `h + mlp(norm2(h))` on tokens `(B, T, C)`.
+
+A module of the pool owns its weights and, optionally, the affine parameters of its two
+norms. Normalisation belongs to the route step that runs the module (see `network.py`), so
+a block is a pure function of its input, its weights (a module's, or a mixture of modules')
+and two normalisation callables: `Module.run(x, params, norm1, norm2)`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ def residual_branch(a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, norm2: 
     return F.conv2d(F.relu(norm2(h)), w2, padding=pad)  # (B, C, H, W)
 
 
+AFFINE = ("g1", "b1", "g2", "b2")  # a module's own scale and shift of its two norms, when it owns them
+
+
 class ResidualModule(nn.Module):
     """One module of the pool: the two convolution weights of a residual block, and
     optionally the affine parameters of its two norms.
@@ -63,20 +71,107 @@ class ResidualModule(nn.Module):
             self.g1, self.g2 = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.ones(channels))
             self.b1, self.b2 = nn.Parameter(torch.zeros(channels)), nn.Parameter(torch.zeros(channels))
 
+    WEIGHTS = ("w1", "w2")
+
     @property
     def norm_affine(self) -> bool:
         """Whether this module owns its norms' affine parameters (`g1, b1, g2, b2`)."""
         return hasattr(self, "g1")
 
+    def params(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.WEIGHTS + (AFFINE if self.norm_affine else ())}
+
+    @staticmethod
+    def run(x: torch.Tensor, p: dict[str, torch.Tensor], norm1: Norm, norm2: Norm) -> torch.Tensor:
+        """The block on `x` with weights `p` and the step's norms (statistics-only ones when
+        `p` holds the affine parameters)."""
+        if "g1" in p:
+            norm1, norm2 = with_affine(norm1, p["g1"], p["b1"]), with_affine(norm2, p["g2"], p["b2"])
+        return residual_block(x, p["w1"], p["w2"], norm1, norm2)
+
     def forward(self, x: torch.Tensor, norm1: Norm, norm2: Norm) -> torch.Tensor:
         """The block on `x` with the step's norms (statistics-only ones when the module
         owns the affine parameters)."""
-        if self.norm_affine:
-            norm1, norm2 = with_affine(norm1, self.g1, self.b1), with_affine(norm2, self.g2, self.b2)
-        return residual_block(x, self.w1, self.w2, norm1, norm2)
+        return self.run(x, self.params(), norm1, norm2)
 
 
 def with_affine(norm: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, bias: torch.Tensor
                 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A statistics-only `norm` followed by a per-channel scale `weight` and shift `bias` `(C,)`."""
-    return lambda x: norm(x) * weight[None, :, None, None] + bias[None, :, None, None]
+    """A statistics-only `norm` followed by a per-channel scale `weight` and shift `bias` `(C,)`
+    (channels on dimension 1 of feature maps, on the last dimension of tokens)."""
+    def norm_then_affine(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return norm(x) * weight[None, :, None, None] + bias[None, :, None, None]
+        return norm(x) * weight + bias
+    return norm_then_affine
+
+
+def attention(x: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor, proj_w: torch.Tensor,
+              proj_b: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head self-attention of tokens `x` `(B, T, C)` with `heads` heads."""
+    b, t, c = x.shape
+    qkv = F.linear(x, qkv_w, qkv_b).view(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    att = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * (c // heads) ** -0.5, dim=-1)  # (B, H, T, T)
+    out = torch.matmul(att, v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+    return F.linear(out, proj_w, proj_b)
+
+
+def transformer_block(x: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor, proj_w: torch.Tensor,
+                      proj_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor,
+                      fc2_b: torch.Tensor, norm1: Norm, norm2: Norm, heads: int) -> torch.Tensor:
+    """Pre-norm transformer block on tokens `(B, T, C)`: `h = x + attn(norm1(x))`, then
+    `h + fc2(gelu(fc1(norm2(h))))`."""
+    h = x + attention(norm1(x), qkv_w, qkv_b, proj_w, proj_b, heads)  # (B, T, C)
+    return h + F.linear(F.gelu(F.linear(norm2(h), fc1_w, fc1_b)), fc2_w, fc2_b)
+
+
+class TransformerModule(nn.Module):
+    """One module of a transformer pool: the attention and MLP weights of a pre-norm block,
+    and optionally the affine parameters of its two layer norms.
+
+    Args:
+        channels: token width `C`.
+        heads: attention heads (`C` divisible by them).
+        mlp_ratio: the MLP's hidden width as a multiple of `C`.
+        residual_scale: the output projections start at this fraction of their initial
+            scale, so a deep stack starts close to the identity.
+        norm_affine: also own the scale and shift of both norms (`g1, b1, g2, b2`, each `(C,)`).
+    """
+
+    WEIGHTS = ("qkv_w", "qkv_b", "proj_w", "proj_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b")
+
+    def __init__(self, channels: int, heads: int = 4, mlp_ratio: int = 2, residual_scale: float = 0.5,
+                 norm_affine: bool = False):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        self.heads = heads
+        hidden = mlp_ratio * channels
+        self.qkv_w = nn.Parameter(torch.randn(3 * channels, channels) * channels ** -0.5)
+        self.qkv_b = nn.Parameter(torch.zeros(3 * channels))
+        self.proj_w = nn.Parameter(torch.randn(channels, channels) * channels ** -0.5 * residual_scale)
+        self.proj_b = nn.Parameter(torch.zeros(channels))
+        self.fc1_w = nn.Parameter(torch.randn(hidden, channels) * math.sqrt(2.0 / channels))
+        self.fc1_b = nn.Parameter(torch.zeros(hidden))
+        self.fc2_w = nn.Parameter(torch.randn(channels, hidden) * hidden ** -0.5 * residual_scale)
+        self.fc2_b = nn.Parameter(torch.zeros(channels))
+        if norm_affine:
+            self.g1, self.g2 = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.ones(channels))
+            self.b1, self.b2 = nn.Parameter(torch.zeros(channels)), nn.Parameter(torch.zeros(channels))
+
+    @property
+    def norm_affine(self) -> bool:
+        return hasattr(self, "g1")
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.WEIGHTS + (AFFINE if self.norm_affine else ())}
+
+    @staticmethod
+    def run(x: torch.Tensor, p: dict[str, torch.Tensor], norm1: Norm, norm2: Norm, heads: int = 4) -> torch.Tensor:
+        if "g1" in p:
+            norm1, norm2 = with_affine(norm1, p["g1"], p["b1"]), with_affine(norm2, p["g2"], p["b2"])
+        return transformer_block(x, *(p[n] for n in TransformerModule.WEIGHTS), norm1, norm2, heads)
+
+    def forward(self, x: torch.Tensor, norm1: Norm, norm2: Norm) -> torch.Tensor:
+        return self.run(x, self.params(), norm1, norm2, self.heads)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import pickle
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from isomod.baselines import IndependentNets, PlainResNet
 from isomod.data.cache import usual_mode
 from isomod.errors import CheckpointError, IsomodError
-from isomod.network import ModularNet, TaskModel
+from isomod.network import ModelConfig, ModularNet, TaskModel
 
 FORMAT = "isomod-checkpoint"
 VERSION = 1
@@ -163,9 +164,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tas
 
 
 def check_compatible(model: TaskModel, path: str | Path) -> None:
-    """Raise unless the checkpoint at `path` has the same kind, shape and tasks as `model`."""
+    """Raise unless the checkpoint at `path` has the same kind, shape and tasks as `model`
+    (a shape option the checkpoint predates counts as its default)."""
     config = read_config(path)
     mine = json.loads(json.dumps({"kind": type(model).__name__, **model.to_config()}))
+    if isinstance(config.get("model"), dict):
+        defaults = json.loads(json.dumps(asdict(ModelConfig())))
+        config["model"] = {**defaults, **config["model"]}
     for key in ("kind", "model", "tasks"):
         if config.get(key) != mine.get(key):
             raise CheckpointError(

@@ -14,12 +14,14 @@ computed once and stored as that step's own block, its second norm folded in.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from isomod.blocks import attention
 from isomod.data.cache import write_atomic
 from isomod.errors import IsomodError
 from isomod.network import ModularNet
@@ -92,29 +94,102 @@ class StaticNet(nn.Module):
         return self.head(F.relu(self.final_norm(h)).mean(dim=(2, 3)))  # (B, K)
 
 
+class StaticTransformerStep(nn.Module):
+    """A pre-norm transformer block with given, possibly shared, weights and fixed layer-norm
+    scales and shifts."""
+
+    def __init__(self, weights: list[nn.Parameter], ln1: tuple[torch.Tensor, torch.Tensor],
+                 ln2: tuple[torch.Tensor, torch.Tensor], heads: int, eps: float):
+        super().__init__()
+        self.qkv_w, self.qkv_b, self.proj_w, self.proj_b, self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b = weights
+        for name, value in (("ln1_w", ln1[0]), ("ln1_b", ln1[1]), ("ln2_w", ln2[0]), ("ln2_b", ln2[1])):
+            self.register_buffer(name, value.detach().clone())
+        self.heads, self.eps = heads, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1]
+        a = F.layer_norm(x, [c], self.ln1_w, self.ln1_b, self.eps)
+        h = x + attention(a, self.qkv_w, self.qkv_b, self.proj_w, self.proj_b, self.heads)
+        m = F.layer_norm(h, [c], self.ln2_w, self.ln2_b, self.eps)
+        return h + F.linear(F.gelu(F.linear(m, self.fc1_w, self.fc1_b)), self.fc2_w, self.fc2_b)
+
+
+class StaticViT(nn.Module):
+    """patch embedding -> the route's transformer steps -> layer norm, mean over tokens -> head."""
+
+    def __init__(self, stem: nn.Module, steps: list[StaticTransformerStep], final_norm: nn.LayerNorm, head: nn.Linear,
+                 route: list[int], soft: bool = False):
+        super().__init__()
+        self.soft = soft
+        self.stem = stem
+        self.steps = nn.ModuleList(steps)
+        self.final_norm = final_norm
+        self.head = head
+        self.route = route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)  # (B, T, C)
+        for step in self.steps:
+            h = step(h)
+        return self.head(self.final_norm(h).mean(dim=1))  # (B, K)
+
+
+def _layer_norm_affine(norm: nn.LayerNorm, affine: Affine) -> tuple[torch.Tensor, torch.Tensor]:
+    if affine is not None:
+        return affine
+    if norm.weight is None:
+        return torch.ones(norm.normalized_shape), torch.zeros(norm.normalized_shape)
+    return norm.weight, norm.bias
+
+
+def _transformer_steps(model: ModularNet, branch, choice: list[int] | None) -> list[StaticTransformerStep]:
+    """Discrete (`choice`): each module's weights stored once however often it runs; soft:
+    each step's mixed weights."""
+    from isomod.blocks import TransformerModule
+
+    mixed = model.mixed_params(branch.route) if choice is None else None
+    shared: dict[int, list[nn.Parameter]] = {}
+    steps = []
+    for l in range(branch.route.steps):
+        if choice is None:
+            params = {name: m[l] for name, m in mixed.items()}
+            weights = [nn.Parameter(params[n].detach().clone()) for n in TransformerModule.WEIGHTS]
+        else:
+            params = dict(model.pool.blocks[choice[l]].named_parameters())
+            weights = shared.setdefault(choice[l], [nn.Parameter(params[n].detach().clone())
+                                                    for n in TransformerModule.WEIGHTS])
+        affine1, affine2 = _affines(params)
+        norm1, norm2 = branch.norms[2 * l], branch.norms[2 * l + 1]
+        steps.append(StaticTransformerStep(weights, _layer_norm_affine(norm1, affine1),
+                                           _layer_norm_affine(norm2, affine2), model.config.heads, norm1.eps))
+    return steps
+
+
 @torch.no_grad()
-def export_task(model: ModularNet, task: str) -> StaticNet:
-    """`task`'s network as a StaticNet in eval mode, computing what `model(x, task)` computes
-    in eval mode (to float rounding where norms are folded); a soft route needs weight mixing."""
+def export_task(model: ModularNet, task: str) -> StaticNet | StaticViT:
+    """`task`'s network as a StaticNet (a StaticViT for transformer blocks) in eval mode,
+    computing what `model(x, task)` computes in eval mode (to float rounding where norms are
+    folded); a soft route needs weight mixing."""
     model.require_routes("export")
     route = model.route(task)
     branch = model.branch(task)
-    if route.is_discrete:
-        choice = route.indices()
-        steps = _discrete_steps(model, branch, choice)
-    elif model.config.mixing == "weight":
-        choice = route.indices()  # the argmax per step, for display; every step runs its mixture
-        steps = _mixed_steps(model, branch)
-    else:
+    if not route.is_discrete and model.config.mixing != "weight":
         raise IsomodError(f"task {task!r} has a soft route under output mixing, which runs every module at each "
                           "step; discretise it first (model.discretize(task)) or use weight mixing")
+    choice = route.indices()  # for a soft route, the argmax per step, for display; every step runs its mixture
+    source = model.head_of(task)
     device = model.stem.weight.device
+    head = nn.Linear(source.in_features, source.out_features).to(device)
+    head.load_state_dict(source.state_dict())
+    if model.config.block == "transformer":
+        steps = _transformer_steps(model, branch, choice if route.is_discrete else None)
+        final = copy.deepcopy(branch.norms[-1])
+        net = StaticViT(copy.deepcopy(model.stem), steps, final, head, choice, soft=not route.is_discrete)
+        return net.to(device).eval().requires_grad_(False)
+    steps = _discrete_steps(model, branch, choice) if route.is_discrete else _mixed_steps(model, branch)
     stem = nn.Conv2d(model.stem.in_channels, model.stem.out_channels, model.stem.kernel_size, model.stem.stride,
                      model.stem.padding).to(device)
     stem.load_state_dict(model.stem.state_dict())
-    source = model.head_of(task)
-    head = nn.Linear(source.in_features, source.out_features).to(device)
-    head.load_state_dict(source.state_dict())
     net = StaticNet(stem, steps, branch.norms[-1], head, choice, soft=not route.is_discrete).to(device)
     return net.eval().requires_grad_(False)
 

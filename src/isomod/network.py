@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isomod.blocks import residual_block, residual_branch, with_affine
+from isomod.blocks import residual_branch, with_affine
 from isomod.distributed import BatchNorm
 from isomod.config import check_value, from_dict
 from isomod.errors import IsomodError, check_choice, check_choices
-from isomod.pool import ModulePool
+from isomod.pool import BLOCKS, ModulePool
 from isomod.route import ROUTE_INITS, Route
 from isomod.spec import TaskSpec
 
@@ -58,6 +58,14 @@ class ModelConfig:
             (each task's step, with the statistics) or `module` (each module, mixed by the
             route with its weights; the steps keep only statistics). The norm before the
             head always belongs to the task.
+        block: the modules' kind: `conv` (residual convolution blocks on feature maps, batch
+            norms) or `transformer` (pre-norm self-attention and MLP blocks on the tokens of
+            `stem_stride` x `stem_stride` patches, layer norms, a learned position embedding,
+            mean pooling before the head).
+        heads: attention heads of transformer blocks.
+        mlp_ratio: the MLP width of transformer blocks, as a multiple of `channels`.
+        image_size: the side of the square images a transformer's position embedding covers
+            (`(image_size / stem_stride)^2` tokens); convolution blocks take any size.
     """
 
     in_channels: int = 1
@@ -72,31 +80,84 @@ class ModelConfig:
     residual_scale: float = 0.5
     output_threshold: float = 1e-4
     norm_affine: str = "step"
+    block: str = "conv"
+    heads: int = 4
+    mlp_ratio: int = 2
+    image_size: int = 28
 
     def __post_init__(self):
         check_choice("mixing", self.mixing, MIXINGS)
         check_choice("norm affine owner", self.norm_affine, NORM_AFFINES)
         check_choice("route init", self.route_init, ROUTE_INITS)
-        for name in ("in_channels", "channels", "num_modules", "steps", "stem_stride"):
+        check_choice("block", self.block, BLOCKS)
+        for name in ("in_channels", "channels", "num_modules", "steps", "stem_stride", "heads", "mlp_ratio",
+                     "image_size"):
             if getattr(self, name) < 1:
                 raise IsomodError(f"model config {name} must be >= 1, got {getattr(self, name)}")
+        if self.block == "transformer":
+            if self.channels % self.heads:
+                raise IsomodError(f"a transformer's channels ({self.channels}) must be divisible by its heads "
+                                  f"({self.heads})")
+            if self.image_size % self.stem_stride:
+                raise IsomodError(f"a transformer's image size ({self.image_size}) must be a multiple of its patch "
+                                  f"size (stem_stride {self.stem_stride})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return from_dict(cls, data, "model config")
 
 
-def make_stem(config: ModelConfig) -> nn.Conv2d:
-    """A 3x3 convolution for strides 1 and 2, a patchify convolution for larger strides."""
+class PatchEmbed(nn.Module):
+    """A transformer's stem: `patch` x `patch` patches projected to `channels`, plus a learned
+    position embedding: images `(B, C_in, S, S)` -> tokens `(B, (S / patch)^2, channels)`."""
+
+    def __init__(self, in_channels: int, channels: int, patch: int, image_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, channels, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, channels) * 0.02)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The patch projection's weight (where the stem's device and dtype are read)."""
+        return self.proj.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, C)
+
+
+def make_stem(config: ModelConfig) -> nn.Module:
+    """Convolution blocks: a 3x3 convolution for strides 1 and 2, a patchify convolution for
+    larger strides. Transformer blocks: patches and a position embedding (`PatchEmbed`)."""
     s = config.stem_stride
+    if config.block == "transformer":
+        return PatchEmbed(config.in_channels, config.channels, s, config.image_size)
     if s <= 2:
         return nn.Conv2d(config.in_channels, config.channels, 3, stride=s, padding=1)
     return nn.Conv2d(config.in_channels, config.channels, s, stride=s)
 
 
-def make_norm(channels: int, affine: bool = True) -> nn.Module:
-    """Batch norm whose statistics cover the global batch under data parallelism."""
-    return BatchNorm(channels, affine=affine)
+def make_norm(config_or_channels: "ModelConfig | int", affine: bool = True) -> nn.Module:
+    """Convolution blocks: batch norm whose statistics cover the global batch under data
+    parallelism. Transformer blocks: layer norm over each token's channels."""
+    if isinstance(config_or_channels, int):
+        return BatchNorm(config_or_channels, affine=affine)
+    if config_or_channels.block == "transformer":
+        return nn.LayerNorm(config_or_channels.channels, elementwise_affine=affine)
+    return BatchNorm(config_or_channels.channels, affine=affine)
+
+
+def make_pool(config: ModelConfig, num_modules: int | None = None) -> ModulePool:
+    return ModulePool(num_modules or config.num_modules, config.channels, config.kernel_size, config.residual_scale,
+                      norm_affine=config.norm_affine == "module", block=config.block, heads=config.heads,
+                      mlp_ratio=config.mlp_ratio)
+
+
+def pooled(config: ModelConfig, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """The features the head reads `(B, C)`: the final norm, then the mean over positions
+    (after a ReLU for feature maps; over tokens for a transformer)."""
+    if config.block == "transformer":
+        return norm(h).mean(dim=1)
+    return F.relu(norm(h)).mean(dim=(2, 3))
 
 
 class TaskBranch(nn.Module):
@@ -108,8 +169,8 @@ class TaskBranch(nn.Module):
         super().__init__()
         self.route = Route(config.steps, num_modules, config.route_init, config.route_init_scale)
         step_affine = config.norm_affine == "step"
-        self.norms = nn.ModuleList([make_norm(config.channels, step_affine) for _ in range(2 * config.steps)]
-                                   + [make_norm(config.channels)])
+        self.norms = nn.ModuleList([make_norm(config, step_affine) for _ in range(2 * config.steps)]
+                                   + [make_norm(config)])
         self.head = None if spec.label_space else nn.Linear(config.channels, spec.num_classes)
 
 
@@ -140,7 +201,16 @@ class TaskModel(nn.Module):
             raise IsomodError(f"unknown task {task!r}; this model has: {known}")
         return self.specs[task]
 
-    def check_spec(self, spec: TaskSpec, in_channels: int) -> None:
+    def check_spec(self, spec: TaskSpec, config: "ModelConfig | int") -> None:
+        """Refuse, in one line, a task this model cannot take (a name it has, another channel
+        count, a label space of another class count, an image size a transformer does not
+        cover)."""
+        in_channels = config if isinstance(config, int) else config.in_channels
+        if not isinstance(config, int) and config.block == "transformer" and \
+                tuple(spec.input_shape[1:]) != (config.image_size,) * 2:
+            raise IsomodError(f"task {spec.name!r} has {spec.input_shape[1]}x{spec.input_shape[2]} images; this "
+                              f"transformer's position embedding covers {config.image_size}x{config.image_size} "
+                              "(ModelConfig.image_size)")
         if spec.name in self.specs:
             raise IsomodError(f"task {spec.name!r} already exists in this model")
         if not spec.name or "." in spec.name:
@@ -239,9 +309,13 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
-def check_input(x: torch.Tensor, in_channels: int) -> None:
+def check_input(x: torch.Tensor, config: "ModelConfig | int") -> None:
+    in_channels = config if isinstance(config, int) else config.in_channels
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise IsomodError(f"expected input (B, {in_channels}, H, W), got {tuple(x.shape)}")
+    if not isinstance(config, int) and config.block == "transformer" and tuple(x.shape[2:]) != (config.image_size,) * 2:
+        raise IsomodError(f"expected {config.image_size}x{config.image_size} images (this transformer's position "
+                          f"embedding covers that size), got {x.shape[2]}x{x.shape[3]}")
 
 
 class ModularNet(TaskModel):
@@ -263,10 +337,8 @@ class ModularNet(TaskModel):
     def __init__(self, config: ModelConfig, tasks: list[TaskSpec] = ()):
         super().__init__()
         self.config = config
-        c = config.channels
         self.stem = make_stem(config)
-        self.pool = ModulePool(config.num_modules, c, config.kernel_size, config.residual_scale,
-                               norm_affine=config.norm_affine == "module")
+        self.pool = make_pool(config)
         self.tasks = nn.ModuleDict()
         self.heads = nn.ModuleDict()  # label space -> the head its domains share
         self.specs: dict[str, TaskSpec] = {}
@@ -283,7 +355,7 @@ class ModularNet(TaskModel):
                 new task starts as a copy of; the route can then be given another start
                 (`route(name).start_at(...)`).
         """
-        self.check_spec(spec, self.config.in_channels)
+        self.check_spec(spec, self.config)
         source = self.branch(start_from) if start_from is not None else None
         device = self.stem.weight.device
         branch = TaskBranch(spec, self.config, len(self.pool)).to(device)
@@ -344,8 +416,8 @@ class ModularNet(TaskModel):
         training); gradients still reach the logits.
         """
         branch = self.branch(task)
-        check_input(x, self.config.in_channels)
-        h = self.stem(x)  # (B, C, H', W')
+        check_input(x, self.config)
+        h = self.stem(x)  # (B, C, H', W'), or tokens (B, T, C)
         route, norms = branch.route, branch.norms
         order = None if step_order is None else step_order.to(route.choice.device)
         if route.is_discrete:
@@ -355,17 +427,13 @@ class ModularNet(TaskModel):
         elif self.config.mixing == "weight":
             mixed = self.mixed_params(route, order)
             for l in range(route.steps):
-                norm1, norm2 = norms[2 * l], norms[2 * l + 1]
-                if self.pool.norm_affine:
-                    norm1 = with_affine(norm1, mixed["g1"][l], mixed["b1"][l])
-                    norm2 = with_affine(norm2, mixed["g2"][l], mixed["b2"][l])
-                h = residual_block(h, mixed["w1"][l], mixed["w2"][l], norm1, norm2)
+                h = self.pool.run(h, {name: m[l] for name, m in mixed.items()}, norms[2 * l], norms[2 * l + 1])
         else:
             w = route.weights() if order is None else route.weights()[order]  # (L, N)
+            mix = self._output_mix if self.config.block == "conv" else self._output_mix_blocks
             for l in range(route.steps):
-                h = self._output_mix(h, w[l], norms[2 * l], norms[2 * l + 1])
-        h = F.relu(norms[-1](h))
-        return h.mean(dim=(2, 3))  # (B, C)
+                h = mix(h, w[l], norms[2 * l], norms[2 * l + 1])
+        return pooled(self.config, h, norms[-1])  # (B, C)
 
     def mixed_params(self, route: Route, step_order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every module parameter mixed by a soft route's weights at each step: `w1, w2`
@@ -401,6 +469,13 @@ class ModularNet(TaskModel):
             out = out + (w[n] / total) * residual_branch(a_n, block.w1, block.w2, norm2_n)
         return h + out
 
+    def _output_mix_blocks(self, h: torch.Tensor, w: torch.Tensor, norm1: nn.Module, norm2: nn.Module) -> torch.Tensor:
+        # Exact soft ordering of whole blocks: every module with a non-negligible weight runs
+        # on the same input, their outputs mixed by the renormalised kept weights.
+        keep = (w > self.config.output_threshold).nonzero().flatten().tolist()
+        total = w[keep].sum()
+        return sum((w[n] / total) * self.pool.blocks[n](h, norm1, norm2) for n in keep)
+
     def forward_head(self, h: torch.Tensor, task: str) -> torch.Tensor:
         return self.head_of(task)(h)  # (B, K)
 
@@ -421,8 +496,11 @@ class ModularNet(TaskModel):
     @torch.no_grad()
     def estimate_stats(self, task: str, x: torch.Tensor, batch_size: int = 256) -> None:
         """Replace the running statistics of `task`'s norms by their average over the uint8
-        images `x` under its route (AdaBN); nothing else changes."""
-        norms = list(self.branch(task).norms)
+        images `x` under its route (AdaBN); nothing else changes. Layer norms (a transformer's)
+        keep no statistics: for them this does nothing."""
+        norms = [m for m in self.branch(task).norms if getattr(m, "track_running_stats", False)]
+        if not norms:
+            return
         saved = [m.momentum for m in norms]
         device = self.stem.weight.device
         with self.evaluating():

@@ -1,4 +1,5 @@
-"""ModulePool: the `N` interchangeable residual modules a model owns."""
+"""ModulePool: the `N` interchangeable modules a model owns (residual convolution blocks or
+transformer blocks, all of one shape)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from isomod.blocks import ResidualModule
+from isomod.blocks import AFFINE, ResidualModule, TransformerModule
 from isomod.errors import IsomodError
+
+BLOCKS = ("conv", "transformer")
 
 
 class ModulePool(nn.Module):
-    """A list of residual modules of one shape, with add / freeze / remove.
+    """A list of modules of one shape, with add / freeze / remove.
 
     Modules are kept as separate parameters (not one stacked tensor) so that freezing
     one module is `requires_grad=False` on its own tensors; `stacked()` builds the
@@ -22,12 +25,15 @@ class ModulePool(nn.Module):
         num_modules: initial pool size `N`.
         channels: block width `C`.
         kernel_size: convolution size `k`.
-        residual_scale: initial scale of each module's second convolution.
+        residual_scale: initial scale of each module's last layer (the second convolution,
+            or the attention's and the MLP's output projections).
         norm_affine: every module also owns its norms' affine parameters.
+        block: `conv` (residual convolution blocks) or `transformer` (pre-norm blocks).
+        heads, mlp_ratio: attention heads and MLP width of transformer blocks.
     """
 
     def __init__(self, num_modules: int, channels: int, kernel_size: int = 3, residual_scale: float = 0.5,
-                 norm_affine: bool = False):
+                 norm_affine: bool = False, block: str = "conv", heads: int = 4, mlp_ratio: int = 2):
         super().__init__()
         if num_modules < 1:
             raise IsomodError(f"a pool needs at least 1 module, got {num_modules}")
@@ -35,6 +41,7 @@ class ModulePool(nn.Module):
         self.kernel_size = kernel_size
         self.residual_scale = residual_scale
         self.norm_affine = norm_affine
+        self.block, self.heads, self.mlp_ratio = block, heads, mlp_ratio
         self.blocks = nn.ModuleList(self._new_module() for _ in range(num_modules))
         self._stack_cache: tuple | None = None
 
@@ -45,13 +52,26 @@ class ModulePool(nn.Module):
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def _new_module(self) -> ResidualModule:
+    def _new_module(self) -> nn.Module:
+        if self.block == "transformer":
+            return TransformerModule(self.channels, self.heads, self.mlp_ratio, self.residual_scale, self.norm_affine)
         return ResidualModule(self.channels, self.kernel_size, self.residual_scale, self.norm_affine)
 
     @property
+    def module_class(self) -> type:
+        return TransformerModule if self.block == "transformer" else ResidualModule
+
+    @property
     def param_names(self) -> tuple[str, ...]:
-        """What each module owns: `w1, w2`, plus `g1, b1, g2, b2` with norm affine parameters."""
-        return ("w1", "w2", "g1", "b1", "g2", "b2") if self.norm_affine else ("w1", "w2")
+        """What each module owns: its weights (`w1, w2` of a convolution block), plus
+        `g1, b1, g2, b2` with norm affine parameters."""
+        return self.module_class.WEIGHTS + (AFFINE if self.norm_affine else ())
+
+    def run(self, x: torch.Tensor, params: dict[str, torch.Tensor], norm1, norm2) -> torch.Tensor:
+        """The pool's block on `x` with the given weights (one module's, or a mixture's)."""
+        if self.block == "transformer":
+            return TransformerModule.run(x, params, norm1, norm2, self.heads)
+        return ResidualModule.run(x, params, norm1, norm2)
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """Every module parameter stacked over the pool, by name: `w1` and `w2` `(N, C, C, k, k)`,
@@ -83,7 +103,7 @@ class ModulePool(nn.Module):
     def add(self, count: int = 1) -> list[int]:
         """Append `count` freshly initialised, trainable modules; returns their indices."""
         start = len(self)
-        device = self.blocks[0].w1.device
+        device = next(self.blocks[0].parameters()).device
         for _ in range(count):
             self.blocks.append(self._new_module().to(device))
         return list(range(start, start + count))
@@ -98,7 +118,7 @@ class ModulePool(nn.Module):
             self.blocks[i].requires_grad_(True)
 
     def frozen(self) -> list[bool]:
-        return [not b.w1.requires_grad for b in self.blocks]
+        return [not next(b.parameters()).requires_grad for b in self.blocks]
 
     def remove(self, index: int) -> None:
         """Delete module `index`; the modules after it move down by one."""

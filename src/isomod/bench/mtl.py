@@ -87,12 +87,12 @@ class MtlConfig:
 
 
 def rows_for(method: str, model: TaskModel, accs: dict[str, float], seed: int, metric: str = "test_acc") -> list[Row]:
-    total = model.param_count()
+    total, block = model.param_count(), model.config.block
     rows = [Row(method, t, metric, round(a, 5), {"params_total": total, "params_task": model.task_param_count(t),
-                                                 "seed": seed}) for t, a in accs.items()]
+                                                 "seed": seed, "block": block}) for t, a in accs.items()]
     rows.append(Row(method, "mean", metric, round(float(np.mean(list(accs.values()))), 5),
                     {"params_total": total, "params_task": int(np.mean([r.fields["params_task"] for r in rows])),
-                     "seed": seed}))
+                     "seed": seed, "block": block}))
     return rows
 
 
@@ -101,7 +101,7 @@ def diagnostic_rows(method: str, model: TaskModel, tasks: dict[str, TaskData], s
     """Whether the routes carry the tasks (see `isomod.diagnostics`): the mean route
     distance, the cross-route matrix's diagonal and off-diagonal means, and each task's
     accuracy with its route's steps shuffled; and the cross-route matrix itself."""
-    common = {"params_total": model.param_count(), "seed": seed}
+    common = {"params_total": model.param_count(), "seed": seed, "block": model.config.block}
     d = diagnostics.summary(model, tasks, seed=seed)
     shuffled = d["shuffled"]
     rows = [Row(method, "mean", "route_distance", round(d["route_distance"], 5), common)]

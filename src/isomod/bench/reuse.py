@@ -175,7 +175,7 @@ def train_one(method: str, n: int, steps: int, seed: int, base: ModelConfig, tra
     model, accs = train_modular(out / "runs" / name, [data], shape, budget, seed, progress,
                                 routes={data.name: pattern} if pattern else None)
     seconds = round(time.time() - t0, 1)
-    common = {"N": n, "L": steps, "params_total": model.param_count(),
+    common = {"N": n, "L": steps, "block": shape.block, "params_total": model.param_count(),
               "params_task": model.task_param_count(data.name), "seed": seed}
     rows = [Row(method, data.name, "test_acc", round(accs[data.name], 5), common),
             Row(method, data.name, "macs", macs_per_image(model, data.name), common)]

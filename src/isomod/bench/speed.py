@@ -319,8 +319,11 @@ def measure(config: "SpeedBenchConfig", progress: bool) -> list[Row]:
     say = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
     peak = peak_macs_per_s(config.speed, device)
     say(f"a {1024 if device.type == 'cpu' else 4096}-square matmul: {peak / 1e9:.2f} G multiply-adds/s")
-    return (measure_training(config, device, peak, say) + measure_multitask(config, device, say)
+    rows = (measure_training(config, device, peak, say) + measure_multitask(config, device, say)
             + measure_inference(config, device, say))
+    for row in rows:
+        row.fields["block"] = config.model.block
+    return rows
 
 
 def describe(config: "SpeedBenchConfig", inputs: dict) -> dict:

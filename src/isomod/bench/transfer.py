@@ -185,7 +185,7 @@ def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, s
     res = transfer(base, task, method, cfg, source=source, progress=progress, **options)
     seconds = round(time.time() - t0, 1)
     fields = {"shots": label, "params_total": params + res.params_task, "params_task": res.params_task,
-              "seed": seed, "source": source, "regime": regime_name, **res.info}
+              "seed": seed, "source": source, "regime": regime_name, "block": base.config.block, **res.info}
     route = None
     if res.route_steps_changed is not None:
         fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change)
