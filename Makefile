@@ -23,8 +23,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/isomod demo --out runs/demo
 
+# Two workers, a file each at a time (module fixtures are built once per file), one thread each.
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # `make bench-mtl` runs `isomod bench mtl --out runs/bench-mtl`, and so on.
 $(BENCHES): bench-%: $(VENV)/.installed

@@ -1,18 +1,23 @@
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from isomod.data import glyphs
-from isomod.data.tasks import from_arrays
+from isomod.data.tasks import TaskData, from_arrays, load_task
+from isomod.network import ModelConfig, ModularNet
+from isomod.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     """Generated data goes to a private cache, never the user's."""
     os.environ["ISOMOD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Under pytest-xdist each worker takes one thread: two workers with two threads each on
+    # two cores would run many times slower than one.
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def glyph_task(script: str, train: int = 60, test: int = 15):
@@ -22,8 +27,6 @@ def glyph_task(script: str, train: int = 60, test: int = 15):
 @pytest.fixture(scope="session")
 def digit_tasks():
     """Two real tasks with in-distribution test sets: MNIST (a subset) and UCI digits."""
-    from isomod.data.tasks import TaskData, load_task
-
     mnist, uci = load_task("mnist"), load_task("uci-digits")
     g = torch.Generator().manual_seed(0)  # the split is ordered by class: draw at random
     tr, te = torch.randperm(len(mnist.y_train), generator=g)[:1500], torch.randperm(len(mnist.y_test), generator=g)[:500]
@@ -34,6 +37,35 @@ def digit_tasks():
 @pytest.fixture(scope="session")
 def two_tasks():
     return [glyph_task("digits"), glyph_task("hebrew")]
+
+
+# --- digits5 domains and a two-source model, for the adaptation tests -----------------------
+SMALL = ModelConfig(in_channels=3, channels=8, num_modules=3, steps=3, route_init="permutation")
+QUICK_ADAPT = TrainConfig(steps=12, batch_size=32, lr=1e-3, lr_routes=5e-2, warmup_steps=2, augment=False,
+                          checkpoint_every=0, discretize_at=0.5)
+
+
+def subset(task: TaskData, n_train: int, n_test: int) -> TaskData:
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(len(task.y_train), generator=g)[:n_train]
+    te = torch.randperm(len(task.y_test), generator=g)[:n_test]
+    return TaskData(task.spec, task.x_train[tr], task.y_train[tr], task.x_test[te], task.y_test[te])
+
+
+@pytest.fixture(scope="session")
+def domains():
+    return {d: subset(load_task(f"digits5/{d}"), 600, 300) for d in ("mnist", "synth", "uci")}
+
+
+@pytest.fixture(scope="session")
+def sources_model(domains):
+    torch.manual_seed(0)
+    sources = [domains["mnist"], domains["synth"]]
+    model = ModularNet(replace(SMALL, channels=16), [t.spec for t in sources])
+    Trainer(model, sources, TrainConfig(steps=500, batch_size=64, lr=5e-3, lr_heads=5e-3, warmup_steps=5,
+                                        checkpoint_every=0), progress=False).fit()
+    return model.eval()
+
 
 
 def write_npz(path, n_train=40, n_test=20, classes=3, shape=(12, 12), seed=0, **override):

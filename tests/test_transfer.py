@@ -80,7 +80,7 @@ def test_transfer_cli(tmp_path, capsys):
     rgb = str(write_npz(tmp_path / "rgb.npz", shape=(16, 16, 3)))
     for extra, message in [(["--task", b, "--shots", "50"], "--shots 50 is outside 1..10: the smallest class"),
                            (["--task", b, "--source", "greek"], "unknown task 'greek'; this model has: a"),
-                           (["--task", rgb], "task 'rgb' has 3-channel inputs; this model's stem takes 1")]:
+                           (["--task", rgb], "rgb.npz holds 3x16x16 images; this model's tasks take 1x16x16")]:
         assert main(["transfer", "--from", str(tmp_path / "pre" / "checkpoint"), *extra,
                      "--out", str(tmp_path / "tr2"), *tiny]) == 2
         err = capsys.readouterr().err

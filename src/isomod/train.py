@@ -512,6 +512,7 @@ class Trainer:
         run = None
         try:
             run = self.start(resume, force, extend)
+            self._catch_signals()
             while self.step < self.config.steps:
                 if self.step == self.route_schedule.discretize_step and self._discretize(run.bar):
                     break
@@ -522,6 +523,7 @@ class Trainer:
             self._save(run)
             return self._evaluate(run.bar)
         finally:
+            self._release_signals()
             self.finish(run)
 
     def _interrupt(self, run: _Run) -> None:
@@ -597,17 +599,15 @@ class Trainer:
                       + (f"; {self._extension}" if self._extension else ""), file=sys.stderr, flush=True)
         distributed.broadcast_module(self.model)
         distributed.broadcast_module(self.objective)
-        self._catch_signals()
         return run
 
     def finish(self, run: _Run | None) -> None:
-        """Close the progress bar and the log; put back the flags, modes and signal handlers
-        `start` changed; unlock the run folder."""
+        """Close the progress bar and the log; put back the flags and modes `start` changed;
+        unlock the run folder."""
         if run is not None and run.bar is not None:
             run.bar.close()
         self.log.close()
         self._restore()
-        self._release_signals()
         if self._lock is not None:
             self._lock.__exit__(None, None, None)
             self._lock = None
