@@ -14,7 +14,10 @@ from isomod.train import TrainConfig, Trainer
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     """Generated data goes to a private cache, never the user's."""
-    os.environ["ISOMOD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    # One cache for every xdist worker (generated data is written atomically, and the same).
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ["ISOMOD_CACHE"] = str(shared / "isomod-cache")
     # Under pytest-xdist each worker takes one thread: two workers with two threads each on
     # two cores would run many times slower than one.
     torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
