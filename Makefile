@@ -12,8 +12,7 @@ $(BIN)/python:
 
 # Re-install only when the package metadata changed (the install is editable).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q torch==2.13.0 -e .
 	touch $@
 
 # One pip run for everything the tests need (a fresh clone's `make test` resolves once).
