@@ -53,6 +53,8 @@ class MtlConfig:
         validation: hold out this fraction of every task's training images and report
             accuracy on them (`val_acc`) instead of the test split: the split on which
             hyper-parameters are chosen. 0 reports `test_acc`.
+        diagnostics_images: the route diagnostics score this many test images of each task
+            (a fixed random sample; 0: all of them).
         jobs: training runs side by side, each in its own process with an equal share
             of the threads (the thread count changes a run's numbers: `environment`
             in `results.json` records it).
@@ -71,6 +73,7 @@ class MtlConfig:
     methods: list[str] = field(default_factory=lambda: ["modular", "independent", "shared_trunk"])
     modules: int = 0
     validation: float = 0.0
+    diagnostics_images: int = 0
     jobs: int = 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=32, num_modules=16, steps=8, stem_stride=4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -82,6 +85,8 @@ class MtlConfig:
             raise IsomodError(f"modules must be >= 0 (0: each regime's own pool size), got {self.modules}")
         if not 0 <= self.validation < 1:
             raise IsomodError(f"validation must lie in [0, 1), got {self.validation}")
+        if self.diagnostics_images < 0:
+            raise IsomodError(f"diagnostics_images must be >= 0 (0: all), got {self.diagnostics_images}")
         check_jobs(self.jobs)
         check_seeds(self.seeds)
 
@@ -173,8 +178,17 @@ def train_one(method: str, seed: int, config: MtlConfig, tasks: list[TaskData], 
     routes = {"discrete": {n: model.route(n).indices() for n in model.task_names},
               "soft_at_discretize": trainer.soft_usage,
               "final": {n: w.tolist() for n, w in model.usage().items()}}
-    diag, routes["cross_route"] = diagnostic_rows(method, model, {t.name: t for t in tasks}, seed)
+    probe = {t.name: sample_test(t, config.diagnostics_images) for t in tasks}
+    diag, routes["cross_route"] = diagnostic_rows(method, model, probe, seed)
     return method, seed, rows + diag, routes, seconds
+
+
+def sample_test(task: TaskData, images: int) -> TaskData:
+    """`task` with a fixed random `images` of its test images (all of them when 0)."""
+    if not 0 < images < len(task.y_test):
+        return task
+    keep = torch.randperm(len(task.y_test), generator=torch.Generator().manual_seed(0))[:images]
+    return replace(task, x_test=task.x_test[keep], y_test=task.y_test[keep])
 
 
 def diagnostics_table(rows: list[dict]) -> str:
