@@ -317,7 +317,7 @@ def regime_view(results: dict, regime_name: str) -> dict:
 
 def summary_block(results: dict) -> str:
     """What `isomod report --docs` writes into docs/results/transfer.md: per pool regime,
-    the accuracy table and the paired comparisons."""
+    the accuracy table and the paired comparisons; then what each added number buys."""
     names = regimes_of(results)
     parts = []
     for name in names:
@@ -327,7 +327,49 @@ def summary_block(results: dict) -> str:
         if len(names) > 1:
             parts.append(f"#### Pools of the `{name}` regime")
         parts += [p for p in (markdown_table(view), comparisons(view)) if p]
-    return "\n\n".join(parts)
+    return "\n\n".join(parts + [numbers_table(results)]).rstrip()
+
+
+def numbers_rows(results: dict) -> list[dict]:
+    """Per pool regime, shot count and method: the mean accuracy over held-out tasks (each
+    the mean over seeds), the mean numbers the task added besides its head, and the gain over
+    the linear probe (`head_only`) of the same pool, in points and per thousand numbers."""
+    out = []
+    for name in regimes_of(results):
+        s = summary(regime_view(results, name)["rows"])
+        head = {}
+        for (m, t), p in s["params"].items():
+            if m == "head_only":
+                head[t] = p
+        for shots in results["config"]["shots"]:
+            methods = dict.fromkeys(m for (m, t, k) in s["acc"] if k == shots)
+            probe = [s["acc"][("head_only", t, shots)] for (m, t, k) in s["acc"] if m == "head_only" and k == shots]
+            for m in methods:
+                tasks = [t for (mm, t, k) in s["acc"] if mm == m and k == shots]
+                acc = float(np.mean([s["acc"][(m, t, shots)] for t in tasks]))
+                extra = float(np.mean([s["params"][(m, t)] - head.get(t, 0) for t in tasks]))
+                gain = acc - float(np.mean(probe)) if probe else None
+                out.append({"regime": name, "shots": shots, "method": m, "acc": acc, "numbers": extra, "gain": gain,
+                            "gain_per_k": None if gain is None or extra <= 0 else 1000 * gain / extra})
+    return out
+
+
+def numbers_table(results: dict) -> str:
+    found = [o for o in numbers_rows(results) if o["method"] not in ("finetune", "scratch") or o["numbers"] > 0]
+    if not found:
+        return ""
+    lines = ["#### What each added number buys", "",
+             "Mean accuracy over the held-out tasks against the numbers a method adds besides a new head (mean over "
+             "tasks and seeds), and its gain over the linear probe of the same pool (`head_only`), in points and per "
+             "thousand numbers.", "",
+             "| pool | shots | method | numbers besides the head | accuracy | gain over head_only | per 1,000 numbers |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for o in sorted(found, key=lambda o: (o["regime"], str(o["shots"]), o["numbers"])):
+        gain = "" if o["gain"] is None else f"{100 * o['gain']:+.1f}"
+        per = "" if o["gain_per_k"] is None else f"{100 * o['gain_per_k']:+.3f}"
+        lines.append(f"| {o['regime']} | {o['shots']} | {o['method']} | {o['numbers']:,.0f} | {100 * o['acc']:.1f} | "
+                     f"{gain} | {per} |")
+    return "\n".join(lines)
 
 
 def route_changes(rows: list[dict]) -> list[str]:
@@ -434,28 +476,34 @@ TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "route_head": ("P", "tab:orang
 
 
 def plot_transfer(rows: list[dict], path: Path) -> Path:
-    """Test accuracy against the parameters a task added (log scale), one panel per shot
-    count, one marker per method, averaged over held-out tasks and seeds."""
+    """Test accuracy against the numbers a task added (log scale), one panel per shot count,
+    one marker per method and pool regime (a shade per regime), averaged over held-out tasks
+    and seeds."""
     plt = report.pyplot()
     shots = list(dict.fromkeys(r["shots"] for r in rows))
-    fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False, sharey=True)
+    regimes = list(dict.fromkeys(r.get("regime", DEFAULT_REGIME) for r in rows))
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.6 * len(shots), 3.8), squeeze=False, sharey=True)
     for ax, k in zip(axes[0], shots):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            sel = [r for r in rows if r["shots"] == k and r["method"] == method]
-            if not sel:
-                continue
-            marker, color = TRANSFER_STYLE.get(method, ("x", None))
-            ax.scatter([r["params_task"] for r in sel], [100 * r["value"] for r in sel], marker=marker, color=color,
-                       alpha=0.35, s=18)
-            ax.scatter([np.mean([r["params_task"] for r in sel])], [100 * np.mean([r["value"] for r in sel])],
-                       marker=marker, color=color, s=90, edgecolor="black", label=method)
+        for i, name in enumerate(regimes):
+            for method in dict.fromkeys(r["method"] for r in rows):
+                sel = [r for r in rows if r["shots"] == k and r["method"] == method
+                       and r.get("regime", DEFAULT_REGIME) == name]
+                if not sel:
+                    continue
+                marker, color = TRANSFER_STYLE.get(method, ("o", "tab:gray"))
+                alpha = 1.0 - 0.35 * i
+                ax.scatter([r["params_task"] for r in sel], [100 * r["value"] for r in sel], marker=marker,
+                           color=color, alpha=0.25 * alpha, s=14)
+                ax.scatter([np.mean([r["params_task"] for r in sel])], [100 * np.mean([r["value"] for r in sel])],
+                           marker=marker, color=color, alpha=alpha, s=80, edgecolors="black",
+                           label=method if len(regimes) == 1 else f"{method} ({name})")
         ax.set_xscale("log")
         ax.set_title(f"{k} images per class" if k != "all" else "all training images", fontsize=10)
-        ax.set_xlabel("parameters added for the task")
+        ax.set_xlabel("numbers added for the task")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("small markers: one held-out task; large: their mean", fontsize=10)
+    axes[0][-1].legend(fontsize=6, loc="lower right", ncol=1 + len(regimes) // 2)
+    fig.suptitle("small markers: one held-out task and seed; large: their mean", fontsize=10)
     return report.save_figure(fig, path)
 
 
