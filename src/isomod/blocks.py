@@ -45,7 +45,27 @@ def residual_branch(a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, norm2: 
 AFFINE = ("g1", "b1", "g2", "b2")  # a module's own scale and shift of its two norms, when it owns them
 
 
-class ResidualModule(nn.Module):
+class PoolModule(nn.Module):
+    """What every module of a pool has: its weights by name (`WEIGHTS`), optionally the scale
+    and shift of its two norms, and `params()` for the block's `run`."""
+
+    WEIGHTS: tuple[str, ...] = ()
+
+    def own_affine(self, channels: int) -> None:
+        # Scale and shift of the norm before each half of the block; the step supplies the statistics.
+        self.g1, self.g2 = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.ones(channels))
+        self.b1, self.b2 = nn.Parameter(torch.zeros(channels)), nn.Parameter(torch.zeros(channels))
+
+    @property
+    def norm_affine(self) -> bool:
+        """Whether this module owns its norms' affine parameters (`g1, b1, g2, b2`)."""
+        return hasattr(self, "g1")
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.WEIGHTS + (AFFINE if self.norm_affine else ())}
+
+
+class ResidualModule(PoolModule):
     """One module of the pool: the two convolution weights of a residual block, and
     optionally the affine parameters of its two norms.
 
@@ -67,19 +87,9 @@ class ResidualModule(nn.Module):
         self.w1 = nn.Parameter(torch.randn(shape) * std)
         self.w2 = nn.Parameter(torch.randn(shape) * std * residual_scale)
         if norm_affine:
-            # Scale and shift of the norm before each convolution; the step supplies the statistics.
-            self.g1, self.g2 = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.ones(channels))
-            self.b1, self.b2 = nn.Parameter(torch.zeros(channels)), nn.Parameter(torch.zeros(channels))
+            self.own_affine(channels)
 
     WEIGHTS = ("w1", "w2")
-
-    @property
-    def norm_affine(self) -> bool:
-        """Whether this module owns its norms' affine parameters (`g1, b1, g2, b2`)."""
-        return hasattr(self, "g1")
-
-    def params(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self.WEIGHTS + (AFFINE if self.norm_affine else ())}
 
     @staticmethod
     def run(x: torch.Tensor, p: dict[str, torch.Tensor], norm1: Norm, norm2: Norm) -> torch.Tensor:
@@ -126,7 +136,7 @@ def transformer_block(x: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor,
     return h + F.linear(F.gelu(F.linear(norm2(h), fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
-class TransformerModule(nn.Module):
+class TransformerModule(PoolModule):
     """One module of a transformer pool: the attention and MLP weights of a pre-norm block,
     and optionally the affine parameters of its two layer norms.
 
@@ -157,15 +167,7 @@ class TransformerModule(nn.Module):
         self.fc2_w = nn.Parameter(torch.randn(channels, hidden) * hidden ** -0.5 * residual_scale)
         self.fc2_b = nn.Parameter(torch.zeros(channels))
         if norm_affine:
-            self.g1, self.g2 = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.ones(channels))
-            self.b1, self.b2 = nn.Parameter(torch.zeros(channels)), nn.Parameter(torch.zeros(channels))
-
-    @property
-    def norm_affine(self) -> bool:
-        return hasattr(self, "g1")
-
-    def params(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self.WEIGHTS + (AFFINE if self.norm_affine else ())}
+            self.own_affine(channels)
 
     @staticmethod
     def run(x: torch.Tensor, p: dict[str, torch.Tensor], norm1: Norm, norm2: Norm, heads: int = 4) -> torch.Tensor:
