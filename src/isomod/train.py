@@ -1,6 +1,7 @@
-"""Trainer: the one training loop. Task-homogeneous batches interleaved across tasks,
-parameter groups with their own learning rates, the learning-rate schedule, the route
-schedule's hooks, logging, checkpoints and resume, one process or many.
+"""Trainer: the one training loop. Task-homogeneous batches interleaved across tasks
+(`isomod.batches`), parameter groups with their own learning rates, the learning-rate
+schedule (`isomod.train_config`), the route schedule's hooks, logging, checkpoints, resume
+and signals, one process or many.
 
 The loss lives outside the model: an *objective* (`isomod.objectives`) maps a model and a
 batch to a loss, logits and metrics, and may own parameters or ask for more batches, so
@@ -11,7 +12,6 @@ sources are objectives and parameter choices given to one Trainer, not copies of
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -19,256 +19,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from isomod import distributed
+from isomod.batches import Batches, evaluate, random_shift
 from isomod.checkpoint import check_compatible, checkpoint_exists, load_trainer_state, load_weights, save_checkpoint
-from isomod.config import from_dict
-from isomod.data.tasks import TaskData
 from isomod.data.cache import write_atomic
-from isomod.errors import CheckpointError, Interrupted, IsomodError, TrainingDiverged, check_choice, check_out_dir
+from isomod.data.tasks import TaskData
+from isomod.errors import CheckpointError, Interrupted, IsomodError, TrainingDiverged, check_out_dir
 from isomod.logs import Progress, RunLog
 from isomod.network import ROLES, TaskModel, to_float
 from isomod.objectives import Batch, Objective, Output, as_objective, cross_entropy
-from isomod.route_schedule import ROUTE_SCHEDULES, RouteSchedule
+from isomod.route_schedule import RouteSchedule
 from isomod.runs import RunLock, check_resumed_config, check_start
+from isomod.train_config import (BATCH_ORDERS, PRECISIONS, SAMPLINGS, SCHEDULES, TrainConfig, forward_options,
+                                 resolve_device, route_schedule)
 
-SCHEDULES = ("cosine", "step", "constant")
-SAMPLINGS = ("uniform", "proportional")
-BATCH_ORDERS = ("epochs", "random")
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    """A training run's budget and schedule; written as `train_config.json` in the run folder.
-
-    Args:
-        steps: optimiser steps.
-        batch_size: images per task-homogeneous batch, over all data-parallel processes
-            (each of `P` processes runs its share, about `batch_size / P`).
-        tasks_per_step: tasks (one batch each) whose losses are summed in one step.
-        sampling: `uniform` over tasks or `proportional` to their training-set sizes.
-        batch_order: `epochs` (each task's images shuffled once per pass, batches taken in
-            turn) or `random` (every batch drawn with replacement).
-        lr: learning rate of stem, pool and norms.
-        lr_routes: learning rate of route logits.
-        lr_heads: learning rate of the heads.
-        weight_decay: AdamW decay of stem, pool and heads (never routes or norms).
-        schedule: `cosine` (after a linear warm-up), `step` (x0.1 at 50% and 75%) or `constant`.
-        warmup_steps: linear warm-up length.
-        routes: `annealed` (the temperature falls from `temperature_start` to
-            `temperature_end`, the entropy penalty pushes routes to one-hot, and they are
-            discretised at `discretize_at`) or `soft` (routes stay soft to the end at
-            temperature 1, with no entropy penalty: the template regime).
-        temperature_start, temperature_end: route softmax temperature, annealed
-            geometrically until routes are discretised.
-        entropy_weight: weight of the mean route entropy added to the loss.
-        discretize_at: fraction of `steps` after which every route is frozen to its
-            argmax; the remaining steps train with one module per step (1 = never).
-        route_swap: probability that a training batch runs its task's soft route with the
-            weights of two random steps exchanged, so that modules must work at more than
-            one position (0: never).
-        augment: random shifts of up to 2 pixels on training batches.
-        eval_every: evaluate on the test split every this many steps (0: at the end only).
-        checkpoint_every: write the run's checkpoint every this many steps (0: at the end only).
-        log_every: write a training log line every this many steps.
-        seed: seeds model initialisation, batch order and augmentation.
-        device: `auto` (CUDA when present), `cpu` or `cuda` (under torchrun: the process's GPU).
-        precision: `fp32`, or `bf16` to run forward passes under bfloat16 autocast (GPUs
-            with bf16 support; on the CPU it runs, slower than fp32).
-        compile: a `torch.compile` backend for the model's forward pass (`inductor` on a
-            GPU; `aot_eager` checks the graph without generating code); empty for none.
-    """
-
-    steps: int = 2000
-    batch_size: int = 64
-    tasks_per_step: int = 1
-    sampling: str = "uniform"
-    batch_order: str = "epochs"
-    lr: float = 2e-3
-    lr_routes: float = 0.05
-    lr_heads: float = 2e-3
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 50
-    routes: str = "annealed"
-    temperature_start: float = 1.0
-    temperature_end: float = 0.1
-    entropy_weight: float = 0.01
-    discretize_at: float = 0.75
-    route_swap: float = 0.0
-    augment: bool = True
-    eval_every: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 20
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    compile: str = ""
-
-    def __post_init__(self):
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("sampling", self.sampling, SAMPLINGS)
-        check_choice("batch order", self.batch_order, BATCH_ORDERS)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("route schedule", self.routes, ROUTE_SCHEDULES)
-        for name in ("steps", "batch_size", "tasks_per_step", "log_every"):
-            if getattr(self, name) < 1:
-                raise IsomodError(f"train config {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "lr_routes", "lr_heads", "weight_decay", "entropy_weight", "warmup_steps",
-                     "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if not value >= 0 or value == float("inf"):
-                raise IsomodError(f"train config {name} must be a finite number >= 0, got {value}")
-        for name in ("temperature_start", "temperature_end"):
-            if not 0 < getattr(self, name) < float("inf"):
-                raise IsomodError(f"train config {name} must be > 0, got {getattr(self, name)}")
-        for name in ("discretize_at", "route_swap"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise IsomodError(f"train config {name} must lie in [0, 1], got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        return from_dict(cls, data, "train config")
-
-    def lr_factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return 1.0
-        frac = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        if self.schedule == "step":
-            return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
-        return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-
-def route_schedule(config: TrainConfig) -> RouteSchedule:
-    """The route schedule `config.routes` names, with its numbers and exchanged steps."""
-    if config.routes == "soft":
-        return RouteSchedule.soft(swap=config.route_swap)
-    return RouteSchedule(config.steps, config.temperature_start, config.temperature_end, config.entropy_weight,
-                         config.discretize_at, config.route_swap)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:K`; under torchrun, `auto` and
-    `cuda` mean this process's GPU."""
-    if name in ("auto", "cuda") and torch.cuda.is_available() and distributed.world_size() > 1:
-        return distributed.local_device()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise IsomodError(f"unknown device {name!r}; use auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise IsomodError("device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
-def forward_options(model: TaskModel, device: torch.device, precision: str, compile: str
-                    ) -> tuple[TaskModel, torch.autocast]:
-    """What training forward passes run through: the model, or its `torch.compile`d
-    forward (parameters, routes and heads stay the model's), and the autocast context
-    `precision` asks for (disabled for `fp32`)."""
-    forward = torch.compile(model, backend=compile) if compile else model
-    return forward, torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: slice | None = None,
-                 total: int | None = None) -> torch.Tensor:
-    """Shift each image by up to `max_shift` whole pixels, filling with zeros.
-
-    Shifts are drawn for a batch of `total` images (default: `x`'s), of which `x` holds the
-    `part`: every data-parallel rank draws the same shifts and applies its own share.
-    """
-    b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    total, part = total or b, part or slice(0, b)
-    dx = torch.randint(0, 2 * max_shift + 1, (total,), generator=g)[part]
-    dy = torch.randint(0, 2 * max_shift + 1, (total,), generator=g)[part]
-    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (B, H)
-    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (B, W)
-    idx = torch.arange(b, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-class Batches:
-    """Task-homogeneous batches, epoch-wise shuffled (or drawn with replacement), from one
-    generator whose state resumes exactly; also what an objective draws beside them.
-
-    Every data-parallel rank draws the same global batch and loads only its share.
-    """
-
-    def __init__(self, tasks: dict[str, TaskData], batch_size: int, seed: int, order: str = "epochs",
-                 device: torch.device | None = None):
-        self.tasks = tasks
-        self.batch_size = batch_size
-        self.random = order == "random"
-        self.device = device
-        self.g = torch.Generator().manual_seed(seed)
-        self.order: dict[str, torch.Tensor] = {}
-        self.cursor: dict[str, int] = {}
-
-    def next(self, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """This rank's share of the next batch of `task`, and the global batch size."""
-        data = self.tasks[task]
-        n = len(data.y_train)
-        if n == 0:
-            raise IsomodError(f"task {task!r} has no training images")
-        if self.random:
-            idx_t = torch.randint(n, (self.batch_size,), generator=self.g)[distributed.shard(self.batch_size)]
-            return data.x_train[idx_t], data.y_train[idx_t], self.batch_size
-        idx = []
-        while len(idx) < min(self.batch_size, n):
-            if task not in self.order or self.cursor[task] >= n:
-                self.order[task] = torch.randperm(n, generator=self.g)
-                self.cursor[task] = 0
-            take = min(self.batch_size - len(idx), n - self.cursor[task])
-            idx.extend(self.order[task][self.cursor[task] : self.cursor[task] + take].tolist())
-            self.cursor[task] += take
-        idx_t = torch.tensor(idx[distributed.shard(len(idx))])
-        return data.x_train[idx_t], data.y_train[idx_t], len(idx)
-
-    def indices(self, n: int, size: int) -> torch.Tensor:
-        return torch.randint(n, (size,), generator=self.g)[distributed.shard(size)]
-
-    def draw(self, task: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if task not in self.tasks:
-            raise IsomodError(f"an objective asked for images of {task!r}, which this run was not given; "
-                              f"it has: {', '.join(self.tasks)}")
-        data = self.tasks[task]
-        idx = self.indices(len(data.y_train), size)
-        return to_float(data.x_train[idx].to(self.device)), data.y_train[idx].to(self.device)
-
-    def state_dict(self) -> dict:
-        return {"g": self.g.get_state(), "order": self.order, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.g.set_state(state["g"])
-        self.order, self.cursor = dict(state["order"]), dict(state["cursor"])
-
-
-@torch.no_grad()
-def evaluate(model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], split: str = "test",
-             batch_size: int = 500) -> dict[str, float]:
-    """Accuracy per task on `split` (`test` or `train`), in eval mode; data-parallel
-    ranks each evaluate a share of the images and add up their counts."""
-    if isinstance(tasks, list):
-        tasks = {t.name: t for t in tasks}
-    device = next(model.parameters()).device
-    out = {}
-    with model.evaluating():
-        for name, data in tasks.items():
-            x_all, y_all = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-            part = distributed.shard(len(y_all))
-            correct = 0
-            for i in range(part.start, part.stop, batch_size):
-                j = min(i + batch_size, part.stop)
-                x = to_float(x_all[i:j].to(device))
-                correct += (model(x, name).argmax(-1).cpu() == y_all[i:j]).sum().item()
-            correct = distributed.all_sum(torch.tensor([float(correct)], device=device)).item()
-            out[name] = correct / max(1, len(y_all))
-    return out
+# What the rest of the library and its users import from here.
+__all__ = ["BATCH_ORDERS", "PRECISIONS", "SAMPLINGS", "SCHEDULES", "Batches", "StepOrder", "Trainer", "TrainConfig",
+           "check_out_dir", "cross_entropy", "evaluate", "forward_options", "random_shift", "resolve_device",
+           "route_schedule", "to_float"]
 
 
 class StepOrder:

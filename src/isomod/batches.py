@@ -1,0 +1,109 @@
+"""What the training loop reads: task-homogeneous batches (epoch-wise or drawn with
+replacement, resuming exactly), the random shifts of augmentation, and the evaluation of
+accuracy per task."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from isomod import distributed
+from isomod.data.tasks import TaskData
+from isomod.errors import IsomodError
+from isomod.network import TaskModel, to_float
+
+def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: slice | None = None,
+                 total: int | None = None) -> torch.Tensor:
+    """Shift each image by up to `max_shift` whole pixels, filling with zeros.
+
+    Shifts are drawn for a batch of `total` images (default: `x`'s), of which `x` holds the
+    `part`: every data-parallel rank draws the same shifts and applies its own share.
+    """
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    total, part = total or b, part or slice(0, b)
+    dx = torch.randint(0, 2 * max_shift + 1, (total,), generator=g)[part]
+    dy = torch.randint(0, 2 * max_shift + 1, (total,), generator=g)[part]
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (B, W)
+    idx = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class Batches:
+    """Task-homogeneous batches, epoch-wise shuffled (or drawn with replacement), from one
+    generator whose state resumes exactly; also what an objective draws beside them.
+
+    Every data-parallel rank draws the same global batch and loads only its share.
+    """
+
+    def __init__(self, tasks: dict[str, TaskData], batch_size: int, seed: int, order: str = "epochs",
+                 device: torch.device | None = None):
+        self.tasks = tasks
+        self.batch_size = batch_size
+        self.random = order == "random"
+        self.device = device
+        self.g = torch.Generator().manual_seed(seed)
+        self.order: dict[str, torch.Tensor] = {}
+        self.cursor: dict[str, int] = {}
+
+    def next(self, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's share of the next batch of `task`, and the global batch size."""
+        data = self.tasks[task]
+        n = len(data.y_train)
+        if n == 0:
+            raise IsomodError(f"task {task!r} has no training images")
+        if self.random:
+            idx_t = torch.randint(n, (self.batch_size,), generator=self.g)[distributed.shard(self.batch_size)]
+            return data.x_train[idx_t], data.y_train[idx_t], self.batch_size
+        idx = []
+        while len(idx) < min(self.batch_size, n):
+            if task not in self.order or self.cursor[task] >= n:
+                self.order[task] = torch.randperm(n, generator=self.g)
+                self.cursor[task] = 0
+            take = min(self.batch_size - len(idx), n - self.cursor[task])
+            idx.extend(self.order[task][self.cursor[task] : self.cursor[task] + take].tolist())
+            self.cursor[task] += take
+        idx_t = torch.tensor(idx[distributed.shard(len(idx))])
+        return data.x_train[idx_t], data.y_train[idx_t], len(idx)
+
+    def indices(self, n: int, size: int) -> torch.Tensor:
+        return torch.randint(n, (size,), generator=self.g)[distributed.shard(size)]
+
+    def draw(self, task: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if task not in self.tasks:
+            raise IsomodError(f"an objective asked for images of {task!r}, which this run was not given; "
+                              f"it has: {', '.join(self.tasks)}")
+        data = self.tasks[task]
+        idx = self.indices(len(data.y_train), size)
+        return to_float(data.x_train[idx].to(self.device)), data.y_train[idx].to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"g": self.g.get_state(), "order": self.order, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g.set_state(state["g"])
+        self.order, self.cursor = dict(state["order"]), dict(state["cursor"])
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], split: str = "test",
+             batch_size: int = 500) -> dict[str, float]:
+    """Accuracy per task on `split` (`test` or `train`), in eval mode; data-parallel
+    ranks each evaluate a share of the images and add up their counts."""
+    if isinstance(tasks, list):
+        tasks = {t.name: t for t in tasks}
+    device = next(model.parameters()).device
+    out = {}
+    with model.evaluating():
+        for name, data in tasks.items():
+            x_all, y_all = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+            part = distributed.shard(len(y_all))
+            correct = 0
+            for i in range(part.start, part.stop, batch_size):
+                j = min(i + batch_size, part.stop)
+                x = to_float(x_all[i:j].to(device))
+                correct += (model(x, name).argmax(-1).cpu() == y_all[i:j]).sum().item()
+            correct = distributed.all_sum(torch.tensor([float(correct)], device=device)).item()
+            out[name] = correct / max(1, len(y_all))
+    return out
