@@ -210,6 +210,12 @@ def test_regimes_set_pool_route_start_and_schedule():
     net = ModularNet(replace(model, channels=4), specs)
     starts = {tuple(net.route(s.name).indices()) for s in specs}
     assert len(starts) > 1 and all(sorted(r) == [0, 0, 1, 1, 2, 2, 3, 3] and r[:4] == r[4:] for r in starts)
+    # Over transformer blocks the annealed regimes start nearer one module; convolution blocks keep scale 1.
+    vit = replace(base_model, block="transformer")
+    assert [REGIMES[r].apply(vit, base_train)[0].route_init_scale for r in ("annealed", "annealed_swap")] == [4.0, 4.0]
+    assert REGIMES["annealed_swap"].apply(base_model, base_train)[0].route_init_scale == 1.0
+    assert REGIMES["annealed_swap"].apply(base_model, base_train)[1].route_swap == 0.5
+    assert REGIMES["templates"].apply(vit, base_train)[0].route_init_scale == 1.1
     with pytest.raises(IsomodError, match="unknown route regime 'loops'; known: annealed, templates"):
         regime("loops")
 
