@@ -496,9 +496,10 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
     """Add the unlabelled `target` domain to `model` with one of the `ADAPT` methods, in place.
 
     Only `target.spec` and `target.x_train` are read, and under the `few_labels` methods
-    `labelled` too; the target's own labels never are. Except under `m3sda`, `dann`, and
-    the few-label `head` and `finetune`, pool, stem, the shared head and every source domain
-    stay bit-identical. The model is left with every parameter frozen.
+    `labelled` too; the target's own labels never are. Except under `m3sda`, `dann`, the
+    route methods with `sources_train`, and the few-label `head` and `finetune`, pool, stem,
+    the shared head and every source domain stay bit-identical. The model is left with every
+    parameter frozen.
 
     Args:
         model: a ModularNet trained on source domains of the target's label space.

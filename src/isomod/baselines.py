@@ -56,7 +56,7 @@ class PlainResNet(TaskModel):
         del self.heads[task]
         del self.specs[task]
 
-    def norm_layers(self) -> list[nn.BatchNorm2d]:
+    def norm_layers(self) -> list[nn.Module]:
         return list(self.norms)
 
     def _param_groups(self, tasks: list[str] | None) -> dict[str, list[nn.Parameter]]:
@@ -105,7 +105,7 @@ class IndependentNets(TaskModel):
         del self.nets[task]
         del self.specs[task]
 
-    def norm_layers(self) -> list[nn.BatchNorm2d]:
+    def norm_layers(self) -> list[nn.Module]:
         return [m for net in self.nets.values() for m in net.norm_layers()]
 
     def _param_groups(self, tasks: list[str] | None) -> dict[str, list[nn.Parameter]]:

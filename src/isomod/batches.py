@@ -12,6 +12,7 @@ from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError
 from isomod.network import TaskModel, to_float
 
+
 def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: slice | None = None,
                  total: int | None = None) -> torch.Tensor:
     """Shift each image by up to `max_shift` whole pixels, filling with zeros.

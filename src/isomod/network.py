@@ -263,7 +263,7 @@ class TaskModel(nn.Module):
         those tasks own."""
         raise NotImplementedError
 
-    def norm_layers(self) -> list[nn.BatchNorm2d]:
+    def norm_layers(self) -> list[nn.Module]:
         """Every normalisation layer; the trainer decides which keep their running statistics."""
         raise NotImplementedError
 
@@ -567,7 +567,7 @@ class ModularNet(TaskModel):
                 groups["heads"] += list(self.head_of(task).parameters())
         return {k: list(dict.fromkeys(v)) for k, v in groups.items()}
 
-    def norm_layers(self) -> list[nn.BatchNorm2d]:
+    def norm_layers(self) -> list[nn.Module]:
         return [m for branch in self.tasks.values() for m in branch.norms]
 
     def domains(self, task: str) -> list[str]:

@@ -240,8 +240,8 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
              source: str | None = None, out_dir: str | Path | None = None, progress: bool = True,
              **options) -> TransferResult:
     """Learn a new task on a trained model with one of the `TRANSFER` methods (`route_only`,
-    `route_head`, `head_only`, `norm_head`, `finetune`, `scratch`; `TRANSFER.help()` says
-    what each trains).
+    `route_head`, `head_only`, `norm_head`, `stats_head`, `route_search`, `finetune`,
+    `scratch`; `TRANSFER.help()` says what each trains).
 
     Args:
         model: a trained ModularNet.
