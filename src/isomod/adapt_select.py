@@ -164,10 +164,11 @@ def pseudo_labels(model, task: str, x: torch.Tensor) -> torch.Tensor:
     """SHOT's labels: centroids of the normalised features weighted by the predicted class
     probabilities, each image given its nearest centroid's class (cosine), once refined
     with the centroids of those labels."""
-    f = F.normalize(model.features(x, task), dim=1).double()  # (B, C)
+    features = model.features(x, task)
+    f = F.normalize(features, dim=1).double()  # (B, C)
     head = model.head_of(task)
     with torch.no_grad():
-        p = torch.softmax(model.forward_head(model.features(x, task).to(head.weight.device), task).cpu(), -1).double()
+        p = torch.softmax(model.forward_head(features.to(head.weight.device), task).cpu(), -1).double()
     centroids = F.normalize(p.T @ f, dim=1)  # (K, C)
     labels = (f @ centroids.T).argmax(1)
     hard = F.one_hot(labels, p.shape[1]).double()

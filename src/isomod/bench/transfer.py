@@ -48,7 +48,8 @@ class TransferBenchConfig:
         pretrain_tasks: the tasks the pool is trained on.
         held_out: tasks never seen in pre-training, each learned afresh by every method.
         shots: training images per class: positive integers, or `all`.
-        methods: a subset of route_only, route_head, head_only, norm_head, finetune, scratch.
+        methods: the transfer methods (`isomod transfer --help` says what each trains); by
+            default all of them.
         seeds: one pre-training and one set of transfer runs per seed.
         data_dir: where data that is not embedded (Fashion-MNIST) is looked for first.
         regimes: the route regimes of pre-training (`isomod.regimes`), one pool per regime
