@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
 
     from isomod.data.tasks import load_task, resolve
     from isomod.network import ModularNet
-    from isomod.train import Trainer, check_out_dir
+    from isomod.train import Trainer
 
     name = args.regime or DEFAULT_REGIME
     cfg = build_config(args, TrainRun(*regime(name).apply(ModelConfig(), TrainConfig())))

@@ -120,7 +120,10 @@ def clear(folder: Path) -> None:
         elif path.exists():
             path.unlink()
     for path in list(folder.glob("events.out.tfevents.*")) + list(folder.glob(".checkpoint.*")):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def check_resumed_config(saved: dict, now: dict, extend: bool) -> str | None:
