@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from isomod import report
-from isomod.adapt import ALIGN_ROUTE_METHODS, WITH_SOURCES
+from isomod.adapt import ALIGN_ROUTE_METHODS
 from isomod.data.tasks import load_task
 from isomod.regimes import REGIMES
 
@@ -83,17 +83,19 @@ def findings(rows: list[dict]) -> list[str]:
     for title, candidates, refs in (
             ("source-free", ("route_select", "route_entropy", "route_im", "route_shot"),
              ("source_only_best", "adabn", "tent")),
-            ("with sources", (*ALIGN_ROUTE_METHODS, *(f"{m}+sources" for m in ALIGN_ROUTE_METHODS), "route_calibrated"),
-             ("adabn", "tent", "m3sda", "dann"))):
+            ("with sources, the route alone", (*ALIGN_ROUTE_METHODS, "route_calibrated"),
+             ("adabn", "tent", "m3sda", "dann")),
+            ("with sources, the route while the network trains on the sources",
+             tuple(f"{m}+sources" for m in ALIGN_ROUTE_METHODS), ("adabn", "m3sda", "dann"))):
         route = {m: s[m] for m in candidates if m in s}
         if not route:
             continue
         best = max(route, key=route.get)
         r = route[best]
         changed = [x for x in rows if x["method"] == best]
-        share = 100 * np.mean([x["params_task"] / x["params_total"] for x in changed])
-        lines.append(f"- {title}: best route method {best}, mean {100 * r:.1f} (changes {share:.2f}% of the "
-                     "model's numbers)")
+        numbers, total = np.mean([x["params_task"] for x in changed]), changed[0]["params_total"]
+        lines.append(f"- {title}: best {best}, mean {100 * r:.1f} (changes {numbers:,.0f} numbers, weights and norm "
+                     f"statistics, of a model with {total:,} weights)")
         lines += [f"  - vs {m} {100 * s[m]:.1f}: {100 * (r - s[m]):+.1f} points" for m in refs if m in s]
     if "best_source_hindsight" in s:
         lines.append(f"- the best single source route with target statistics, chosen with target labels: "
@@ -106,14 +108,19 @@ def findings(rows: list[dict]) -> list[str]:
     return lines
 
 
+# The methods with sources that start from the nearest source's route (route_calibrated
+# chooses among routes and recombinations instead: it has no start of that kind).
+FROM_NEAREST = (*ALIGN_ROUTE_METHODS, "m3sda", "dann")
+
+
 def start_gains(rows: list[dict]) -> dict[str, float]:
-    """Per method with sources, the mean change (points) against its own start: the
-    chosen source's route with statistics re-estimated on the target (`adabn_each`)."""
+    """Per method with sources that starts from the nearest source, the mean change (points)
+    against that start: its route with statistics re-estimated on the target (`adabn_each`)."""
     start = {(r["task"], r["seed"], r["source"]): r["value"] for r in rows if r["method"] == "adabn_each"}
     gains: dict[str, list[float]] = {}
     for r in rows:
         key = (r["task"], r["seed"], r.get("chosen"))
-        if r["method"].removesuffix("+sources") in WITH_SOURCES and key in start:
+        if r["method"].removesuffix("+sources") in FROM_NEAREST and key in start:
             gains.setdefault(r["method"], []).append(100 * (r["value"] - start[key]))
     return {m: float(np.mean(v)) for m, v in gains.items()}
 
@@ -175,10 +182,17 @@ def few_label_table(rows: list[dict]) -> list[str]:
     return parts
 
 
-def numbers_rows(rows: list[dict], family: str = "digits5", shots: int = 10) -> list[dict]:
-    """Per method (unsupervised, and few-label at `shots`): mean accuracy over the family's
-    targets, mean numbers changed, the gain over AdaBN of the same setting and per
-    thousand numbers changed."""
+def few_label_shots(rows: list[dict], family: str = "digits5") -> int | None:
+    """The largest labelled-image count per class among the family's few-label rows."""
+    shots = [r["shots"] for r in rows if r.get("setting") == "few_labels" and group(r["task"]) == family]
+    return max(shots) if shots else None
+
+
+def numbers_rows(rows: list[dict], family: str = "digits5", shots: int | None = None) -> list[dict]:
+    """Per method (unsupervised, and few-label at `shots`, by default the largest count run):
+    mean accuracy over the family's targets, mean numbers changed, the gain over AdaBN of
+    the same setting and per thousand numbers changed."""
+    shots = few_label_shots(rows, family) if shots is None else shots
     groups: dict[tuple[str, str], dict] = {}
     for r in rows:
         if group(r["task"]) != family or r["method"] in ANALYSIS or r["method"] == ORACLE:
@@ -206,10 +220,12 @@ def numbers_table(rows: list[dict]) -> list[str]:
     found = numbers_rows(rows)
     if not found:
         return []
+    shots = few_label_shots(rows)
+    few = f"few-label methods at {shots} labelled images per class" if shots else "no few-label rows"
     lines = ["### What each adapted number buys (digits5 targets)", "",
-             "Mean test accuracy over the digits5 targets against the numbers each method changes (mean over runs; "
-             "few-label methods at 10 labelled images per class), and the gain over AdaBN of the same setting, in "
-             "points and per thousand numbers.", "",
+             "Mean test accuracy over the digits5 targets against the numbers each method changes (weights and norm "
+             f"statistics; mean over runs; {few}), and the gain over AdaBN of the same setting, in points and per "
+             "thousand numbers.", "",
              "| setting | method | numbers changed | accuracy | gain over AdaBN | gain per 1,000 numbers |",
              "|---|---|---:|---:|---:|---:|"]
     for o in found:
