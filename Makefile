@@ -12,12 +12,12 @@ $(BIN)/python:
 
 # Re-install only when the package metadata changed (the install is editable).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --no-compile torch==2.13.0 -e .
+	$(BIN)/pip install -q torch==2.13.0 -e .
 	touch $@
 
 # One pip run for everything the tests need (a fresh clone's `make test` resolves once).
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --no-compile torch==2.13.0 -e ".[dev]"
+	$(BIN)/pip install -q torch==2.13.0 -e ".[dev]"
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
