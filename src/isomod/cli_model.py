@@ -22,7 +22,7 @@ from isomod.network import ModelConfig
 from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
 from isomod.search import SearchConfig
 from isomod.train import TrainConfig
-from isomod.transfer import TRANSFER_TRAIN
+from isomod.transfer import SEARCHING, TRANSFER_TRAIN
 
 ONE_TASK = ("train.tasks_per_step", "train.sampling")  # options that mean nothing when one task trains
 
@@ -201,7 +201,7 @@ def cmd_transfer(args) -> int:
     print(summarize(task))
     before = model.param_count()
     options = {"search": dataclasses.replace(run.search, seed=run.train.seed)} \
-        if args.method in ("route_search", "stats_head") else {}
+        if args.method in SEARCHING else {}
     with RunLock(args.out):
         guard_folder(args)
         result = transfer(model, task, args.method, run.train, source=args.source, out_dir=args.out,

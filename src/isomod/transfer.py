@@ -94,6 +94,7 @@ def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_
 
 # --- the methods ------------------------------------------------------------------------
 TRANSFER = Methods("transfer method")
+SEARCHING = ("route_search", "stats_head")  # methods that take a SearchConfig (stats_head: its image sample)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from isomod import report
-from isomod.transfer import TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
+from isomod.transfer import SEARCHING, TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench import train_modular
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
 from isomod.checkpoint import load_checkpoint
@@ -36,7 +36,6 @@ from isomod.train import TrainConfig
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
 HELD_OUT = ["glyphs/georgian", "glyphs/hebrew", "mnist", "uci-digits", "fashion-mnist"]
-SEARCHING = ("route_search", "stats_head")  # methods that take the search config (stats_head: its image sample)
 
 
 @dataclass
