@@ -81,9 +81,25 @@ def test_fit_puts_back_every_flag_and_mode_it_changed(two_tasks):
     params = model.param_groups([two_tasks[1].name])
     Trainer(model, two_tasks, TrainConfig(steps=4, batch_size=8, checkpoint_every=0, discretize_at=0.5),
             train_tasks=[two_tasks[1].name], params=params, progress=False).fit()
-    assert [p.requires_grad for p in model.parameters()] == flags
+    # The route the schedule discretised is frozen, as `set_choice` and a loaded checkpoint
+    # leave a discrete route (fit once gave its logits back their gradient).
+    frozen = model.route(two_tasks[1].name).logits
+    assert model.route(two_tasks[1].name).is_discrete and not frozen.requires_grad
+    assert [p.requires_grad for p in model.parameters()] == [
+        False if p is frozen else f for p, f in zip(model.parameters(), flags)]
     assert [m.training for m in model.modules()] == modes
     assert model.pool.frozen() == [False, True, False]
+
+
+def test_a_trained_model_and_its_checkpoint_have_the_same_trainable_parameters(two_tasks, tmp_path):
+    from isomod.checkpoint import load_checkpoint, save_checkpoint
+
+    model = tiny(two_tasks)
+    Trainer(model, two_tasks, TrainConfig(steps=4, batch_size=8, checkpoint_every=0, discretize_at=0.5),
+            progress=False).fit()
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ck"))
+    assert [(n, p.requires_grad) for n, p in loaded.named_parameters()] == [
+        (n, p.requires_grad) for n, p in model.named_parameters()]
 
 
 CORE = ("blocks", "pool", "route", "network")

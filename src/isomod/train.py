@@ -92,7 +92,8 @@ class Trainer:
         params: what trains, by role (`stem`, `pool`, `routes`, `norms`, `heads`), e.g.
             `model.param_groups([task])` for a task's own parameters. Default: every
             trainable parameter (`model.param_groups()`). Nothing else of the model trains
-            during `fit`; every `requires_grad` flag and training mode is as it was after.
+            during `fit`; every `requires_grad` flag and training mode is as it was after,
+            except that a route the schedule discretised is left frozen.
         routes: the route schedule (temperature, entropy, discretisation, exchanged
             steps); default `route_schedule(config)`.
         frozen_norm_stats: a norm whose affine parameters do not train keeps its running
@@ -144,6 +145,7 @@ class Trainer:
         self.soft_usage: dict[str, list] | None = None  # route weights just before discretising
         self.record = dict(record or {})
         self._saved_flags: list | None = None
+        self._discretized: list = []  # routes the schedule froze during this run
         self._lock: RunLock | None = None
         self._stop: int | None = None
         self._extension: str | None = None
@@ -157,6 +159,7 @@ class Trainer:
         """Gradients for the given parameters only; the flags and modes found are kept to
         be put back at the end."""
         self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self._discretized = []
         self._saved_modes = [(m, m.training) for m in self.model.modules()]
         trained = {id(p) for ps in self.params.values() for p in ps}
         for p in self.model.parameters():
@@ -167,6 +170,8 @@ class Trainer:
             return
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
+        for route in self._discretized:  # frozen by the schedule, as `set_choice` leaves a route
+            route.logits.requires_grad_(False)
         for m, training in self._saved_modes:
             m.training = training
         self._saved_flags = None
@@ -473,6 +478,7 @@ class Trainer:
         self.log.routes(self.step, usage)
         for route in routes:
             route.discretize()
+        self._discretized.extend(routes)
         self.log.write(event="discretize", step=self.step, route_weights=self.soft_usage)
         if any(p.requires_grad for ps in self.params.values() for p in ps):
             return False
