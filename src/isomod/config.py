@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -20,9 +21,11 @@ from isomod.errors import IsomodError
 _NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def field_types(cls) -> dict[str, Any]:
-    """Each field's type, resolved from the (string) annotations."""
-    return typing.get_type_hints(cls)
+@functools.cache
+def field_types(cls) -> types.MappingProxyType:
+    """Each field's type, resolved from the (string) annotations (once per class: the
+    command line asks for every field of every command's config on each call)."""
+    return types.MappingProxyType(typing.get_type_hints(cls))
 
 
 def is_config(tp) -> bool:
@@ -185,8 +188,9 @@ def add_config_args(parser: argparse.ArgumentParser, base, unprefixed: str = "tr
     cls = type(base)
     docs = docstring_args(cls)
     own = parser.add_argument_group("options")
+    types_of = field_types(cls)
     for f in dataclasses.fields(cls):
-        tp = field_types(cls)[f.name]
+        tp = types_of[f.name]
         value = getattr(base, f.name)
         if f.name in hidden:
             continue
