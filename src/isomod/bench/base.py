@@ -276,12 +276,13 @@ def _run_bench(bench: Bench, out: Path, config, progress: bool, force: bool, inp
     main = distributed.is_main()
     say = (lambda *a: print(*a, flush=True)) if progress and main else (lambda *a: None)
     ctx = Context(out, config, results, progress and jobs == 1 and main, say, inputs)
-    for stage in bench.plan(ctx):
-        stage = list(stage)
-        for job, output in zip(stage, run_jobs(_call, [(j.fn, *j.args) for j in stage], jobs)):
-            job.record(results, output)
-            if main:
-                results.save()
+    with Workers(jobs) as workers:  # one set of worker processes for every stage
+        for stage in bench.plan(ctx):
+            stage = list(stage)
+            for job, output in zip(stage, workers.map(_call, [(j.fn, *j.args) for j in stage])):
+                job.record(results, output)
+                if main:
+                    results.save()
     if main:
         results.save()
         bench.write_report(out, results.data)
@@ -358,25 +359,58 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_jobs(fn: Callable, calls: list[tuple], jobs: int = 1):
-    """`fn(*args)` for every `args` in `calls`, yielded in order: in this process when `jobs`
-    is 1, otherwise in `jobs` worker processes side by side, each with `threads // jobs`
-    threads (training runs that each use every core slow each other down many times over;
-    one thread each does not). `fn` must be a module-level function and its arguments
-    picklable."""
-    if jobs < 1:
-        raise IsomodError(f"jobs must be >= 1, got {jobs}")
-    if jobs == 1 or len(calls) <= 1:
-        for args in calls:
-            yield fn(*args)
-        return
+def _worker_context():
+    """On Linux, worker processes forked from a fresh server that has imported the benches,
+    torch and the part of torch its optimisers import on first use (some 4 s a process):
+    the server pays the imports once for every worker this process starts (importing
+    them initialises no device). Elsewhere each worker is a fresh interpreter (spawn; macOS forks badly). Never
+    a fork of this process, whose thread pools a fork would copy in an unknown state."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    import sys
 
-    threads = max(1, torch.get_num_threads() // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = [pool.submit(fn, *args) for args in calls]
+    from isomod.bench import NAMES
+
+    if not sys.platform.startswith("linux"):
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([*(f"isomod.bench.{name}" for name in NAMES), "torch._dynamo"])
+    return context
+
+
+class Workers:
+    """Runs calls in this process when `jobs` is 1, otherwise in `jobs` worker processes
+    side by side, each with `threads // jobs` threads (training runs that each use every
+    core slow each other down many times over; one thread each does not). The processes
+    start at the first call that needs them and serve every later one until the `with`
+    block ends: a bench's stages share them."""
+
+    def __init__(self, jobs: int = 1):
+        if jobs < 1:
+            raise IsomodError(f"jobs must be >= 1, got {jobs}")
+        self.jobs, self._pool = jobs, None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def map(self, fn: Callable, calls: list[tuple]) -> Iterator:
+        """`fn(*args)` for every `args` in `calls`, yielded in order. `fn` must be a
+        module-level function and its arguments picklable when `jobs` > 1."""
+        if self.jobs == 1 or len(calls) <= 1:
+            for args in calls:
+                yield fn(*args)
+            return
+        if self._pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+
+            threads = max(1, torch.get_num_threads() // self.jobs)
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=_worker_context(), initializer=_init_worker,
+                                             initargs=(threads,))
+        futures = [self._pool.submit(fn, *args) for args in calls]
         try:
             for future in futures:
                 yield future.result()
@@ -387,7 +421,7 @@ def run_jobs(fn: Callable, calls: list[tuple], jobs: int = 1):
 
 
 def job_environment(device: str | torch.device | None, jobs: int) -> dict:
-    """`environment()` of the runs `run_jobs` makes: each with its share of the threads."""
+    """`environment()` of the runs `Workers` makes: each with its share of the threads."""
     env = environment(device)
     if jobs > 1:
         env.update(threads=max(1, torch.get_num_threads() // jobs), jobs=jobs)
