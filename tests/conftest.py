@@ -1,10 +1,14 @@
+import fcntl
 import os
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from isomod.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from isomod.data import glyphs
 from isomod.data.tasks import TaskData, from_arrays, load_task
 from isomod.network import ModelConfig, ModularNet
@@ -60,14 +64,32 @@ def domains():
     return {d: subset(load_task(f"digits5/{d}"), 600, 300) for d in ("mnist", "synth", "uci")}
 
 
+@contextmanager
+def shared(name: str):
+    """The path `name` in the cache every xdist worker shares, held under an exclusive lock:
+    the first worker to get here makes it, the others wait and read it."""
+    path = Path(os.environ["ISOMOD_CACHE"]) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def sources_model(domains):
-    torch.manual_seed(0)
-    sources = [domains["mnist"], domains["synth"]]
-    model = ModularNet(replace(SMALL, channels=16), [t.spec for t in sources])
-    Trainer(model, sources, TrainConfig(steps=500, batch_size=64, lr=5e-3, lr_heads=5e-3, warmup_steps=5,
-                                        checkpoint_every=0), progress=False).fit()
-    return model.eval()
+    """Two sources trained 500 steps, once for both workers: each reads the checkpoint."""
+    with shared("sources-model") as path:
+        if not checkpoint_exists(path):
+            torch.manual_seed(0)
+            sources = [domains["mnist"], domains["synth"]]
+            model = ModularNet(replace(SMALL, channels=16), [t.spec for t in sources])
+            Trainer(model, sources, TrainConfig(steps=500, batch_size=64, lr=5e-3, lr_heads=5e-3, warmup_steps=5,
+                                                checkpoint_every=0), progress=False).fit()
+            save_checkpoint(model, path)
+        return load_checkpoint(path).eval()
 
 
 

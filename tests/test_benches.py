@@ -94,8 +94,9 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     assert again["rows"] == rows and again["train_seconds"] == seconds
     assert main(["report", str(out)]) == 0
     # Another transfer budget over the same pre-trained pools: nothing is pre-trained again.
-    other = tmp_path / "other"
-    argv = [a if a != str(out) else str(other) for a in argv]
+    other = tmp_path / "other"  # --jobs 1 from here: the first run used worker processes, which take seconds to start
+    argv = [{str(out): str(other), "2": "1"}.get(a, a) if argv[i - 1] in ("--out", "--jobs") else a
+            for i, a in enumerate(argv)]
     assert main([*argv, "--pretrain-dir", str(out), "--methods", "head_only", "--lr", "0.01"]) == 0
     shared = json.loads((other / "results.json").read_text())
     assert not (other / "pretrain-annealed-s0").exists() and shared["pretrain"] == results["pretrain"]

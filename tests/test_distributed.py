@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -55,12 +56,14 @@ def folder(tmp_path_factory):
     return image_folder(tmp_path_factory.mktemp("data") / "shapes", classes=("a", "b", "c"), n=8, rgb=True)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, folder):
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, folder, monkeypatch):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    run([str(script), str(folder), str(tmp_path / "one")], tmp_path)
+    with monkeypatch.context() as patch:  # one process: this one (a process costs seconds of imports)
+        patch.setattr(sys, "argv", [str(script), str(folder), str(tmp_path / "one")])
+        runpy.run_path(str(script), run_name="__main__")
     run([str(script), str(folder), str(tmp_path / "two")], tmp_path, procs=2)
     one = torch.load(tmp_path / "one" / "rank0.pt")
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
@@ -111,8 +114,8 @@ def test_isomod_train_under_torchrun(tmp_path, folder):
     assert (out / "checkpoint" / "model.safetensors").exists()
 
 
-PROBE_SCRIPT = textwrap.dedent("""
-    import atexit, sys
+GROUP_SCRIPT = textwrap.dedent("""
+    import atexit, json, sys, torch
     import torch.distributed as dist
     from isomod import distributed
 
@@ -126,54 +129,48 @@ PROBE_SCRIPT = textwrap.dedent("""
     distributed.barrier()
     if sys.argv[2] == "fail":
         raise RuntimeError("failed on purpose")
-""")
-
-
-def test_every_rank_leaves_the_process_group_at_exit(tmp_path):
-    # The probe is registered before `setup`, so it runs after the exit hook `setup` adds.
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE_SCRIPT)
-    run([str(script), str(tmp_path), "succeed"], tmp_path, procs=2)
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
-
-
-def test_a_failing_rank_exits_without_waiting_on_the_group(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE_SCRIPT)
-    done = launch([str(script), str(tmp_path), "fail"], tmp_path, procs=2)
-    assert done.returncode != 0 and "RuntimeError: failed on purpose" in done.stderr
-    written = [(tmp_path / f"rank{r}.txt") for r in (0, 1)]
-    assert "True" in [f.read_text() for f in written if f.exists()]  # left as it was, not destroyed
-
-
-HELD_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    import torch.distributed as dist
-    from isomod import distributed
-
-    distributed.setup()
     held = {"all_reduce": set(), "broadcast": set()}
     for _ in range(200):
         held["all_reduce"].add(distributed.all_sum(torch.ones(3))._use_count())
         x = torch.ones(3)
         distributed._collective(dist.broadcast, x, 0)  # as broadcast_module does
         held["broadcast"].add(x._use_count())
-    with open(f"{sys.argv[1]}/rank{distributed.rank()}.json", "w") as f:
+    with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
         json.dump({k: sorted(v) for k, v in held.items()}, f)
 """)
 
 
-def test_no_communication_thread_holds_a_tensor_after_a_collective(tmp_path):
+@pytest.fixture(scope="module")
+def group_run(tmp_path_factory):
+    """One launch of the script above that succeeds, for the two tests that read it."""
+    folder = tmp_path_factory.mktemp("group")
+    script = folder / "group.py"
+    script.write_text(GROUP_SCRIPT)
+    run([str(script), str(folder), "succeed"], folder, procs=2)
+    return folder
+
+
+def test_every_rank_leaves_the_process_group_at_exit(group_run):
+    # The probe is registered before `setup`, so it runs after the exit hook `setup` adds.
+    assert [(group_run / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+def test_a_failing_rank_exits_without_waiting_on_the_group(tmp_path):
+    script = tmp_path / "group.py"
+    script.write_text(GROUP_SCRIPT)
+    done = launch([str(script), str(tmp_path), "fail"], tmp_path, procs=2)
+    assert done.returncode != 0 and "RuntimeError: failed on purpose" in done.stderr
+    written = [(tmp_path / f"rank{r}.txt") for r in (0, 1)]
+    assert "True" in [f.read_text() for f in written if f.exists()]  # left as it was, not destroyed
+
+
+def test_no_communication_thread_holds_a_tensor_after_a_collective(group_run):
     # gloo's worker thread used to still hold the tensor when a collective returned. Its
     # release takes the GIL (torch keeps the C++ and Python counts of a tensor linked), and
     # a thread taking the GIL once the interpreter is finalising is ended mid-destructor:
     # "terminate called without an active exception", SIGABRT, after a successful run. CI
     # saw it in `isomod train` under torchrun (3 runs in 10 here); it happens if any
     # collective leaves its tensor held, so every one must return only once it is released.
-    script = tmp_path / "held.py"
-    script.write_text(HELD_SCRIPT)
-    run([str(script), str(tmp_path)], tmp_path, procs=2)
     for r in (0, 1):
-        held = json.loads((tmp_path / f"rank{r}.json").read_text())
+        held = json.loads((group_run / f"rank{r}.json").read_text())
         assert held == {"all_reduce": [1], "broadcast": [1]}, held  # held by nothing but Python
-

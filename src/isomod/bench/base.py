@@ -363,8 +363,9 @@ def _worker_context():
     """On Linux, worker processes forked from a fresh server that has imported the benches,
     torch and the part of torch its optimisers import on first use (some 4 s a process):
     the server pays the imports once for every worker this process starts (importing
-    them initialises no device). Elsewhere each worker is a fresh interpreter (spawn; macOS forks badly). Never
-    a fork of this process, whose thread pools a fork would copy in an unknown state."""
+    them initialises no device). Elsewhere each worker is a fresh interpreter (spawn;
+    macOS forks badly). Never a fork of this process, whose thread pools a fork would
+    copy in an unknown state."""
     import multiprocessing
     import sys
 
