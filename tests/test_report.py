@@ -1,5 +1,7 @@
 """Report maths: route similarity, means recomputed from per-task rows, the table."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -33,6 +35,27 @@ def test_means_are_recomputed_from_per_task_rows():
     text = markdown_results(rows())
     assert "| **mean** | **60.0** |" in text and "| mean, each seed | 70.0 / 50.0 |" in text
     assert "| params total | 100 |" in text
+
+
+def test_a_run_resumed_elsewhere_records_which_rows_each_sitting_made(tmp_path):
+    from isomod.bench.base import Results, Row, write_docs
+
+    path, a, b = tmp_path / "results.json", {"commit": "aaa", "threads": 1}, {"commit": "bbb", "threads": 1}
+    first = Results(path, "b", {"k": 1}, environment=a)
+    first.add(Row("m", "t", "test_acc", 0.5, {"seed": 0}), Row("m", "t", "test_acc", 0.6, {"seed": 1}))
+    first.save()
+    assert "sittings" not in Results(path, "b", {"k": 1}, resume=True, environment=b).save().read_text()
+    again = Results(path, "b", {"k": 1}, resume=True, environment=a)  # the same environment: one sitting
+    again.add(Row("m", "t", "test_acc", 0.7, {"seed": 2}))
+    again.save()
+    later = Results(path, "b", {"k": 1}, resume=True, environment=b)
+    later.add(Row("m", "t", "test_acc", 0.8, {"seed": 3}))
+    later.save()
+    data = json.loads(path.read_text())
+    assert data["sittings"] == [{"environment": a, "first_row": 0}, {"environment": b, "first_row": 3}]
+    page = tmp_path / "page.md"
+    write_docs(page, str(path), data, "TABLE")
+    assert "(rows 1-3: commit aaa, threads 1; rows 4-4: commit bbb, threads 1)" in page.read_text()
 
 
 def test_results_save_atomically_and_resume_only_the_same_config(tmp_path):
