@@ -38,7 +38,8 @@ def test_means_are_recomputed_from_per_task_rows():
 
 
 def test_a_run_resumed_elsewhere_records_which_rows_each_sitting_made(tmp_path):
-    from isomod.bench.base import Results, Row, write_docs
+    from isomod.bench.base import Results, Row, read_results, write_docs
+    from isomod.errors import IsomodError
 
     path, a, b = tmp_path / "results.json", {"commit": "aaa", "threads": 1}, {"commit": "bbb", "threads": 1}
     first = Results(path, "b", {"k": 1}, environment=a)
@@ -56,6 +57,10 @@ def test_a_run_resumed_elsewhere_records_which_rows_each_sitting_made(tmp_path):
     page = tmp_path / "page.md"
     write_docs(page, str(path), data, "TABLE")
     assert "(rows 1-3: commit aaa, threads 1; rows 4-4: commit bbb, threads 1)" in page.read_text()
+    data["sittings"] = [{"environment": a, "first_row": "0"}]
+    path.write_text(json.dumps(data))
+    with pytest.raises(IsomodError, match="'sittings' must be a list of objects with an integer 'first_row'"):
+        read_results(path)
 
 
 def test_results_save_atomically_and_resume_only_the_same_config(tmp_path):

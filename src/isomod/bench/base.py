@@ -182,6 +182,12 @@ def read_results(path: str | Path) -> dict:
         raise IsomodError(f"{path}: not a JSON file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "bench" not in data:
         raise IsomodError(f"{path}: not a benchmark's results (a JSON object with 'bench' and a list of 'rows')")
+    sittings = data.get("sittings", [])
+    if not isinstance(sittings, list) or not all(
+            isinstance(s, dict) and type(s.get("first_row")) is int
+            and isinstance(s.get("environment"), (dict, type(None))) for s in sittings):
+        raise IsomodError(f"{path}: 'sittings' must be a list of objects with an integer 'first_row' and an "
+                          "'environment' object")
     return data
 
 
