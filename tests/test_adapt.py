@@ -16,7 +16,7 @@ from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError
 from isomod.network import ModularNet, TaskSpec
 from isomod.train import TrainConfig, Trainer, evaluate
-from isomod.adapt import (ADAPT_METHODS, ALIGN_ROUTE_METHODS, FULL_NETWORK_METHODS, MIN_TARGET_IMAGES,
+from isomod.adapt import (ADAPT, ADAPT_METHODS, ALIGN_ROUTE_METHODS, FULL_NETWORK_METHODS, MIN_TARGET_IMAGES,
                           WITH_SOURCES, add_as_copy, adapt, setting, stats_distance)
 from isomod.data import mnistc
 
@@ -241,7 +241,21 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
             "--few-label-methods", "route", "route_search", "norm_patch", "adabn"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    rows = results["rows"]
+    dev = [r for r in results["rows"] if r.get("selection")]
+    rows = [r for r in results["rows"] if not r.get("selection")]
+    # selection: every tuned method at every factor on the development target, which is never reported
+    tuned = [m for m in BENCH_METHODS if ADAPT[m].tunes] + [m for m in ("route", "norm_patch") for _ in (2,)]
+    assert {r["task"] for r in dev} == {"mnistc/motion_blur"} and len(dev) == 3 * len(tuned)
+    sel = results["selection"]
+    assert sel["dev_target"] == "mnistc/motion_blur" and "development-target accuracy" in sel["rule"]
+    for r in rows:
+        m = r["method"].removesuffix("_best")
+        if r["method"] in ADAPT and ADAPT[r["method"]].tunes:  # the factor the development runs chose
+            key = f"default/{r['method']}{'/2' if r.get('shots') else ''}/s0"
+            at = {d["factor"]: d["value"] for d in dev if d["method"] == r["method"] and d.get("shots") == r.get("shots")}
+            assert r["factor"] == sel["chosen"][key] and at[r["factor"]] == max(at.values())
+        else:
+            assert "factor" not in r, m
     unsupervised = [r for r in rows if r["setting"] != "few_labels"]
     expected = {"source_only_each", "adabn_each", "source_only_best", "route_oracle"} | set(BENCH_METHODS) - {"source_only"}
     assert {r["method"] for r in unsupervised} == expected
@@ -262,12 +276,21 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
         assert r["chosen"] == best["source"] and {"acc_discretized", "loss_last_fifth"} <= r.keys()
     each = [r for r in rows if r["method"] == "source_only_each"]
     assert len(each) == 2 + 3  # uci leaves itself out; the corruption adapts from all three domains
-    assert all("acc_discretized" in r for r in rows if r["method"] in ALIGN_ROUTE_METHODS)
+    # every route row reports its route soft and discretised
+    for r in rows:
+        if r["method"] in ADAPT and ADAPT[r["method"]].routes or r["method"] == "route_oracle":
+            assert r["route_form"] in ("soft", "discrete") and "acc_discretized" in r, r["method"]
+            assert r["route_form"] == "discrete" or r["acc_soft"] == r["value"]
+            assert r["route_form"] == "soft" or r["acc_discretized"] == r["value"]
+    assert all("acc_soft" in r for r in rows if r["method"] in ("route_im", "route", *ALIGN_ROUTE_METHODS))
     assert sorted(p.name for p in out.glob("sources-*")) == ["sources-all-s0", "sources-uci-s0"]
     for png in ("accuracy.png", "routes.png", "samples.png"):
         assert (out / png).stat().st_size > 0
     text = (out / "report.md").read_text()
-    assert "source-free: best" in text and "with sources, the route alone: best" in text
+    assert ": best " not in text  # no method is singled out by its test accuracy
+    assert "| route_im | discrete | adabn |" in text and "| route | soft | norm_patch |" in text
+    assert "Selection rule: learning rates by development-target accuracy" in text
+    assert "| mnistc/motion_blur |" not in text and "| motion_blur |" not in text  # never reported
     # the numbers table holds the few-label methods at the shot count the run had (it once looked for 10 only)
     assert "few-label methods at 2 labelled images per class" in text and "| few_labels | route |" in text
     assert "### MNIST-C style targets" in text and "route_oracle, analysis" in text

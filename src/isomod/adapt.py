@@ -290,7 +290,7 @@ def adabn(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("route_select", "source_free", "the source route whose target statistics lie closest to its own "
-                "source statistics, with the target statistics")
+                "source statistics, with the target statistics", sets_route=True)
 def route_select(t: Target) -> AdaptResult:
     scores = score_sources(t.model, t.spec, t.x, t.sources, stats_distance)
     source = min(scores, key=scores.get)
@@ -300,7 +300,7 @@ def route_select(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("tent", "source_free", "adabn, then the norms' affine parameters trained to minimise prediction "
-                "entropy (TENT)")
+                "entropy (TENT)", tunes=("lr",))
 def tent(t: Target) -> AdaptResult:
     source, scores = by_im(t)
     add_as_copy(t.model, t.spec, source)
@@ -346,13 +346,13 @@ def learn_route(t: Target, method: str, objective) -> AdaptResult:
 
 
 @ADAPT.register("route_entropy", "source_free", "the target's route (and statistics) learned by minimising "
-                "prediction entropy", learns_route=True)
+                "prediction entropy", learns_route=True, tunes=("lr_routes",))
 def route_entropy(t: Target) -> AdaptResult:
     return learn_route(t, "route_entropy", entropy_objective)
 
 
 @ADAPT.register("route_im", "source_free", "the target's route (and statistics) learned by information "
-                "maximisation", learns_route=True)
+                "maximisation", learns_route=True, tunes=("lr_routes",))
 def route_im(t: Target) -> AdaptResult:
     return learn_route(t, "route_im", im_objective)
 
@@ -427,25 +427,26 @@ def network_params(model: ModularNet, exclude: str) -> dict[str, list[torch.nn.P
 
 
 @ADAPT.register("route_moment", "with_sources", "the target's route alone, trained to match its features' moments "
-                "to the nearest source's", learns_route=True)
+                "to the nearest source's", learns_route=True, tunes=("lr_routes",))
 def route_moment(t: Target) -> AdaptResult:
     return align_with_sources(t, "route_moment", "moment", route_only=True)
 
 
 @ADAPT.register("route_adversarial", "with_sources", "the target's route alone, trained through a reversed gradient "
-                "to fool a discriminator of the nearest source's features from the target's", learns_route=True)
+                "to fool a discriminator of the nearest source's features from the target's", learns_route=True,
+                tunes=("lr_routes",))
 def route_adversarial(t: Target) -> AdaptResult:
     return align_with_sources(t, "route_adversarial", "adversarial", route_only=True)
 
 
 @ADAPT.register("m3sda", "with_sources", "every number of the network: the sources' cross-entropy plus moment "
-                "matching of target and sources (M3SDA)")
+                "matching of target and sources (M3SDA)", tunes=("lr",))
 def m3sda(t: Target) -> AdaptResult:
     return align_with_sources(t, "m3sda", "moment", route_only=False)
 
 
 @ADAPT.register("dann", "with_sources", "every number of the network: the sources' cross-entropy plus a domain "
-                "discriminator behind gradient reversal (DANN)")
+                "discriminator behind gradient reversal (DANN)", tunes=("lr",))
 def dann(t: Target) -> AdaptResult:
     return align_with_sources(t, "dann", "adversarial", route_only=False)
 

@@ -68,7 +68,7 @@ def affine_params(t: Target) -> list[torch.nn.Parameter]:
 
 
 @ADAPT.register("route", "few_labels", "the target's route logits (soft) and statistics, trained on the labelled "
-                "target images", learns_route=True)
+                "target images", learns_route=True, tunes=("lr_routes",))
 def route(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     start_from_sources(t.model, t.spec.name, t.sources, source)
@@ -89,7 +89,7 @@ def route_search(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("norm_patch", "few_labels", "the affine parameters of the target's norms (AdaBN's statistics held "
-                "while training)")
+                "while training)", tunes=("lr",))
 def norm_patch(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     train_labelled(t, {"norms": affine_params(t)}, fixed_stats=[t.model.branch(t.spec.name).norms])
@@ -97,7 +97,7 @@ def norm_patch(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("route_norms", "few_labels", "the target's route logits and norms' affine parameters, statistics "
-                "following the route", learns_route=True)
+                "following the route", learns_route=True, tunes=("lr_routes", "lr"))
 def route_norms(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     start_from_sources(t.model, t.spec.name, t.sources, source)
@@ -106,7 +106,8 @@ def route_norms(t: Target) -> AdaptResult:
     return result(t, "route_norms", source, scores, before)
 
 
-@ADAPT.register("head", "few_labels", "a copy of the shared head, the target's own, trained over frozen features")
+@ADAPT.register("head", "few_labels", "a copy of the shared head, the target's own, trained over frozen features",
+                tunes=("lr_heads",))
 def head(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     own = t.model.own_head(t.spec.name)
@@ -115,7 +116,8 @@ def head(t: Target) -> AdaptResult:
     return result(t, "head", source, scores, before)
 
 
-@ADAPT.register("finetune", "few_labels", "stem, pool, the target's norms and its own copy of the head")
+@ADAPT.register("finetune", "few_labels", "stem, pool, the target's norms and its own copy of the head",
+                tunes=("finetune_lr",))
 def finetune(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     own = t.model.own_head(t.spec.name)

@@ -137,7 +137,7 @@ def calibrate(t: Target, reference: dict) -> dict[str, dict[str, float]]:
 
 @ADAPT.register("route_calibrated", "with_sources", "the target's discrete route chosen among the source routes and "
                 "their recombinations by the label-free score that best ranked routes on held-out sources, with "
-                "target statistics")
+                "target statistics", sets_route=True)
 def route_calibrated(t: Target) -> AdaptResult:
     missing = [n for n in t.sources if n not in (t.data or {})]
     if missing:
@@ -187,7 +187,7 @@ SHOT_ROUNDS = 2
 
 @ADAPT.register("route_shot", "source_free", "the target's route (soft) trained on its own pseudo-labels (SHOT's "
                 "feature centroids) with information maximisation, in rounds; statistics follow the route",
-                learns_route=True)
+                learns_route=True, tunes=("lr_routes",))
 def route_shot(t: Target) -> AdaptResult:
     source, scores = by_im(t)
     model, name = t.model, t.spec.name

@@ -27,6 +27,10 @@ class Method:
         trains: what it changes, in words (the CLI's help and the docs show it).
         run: the function that carries it out.
         learns_route: whether it learns the new task's route (route diagnostics apply).
+        sets_route: whether it chooses the new task's route without learning it (its
+            result is a route too: benches report it soft and discretised where it is soft).
+        tunes: the learning rates a bench's selection rule may tune for it: fields of its
+            `TrainConfig` (`lr`, `lr_routes`, `lr_heads`) or options (`finetune_lr`).
     """
 
     name: str
@@ -34,6 +38,13 @@ class Method:
     trains: str
     run: Callable
     learns_route: bool = False
+    sets_route: bool = False
+    tunes: tuple[str, ...] = ()
+
+    @property
+    def routes(self) -> bool:
+        """Whether its result is a route, learned or chosen."""
+        return self.learns_route or self.sets_route
 
 
 class Methods:
@@ -43,10 +54,11 @@ class Methods:
         self.what = what
         self._methods: dict[str, Method] = {}
 
-    def register(self, name: str, setting: str, trains: str, learns_route: bool = False):
+    def register(self, name: str, setting: str, trains: str, learns_route: bool = False, sets_route: bool = False,
+                 tunes: tuple[str, ...] = ()):
         """Register the decorated function as method `name`."""
         def add(fn: Callable) -> Callable:
-            self._methods[name] = Method(name, setting, trains, fn, learns_route)
+            self._methods[name] = Method(name, setting, trains, fn, learns_route, sets_route, tuple(tunes))
             return fn
         return add
 

@@ -17,6 +17,20 @@ re-estimated), the cost of discretising. `route_oracle` (an analysis row too, `s
 images for the methods' budget, from the best source route in hindsight: what re-ordering
 the modules reaches from there when its signal is perfect.
 
+Learning rates are chosen by a named rule that reads no label of a reported target
+(`SELECTION_RULE`): each method that trains is run on a development target,
+`mnistc/motion_blur` (`dev_target`; never reported, never a source), at its default learning
+rates and at a third and three times them (`FACTORS`), per seed and shot count; the factor
+with the best development accuracy is used on every reported target (ties keep the
+default). Those runs are rows with `selection: true`; every other row of a tuned method
+carries the `factor` it used, and `results.json` records the rule, the grid and the choices
+under `selection`.
+
+Rows of methods whose result is a route also carry `route_form` (whether `value` is the
+accuracy of a soft route or of a discrete one), `acc_soft` (where a soft route existed) and
+`acc_discretized` (the discrete route: the soft route's argmax with statistics re-estimated,
+or the route itself when it is discrete).
+
 The source model of each (target, seed) is kept in `OUT/sources-{left out}-s{seed}`
 (`all` for the corruptions) and
 reused when the command runs again; rows already in `results.json` (same configuration)
@@ -32,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from isomod.data import digits5, mnistc
 from isomod.bench import train_modular
@@ -39,6 +54,7 @@ from isomod.bench.adapt_report import (ANALYSIS, DEFAULT_REGIME, FEW_LABEL_METHO
                                        summary, write_report)
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
 from isomod.checkpoint import load_checkpoint
+from isomod.data.mnistc import DEVELOPMENT
 from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError, check_choices
 from isomod.network import ModelConfig, ModularNet
@@ -46,13 +62,18 @@ from isomod.regimes import REGIMES
 from isomod.search import SearchConfig
 from isomod.train import TrainConfig, evaluate
 from isomod.transfer import few_shot
-from isomod.adapt import (ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, adapt,
+from isomod.adapt import (ADAPT, ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, adapt,
                           add_as_copy, route_oracle, setting)
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
 CORRUPTED = [f"mnistc/{c}" for c in mnistc.CORRUPTIONS]
 DEFAULT_CORRUPTIONS = ("shot_noise", "shear", "scale")  # the corruptions the authors adapted to
 ROW_NAME = {"source_only": "source_only_best"}
+DEV_TARGET = f"mnistc/{DEVELOPMENT[0]}"
+FACTORS = (1.0, 1 / 3, 3.0)  # the learning rates tried, as factors of the defaults; the first wins ties
+SELECTION_RULE = ("learning rates by development-target accuracy: each tuned method at its default learning rates "
+                  "times 1, 1/3 and 3, on {dev} (never reported), per seed and shot count; the best factor is used "
+                  "on every reported target, ties keeping the default")
 
 
 @dataclass
@@ -72,7 +93,7 @@ class AdaptBenchConfig:
         few_label_methods: the methods of the `few_labels` setting (route, route_search,
             norm_patch, route_norms, head, finetune, and adabn as their common start).
         shots: labelled target images per class in the `few_labels` setting.
-        few_label_targets: the targets of the `few_labels` setting.
+        few_label_targets: the targets of the `few_labels` setting (by default every target).
         seeds: one source model and one set of adaptations per seed and target.
         domains: the source domains of the benchmark.
         regimes: the route regimes of the source models: `default` (the `model` and
@@ -86,10 +107,13 @@ class AdaptBenchConfig:
             which a bench of 3 seeds and 8 targets on 2 CPU cores needs.
         source: the supervised multi-source training budget.
         adapt: the budget of every unsupervised adaptation method that trains.
-        few: the budget of every few-label method that trains: norms and heads at `lr`,
-            routes at `lr_routes`, chosen on validation images of one target's training
-            split (docs/results/adapt.md).
+        few: the budget of every few-label method that trains: norms at `lr`, heads at
+            `lr_heads`, routes at `lr_routes` (the defaults that `select` scales).
         finetune_lr: the learning rate of few-label fine-tuning (every number it trains).
+        select: choose each tuned method's learning rates on `dev_target` (`SELECTION_RULE`);
+            off, every method runs at the defaults.
+        dev_target: the development target whose labels choose the learning rates: an
+            `mnistc` corruption that is neither a target nor a source.
         search: how the few-label `route_search` searches (its seed is the run's).
     """
 
@@ -98,7 +122,7 @@ class AdaptBenchConfig:
     sources_train: bool = True
     few_label_methods: list[str] = field(default_factory=lambda: list(FEW_LABEL_METHODS))
     shots: list[int] = field(default_factory=lambda: [1, 5, 10])
-    few_label_targets: list[str] = field(default_factory=lambda: list(DOMAINS))
+    few_label_targets: list[str] = field(default_factory=lambda: DOMAINS + [f"mnistc/{c}" for c in DEFAULT_CORRUPTIONS])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
     regimes: list[str] = field(default_factory=lambda: [DEFAULT_REGIME])
@@ -112,6 +136,8 @@ class AdaptBenchConfig:
                                                               lr_routes=5e-2))
     finetune_lr: float = 1e-3
     search: SearchConfig = field(default_factory=lambda: SearchConfig(proxy="head"))
+    select: bool = True
+    dev_target: str = DEV_TARGET
 
     def __post_init__(self):
         check_choices("adaptation method", self.methods, ADAPT_METHODS)
@@ -119,6 +145,10 @@ class AdaptBenchConfig:
         check_choices("target", self.targets, self.domains + CORRUPTED)
         check_choices("few-label target", self.few_label_targets, self.domains + CORRUPTED)
         check_choices("source regime", self.regimes, (DEFAULT_REGIME, *REGIMES))
+        check_choices("development target", [self.dev_target], CORRUPTED)
+        if self.dev_target in self.targets + self.few_label_targets:
+            raise IsomodError(f"the development target {self.dev_target} chooses learning rates with its labels; it "
+                              "cannot also be a reported target: take another --dev-target or drop it from the targets")
         if any(k < 1 for k in self.shots):
             raise IsomodError(f"shots must be positive numbers of images per class, got {self.shots}")
         check_seeds(self.seeds)
@@ -146,19 +176,29 @@ def source_dir(out: Path, target: str, domains: list[str], seed: int, regime: st
 
 
 def plan(ctx: Context):
-    """Three stages: the source models (one per regime, left-out domain and seed, reloaded
-    when complete); then every analysis row and every method of every setting on every
-    target; then `route_oracle`, which starts from the best source route in hindsight (an
-    analysis row of stage two). Rows already in the results are not planned again."""
+    """Four stages: the source models (one per regime, left-out domain and seed, reloaded
+    when complete); the selection runs on the development target (`select`); then every
+    analysis row and every method of every setting on every target, at the learning rates
+    selection chose; then `route_oracle`, which starts from the best source route in
+    hindsight (an analysis row of stage three). Rows already in the results are not planned
+    again."""
     config = ctx.config
     runs = [(r, seed, target, [d for d in config.domains if d != target]) for r in config.regimes
             for seed in config.seeds for target in dict.fromkeys(config.targets + config.few_label_targets)]
     models = {}
     for r, seed, target, sources in runs:
         models.setdefault(source_dir(ctx.out, target, config.domains, seed, r), (r, sources, seed))
+    if config.select:
+        for r in config.regimes:
+            for seed in config.seeds:
+                models.setdefault(source_dir(ctx.out, config.dev_target, config.domains, seed, r),
+                                  (r, list(config.domains), seed))
     yield [Job(train_sources, (run_dir, sources, *config.shapes(r), seed, ctx.progress),
                lambda results, out, run_dir=run_dir, r=r: record_sources(ctx, runs, out, run_dir, r))
            for run_dir, (r, sources, seed) in models.items()]
+    if config.select:
+        yield [job for r in config.regimes for seed in config.seeds for job in selection_jobs(ctx, r, seed)]
+    record_selection(ctx)
     jobs = []
     for r, seed, target, sources in runs:
         jobs += adaptation_jobs(ctx, r, seed, target, sources)
@@ -184,6 +224,74 @@ def routes_of(results, regime: str, target: str, seed: int) -> dict:
     return results["routes"].setdefault(regime, {}).setdefault(f"{short(target)}-s{seed}", {})
 
 
+def tuned_methods(config: AdaptBenchConfig) -> list[tuple[str, int | None]]:
+    """The (method, shots) pairs whose learning rates selection chooses: the unsupervised
+    methods that train (shots None), then the few-label ones at each shot count."""
+    return ([(m, None) for m in config.methods if ADAPT[m].tunes]
+            + [(m, k) for k in config.shots for m in config.few_label_methods if ADAPT[m].tunes])
+
+
+def tuned(config: AdaptBenchConfig, method: str, shots: int | None, factor: float, seed: int
+          ) -> tuple[TrainConfig, dict]:
+    """The budget and options of `method` with the learning rates it tunes scaled by `factor`."""
+    train = replace(config.few if shots is not None else config.adapt, seed=seed)
+    options = few_label_options(config, method, seed) if shots is not None else {}
+    rates = ADAPT[method].tunes
+    train = replace(train, **{f: getattr(train, f) * factor for f in rates if f != "finetune_lr"})
+    if "finetune_lr" in rates:
+        options["finetune_lr"] = config.finetune_lr * factor
+    return train, options
+
+
+def selection_jobs(ctx: Context, regime: str, seed: int) -> list[Job]:
+    """Every tuned method at every factor on the development target, as selection rows."""
+    config, results = ctx.config, ctx.results
+    dev = config.dev_target
+    run_dir = source_dir(ctx.out, dev, config.domains, seed, regime)
+    record = lambda results, out: record_method(ctx, out)  # noqa: E731
+    jobs = []
+    for method, shots in tuned_methods(config):
+        for factor in FACTORS:
+            if results.has(method=method, task=dev, seed=seed, regime=regime, shots=shots, factor=factor,
+                           selection=True):
+                continue
+            train, options = tuned(config, method, shots, factor, seed)
+            jobs.append(Job(method_run, (run_dir, dev, list(config.domains), method, train, regime, options, shots,
+                                         ctx.progress, {"selection": True, "factor": factor}), record))
+    return jobs
+
+
+def chosen_factor(ctx: Context, regime: str, seed: int, method: str, shots: int | None) -> float | None:
+    """The factor selection chose for `method` (None: not tuned, or selection is off)."""
+    if not ctx.config.select or not ADAPT[method].tunes:
+        return None
+    dev = {r["factor"]: r["value"] for r in ctx.results.rows
+           if r.get("selection") and r["method"] == method and r["seed"] == seed and r.get("regime") == regime
+           and r.get("shots") == shots}
+    missing = [f for f in FACTORS if f not in dev]
+    if missing:
+        raise IsomodError(f"selection of {method} (seed {seed}) lacks its development runs at factors {missing}")
+    return max(FACTORS, key=dev.__getitem__)
+
+
+def record_selection(ctx: Context) -> None:
+    """`results.json`'s `selection`: the rule, the grid and every choice."""
+    config = ctx.config
+    if not config.select:
+        ctx.results["selection"].update(rule="none: every method at the bench's default learning rates")
+        return
+    chosen = {}
+    for r in config.regimes:
+        for seed in config.seeds:
+            for method, shots in tuned_methods(config):
+                key = f"{r}/{method}{'' if shots is None else f'/{shots}'}/s{seed}"
+                chosen[key] = chosen_factor(ctx, r, seed, method, shots)
+    ctx.results["selection"].update(
+        rule=SELECTION_RULE.format(dev=config.dev_target), dev_target=config.dev_target, factors=list(FACTORS),
+        tunes={m: list(ADAPT[m].tunes) for m in dict.fromkeys(m for m, _ in tuned_methods(config))},
+        chosen={**ctx.results["selection"].get("chosen", {}), **chosen})
+
+
 def adaptation_jobs(ctx: Context, regime: str, seed: int, target: str, sources: list[str]) -> list[Job]:
     """The analysis rows, unsupervised methods (and their sources-training variants) and
     few-label methods of one target, seed and regime that the results lack."""
@@ -195,20 +303,28 @@ def adaptation_jobs(ctx: Context, regime: str, seed: int, target: str, sources: 
     if target in config.targets:
         jobs += [Job(analysis_rows, (run_dir, target, s, seed, regime), lambda results, rows: results.add(*rows))
                  for s in sources if not results.has(method=ANALYSIS[0], source=s, **common)]
-        adapt_config = replace(config.adapt, seed=seed)
         variants = [(m, False) for m in config.methods]
         variants += [(m, True) for m in config.methods if config.sources_train and m in ALIGN_ROUTE_METHODS]
-        jobs += [Job(method_run, (run_dir, target, sources, m, adapt_config, regime, {"sources_train": True} if st else {},
-                                  None, ctx.progress), record)
-                 for m, st in variants if not results.has(method=ROW_NAME.get(m, m), source=None, shots=None,
-                                                           sources_train=True if st else None, **common)]
+        for m, st in variants:
+            if not results.has(method=ROW_NAME.get(m, m), source=None, shots=None, sources_train=True if st else None,
+                               **common):
+                jobs.append(tuned_job(ctx, run_dir, target, sources, m, regime, seed, None,
+                                      {"sources_train": True} if st else {}))
     if target in config.few_label_targets:
-        few = replace(config.few, seed=seed)
-        jobs += [Job(method_run, (run_dir, target, sources, m, few, regime, few_label_options(config, m, seed), k,
-                                  ctx.progress), record)
+        jobs += [tuned_job(ctx, run_dir, target, sources, m, regime, seed, k)
                  for k in config.shots for m in config.few_label_methods
                  if not results.has(method=m, shots=k, setting="few_labels", **common)]
     return jobs
+
+
+def tuned_job(ctx: Context, run_dir: Path, target: str, sources: list[str], method: str, regime: str, seed: int,
+              shots: int | None, more: dict | None = None) -> Job:
+    """`method` on `target` at the learning rates selection chose for it (its row carries the factor)."""
+    factor = chosen_factor(ctx, regime, seed, method, shots)
+    train, options = tuned(ctx.config, method, shots, 1.0 if factor is None else factor, seed)
+    return Job(method_run, (run_dir, target, sources, method, train, regime, {**options, **(more or {})}, shots,
+                            ctx.progress, {} if factor is None else {"factor": factor}),
+               lambda results, out: record_method(ctx, out))
 
 
 def few_label_options(config: AdaptBenchConfig, method: str, seed: int) -> dict:
@@ -246,9 +362,10 @@ def analysis_rows(run_dir: Path, target: str, source: str, seed: int, regime: st
 
 
 def method_run(run_dir: Path, target: str, sources: list[str], method: str, config: TrainConfig, regime: str,
-               options: dict, shots: int | None, progress: bool) -> tuple[Row, dict | None, float]:
+               options: dict, shots: int | None, progress: bool, fields: dict | None = None
+               ) -> tuple[Row, dict | None, float]:
     """One adaptation method on one target (with `shots` labelled images per class in the
-    few-label setting): its row, its route (route methods) and seconds."""
+    few-label setting): its row (with `fields` added), its route (route methods) and seconds."""
     name, tgt = ROW_NAME.get(method, method) if shots is None else method, domain_data(target)
     if progress:
         print(f"== {regime}: {name}{' (sources train)' if options.get('sources_train') else ''} -> {short(target)}"
@@ -260,12 +377,13 @@ def method_run(run_dir: Path, target: str, sources: list[str], method: str, conf
                 labelled=labelled, **options)
     acc = evaluate(model, {target: tgt})[target]  # the only place the target's test labels are read
     seconds = round(time.time() - t0, 1)
-    extra, route = {"regime": regime}, None
+    extra, route = {"regime": regime, **(fields or {})}, None
     if shots is not None:
         extra.update(setting="few_labels", shots=shots)
-    if res.soft_route is not None and not model.route(target).is_discrete:  # what discretising would cost
-        extra["acc_discretized"], discrete = discretized(model, tgt)
-        route = {"discrete": discrete, "soft": res.soft_route}
+    if ADAPT[method].routes:
+        extra.update(route_accuracies(model, tgt, acc, res.soft_route))
+    if res.soft_route is not None and not model.route(target).is_discrete:
+        route = {"discrete": model.route(target).indices(), "soft": res.soft_route}
     if res.history and "align" in res.history[0]:
         extra["align_first"], extra["align_last"] = res.history[0]["align"], res.history[-1]["align"]
     if method in ROUTE_METHODS:
@@ -282,10 +400,10 @@ def record_method(ctx: Context, output: tuple[Row, dict | None, float]) -> None:
     row, route, seconds = output
     f = row.fields
     variant = "+sources" if f.get("sources_train") else f"/{f['shots']}" if "shots" in f else ""
-    key = f"{short(row.task)}-s{f['seed']}"
+    key = f"{short(row.task)}-s{f['seed']}" + (f"@{f['factor']:.3g}" if f.get("selection") else "")
     ctx.results["seconds"][f"{f['regime']}/{row.method}{variant}/{key}"] = seconds
     ctx.results.add(row)
-    if route is not None:
+    if route is not None and not f.get("selection"):
         routes_of(ctx.results, f["regime"], row.task, f["seed"])[row.method + variant] = route
 
 
@@ -318,10 +436,34 @@ def oracle_row(base: ModularNet, target: TaskData, sources: list[str], start: st
     acc_discretized, discrete = discretized(model, target)
     losses = [h["loss"] for h in trainer.history]
     fifth = max(1, len(losses) // 5)
-    row = _row(ORACLE, name, evaluate(model, {name: target})[name], model.param_count(), changed, config.seed,
-               chosen=start, acc_discretized=acc_discretized, loss_first_fifth=round(float(np.mean(losses[:fifth])), 5),
+    acc = evaluate(model, {name: target})[name]
+    row = _row(ORACLE, name, acc, model.param_count(), changed, config.seed, chosen=start, route_form="soft",
+               acc_soft=round(acc, 5), acc_discretized=acc_discretized, loss_first_fifth=round(float(np.mean(losses[:fifth])), 5),
                loss_last_fifth=round(float(np.mean(losses[-fifth:])), 5))
     return row, {"discrete": discrete, "soft": model.route(name).weights().detach().cpu().tolist()}
+
+
+def route_accuracies(model: ModularNet, target: TaskData, acc: float, soft: list | None) -> dict:
+    """A route row's `route_form` (what its accuracy `acc` measured), `acc_soft` (where a soft
+    route existed: the route as it ended, or the weights it had when it was discretised) and
+    `acc_discretized` (one module per step, statistics re-estimated)."""
+    name = target.spec.name
+    if not model.route(name).is_discrete:
+        return {"route_form": "soft", "acc_soft": round(acc, 5), "acc_discretized": discretized(model, target)[0]}
+    out = {"route_form": "discrete", "acc_discretized": round(acc, 5)}
+    if soft is not None:
+        out["acc_soft"] = soft_accuracy(model, target, soft)
+    return out
+
+
+def soft_accuracy(model: ModularNet, target: TaskData, weights: list) -> float:
+    """Test accuracy (rounded) of a copy of `model` whose route for `target` runs the soft
+    weights `(L, N)`, statistics re-estimated on the target images."""
+    name = target.spec.name
+    soft = copy.deepcopy(model)
+    soft.route(name).set_logits(torch.tensor(weights, dtype=torch.float32).clamp_min(1e-12).log())
+    soft.estimate_stats(name, target.x_train)
+    return round(evaluate(soft, {name: target})[name], 5)
 
 
 def discretized(model: ModularNet, target: TaskData) -> tuple[float, list[int]]:
@@ -348,7 +490,7 @@ BENCH = register(Bench("adapt", "unsupervised multi-source domain adaptation on 
                        "MNIST-C style targets: route methods vs source-only, AdaBN and TENT (source-free), and vs "
                        "M3SDA and DANN (with sources)", AdaptBenchConfig, plan, write_report, summary,
                        unprefixed="adapt", device=lambda c: c.source.device,
-                       extra=("source_models", "routes", "seconds"),
+                       extra=("source_models", "routes", "seconds", "selection"),
                        extensible=("targets", "methods", "few_label_methods", "shots", "few_label_targets", "seeds",
                                    "regimes"),
                        hidden=("source.seed", "adapt.seed", "few.seed", "search.seed")))

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from isomod import report
-from isomod.adapt import ALIGN_ROUTE_METHODS
+from isomod.adapt import ADAPT, ALIGN_ROUTE_METHODS
+from isomod.bench.paired import INTERVAL, pair
 from isomod.data.tasks import load_task
 from isomod.regimes import REGIMES
 
@@ -76,27 +77,48 @@ def means(rows: list[dict]) -> dict[str, float]:
     return {m: per["mean"] for m, per in table.items()}
 
 
-def findings(rows: list[dict]) -> list[str]:
-    """Per setting, the best route method against the baselines, on the mean over targets."""
-    s = means(rows)
-    lines = []
-    for title, candidates, refs in (
-            ("source-free", ("route_select", "route_entropy", "route_im", "route_shot"),
-             ("source_only_best", "adabn", "tent")),
-            ("with sources, the route alone", (*ALIGN_ROUTE_METHODS, "route_calibrated"),
-             ("adabn", "tent", "m3sda", "dann")),
-            ("with sources, the route while the network trains on the sources",
-             tuple(f"{m}+sources" for m in ALIGN_ROUTE_METHODS), ("adabn", "m3sda", "dann"))):
-        route = {m: s[m] for m in candidates if m in s}
-        if not route:
+def reported(results: dict) -> dict:
+    """`results` without the selection rows (runs on the development target, never reported)."""
+    return {**results, "rows": [r for r in results["rows"] if not r.get("selection")]}
+
+
+def route_value(form: str):
+    """How a route row's accuracy is read as a soft route (`acc_soft`) or a discrete one
+    (`acc_discretized`); a row of a method that returns no route reads its `value` either way."""
+    field = "acc_soft" if form == "soft" else "acc_discretized"
+    return lambda r: r.get(field) if "route_form" in r else r["value"]
+
+
+def comparison_table(rows: list[dict], pairs: list[tuple[str, str]], unit: tuple[str, ...] = ("task", "seed")
+                     ) -> list[str]:
+    """A markdown table of paired differences (points) of each (method, comparator), the
+    method's route read soft and discretised."""
+    lines = [f"| method | route | against | mean difference, {INTERVAL} | units |", "|---|---|---|---|---:|"]
+    for m, ref in pairs:
+        mine, theirs = [r for r in rows if r["method"] == m], [r for r in rows if r["method"] == ref]
+        if not mine or not theirs:
             continue
-        best = max(route, key=route.get)
-        r = route[best]
-        changed = [x for x in rows if x["method"] == best]
-        numbers, total = np.mean([x["params_task"] for x in changed]), changed[0]["params_total"]
-        lines.append(f"- {title}: best {best}, mean {100 * r:.1f} (changes {numbers:,.0f} numbers, weights and norm "
-                     f"statistics, of a model with {total:,} weights)")
-        lines += [f"  - vs {m} {100 * s[m]:.1f}: {100 * (r - s[m]):+.1f} points" for m in refs if m in s]
+        forms = ("soft", "discrete") if any("route_form" in r for r in mine) else ("-",)
+        for form in forms:
+            p = pair(mine, theirs, unit, route_value(form), route_value("soft"))
+            if p.n:
+                lo, hi = p.interval
+                lines.append(f"| {m} | {form} | {ref} | {p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {p.n} |")
+    return lines if len(lines) > 2 else []
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """Each route method against the baselines of its setting, paired on (target, seed),
+    its route soft and discretised; no method is singled out by its test accuracy."""
+    s = means(rows)
+    names = {r["method"] for r in rows}
+    routes = [m for m in names if m.removesuffix("+sources") in ADAPT and ADAPT[m.removesuffix("+sources")].routes]
+    refs = [m for m in ("source_only_best", "adabn", "tent", "m3sda", "dann") if m in names]
+    order = {m: i for i, m in enumerate(ADAPT.names())}
+    routes.sort(key=lambda m: (m.endswith("+sources"), order[m.removesuffix("+sources")]))
+    lines = comparison_table(rows, [(m, ref) for m in routes for ref in refs])
+    if lines:
+        lines = ["Paired differences (points) on (target, seed):", "", *lines, ""]
     if "best_source_hindsight" in s:
         lines.append(f"- the best single source route with target statistics, chosen with target labels: "
                      f"{100 * s['best_source_hindsight']:.1f}")
@@ -171,13 +193,11 @@ def few_label_table(rows: list[dict]) -> list[str]:
             label = "**mean**" if t == "mean" else t
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
         parts.append("")
-        for m in ROUTE_ONLY:
-            if (m, shots) not in table:
-                continue
-            mine = table[(m, shots)]["mean"]
-            refs = [f"{ref} {100 * (mine - table[(ref, shots)]['mean']):+.1f}" for ref in ("adabn", "norm_patch")
-                    if (ref, shots) in table]
-            parts.append(f"- {m} at {shots} a class: {100 * mine:.1f}, against " + ", ".join(refs) + " points")
+        at = [r for r in rows if r.get("setting") == "few_labels" and r["shots"] == shots]
+        pairs = [(m, ref) for m in ROUTE_ONLY for ref in ("adabn", "norm_patch") if (m, shots) in table]
+        compared = comparison_table(at, pairs)
+        if compared:
+            parts += [f"Paired differences at {shots} a class (points) on (target, seed):", "", *compared]
         parts.append("")
     return parts
 
@@ -235,9 +255,37 @@ def numbers_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def selection_section(results: dict) -> list[str]:
+    """How the learning rates were chosen: the rule, and per tuned method and shot count the
+    development accuracy at each factor (mean over seeds) and the factor each seed chose."""
+    sel = results.get("selection") or {}
+    if not sel.get("rule"):
+        return ["Learning rates: the bench's defaults (this run recorded no selection rule).", ""]
+    parts = [f"Selection rule: {sel['rule']}.", ""]
+    dev = [r for r in results["rows"] if r.get("selection")]
+    if not dev:
+        return parts
+    factors = sel["factors"]
+    parts += [f"Development accuracy (%) on `{sel['dev_target']}`, mean over seeds, at each factor of the default "
+              "learning rates, and the factor each seed chose:", "",
+              "| method | shots | " + " | ".join(f"x{f:.3g}" for f in factors) + " | chosen, each seed |",
+              "|---|---:|" + "---:|" * len(factors) + "---|"]
+    keys = list(dict.fromkeys((r.get("regime", DEFAULT_REGIME), r["method"], r.get("shots")) for r in dev))
+    for regime, m, k in keys:
+        mine = [r for r in dev if r.get("regime", DEFAULT_REGIME) == regime and r["method"] == m and r.get("shots") == k]
+        cells = [f"{100 * np.mean([r['value'] for r in mine if r['factor'] == f]):.1f}"
+                 if any(r["factor"] == f for r in mine) else "" for f in factors]
+        picks = [f"x{sel['chosen'][key]:.3g}" for key in sel.get("chosen", {})
+                 if key.startswith(f"{regime}/{m}{'' if k is None else f'/{k}'}/s")]
+        label = m if len(regimes_of(results)) == 1 else f"{m} ({regime})"
+        parts.append(f"| {label} | {'-' if k is None else k} | " + " | ".join(cells) + f" | {' '.join(picks)} |")
+    return parts + [""]
+
+
 def summary(results: dict) -> str:
+    parts = selection_section(results)
+    results = reported(results)
     names = regimes_of(results)
-    parts = []
     for name in names:
         view = regime_view(results, name)
         if not view["rows"]:
@@ -278,6 +326,7 @@ def per_source_table(results: dict) -> str:
 def write_report(out: Path, results: dict) -> Path:
     """Draw the figures and write `report.md` from `results`."""
     cfg = results["config"]
+    results = reported(results)
     rows = results["rows"]
     parts = ["# isomod bench adapt", "",
              "Unsupervised multi-source domain adaptation on `digits5`, leave one domain out, and on MNIST-C style "

@@ -13,6 +13,10 @@ cached.
 - `scale`: the digit shrunk to 45-65% of its size, centred.
 - `rotate`: a rotation by 30-60 degrees, either way.
 - `fog`: a smooth random haze added to the image, contrast lowered.
+- `motion_blur`: the image averaged along a line of 5-9 pixels at a random angle.
+
+`bench adapt` reads the labels of one corruption, `motion_blur`, to choose its methods'
+learning rates (`DEVELOPMENT`), and never reports it.
 
 They share the `digits5` label space, so a model trained on `digits5` domains adapts to
 them; they are targets only, never sources of `bench adapt`.
@@ -30,7 +34,8 @@ import torch.nn.functional as F
 from isomod.data import digits5
 from isomod.data.cache import cached_npz
 
-CORRUPTIONS = ("shot_noise", "impulse_noise", "shear", "scale", "rotate", "fog")
+CORRUPTIONS = ("shot_noise", "impulse_noise", "shear", "scale", "rotate", "fog", "motion_blur")
+DEVELOPMENT = ("motion_blur",)  # targets whose labels choose hyper-parameters; never reported
 VERSION = "v1"
 
 
@@ -90,8 +95,25 @@ def fog(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * (1 - 0.5 * strength) + strength * haze).clamp(0, 1)
 
 
+def motion_blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    n = len(x)
+    length = torch.randint(5, 10, (n,), generator=g)
+    angle = _uniform(n, 0.0, math.pi, g)
+    offsets = torch.arange(9, dtype=torch.float32) - 4  # (9,) positions along the line
+    used = (offsets.abs()[None] <= (length[:, None] - 1) / 2).float()  # (B, 9) the taps each image uses
+    out = torch.zeros_like(x)
+    for k, t in enumerate(offsets):  # each tap: the image shifted by t pixels along the angle
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1] = 1.0, 1.0
+        theta[:, 0, 2] = 2 * t * angle.cos() / x.shape[2]
+        theta[:, 1, 2] = 2 * t * angle.sin() / x.shape[1]
+        out += used[:, k, None, None] * _affine(x, theta)
+    return out / used.sum(1)[:, None, None]
+
+
 MAKERS = {"shot_noise": shot_noise, "impulse_noise": impulse_noise, "shear": shear, "scale": scale,
-          "rotate": rotate, "fog": fog}
+          "rotate": rotate, "fog": fog,
+          "motion_blur": motion_blur}
 
 
 def corrupt(name: str, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
