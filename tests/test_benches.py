@@ -71,7 +71,14 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     from isomod.transfer import TRANSFER
 
     assert {(r["method"], r["task"], r["shots"]) for r in rows} == {
-        (m, "new0", k) for m in TRANSFER.names() for k in (2, "all")}
+        (m, "new0", k) for m in (*TRANSFER.names(), "route_search_hindsight") for k in (2, "all")}
+    for r in rows:
+        if r["method"] in ("route_search", "route_search_hindsight"):  # where the search goes wrong
+            assert {"proxy_test_spearman", "found_test_ncm", "hindsight_test_ncm"} <= r.keys()
+            assert r["hindsight_test_ncm"] >= r["found_test_ncm"]
+    hindsight = [r for r in rows if r["method"] == "route_search_hindsight"]
+    assert {r["setting"] for r in hindsight} == {"analysis"}
+    rows = [r for r in rows if r["method"] != "route_search_hindsight"]
     for r in rows:
         assert r["metric"] == "test_acc" and 0 <= r["value"] <= 1 and r["seed"] == 0
         assert r["params_total"] == results["pretrain"]["annealed"]["s0"]["params"] + r["params_task"]
@@ -84,6 +91,7 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
         < by[("finetune", "new0", 2)]
     report = (out / "report.md").read_text()
     assert "| new0 | all |" in report and "| **mean** | 2 |" in report
+    assert "| all | route_search_hindsight | head_only |" in report
     assert "- route_head: a different module at some step in " in report and "weight moved" in report
     for png in ("accuracy_vs_params.png", "routes-annealed.png"):
         assert (out / png).stat().st_size > 1000 and png in report
@@ -91,7 +99,7 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     seconds = results["train_seconds"]
     assert main(argv) == 0  # the same command again: every row is there, nothing retrains
     again = json.loads((out / "results.json").read_text())
-    assert again["rows"] == rows and again["train_seconds"] == seconds
+    assert again["rows"] == results["rows"] and again["train_seconds"] == seconds
     assert main(["report", str(out)]) == 0
     # Another transfer budget over the same pre-trained pools: nothing is pre-trained again.
     other = tmp_path / "other"  # --jobs 1 from here: the first run used worker processes, which take seconds to start

@@ -262,3 +262,39 @@ def test_only_trained_routes_are_annealed_and_discretised(two_tasks):
     assert not frozen.is_discrete and frozen.temperature.item() == 1.0
     assert torch.equal(frozen.weights(), before)
     assert model.route("glyphs/digits").is_discrete
+
+
+def test_a_random_route_runs_the_modules_it_names():
+    import copy
+
+    spec = TaskSpec("t", 3, (1, 8, 8))
+    torch.manual_seed(0)
+    model = ModularNet(ModelConfig(channels=4, num_modules=3, steps=4, stem_stride=1), [spec]).eval()
+    x = torch.rand(5, 1, 8, 8)
+    fixed = copy.deepcopy(model)
+    fixed.route("t").set_choice([2, 2, 0, 1])
+    assert torch.equal(model(x, "t", modules=[2, 2, 0, 1]), fixed(x, "t"))
+    with pytest.raises(IsomodError, match="modules must name one of the 3 pool modules at each of the 4 steps"):
+        model(x, "t", modules=[3, 0, 0, 0])
+    g = torch.Generator().manual_seed(0)
+    draws = [RouteSchedule.soft(random=0.5).random_route(4, 3, g) for _ in range(400)]
+    drawn = [d for d in draws if d is not None]
+    assert 150 < len(drawn) < 250 and {m for d in drawn for m in d} == {0, 1, 2}
+    assert any(len(set(d)) < 4 for d in drawn)  # repeats allowed
+    assert RouteSchedule.soft().random_route(4, 3, g) is None
+
+
+@pytest.mark.parametrize("random", [0.0, 1.0])
+def test_random_routes_train_modules_no_task_route_runs(two_tasks, random):
+    from isomod.regimes import REGIMES
+
+    model_cfg, cfg = REGIMES["random_routes"].apply(ModelConfig(channels=4, steps=3), quick(steps=6))
+    assert model_cfg.num_modules == 3 and cfg.route_random == 0.5
+    torch.manual_seed(0)
+    model = ModularNet(model_cfg, [t.spec for t in two_tasks])
+    for t in two_tasks:
+        model.route(t.spec.name).set_choice([0, 0, 0])  # modules 1 and 2 run only in random routes
+    before = [b.w1.clone() for b in model.pool.blocks]
+    Trainer(model, two_tasks, replace(cfg, route_random=random)).fit()
+    moved = [not torch.equal(a, b.w1) for a, b in zip(before, model.pool.blocks)]
+    assert moved == [True, bool(random), bool(random)]

@@ -408,17 +408,27 @@ class ModularNet(TaskModel):
         return bool(space) and any(n != task and s.label_space == space for n, s in self.specs.items())
 
     # --- forward -----------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, task: str, step_order: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, task: str, step_order: torch.Tensor | None = None,
+                         modules: list[int] | None = None) -> torch.Tensor:
         """Pooled features `(B, C)` of `x` `(B, C_in, H, W)` under `task`'s route.
 
         `step_order` (a permutation of `0..L-1`) runs step `l` with the route's choice or
         weights of step `step_order[l]`, its own norms unchanged (exchanged steps in
-        training); gradients still reach the logits.
+        training); gradients still reach the logits. `modules` (one pool index per step)
+        runs those modules instead of the route, the task's norms unchanged (random routes
+        in training); the route gets no gradient.
         """
         branch = self.branch(task)
         check_input(x, self.config)
         h = self.stem(x)  # (B, C, H', W'), or tokens (B, T, C)
         route, norms = branch.route, branch.norms
+        if modules is not None:
+            if len(modules) != route.steps or not all(0 <= m < len(self.pool) for m in modules):
+                raise IsomodError(f"modules must name one of the {len(self.pool)} pool modules at each of the "
+                                  f"{route.steps} steps, got {list(modules)}")
+            for l, c in enumerate(modules):
+                h = self.pool.blocks[c](h, norms[2 * l], norms[2 * l + 1])
+            return pooled(self.config, h, norms[-1])
         order = None if step_order is None else step_order.to(route.choice.device)
         if route.is_discrete:
             choice = route.choice if order is None else route.choice[order]

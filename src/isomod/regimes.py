@@ -14,6 +14,7 @@ and a training config.
 | `templates_permuted_swap` | as `templates` | as `templates_permuted` | as `templates_swap` |
 | `templates_norms_swap` | as `templates` | as `templates` | as `templates_swap`; the modules own the norms' affine parameters |
 | `annealed_swap` | as `annealed` | as `annealed` | as `annealed`; half of the batches run with two steps' weights exchanged |
+| `random_routes` | `N = L` modules | as `annealed` | as `annealed`; half of the batches run a random route (a module per step drawn uniformly, repeats allowed) |
 
 Over transformer blocks, routes that anneal start nearer one module (`route_init_scale` 4:
 weight 0.78 of 16): a soft mixture of transformer blocks shrinks their residual branches (no
@@ -28,7 +29,9 @@ that serve several positions by other means: a shared cyclic start, exchanged st
 a start in a different order for every task (so each template serves different steps in
 different tasks), alone or with exchanged steps. `templates_norms_swap` puts the two
 together: a route that also moves every channel's scale and shift, over modules trained to
-work at any position. Which regime is the default is decided by
+work at any position. `random_routes` trains every module at every position and after any
+other, as LayerShuffle trains a ViT's layers in random orders and Mendez & Eaton train
+modules under random compositions: a pool meant for route search. Which regime is the default is decided by
 `isomod bench mtl` (docs/results/mtl-regimes.md).
 """
 
@@ -99,6 +102,10 @@ REGIMES: dict[str, Regime] = {
     "annealed_swap": Regime("annealed_swap", 2.0, {"route_init": "cyclic", "route_init_scale": 1.0,
                                                   "norm_affine": "step"},
                             {"routes": "annealed", "route_swap": 0.5}, transformer={"route_init_scale": 4.0}),
+    "random_routes": Regime("random_routes", 1.0, {"route_init": "cyclic", "route_init_scale": 1.0,
+                                                   "norm_affine": "step"},
+                            {"routes": "annealed", "route_swap": 0.0, "route_random": 0.5},
+                            transformer={"route_init_scale": 4.0}),
 }
 DEFAULT_REGIME = "annealed"
 

@@ -1,19 +1,22 @@
 """How routes train: what the one training loop asks at every step about the soft routes it
 trains. The route itself (`isomod.route`) knows nothing of this.
 
-The loop consults a `RouteSchedule` through four hooks:
+The loop consults a `RouteSchedule` through five hooks:
 
 - `temperature(step)`: written into every trained soft route before the step;
 - `discretize_step`: the step at which the trained routes are frozen to their argmax
   (None: never);
 - `penalty(step, routes)`: a term added to the loss (the routes' mean entropy), or None;
 - `step_order(steps, generator)`: for one batch, an order of the route's steps whose
-  weights the forward pass runs instead (two steps exchanged), or None.
+  weights the forward pass runs instead (two steps exchanged), or None;
+- `random_route(steps, modules, generator)`: for one batch, a random module per step that
+  the forward pass runs instead of the task's route, or None.
 
 `RouteSchedule(...)` anneals: the temperature falls geometrically from
 `temperature_start` to `temperature_end` until `discretize_at * steps`, where routes are
 discretised. `RouteSchedule.soft()` keeps routes soft to the end at temperature 1 with no
-entropy penalty (the template regime). Either may exchange steps (`swap`).
+entropy penalty (the template regime). Either may exchange steps (`swap`) or run random
+routes (`random`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class RouteSchedule:
             their argmax (1: never).
         swap: probability that a batch runs its task's route with two random steps'
             weights exchanged, so that modules must work at more than one position.
+        random: probability that a batch runs a random discrete route (a module per step
+            drawn uniformly, repeats allowed) instead of its task's route.
     """
 
     steps: int = 0
@@ -46,11 +51,12 @@ class RouteSchedule:
     entropy_weight: float = 0.01
     discretize_at: float = 0.75
     swap: float = 0.0
+    random: float = 0.0
 
     @classmethod
-    def soft(cls, swap: float = 0.0) -> "RouteSchedule":
+    def soft(cls, swap: float = 0.0, random: float = 0.0) -> "RouteSchedule":
         """Routes soft to the end, at temperature 1, with no entropy penalty."""
-        return cls(0, 1.0, 1.0, 0.0, 1.0, swap)
+        return cls(0, 1.0, 1.0, 0.0, 1.0, swap, random)
 
     @property
     def anneal_steps(self) -> int:
@@ -85,3 +91,13 @@ class RouteSchedule:
         order = torch.arange(steps)
         order[i], order[j] = j, i
         return order
+
+    def random_route(self, steps: int, modules: int, generator: torch.Generator) -> list[int] | None:
+        """With probability `random`, a module per step drawn uniformly from `modules`
+        (repeats allowed); otherwise None. Draws from `generator` whenever `random` is
+        non-zero."""
+        if self.random == 0:
+            return None
+        if float(torch.rand(1, generator=generator)) >= self.random:
+            return None
+        return torch.randint(modules, (steps,), generator=generator).tolist()

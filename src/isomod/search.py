@@ -74,7 +74,10 @@ class SearchConfig:
 @dataclass
 class SearchResult:
     """The route found, its proxy score, the start's, how many distinct routes were scored
-    and how long it took; `trace`: the best score after each candidate."""
+    and how long it took; `trace`: the best score after each candidate; `scored`: every
+    distinct route scored and its proxy, in the order they were scored; `stats_images` and
+    `proxy_indices`: the images the statistics were estimated on and the indices of the
+    labelled images the proxy scored (an analysis can score the same way)."""
 
     route: list[int]
     score: float
@@ -83,6 +86,9 @@ class SearchResult:
     candidates: int
     seconds: float
     trace: list[float] = field(default_factory=list)
+    scored: dict[tuple[int, ...], float] = field(default_factory=dict)
+    stats_images: torch.Tensor | None = None
+    proxy_indices: torch.Tensor | None = None
 
 
 def ncm_loo(f: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
@@ -249,4 +255,4 @@ def search_route(model, task: str, x_stats: torch.Tensor, x: torch.Tensor, y: to
     model.route(task).set_choice(best)
     model.estimate_stats(task, x_stats)
     return SearchResult(best, best_score, list(start), start_score, scorer.scored, round(time.time() - t0, 2),
-                        scorer.trace)
+                        scorer.trace, dict(scorer.cache), x_stats, keep)

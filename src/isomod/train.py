@@ -42,16 +42,17 @@ __all__ = ["BATCH_ORDERS", "PRECISIONS", "SAMPLINGS", "SCHEDULES", "Batches", "S
 
 class StepOrder:
     """The model as an objective sees it for one batch whose route runs its steps' weights
-    in `order` (exchanged steps); everything else is the model's."""
+    in another order (`step_order`: exchanged steps) or runs other modules (`modules`: a
+    random route); everything else is the model's."""
 
-    def __init__(self, model, order: torch.Tensor):
-        self.model, self.order = model, order
+    def __init__(self, model, **override):
+        self.model, self.override = model, override
 
     def __call__(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        return self.model(x, task, step_order=self.order)
+        return self.model(x, task, **self.override)
 
     def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        return self.model.forward_features(x, task, step_order=self.order)
+        return self.model.forward_features(x, task, **self.override)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -451,15 +452,21 @@ class Trainer:
             run.metrics[name] = (total + value, count + 1)
 
     def _bound(self, forward, task: str):
-        """The forward pass a batch of `task` runs: with two of its route's steps exchanged
-        when the route schedule asks for it (a trained soft route only)."""
-        if self.route_schedule.swap == 0 or not self.model.has_routes:
+        """The forward pass a batch of `task` runs: a random route when the route schedule
+        draws one (while the pool trains), or with two of its route's steps exchanged when
+        it asks for it (a trained soft route only)."""
+        schedule = self.route_schedule
+        if not self.model.has_routes or (schedule.swap == 0 and schedule.random == 0):
             return forward
         route = self.model.route(task)
-        if id(route.logits) not in self._route_ids or route.is_discrete:
+        if schedule.random and any(p.requires_grad for p in self.model.pool.parameters()):
+            modules = schedule.random_route(route.steps, len(self.model.pool), self.aug)
+            if modules is not None:
+                return StepOrder(forward, modules=modules)
+        if schedule.swap == 0 or id(route.logits) not in self._route_ids or route.is_discrete:
             return forward
-        order = self.route_schedule.step_order(route.steps, self.aug)
-        return forward if order is None else StepOrder(forward, order)
+        order = schedule.step_order(route.steps, self.aug)
+        return forward if order is None else StepOrder(forward, step_order=order)
 
     def _trained_routes(self) -> list:
         """The soft routes this run trains (a route that is only run, not trained, is left

@@ -50,6 +50,10 @@ class TrainConfig:
         route_swap: probability that a training batch runs its task's soft route with the
             weights of two random steps exchanged, so that modules must work at more than
             one position (0: never).
+        route_random: probability that a training batch runs a random discrete route
+            instead of its task's route: one module per step drawn uniformly from the pool,
+            repeats allowed, the step norms the task's own (0: never). The pool learns to
+            work in any order, as LayerShuffle trains a ViT's layers.
         augment: random shifts of up to 2 pixels on training batches.
         eval_every: evaluate on the test split every this many steps (0: at the end only).
         checkpoint_every: write the run's checkpoint every this many steps (0: at the end only).
@@ -79,6 +83,7 @@ class TrainConfig:
     entropy_weight: float = 0.01
     discretize_at: float = 0.75
     route_swap: float = 0.0
+    route_random: float = 0.0
     augment: bool = True
     eval_every: int = 0
     checkpoint_every: int = 500
@@ -105,7 +110,7 @@ class TrainConfig:
         for name in ("temperature_start", "temperature_end"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise IsomodError(f"train config {name} must be > 0, got {getattr(self, name)}")
-        for name in ("discretize_at", "route_swap"):
+        for name in ("discretize_at", "route_swap", "route_random"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise IsomodError(f"train config {name} must lie in [0, 1], got {getattr(self, name)}")
 
@@ -127,9 +132,9 @@ class TrainConfig:
 def route_schedule(config: TrainConfig) -> RouteSchedule:
     """The route schedule `config.routes` names, with its numbers and exchanged steps."""
     if config.routes == "soft":
-        return RouteSchedule.soft(swap=config.route_swap)
+        return RouteSchedule.soft(swap=config.route_swap, random=config.route_random)
     return RouteSchedule(config.steps, config.temperature_start, config.temperature_end, config.entropy_weight,
-                         config.discretize_at, config.route_swap)
+                         config.discretize_at, config.route_swap, config.route_random)
 
 
 def resolve_device(name: str) -> torch.device:

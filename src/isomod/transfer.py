@@ -20,7 +20,7 @@ from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError
 from isomod.methods import Methods
 from isomod.network import ModularNet, TaskModel
-from isomod.search import SearchConfig, search_route
+from isomod.search import SearchConfig, SearchResult, search_route
 from isomod.train import TrainConfig, Trainer
 
 # Route, norms and head are a few thousand numbers on frozen features: they take a far
@@ -109,6 +109,7 @@ class Setup:
     fixed_stats: list[torch.nn.Module] = field(default_factory=list)
     numbers_set: int = 0
     info: dict = field(default_factory=dict)
+    search: SearchResult | None = None  # route_search: what the search scored
 
 
 @TRANSFER.register("route_only", "transfer", "a new route, step norms and head, in place; every earlier task is "
@@ -169,7 +170,7 @@ def route_search(model: ModularNet, task: TaskData, source: str, config: TrainCo
             "search_seconds": found.seconds, "proxy_start": round(found.start_score, 5),
             "proxy_found": round(found.score, 5)}
     return Setup(model, model.param_groups([task.name], roles=("heads",)), [branch.norms],
-                 numbers_set=model.stats_count(task.name) + model.route(task.name).steps, info=info)
+                 numbers_set=model.stats_count(task.name) + model.route(task.name).steps, info=info, search=found)
 
 
 @TRANSFER.register("finetune", "transfer", "a copy of the whole model from the source's route and norms: stem, "
@@ -206,6 +207,7 @@ class TransferResult:
     route_steps_changed: int | None = None  # route methods: steps whose module (argmax) differs from the source's
     route_change: float | None = None  # route methods: mean total variation from the source's route weights
     info: dict = field(default_factory=dict)  # what the method reports besides (a search's candidates, seconds)
+    search: SearchResult | None = None  # route_search: every route scored, for analysis
 
 
 def select_source(model: ModularNet, task: TaskData, max_images: int = 1000, seed: int = 0) -> tuple[str, dict[str, float]]:
@@ -268,7 +270,7 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
     accs = trainer.fit()
     trained = sum(p.numel() for ps in setup.params.values() for p in ps)
     result = TransferResult(setup.model, accs[task.name], trained + setup.numbers_set, source,
-                            (trainer.soft_usage or {}).get(task.name), info=setup.info)
+                            (trainer.soft_usage or {}).get(task.name), info=setup.info, search=setup.search)
     if unit.learns_route:
         new, old = setup.model.route(task.name), setup.model.route(source)
         result.route_steps_changed = sum(a != b for a, b in zip(new.indices(), old.indices()))

@@ -6,6 +6,14 @@ budget's learning rate; fine-tuning and scratch train whole networks and use the
 pre-training learning rate instead (fine-tuning on held-out Georgian scored 93.6% at 5e-3,
 90.7% at 2e-3). Same steps and batches for all.
 
+`route_search` runs come with an analysis of where the search goes wrong: every route it
+scored is run on (up to) 1,000 test images with the statistics the search estimated, and
+classified by the nearest class mean of the labelled images its proxy scored. The row
+carries the rank correlation (Spearman) of the proxy with that test accuracy over the
+routes (`proxy_test_spearman`), and a `route_search_hindsight` row (`setting: analysis`,
+chosen with test labels) gives the test accuracy of the route best on test, its head
+trained as route_search's.
+
 Pre-training runs once per seed (kept in `OUT/pretrain-s{seed}/checkpoint`, reused when
 the command runs again); every transfer run then starts from a fresh copy of that model.
 Rows are written to `results.json` as they come, and a second run of the same command
@@ -20,18 +28,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from isomod import report
 from isomod.transfer import SEARCHING, TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench import train_modular
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
+from isomod.bench.paired import INTERVAL, pair
 from isomod.checkpoint import load_checkpoint
 from isomod.data.tasks import TaskData, load_task, split_validation
 from isomod.errors import IsomodError, check_choices
 from isomod.network import ModelConfig
 from isomod.regimes import DEFAULT_REGIME, REGIMES
 from isomod.search import SearchConfig
-from isomod.train import TrainConfig
+from isomod.train import TrainConfig, Trainer
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
@@ -141,12 +152,17 @@ def plan(ctx: Context):
     yield runs
 
 
-def record_transfer(ctx: Context, output: tuple[Row, dict | None, float]) -> None:
-    row, route, seconds = output
+HINDSIGHT = "route_search_hindsight"  # analysis: the route search scored that is best on test
+ANALYSIS_TEST_IMAGES = 1000
+
+
+def record_transfer(ctx: Context, output: tuple[list[Row], dict | None, float]) -> None:
+    rows, route, seconds = output
+    row = rows[0]
     f = row.fields
     key = f"{row.task}/{f['shots']}"
     ctx.results["train_seconds"][f"{f['regime']}/{row.method}/{key}/{f['seed']}"] = seconds
-    ctx.results.add(row)
+    ctx.results.add(*rows)
     if route is not None:
         ctx.results["routes"].setdefault(f["regime"], {})[f"{row.method}:{key}-s{f['seed']}"] = route
     if ctx.config.jobs > 1:
@@ -168,9 +184,10 @@ def held_out_task(name: str, data_dir: str | None, validation: float) -> TaskDat
 
 
 def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, seed: int, name: str,
-                 label: int | str, method: str, source: str, progress: bool) -> tuple[Row, dict | None, float]:
-    """One transfer run on a fresh copy of a pre-trained pool (in `run_dir`): its row, the
-    learned route (route methods) and its training seconds."""
+                 label: int | str, method: str, source: str, progress: bool) -> tuple[list[Row], dict | None, float]:
+    """One transfer run on a fresh copy of a pre-trained pool (in `run_dir`): its row (and,
+    for route_search, the hindsight analysis row), the learned route (route methods) and its
+    training seconds."""
     base = load_checkpoint(run_dir / "checkpoint").eval()
     data = held_out_task(name, config.data_dir or None, config.validation)
     task = few_shot(data, None if label == "all" else label, seed=seed)
@@ -192,7 +209,52 @@ def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, s
         route = {"discrete": res.model.route(data.name).indices(), "soft_at_discretize": res.soft_route,
                  "final": res.model.route(data.name).weights().tolist()}
     metric = "val_acc" if config.validation else "test_acc"
-    return Row(method, data.name, metric, round(res.test_acc, 5), fields), route, seconds
+    rows = [Row(method, data.name, metric, round(res.test_acc, 5), fields)]
+    if res.search is not None and not config.validation:
+        analysis, acc = search_hindsight(run_dir, task, data, source, res.search, cfg)
+        fields.update(analysis)
+        rows.append(Row(HINDSIGHT, data.name, metric, round(acc, 5), {**fields, "setting": "analysis",
+                                                                      "params_task": res.params_task}))
+    return rows, route, seconds
+
+
+def search_hindsight(run_dir: Path, task: TaskData, data: TaskData, source: str, found, config: TrainConfig
+                     ) -> tuple[dict, float]:
+    """Where a route search went wrong: every route it scored, with the statistics it
+    estimated (the same images), run on up to ANALYSIS_TEST_IMAGES test images of `data` and
+    classified by the nearest class mean (cosine) of the labelled images its proxy scored.
+    Returns the proxy's rank correlation with that test accuracy, the found and the best
+    route's test accuracy this way, and the test accuracy of the best route with a head
+    trained as route_search's (chosen with test labels: analysis only)."""
+    from scipy.stats import spearmanr
+
+    torch.manual_seed(config.seed)  # the new head, as transfer() seeds it
+    model = load_checkpoint(run_dir / "checkpoint").eval()
+    model.add_task(task.spec, start_from=source)
+    name, k = task.name, task.spec.num_classes
+    xs, ys = task.x_train[found.proxy_indices], task.y_train[found.proxy_indices]
+    g = torch.Generator().manual_seed(config.seed)
+    keep = torch.randperm(len(data.y_test), generator=g)[:ANALYSIS_TEST_IMAGES]
+    xt, yt = data.x_test[keep], data.y_test[keep]
+    test = {}
+    for route in found.scored:
+        model.route(name).set_choice(list(route))
+        model.estimate_stats(name, found.stats_images)
+        means = torch.zeros(k, model.config.channels, dtype=torch.float64).index_add_(
+            0, ys, F.normalize(model.features(xs, name).double(), dim=1))
+        sim = F.normalize(model.features(xt, name).double(), dim=1) @ F.normalize(means, dim=1).T  # (B, K)
+        test[route] = (sim.argmax(1) == yt).double().mean().item()
+    routes = list(found.scored)
+    rho = spearmanr([found.scored[r] for r in routes], [test[r] for r in routes]).statistic if len(routes) > 2 else None
+    best = max(routes, key=lambda r: test[r])
+    model.route(name).set_choice(list(best))
+    model.estimate_stats(name, found.stats_images)
+    trainer = Trainer(model, {name: task}, config, progress=False, train_tasks=[name],
+                      params=model.param_groups([name], roles=("heads",)), fixed_stats=[model.branch(name).norms])
+    acc = trainer.fit()[name]
+    rho = None if rho is None or not np.isfinite(rho) else round(float(rho), 4)
+    return {"proxy_test_spearman": rho, "found_test_ncm": round(test[tuple(found.route)], 5),
+            "hindsight_test_ncm": round(test[best], 5), "hindsight_route": list(best)}, acc
 
 
 def summary(rows: list[dict]) -> dict:
@@ -295,6 +357,33 @@ def comparisons(results: dict) -> str:
     return "\n".join(lines)
 
 
+def search_table(results: dict) -> str:
+    """Where route search goes wrong: route_search and the route best on test in hindsight,
+    each paired with head_only on (task, seed), and the rank correlation of the search's
+    proxy with test accuracy over the routes it scored."""
+    rows = [r for r in results["rows"] if r.get("metric") == "test_acc"]
+    if not any(r["method"] == HINDSIGHT for r in rows):
+        return ""
+    lines = [f"| shots | method | against | mean difference (points), {INTERVAL} | units | proxy-test Spearman, "
+             "mean (range) |", "|---:|---|---|---|---:|---|"]
+    for shots in results["config"]["shots"]:
+        at = [r for r in rows if r["shots"] == shots]
+        probe = [r for r in at if r["method"] == "head_only"]
+        for m in ("route_search", HINDSIGHT):
+            mine = [r for r in at if r["method"] == m]
+            p = pair(mine, probe, ("task", "seed"), lambda r: r["value"], lambda r: r["value"])
+            if not p.n:
+                continue
+            lo, hi = p.interval
+            rho = [r["proxy_test_spearman"] for r in mine if r.get("proxy_test_spearman") is not None]
+            corr = f"{np.mean(rho):+.2f} ({min(rho):+.2f} to {max(rho):+.2f})" if rho and m == "route_search" else ""
+            lines.append(f"| {shots} | {m} | head_only | {p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {p.n} | {corr} |")
+    if len(lines) == 2:
+        return ""
+    return "\n".join(["Route search against the linear probe, and the route best on test in hindsight "
+                      f"(`{HINDSIGHT}`, chosen with test labels: an analysis row):", "", *lines])
+
+
 def regimes_of(results: dict) -> list[str]:
     """The pools' regimes, in the config's order (a results file from before regimes were a
     list has one, `regime`)."""
@@ -326,7 +415,7 @@ def summary_block(results: dict) -> str:
             continue
         if len(names) > 1:
             parts.append(f"#### Pools of the `{name}` regime")
-        parts += [p for p in (markdown_table(view), comparisons(view)) if p]
+        parts += [p for p in (markdown_table(view), comparisons(view), search_table(view)) if p]
     return "\n\n".join(parts + [numbers_table(results)]).rstrip()
 
 
