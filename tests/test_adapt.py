@@ -244,18 +244,19 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     dev = [r for r in results["rows"] if r.get("selection")]
     rows = [r for r in results["rows"] if not r.get("selection")]
     # selection: every tuned method at every factor on the development target, which is never reported
-    tuned = [m for m in BENCH_METHODS if ADAPT[m].tunes] + [m for m in ("route", "norm_patch") for _ in (2,)]
-    assert {r["task"] for r in dev} == {"mnistc/motion_blur"} and len(dev) == 3 * len(tuned)
+    # selection: every tuned method at every factor on the development target, from each source model
+    tuned = [m for m in BENCH_METHODS if ADAPT[m].tunes] + ["route", "norm_patch"]
+    assert {r["task"] for r in dev} == {"mnistc/motion_blur"} and len(dev) == 2 * 3 * len(tuned)
+    assert {r["model"] for r in dev} == {"uci", "all"} and {r["shots"] for r in dev if "shots" in r} == {2}
     sel = results["selection"]
     assert sel["dev_target"] == "mnistc/motion_blur" and "development-target accuracy" in sel["rule"]
     for r in rows:
-        m = r["method"].removesuffix("_best")
-        if r["method"] in ADAPT and ADAPT[r["method"]].tunes:  # the factor the development runs chose
-            key = f"default/{r['method']}{'/2' if r.get('shots') else ''}/s0"
-            at = {d["factor"]: d["value"] for d in dev if d["method"] == r["method"] and d.get("shots") == r.get("shots")}
-            assert r["factor"] == sel["chosen"][key] and at[r["factor"]] == max(at.values())
+        if r["method"] in ADAPT and ADAPT[r["method"]].tunes:  # the factor its source model's development runs chose
+            model = "uci" if r["task"] == "digits5/uci" else "all"
+            at = {d["factor"]: d["value"] for d in dev if d["method"] == r["method"] and d["model"] == model}
+            assert r["factor"] == sel["chosen"][f"{model}/{r['method']}/s0"] and at[r["factor"]] == max(at.values())
         else:
-            assert "factor" not in r, m
+            assert "factor" not in r, r["method"]
     unsupervised = [r for r in rows if r["setting"] != "few_labels"]
     expected = {"source_only_each", "adabn_each", "source_only_best", "route_oracle"} | set(BENCH_METHODS) - {"source_only"}
     assert {r["method"] for r in unsupervised} == expected

@@ -238,7 +238,7 @@ def test_route_swap_exchanges_two_steps_and_still_trains_the_route(two_tasks):
 
     def watching(model, x, y, task):
         from isomod.train import StepOrder, cross_entropy
-        seen.append(model.order.tolist() if isinstance(model, StepOrder) else None)
+        seen.append(model.override["step_order"].tolist() if isinstance(model, StepOrder) else None)
         return cross_entropy(model, x, y, task)
 
     model = tiny_model(two_tasks, route_init="flat")

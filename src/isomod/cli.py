@@ -99,6 +99,10 @@ def cmd_report(args) -> int:
     from isomod.bench import registry
     from isomod.bench.base import read_results, write_docs
 
+    if args.claims:
+        return report_claims(args)
+    if args.dir is None:
+        raise IsomodError("give a bench's output folder or a results file (or --claims)")
     path = Path(args.dir)
     file = path if path.suffix == ".json" else path / "results.json"
     results = read_results(file)
@@ -120,6 +124,19 @@ def cmd_report(args) -> int:
         print(f"wrote {args.docs}")
     if out is None and not args.docs:
         raise IsomodError(f"{file}: give --out DIR for the report and figures, or --docs PAGE for a docs page's tables")
+    return 0
+
+
+def report_claims(args) -> int:
+    """`isomod report --claims [FOLDER]`: every registered claim evaluated on FOLDER's results
+    files (default docs/results); `--readme` rewrites the README's summary from them."""
+    from isomod.bench import claims
+
+    verdicts = claims.evaluate(args.dir or "docs/results", args.names or None)
+    print(claims.as_json(verdicts) if args.json else claims.table(verdicts))
+    if args.readme:
+        claims.write_readme(args.readme, claims.readme_block(verdicts))
+        print(f"wrote {args.readme}")
     return 0
 
 
@@ -264,9 +281,15 @@ def add_bench(sub) -> None:
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="redraw report.md and figures from a run folder's results.json, or "
                        "a docs page's tables from a results file (docs/results/NAME.json)")
-    p.add_argument("dir", metavar="PATH", help="a bench's output folder, or a results .json file")
+    p.add_argument("dir", metavar="PATH", nargs="?", help="a bench's output folder, or a results .json file; with "
+                   "--claims, the folder of results files (default docs/results)")
     p.add_argument("--docs", help="also rewrite the generated tables of this docs/results/<bench>.md page")
     p.add_argument("--out", help="folder for report.md and the figures (default: PATH when it is a folder)")
+    p.add_argument("--claims", action="store_true", help="evaluate every registered claim (isomod.bench.claims): "
+                   "paired differences, a 95%% t-interval over units, and a verdict")
+    p.add_argument("--names", nargs="+", metavar="CLAIM", help="with --claims: only these claims")
+    p.add_argument("--json", action="store_true", help="with --claims: print JSON")
+    p.add_argument("--readme", help="with --claims: rewrite this README's generated summary")
     p.set_defaults(func=cmd_report)
 
 

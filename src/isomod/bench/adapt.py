@@ -20,11 +20,13 @@ the modules reaches from there when its signal is perfect.
 Learning rates are chosen by a named rule that reads no label of a reported target
 (`SELECTION_RULE`): each method that trains is run on a development target,
 `mnistc/motion_blur` (`dev_target`; never reported, never a source), at its default learning
-rates and at a third and three times them (`FACTORS`), per seed and shot count; the factor
-with the best development accuracy is used on every reported target (ties keep the
-default). Those runs are rows with `selection: true`; every other row of a tuned method
-carries the `factor` it used, and `results.json` records the rule, the grid and the choices
-under `selection`.
+rates and at a third and three times them (`FACTORS`), from each source model (the model a
+target adapts from, which never saw that target's labels) and seed; few-label methods at the
+largest shot count. The factor with the best development accuracy is used on every target
+that model adapts to, at every shot count (ties keep the default). Those runs are rows with
+`selection: true` and `model` (the source model's left-out domain, or `all`); every other
+row of a tuned method carries the `factor` it used, and `results.json` records the rule, the
+grid and the choices under `selection`.
 
 Rows of methods whose result is a route also carry `route_form` (whether `value` is the
 accuracy of a soft route or of a discrete one), `acc_soft` (where a soft route existed) and
@@ -72,8 +74,9 @@ ROW_NAME = {"source_only": "source_only_best"}
 DEV_TARGET = f"mnistc/{DEVELOPMENT[0]}"
 FACTORS = (1.0, 1 / 3, 3.0)  # the learning rates tried, as factors of the defaults; the first wins ties
 SELECTION_RULE = ("learning rates by development-target accuracy: each tuned method at its default learning rates "
-                  "times 1, 1/3 and 3, on {dev} (never reported), per seed and shot count; the best factor is used "
-                  "on every reported target, ties keeping the default")
+                  "times 1, 1/3 and 3, on {dev} (never reported), from each source model (which never saw the labels "
+                  "of the targets it adapts to) and seed, few-label methods at {shots} labels a class; the best factor "
+                  "is used on every target that model adapts to, at every shot count, ties keeping the default")
 
 
 @dataclass
@@ -188,17 +191,13 @@ def plan(ctx: Context):
     models = {}
     for r, seed, target, sources in runs:
         models.setdefault(source_dir(ctx.out, target, config.domains, seed, r), (r, sources, seed))
-    if config.select:
-        for r in config.regimes:
-            for seed in config.seeds:
-                models.setdefault(source_dir(ctx.out, config.dev_target, config.domains, seed, r),
-                                  (r, list(config.domains), seed))
     yield [Job(train_sources, (run_dir, sources, *config.shapes(r), seed, ctx.progress),
                lambda results, out, run_dir=run_dir, r=r: record_sources(ctx, runs, out, run_dir, r))
            for run_dir, (r, sources, seed) in models.items()]
     if config.select:
-        yield [job for r in config.regimes for seed in config.seeds for job in selection_jobs(ctx, r, seed)]
-    record_selection(ctx)
+        yield [job for run_dir, (r, sources, seed) in models.items()
+               for job in selection_jobs(ctx, run_dir, r, sources, seed)]
+    record_selection(ctx, models)
     jobs = []
     for r, seed, target, sources in runs:
         jobs += adaptation_jobs(ctx, r, seed, target, sources)
@@ -225,10 +224,15 @@ def routes_of(results, regime: str, target: str, seed: int) -> dict:
 
 
 def tuned_methods(config: AdaptBenchConfig) -> list[tuple[str, int | None]]:
-    """The (method, shots) pairs whose learning rates selection chooses: the unsupervised
-    methods that train (shots None), then the few-label ones at each shot count."""
+    """The (method, shots) pairs selection runs: the unsupervised methods that train (shots
+    None), then the few-label ones at the largest shot count."""
     return ([(m, None) for m in config.methods if ADAPT[m].tunes]
-            + [(m, k) for k in config.shots for m in config.few_label_methods if ADAPT[m].tunes])
+            + [(m, max(config.shots)) for m in config.few_label_methods if ADAPT[m].tunes])
+
+
+def model_key(run_dir: Path) -> str:
+    """A source model's name in selection rows: its left-out domain (or `all`) and regime."""
+    return run_dir.name.removeprefix("sources-").rsplit("-s", 1)[0]
 
 
 def tuned(config: AdaptBenchConfig, method: str, shots: int | None, factor: float, seed: int
@@ -243,52 +247,51 @@ def tuned(config: AdaptBenchConfig, method: str, shots: int | None, factor: floa
     return train, options
 
 
-def selection_jobs(ctx: Context, regime: str, seed: int) -> list[Job]:
-    """Every tuned method at every factor on the development target, as selection rows."""
+def selection_jobs(ctx: Context, run_dir: Path, regime: str, sources: list[str], seed: int) -> list[Job]:
+    """Every tuned method at every factor on the development target from one source model,
+    as selection rows."""
     config, results = ctx.config, ctx.results
-    dev = config.dev_target
-    run_dir = source_dir(ctx.out, dev, config.domains, seed, regime)
+    dev, model = config.dev_target, model_key(run_dir)
     record = lambda results, out: record_method(ctx, out)  # noqa: E731
     jobs = []
     for method, shots in tuned_methods(config):
         for factor in FACTORS:
             if results.has(method=method, task=dev, seed=seed, regime=regime, shots=shots, factor=factor,
-                           selection=True):
+                           model=model, selection=True):
                 continue
             train, options = tuned(config, method, shots, factor, seed)
-            jobs.append(Job(method_run, (run_dir, dev, list(config.domains), method, train, regime, options, shots,
-                                         ctx.progress, {"selection": True, "factor": factor}), record))
+            jobs.append(Job(method_run, (run_dir, dev, sources, method, train, regime, options, shots, ctx.progress,
+                                         {"selection": True, "factor": factor, "model": model}), record))
     return jobs
 
 
-def chosen_factor(ctx: Context, regime: str, seed: int, method: str, shots: int | None) -> float | None:
-    """The factor selection chose for `method` (None: not tuned, or selection is off)."""
+def chosen_factor(ctx: Context, run_dir: Path, regime: str, seed: int, method: str) -> float | None:
+    """The factor selection chose for `method` from the source model in `run_dir` (None: not
+    tuned, or selection is off)."""
     if not ctx.config.select or not ADAPT[method].tunes:
         return None
+    model = model_key(run_dir)
     dev = {r["factor"]: r["value"] for r in ctx.results.rows
            if r.get("selection") and r["method"] == method and r["seed"] == seed and r.get("regime") == regime
-           and r.get("shots") == shots}
+           and r.get("model") == model}
     missing = [f for f in FACTORS if f not in dev]
     if missing:
-        raise IsomodError(f"selection of {method} (seed {seed}) lacks its development runs at factors {missing}")
+        raise IsomodError(f"selection of {method} (model {model}, seed {seed}) lacks its development runs at factors "
+                          f"{missing}")
     return max(FACTORS, key=dev.__getitem__)
 
 
-def record_selection(ctx: Context) -> None:
+def record_selection(ctx: Context, models: dict) -> None:
     """`results.json`'s `selection`: the rule, the grid and every choice."""
     config = ctx.config
     if not config.select:
         ctx.results["selection"].update(rule="none: every method at the bench's default learning rates")
         return
-    chosen = {}
-    for r in config.regimes:
-        for seed in config.seeds:
-            for method, shots in tuned_methods(config):
-                key = f"{r}/{method}{'' if shots is None else f'/{shots}'}/s{seed}"
-                chosen[key] = chosen_factor(ctx, r, seed, method, shots)
+    chosen = {f"{model_key(run_dir)}/{m}/s{seed}": chosen_factor(ctx, run_dir, r, seed, m)
+              for run_dir, (r, sources, seed) in models.items() for m, _ in tuned_methods(config)}
     ctx.results["selection"].update(
-        rule=SELECTION_RULE.format(dev=config.dev_target), dev_target=config.dev_target, factors=list(FACTORS),
-        tunes={m: list(ADAPT[m].tunes) for m in dict.fromkeys(m for m, _ in tuned_methods(config))},
+        rule=SELECTION_RULE.format(dev=config.dev_target, shots=max(config.shots)), dev_target=config.dev_target,
+        factors=list(FACTORS), tunes={m: list(ADAPT[m].tunes) for m, _ in tuned_methods(config)},
         chosen={**ctx.results["selection"].get("chosen", {}), **chosen})
 
 
@@ -320,7 +323,7 @@ def adaptation_jobs(ctx: Context, regime: str, seed: int, target: str, sources: 
 def tuned_job(ctx: Context, run_dir: Path, target: str, sources: list[str], method: str, regime: str, seed: int,
               shots: int | None, more: dict | None = None) -> Job:
     """`method` on `target` at the learning rates selection chose for it (its row carries the factor)."""
-    factor = chosen_factor(ctx, regime, seed, method, shots)
+    factor = chosen_factor(ctx, run_dir, regime, seed, method)
     train, options = tuned(ctx.config, method, shots, 1.0 if factor is None else factor, seed)
     return Job(method_run, (run_dir, target, sources, method, train, regime, {**options, **(more or {})}, shots,
                             ctx.progress, {} if factor is None else {"factor": factor}),

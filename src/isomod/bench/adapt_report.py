@@ -266,19 +266,18 @@ def selection_section(results: dict) -> list[str]:
     if not dev:
         return parts
     factors = sel["factors"]
-    parts += [f"Development accuracy (%) on `{sel['dev_target']}`, mean over seeds, at each factor of the default "
-              "learning rates, and the factor each seed chose:", "",
-              "| method | shots | " + " | ".join(f"x{f:.3g}" for f in factors) + " | chosen, each seed |",
+    parts += [f"Development accuracy (%) on `{sel['dev_target']}`, mean over source models and seeds, at each factor "
+              "of the default learning rates, and how often each factor was chosen (one choice per source model and "
+              "seed):", "",
+              "| method | shots | " + " | ".join(f"x{f:.3g}" for f in factors) + " | chosen |",
               "|---|---:|" + "---:|" * len(factors) + "---|"]
-    keys = list(dict.fromkeys((r.get("regime", DEFAULT_REGIME), r["method"], r.get("shots")) for r in dev))
-    for regime, m, k in keys:
-        mine = [r for r in dev if r.get("regime", DEFAULT_REGIME) == regime and r["method"] == m and r.get("shots") == k]
+    for m, k in dict.fromkeys((r["method"], r.get("shots")) for r in dev):
+        mine = [r for r in dev if r["method"] == m and r.get("shots") == k]
         cells = [f"{100 * np.mean([r['value'] for r in mine if r['factor'] == f]):.1f}"
                  if any(r["factor"] == f for r in mine) else "" for f in factors]
-        picks = [f"x{sel['chosen'][key]:.3g}" for key in sel.get("chosen", {})
-                 if key.startswith(f"{regime}/{m}{'' if k is None else f'/{k}'}/s")]
-        label = m if len(regimes_of(results)) == 1 else f"{m} ({regime})"
-        parts.append(f"| {label} | {'-' if k is None else k} | " + " | ".join(cells) + f" | {' '.join(picks)} |")
+        picks = [v for key, v in sel.get("chosen", {}).items() if key.split("/")[-2] == m]
+        counts = ", ".join(f"x{f:.3g} {picks.count(f)}" for f in factors if picks.count(f))
+        parts.append(f"| {m} | {'-' if k is None else k} | " + " | ".join(cells) + f" | {counts} |")
     return parts + [""]
 
 

@@ -69,10 +69,10 @@ def t_interval(diffs: Sequence[float], level: float = LEVEL) -> tuple[float, flo
 
 
 def pair(a: Sequence[dict], b: Sequence[dict], unit: Sequence[str], value_a: Callable[[dict], float | None],
-         value_b: Callable[[dict], float | None]) -> Paired:
-    """The paired differences of rows `a` and rows `b` on the units (tuples of the `unit`
-    fields) both hold a value for. A unit with two rows on one side is an error: the
-    comparison would not be paired."""
+         value_b: Callable[[dict], float | None], scale: float = 100.0) -> Paired:
+    """The paired differences `scale * (a - b)` of rows `a` and rows `b` on the units (tuples
+    of the `unit` fields) both hold a value for. A unit with two rows on one side is an
+    error: the comparison would not be paired."""
     def index(rows: Sequence[dict], value: Callable[[dict], float | None], side: str) -> dict[tuple, float]:
         out: dict[tuple, float] = {}
         for r in rows:
@@ -87,4 +87,4 @@ def pair(a: Sequence[dict], b: Sequence[dict], unit: Sequence[str], value_a: Cal
 
     ia, ib = index(a, value_a, "first"), index(b, value_b, "second")
     units = tuple(sorted((k for k in ia if k in ib), key=str))
-    return Paired(units, tuple(100 * (ia[k] - ib[k]) for k in units))
+    return Paired(units, tuple(scale * (ia[k] - ib[k]) for k in units))
