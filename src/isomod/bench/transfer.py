@@ -3,8 +3,7 @@ route-only transfer and by the usual baselines, with the same data and budget fo
 
 Route-only, head-only and norms+head train a few thousand numbers and use the transfer
 budget's learning rate; fine-tuning and scratch train whole networks and use the
-pre-training learning rate instead (fine-tuning on held-out Georgian scored 93.6% at 5e-3,
-90.7% at 2e-3). Same steps and batches for all.
+pre-training learning rate instead. Same steps and batches for all.
 
 `route_search` runs come with an analysis of where the search goes wrong: every route it
 scored is run on (up to) 1,000 test images with the statistics the search estimated, and
