@@ -346,3 +346,13 @@ def test_transfer_trains_a_new_label_space_s_head_but_never_a_shared_one(sources
     assert res.params_task == model.task_param_count("other/uci") + head.weight.numel() + head.bias.numel()
 
 
+def test_route_moment_s_reference_moves_with_its_objective():
+    """The nearest source's moments are buffers: `objective.to(...)` moves them with the bank
+    (they were a plain tuple, left on the CPU when the Trainer moved the objective to CUDA)."""
+    from isomod.align import SourceAlignment
+
+    bank = torch.randn(50, 8)
+    objective = SourceAlignment("moment", ["s"], 16, 8, bank=bank).to(torch.float64)
+    assert objective.ref_mean.dtype == objective.ref_second.dtype == objective.bank.dtype == torch.float64
+    assert torch.allclose(objective.ref_mean, bank.double().mean(0))
+    assert "ref_mean" not in objective.state_dict()  # derived from the bank, not saved

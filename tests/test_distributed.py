@@ -105,6 +105,37 @@ def test_batch_norm_is_plain_batch_norm_in_one_process():
     assert torch.equal(ours(x), plain(x)) and torch.equal(ours.running_var, plain.running_var)
 
 
+def test_batch_norm_over_ranks_keeps_fp32_statistics_and_an_exact_count_under_bf16(monkeypatch):
+    """Two ranks holding the same images see plain batch norm's statistics of those images;
+    under bf16 the statistics stay fp32 (a bf16 count of 25,089 read 25,088, and a bf16 mean
+    could not lerp fp32 running statistics)."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed._SumOverRanks, "apply", staticmethod(lambda t: 2 * t))
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 1, 25089)  # 25,089 values a channel
+    ours, plain = make_norm(2).train(), torch.nn.BatchNorm2d(2).train()
+    assert torch.allclose(ours(x), plain(x), atol=1e-4)
+    assert torch.allclose(ours.running_var, plain.running_var, atol=1e-6)
+    half = make_norm(2).train()
+    y = half(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and half.running_mean.dtype == torch.float32
+    assert torch.allclose(half.running_mean, plain.running_mean, atol=1e-2)
+
+
+def test_the_process_group_backend_follows_the_device_asked_for(monkeypatch):
+    from isomod.errors import IsomodError
+    from isomod.train_config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.backend_for("cpu") == "gloo"  # --device cpu on a GPU machine: no NCCL with CPU tensors
+    assert [distributed.backend_for(d) for d in ("auto", "cuda", "cuda:1")] == ["nccl"] * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.backend_for("auto") == "gloo"
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(IsomodError, match="under torchrun each process takes its own GPU"):
+        resolve_device("cuda:1")
+
+
 def test_isomod_train_under_torchrun(tmp_path, folder):
     out = tmp_path / "run"
     stdout = run(["-m", "isomod", "train", "--tasks", str(folder), "--image-size", "12", "--out", str(out),

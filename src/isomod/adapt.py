@@ -239,7 +239,7 @@ def changed_numbers(before: dict[str, torch.Tensor], model: ModularNet) -> int:
     """Floating-point numbers of `model`'s state that differ from `before` (all of a tensor
     `before` lacks, such as a head the target was given)."""
     after = model.state_dict()
-    return sum(int((before[k] != v).sum()) if k in before else v.numel() for k, v in after.items()
+    return sum(int((before[k].to(v.device) != v).sum()) if k in before else v.numel() for k, v in after.items()
                if v.is_floating_point())
 
 

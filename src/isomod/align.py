@@ -103,7 +103,9 @@ class SourceAlignment(Objective):
         self.target_logits = [target_logits] if target_logits is not None else []  # a list: not registered here
         self.per_source = max(1, batch_size // len(self.sources))
         self.register_buffer("bank", bank, persistent=False)
-        self.reference = moments(bank) if bank is not None else None
+        mean, second = moments(bank) if bank is not None else (None, None)
+        self.register_buffer("ref_mean", mean, persistent=False)  # buffers: `.to(device)` moves them
+        self.register_buffer("ref_second", second, persistent=False)
         self.disc = (nn.Sequential(nn.Linear(channels, DISCRIMINATOR_HIDDEN), nn.ReLU(),
                                    nn.Linear(DISCRIMINATOR_HIDDEN, 1)) if align == "adversarial" else None)
 
@@ -121,8 +123,8 @@ class SourceAlignment(Objective):
 
     def _moment_loss(self, ft: torch.Tensor, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         mt = moments(ft)
-        if self.reference is not None:
-            return moment_gap(mt, self.reference)
+        if self.ref_mean is not None:
+            return moment_gap(mt, (self.ref_mean, self.ref_second))
         src = [moments(f) for f in feats.values()]
         loss = sum(moment_gap(mt, m) for m in src) / len(src)
         pairs = list(combinations(src, 2))

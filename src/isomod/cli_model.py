@@ -294,6 +294,7 @@ def cmd_export(args) -> int:
     x = example_input(model, args.task, batch=8)
     with torch.no_grad():
         diff = (net(x) - model(x, args.task)).abs().max().item()
+    net, x = net.cpu(), x.cpu()  # the file is read on any machine: CPU weights, whatever ran the check
     out = save_torchscript(net, args.out, meta) if args.format == "torchscript" else save_onnx(net, args.out, x[:2], meta)
     stored = len(list(net.parameters()))  # parameters() yields a shared tensor once
     what = (f"a soft route, each of the {len(net.route)} steps stored as its own mixture of modules" if net.soft

@@ -38,13 +38,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup() -> None:
-    """Join the process group torchrun describes, once; nothing in a single process.
+def backend_for(device: str) -> str:
+    """The process-group backend for the device a run asks for: `nccl` for CUDA (`auto` on a
+    machine with CUDA, `cuda`, `cuda:K`), `gloo` for the CPU."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "nccl" if cuda else "gloo"
+
+
+def setup(device: str = "auto") -> None:
+    """Join the process group torchrun describes, once, with the backend for `device`;
+    nothing in a single process.
 
     The group is left again at a clean exit (`teardown`), as torch asks of every process
     (nccl warns otherwise, and may leave pending operations unfinished)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
@@ -157,18 +165,24 @@ class BatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and world_size() > 1):
             return super().forward(x)
-        dims = (0, 2, 3)
-        count = all_sum(x.new_tensor([x.numel() / x.shape[1]]))
-        mean = _SumOverRanks.apply(x.sum(dims)) / count  # (C,)
-        centered = x - mean[None, :, None, None]
-        var = _SumOverRanks.apply((centered * centered).sum(dims)) / count  # (C,), biased
+        # Statistics in fp32 whatever the autocast dtype (bf16 would round a count of
+        # 25,089 to 25,088 and cannot lerp fp32 running statistics), gathered in one
+        # all-reduce: the sums, the sums of squares and the image count (exact in fp32 up
+        # to 2^24 values a channel).
+        dims, c = (0, 2, 3), x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), x.numel() // c)])  # (2C + 1,)
+        total = _SumOverRanks.apply(local)
+        count = total[-1]
+        mean = total[:c] / count  # (C,)
+        var = (total[c:2 * c] / count - mean * mean).clamp(min=0)  # (C,), biased
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), momentum)
-        y = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.weight is None:
-            return y
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.weight is not None:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)

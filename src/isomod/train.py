@@ -128,7 +128,7 @@ class Trainer:
             raise IsomodError("nothing to train: no parameters were given")
         self.route_schedule = routes or route_schedule(config)
         self._route_ids = {id(p) for p in self.params.get("routes", [])}
-        distributed.setup()
+        distributed.setup(config.device)
         self.main = distributed.is_main()
         self.progress = progress and self.main
         self.frozen_norm_stats = frozen_norm_stats

@@ -139,7 +139,10 @@ def route_schedule(config: TrainConfig) -> RouteSchedule:
 
 def resolve_device(name: str) -> torch.device:
     """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:K`; under torchrun, `auto` and
-    `cuda` mean this process's GPU."""
+    `cuda` mean this process's GPU, and `cuda:K` is refused (every process would take GPU K)."""
+    if distributed.world_size() > 1 and name.startswith("cuda:"):
+        raise IsomodError(f"device {name}: under torchrun each process takes its own GPU (cuda:LOCAL_RANK); use "
+                          "--device cuda or auto, and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if name in ("auto", "cuda") and torch.cuda.is_available() and distributed.world_size() > 1:
         return distributed.local_device()
     if name == "auto":

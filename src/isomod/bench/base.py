@@ -272,7 +272,7 @@ def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, 
     writes it; under torchrun, rank 0 alone writes."""
     from isomod.runs import RunLock
 
-    distributed.setup()
+    distributed.setup(bench.device(config))
     out = Path(out_dir)
     check_out_dir(out)
     jobs = getattr(config, "jobs", 1)
