@@ -292,6 +292,7 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     assert "| route_im | discrete | adabn |" in text and "| route | soft | norm_patch |" in text
     assert "Selection rule: learning rates by development-target accuracy" in text
     assert "| mnistc/motion_blur |" not in text and "| motion_blur |" not in text  # never reported
+    assert "| route method | ended as | soft | discretised | runs |" in text
     # the numbers table holds the few-label methods at the shot count the run had (it once looked for 10 only)
     assert "few-label methods at 2 labelled images per class" in text and "| few_labels | route |" in text
     assert "### MNIST-C style targets" in text and "route_oracle, analysis" in text

@@ -179,34 +179,34 @@ def source_dir(out: Path, target: str, domains: list[str], seed: int, regime: st
 
 
 def plan(ctx: Context):
-    """Four stages: the source models (one per regime, left-out domain and seed, reloaded
-    when complete); the selection runs on the development target (`select`); then every
-    analysis row and every method of every setting on every target, at the learning rates
-    selection chose; then `route_oracle`, which starts from the best source route in
-    hindsight (an analysis row of stage three). Rows already in the results are not planned
-    again."""
+    """Per seed, in turn (a stopped run has whole seeds to show), four stages: the source
+    models (one per regime and left-out domain, reloaded when complete); the selection runs
+    on the development target (`select`); every analysis row and every method of every
+    setting on every target, at the learning rates selection chose; then `route_oracle`,
+    which starts from the best source route in hindsight (an analysis row of stage three).
+    Rows already in the results are not planned again."""
     config = ctx.config
-    runs = [(r, seed, target, [d for d in config.domains if d != target]) for r in config.regimes
-            for seed in config.seeds for target in dict.fromkeys(config.targets + config.few_label_targets)]
-    models = {}
-    for r, seed, target, sources in runs:
-        models.setdefault(source_dir(ctx.out, target, config.domains, seed, r), (r, sources, seed))
-    yield [Job(train_sources, (run_dir, sources, *config.shapes(r), seed, ctx.progress),
-               lambda results, out, run_dir=run_dir, r=r: record_sources(ctx, runs, out, run_dir, r))
-           for run_dir, (r, sources, seed) in models.items()]
-    if config.select:
-        yield [job for run_dir, (r, sources, seed) in models.items()
-               for job in selection_jobs(ctx, run_dir, r, sources, seed)]
-    record_selection(ctx, models)
-    jobs = []
-    for r, seed, target, sources in runs:
-        jobs += adaptation_jobs(ctx, r, seed, target, sources)
-    yield jobs
-    yield [Job(oracle_run, (source_dir(ctx.out, target, config.domains, seed, r), target, sources,
-                            best_source(ctx.results.rows, target, seed, r), replace(config.adapt, seed=seed),
-                            r, ctx.progress), lambda results, out: record_oracle(results, out))
-           for r, seed, target, sources in runs
-           if target in config.targets and not ctx.results.has(method=ORACLE, task=target, seed=seed, regime=r)]
+    every = {}
+    for seed in config.seeds:
+        runs = [(r, seed, target, [d for d in config.domains if d != target]) for r in config.regimes
+                for target in dict.fromkeys(config.targets + config.few_label_targets)]
+        models = {}
+        for r, _, target, sources in runs:
+            models.setdefault(source_dir(ctx.out, target, config.domains, seed, r), (r, sources, seed))
+        every.update(models)
+        yield [Job(train_sources, (run_dir, sources, *config.shapes(r), seed, ctx.progress),
+                   lambda results, out, run_dir=run_dir, r=r, runs=runs: record_sources(ctx, runs, out, run_dir, r))
+               for run_dir, (r, sources, seed) in models.items()]
+        if config.select:
+            yield [job for run_dir, (r, sources, seed) in models.items()
+                   for job in selection_jobs(ctx, run_dir, r, sources, seed)]
+        record_selection(ctx, every)
+        yield [job for r, seed, target, sources in runs for job in adaptation_jobs(ctx, r, seed, target, sources)]
+        yield [Job(oracle_run, (source_dir(ctx.out, target, config.domains, seed, r), target, sources,
+                                best_source(ctx.results.rows, target, seed, r), replace(config.adapt, seed=seed),
+                                r, ctx.progress), lambda results, out: record_oracle(results, out))
+               for r, seed, target, sources in runs
+               if target in config.targets and not ctx.results.has(method=ORACLE, task=target, seed=seed, regime=r)]
 
 
 def record_sources(ctx: Context, runs: list, output, run_dir: Path, regime: str) -> None:

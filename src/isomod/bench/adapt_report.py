@@ -152,13 +152,31 @@ def unsupervised_summary(results: dict) -> list[str]:
     for family, title in FAMILIES.items():
         rows = family_rows(results, family)
         if rows:
-            parts += [f"### {title}", "", report.markdown_results(rows), "", *findings(rows)]
+            parts += [f"### {title}", "", report.markdown_results(rows), "", *route_forms(rows), *findings(rows)]
             gains = start_gains([r for r in results["rows"] if group(r["task"]) == family])
             if gains:
                 parts.append("- with sources, against each run's start (the nearest source's route with target "
                              "statistics): " + ", ".join(f"{m} {v:+.1f}" for m, v in gains.items()) + " points")
             parts.append("")
     return parts
+
+
+def route_forms(rows: list[dict]) -> list[str]:
+    """Each route method's accuracy (%) read soft and discretised (one module per step,
+    statistics re-estimated), mean over its rows; `value` above is whichever it ended as."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if any("route_form" in r for r in rows
+                                                                           if r["method"] == m)]
+    if not methods:
+        return []
+    lines = ["| route method | ended as | soft | discretised | runs |", "|---|---|---:|---:|---:|"]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m and "route_form" in r]
+        soft = [r["acc_soft"] for r in mine if "acc_soft" in r]
+        hard = [r["acc_discretized"] for r in mine]
+        ended = "/".join(sorted({r["route_form"] for r in mine}))
+        lines.append(f"| {m} | {ended} | {f'{100 * np.mean(soft):.1f}' if soft else ''} | {100 * np.mean(hard):.1f} | "
+                     f"{len(mine)} |")
+    return lines + [""]
 
 
 def few_label_means(rows: list[dict]) -> dict[tuple[str, int], dict[str, float]]:
@@ -194,6 +212,7 @@ def few_label_table(rows: list[dict]) -> list[str]:
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
         parts.append("")
         at = [r for r in rows if r.get("setting") == "few_labels" and r["shots"] == shots]
+        parts += route_forms(at)
         pairs = [(m, ref) for m in ROUTE_ONLY for ref in ("adabn", "norm_patch") if (m, shots) in table]
         compared = comparison_table(at, pairs)
         if compared:
