@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from isomod.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from isomod.io.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from isomod.data import glyphs
 from isomod.data.tasks import TaskData, from_arrays, load_task
-from isomod.network import ModelConfig, ModularNet
-from isomod.train import TrainConfig, Trainer
+from isomod.core.network import ModelConfig, ModularNet
+from isomod.training.trainer import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="session", autouse=True)

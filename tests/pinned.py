@@ -81,12 +81,12 @@ def patterns(name: str, classes: int, n: int, seed: int, shape=(1, 12, 12), labe
 
 
 def runs() -> dict[str, str]:
-    from isomod.adapt import adapt, route_oracle
-    from isomod.continual import GrowConfig, learn_task
-    from isomod.network import ModelConfig, ModularNet
-    from isomod.regimes import regime
-    from isomod.train import TrainConfig, Trainer
-    from isomod.transfer import transfer
+    from isomod.methods.adapt import adapt, route_oracle
+    from isomod.methods.continual import GrowConfig, learn_task
+    from isomod.core.network import ModelConfig, ModularNet
+    from isomod.training.regimes import regime
+    from isomod.training.trainer import TrainConfig, Trainer
+    from isomod.methods.transfer import transfer
 
     out = {}
     shape = ModelConfig(channels=8, num_modules=4, steps=4, stem_stride=3)

@@ -1,4 +1,4 @@
-"""digits5, domains sharing a head, and unsupervised domain adaptation (`isomod.adapt`)."""
+"""digits5, domains sharing a head, and unsupervised domain adaptation (`isomod.methods.adapt`)."""
 
 import copy
 from dataclasses import replace
@@ -14,9 +14,9 @@ from isomod.cli import main
 from isomod.data import digits5
 from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError
-from isomod.network import ModularNet, TaskSpec
-from isomod.train import TrainConfig, Trainer, evaluate
-from isomod.adapt import (ADAPT, ADAPT_METHODS, ALIGN_ROUTE_METHODS, FULL_NETWORK_METHODS, MIN_TARGET_IMAGES,
+from isomod.core.network import ModularNet, TaskSpec
+from isomod.training.trainer import TrainConfig, Trainer, evaluate
+from isomod.methods.adapt import (ADAPT, ADAPT_METHODS, ALIGN_ROUTE_METHODS, FULL_NETWORK_METHODS, MIN_TARGET_IMAGES,
                           WITH_SOURCES, add_as_copy, adapt, setting, stats_distance)
 from isomod.data import mnistc
 
@@ -134,7 +134,7 @@ def test_alignment_with_sources_lowers_its_loss_and_changes_only_the_route_and_s
 
 
 def test_route_oracle_trains_the_target_route_alone_on_the_target_labels(sources_model, domains):
-    from isomod.adapt import route_oracle
+    from isomod.methods.adapt import route_oracle
 
     target = domains["uci"]
     g = torch.Generator().manual_seed(1)
@@ -320,12 +320,13 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
 
 
 def test_a_learned_route_that_scores_worse_than_its_start_is_undone(sources_model, domains, monkeypatch):
-    from isomod import adapt as adapt_module
+    from isomod.methods.adapt import base, source_free
 
     # IM scores: the two source routes (choosing the start), the start with target
     # statistics, then the learned route: worse than its start.
     calls = iter([-1.0, -0.5, -1.0, 0.0])
-    monkeypatch.setattr(adapt_module, "im_score", lambda model, task, x: next(calls))
+    for module in (base, source_free):
+        monkeypatch.setattr(module, "im_score", lambda model, task, x: next(calls))
     model = copy.deepcopy(sources_model)
     res = adapt(model, domains["uci"], "route_im", QUICK_ADAPT, progress=False)
     assert res.kept is False
@@ -333,7 +334,7 @@ def test_a_learned_route_that_scores_worse_than_its_start_is_undone(sources_mode
 
 
 def test_transfer_trains_a_new_label_space_s_head_but_never_a_shared_one(sources_model, domains):
-    from isomod.transfer import prepare_route, transfer
+    from isomod.methods.transfer import prepare_route, transfer
 
     model = copy.deepcopy(sources_model)
     prepare_route(model, domains["uci"])  # a third domain: its head is the sources' head
@@ -350,7 +351,7 @@ def test_transfer_trains_a_new_label_space_s_head_but_never_a_shared_one(sources
 def test_route_moment_s_reference_moves_with_its_objective():
     """The nearest source's moments are buffers: `objective.to(...)` moves them with the bank
     (they were a plain tuple, left on the CPU when the Trainer moved the objective to CUDA)."""
-    from isomod.align import SourceAlignment
+    from isomod.methods.adapt.align import SourceAlignment
 
     bank = torch.randn(50, 8)
     objective = SourceAlignment("moment", ["s"], 16, 8, bank=bank).to(torch.float64)

@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from isomod.adapt import ALIGN_ROUTE_METHODS, FEW_LABELS, adapt
+from isomod.methods.adapt import ALIGN_ROUTE_METHODS, FEW_LABELS, adapt
 from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError
-from isomod.network import ModularNet
-from isomod.search import SearchConfig
-from isomod.train import TrainConfig, Trainer
+from isomod.core.network import ModularNet
+from isomod.methods.search import SearchConfig
+from isomod.training.trainer import TrainConfig, Trainer
 
 from conftest import QUICK_ADAPT, SMALL, subset
 
@@ -22,7 +22,7 @@ def source_data(domains) -> dict[str, TaskData]:
 
 
 def labelled_part(target: TaskData, shots: int) -> TaskData:
-    from isomod.transfer import few_shot
+    from isomod.methods.transfer import few_shot
 
     return few_shot(target, shots, seed=0)
 
@@ -93,7 +93,7 @@ def three_sources(domains):
 
 
 def test_a_calibrated_route_comes_from_the_candidates_and_reads_no_target_label(three_sources, domains):
-    from isomod.adapt_select import SCORES, candidates
+    from isomod.methods.adapt.select import SCORES, candidates
 
     base, sources = three_sources
     target = domains["uci"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from isomod import load_checkpoint
-from isomod.checkpoint import recover
+from isomod.io.checkpoint import recover
 from isomod.cli import main
 
 from conftest import image_folder, write_npz

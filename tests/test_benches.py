@@ -18,7 +18,7 @@ from test_cli import TINY, TINY_BENCH
                                       "modular_templates", "independent", "shared_trunk", "--jobs", "2"], ["demo"]])
 def test_bench_mtl_and_demo_end_to_end_write_the_contract(tmp_path, command):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "isomod.cli", *command, "--out", str(out), "--steps", "6",
+    cmd = [sys.executable, "-m", "isomod", *command, "--out", str(out), "--steps", "6",
            "--checkpoint-every", "0", "--discretize-at", "0.5", *TINY_BENCH]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -68,7 +68,7 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     results = json.loads((out / "results.json").read_text())
     assert results["bench"] == "transfer"
     rows = results["rows"]
-    from isomod.transfer import TRANSFER
+    from isomod.methods.transfer import TRANSFER
 
     assert {(r["method"], r["task"], r["shots"]) for r in rows} == {
         (m, "new0", k) for m in (*TRANSFER.names(), "route_search_hindsight") for k in (2, "all")}

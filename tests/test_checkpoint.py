@@ -7,7 +7,7 @@ import torch
 
 from isomod import (CheckpointError, IndependentNets, ModelConfig, ModularNet, PlainResNet, TaskSpec,
                     load_checkpoint, save_checkpoint)
-from isomod.checkpoint import check_compatible
+from isomod.io.checkpoint import check_compatible
 
 
 def tiny(cls=ModularNet):
@@ -111,7 +111,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
 def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     import os
 
-    from isomod.data.cache import write_atomic
+    from isomod.files import write_atomic
 
     write_atomic(tmp_path / "atomic.json", lambda f: f.write(b"{}"))
     (tmp_path / "plain.json").write_bytes(b"{}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TrainConfig, load_checkpoint
-from isomod import continual
-from isomod.continual import GrowConfig, learn_task
+from isomod.methods import continual
+from isomod.methods.continual import GrowConfig, learn_task
 from isomod.data.tasks import split_validation
 
 from conftest import glyph_task
@@ -68,7 +68,7 @@ def test_soft_routes_grow_and_keep_earlier_tasks_bit_identical(stream):
     """The template regime: soft routes over a pool that grows. Earlier routes give the
     fresh modules exactly zero weight and mix only their own modules, so their outputs stay
     bit-identical; a grown soft route keeps every fresh module."""
-    from isomod.regimes import REGIMES
+    from isomod.training.regimes import REGIMES
 
     model_cfg, cfg = REGIMES["templates"].apply(ModelConfig(channels=8, steps=4), CFG)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from isomod import ModelConfig, ModularNet, PlainResNet, TaskSpec, TrainConfig, Trainer, evaluate
-from isomod.diagnostics import cross_route_accuracy, own_and_other, route_distance, shuffled_accuracy
+from isomod.methods.diagnostics import cross_route_accuracy, own_and_other, route_distance, shuffled_accuracy
 from isomod.errors import IsomodError
 
 

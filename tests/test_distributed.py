@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from isomod import distributed
-from isomod.network import make_norm
+from isomod.core.network import make_norm
 
 from conftest import image_folder
 
@@ -19,8 +19,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import sys, torch
     from isomod import distributed
     from isomod.data.tasks import load_image_folder
-    from isomod.network import ModelConfig, ModularNet
-    from isomod.train import TrainConfig, Trainer
+    from isomod.core.network import ModelConfig, ModularNet
+    from isomod.training.trainer import TrainConfig, Trainer
 
     folder, out = sys.argv[1], sys.argv[2]
     task = load_image_folder(folder, image_size=12, lazy=True)
@@ -78,7 +78,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, folder, mo
     # Rank 0 alone logs and writes the checkpoint, which holds the trained weights.
     log = [json.loads(line) for line in (tmp_path / "two" / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8]
-    from isomod.checkpoint import load_checkpoint
+    from isomod.io.checkpoint import load_checkpoint
 
     saved = load_checkpoint(tmp_path / "two" / "run" / "checkpoint")
     assert all(torch.equal(v, ranks[0]["state"][k]) for k, v in saved.state_dict().items())
@@ -124,7 +124,7 @@ def test_batch_norm_over_ranks_keeps_fp32_statistics_and_an_exact_count_under_bf
 
 def test_the_process_group_backend_follows_the_device_asked_for(monkeypatch):
     from isomod.errors import IsomodError
-    from isomod.train_config import resolve_device
+    from isomod.training.config import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert distributed.backend_for("cpu") == "gloo"  # --device cpu on a GPU machine: no NCCL with CPU tensors

@@ -9,7 +9,7 @@ import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, save_checkpoint
 from isomod.cli import main
-from isomod.export import export_task, save_onnx, save_torchscript
+from isomod.io.export import export_task, save_onnx, save_torchscript
 
 
 @pytest.fixture(params=["step", "module"])

@@ -78,7 +78,7 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path, c
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from isomod.runs import RunLock
+        from isomod.training.runs import RunLock
         with RunLock({str(run)!r}):
             print("held", flush=True)
             time.sleep(30)
@@ -94,7 +94,7 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path, c
 
 
 def test_sigterm_saves_the_step_in_progress_and_resumes_bit_exact(tmp_path, capsys, monkeypatch):
-    from isomod.train import Trainer
+    from isomod.training.trainer import Trainer
 
     data = write_npz(tmp_path / "d.npz", shape=(16, 16))
     assert train(data, tmp_path / "full", "--checkpoint-every", "0") == 0
@@ -122,7 +122,7 @@ def test_sigterm_saves_the_step_in_progress_and_resumes_bit_exact(tmp_path, caps
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    from isomod import checkpoint
+    from isomod.io import checkpoint
 
     data = write_npz(tmp_path / "d.npz", shape=(16, 16))
     run = tmp_path / "run"
@@ -174,7 +174,7 @@ def test_eval_transfer_and_predict_honour_the_recorded_image_size(tmp_path, caps
 
 def test_eval_reads_moved_data_from_data_and_skips_route_diagnostics_of_a_baseline(tmp_path, capsys):
     from isomod import PlainResNet, save_checkpoint
-    from isomod.network import ModelConfig
+    from isomod.core.network import ModelConfig
 
     data = write_npz(tmp_path / "d.npz", shape=(16, 16))
     run = tmp_path / "run"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from isomod.report import markdown_results, mean_table, route_similarity, seed_means
+from isomod.bench.report import markdown_results, mean_table, route_similarity, seed_means
 
 
 def test_route_similarity_of_discrete_routes():

@@ -8,9 +8,9 @@ from isomod import IsomodError
 from isomod.bench import reuse
 from isomod.bench.reuse import reuse_pattern
 from isomod.cli import main
-from isomod.network import ModelConfig, ModularNet, TaskSpec
+from isomod.core.network import ModelConfig, ModularNet, TaskSpec
 from isomod.bench.base import macs_per_image
-from isomod.train import TrainConfig
+from isomod.training.trainer import TrainConfig
 
 
 def test_patterns():

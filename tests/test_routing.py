@@ -83,7 +83,7 @@ def test_one_hot_soft_equals_discrete_equals_output_mixing(norm_affine):
 
 def test_soft_weight_mixing_runs_the_mixed_block():
     """Weight mixing equals running one block whose weights are the route-weighted sum."""
-    from isomod.blocks import residual_block
+    from isomod.core.blocks import residual_block
 
     net = make_net().eval()
     x = x_batch()
@@ -101,7 +101,7 @@ def test_soft_weight_mixing_runs_the_mixed_block():
 def test_module_owned_norms_are_mixed_like_the_weights():
     """With `norm_affine="module"` a step runs the statistics of its own norms and the
     route-weighted sum of the modules' scales and shifts."""
-    from isomod.blocks import residual_block, with_affine
+    from isomod.core.blocks import residual_block, with_affine
 
     net = make_net(norm_affine="module").eval()
     randomise_module_norms(net)

@@ -8,8 +8,8 @@ import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, TrainConfig
 from isomod.data.tasks import TaskData
-from isomod.search import STRATEGIES, RouteScorer, SearchConfig, ncm_loo, ridge_loo, search_route
-from isomod.transfer import transfer
+from isomod.methods.search import STRATEGIES, RouteScorer, SearchConfig, ncm_loo, ridge_loo, search_route
+from isomod.methods.transfer import transfer
 
 PLANTED = [2, 0, 3]
 

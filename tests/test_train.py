@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, TrainConfig, Trainer, TrainingDiverged, evaluate
-from isomod.route_schedule import RouteSchedule
-from isomod.train import route_schedule
-from isomod.checkpoint import load_checkpoint
+from isomod.training.route_schedule import RouteSchedule
+from isomod.training.trainer import route_schedule
+from isomod.io.checkpoint import load_checkpoint
 
 from test_checkpoint import snapshot
 
@@ -52,7 +52,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(two_tasks, tmp_path):
         calls["n"] += 1
         if calls["n"] == 24:
             raise KeyboardInterrupt  # a killed run, after the step-20 checkpoint
-        from isomod.train import cross_entropy
+        from isomod.training.trainer import cross_entropy
         return cross_entropy(model, x, y, task)
 
     broken = tiny_model(two_tasks)
@@ -70,7 +70,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(two_tasks, tmp_path):
     cfg = quick(steps=20, checkpoint_every=5)
 
     def poisoned(model, x, y, task):
-        from isomod.train import cross_entropy
+        from isomod.training.trainer import cross_entropy
         loss, logits = cross_entropy(model, x, y, task)
         return (loss * float("nan") if trainer.step >= 12 else loss), logits
 
@@ -98,7 +98,7 @@ def test_resume_refuses_an_incompatible_checkpoint(two_tasks, tmp_path):
 
 
 def model_route():
-    from isomod.route import Route
+    from isomod.core.route import Route
 
     return Route(3, 2, init="flat")
 
@@ -190,7 +190,7 @@ def test_progress_without_a_terminal_prints_a_few_plain_lines(two_tasks, capsys)
 
 
 def test_regimes_set_pool_route_start_and_schedule():
-    from isomod.regimes import REGIMES, regime
+    from isomod.training.regimes import REGIMES, regime
 
     base_model, base_train = ModelConfig(steps=8), TrainConfig(lr=3e-3, lr_routes=0.05)
     model, train = REGIMES["annealed"].apply(base_model, base_train)
@@ -237,7 +237,7 @@ def test_route_swap_exchanges_two_steps_and_still_trains_the_route(two_tasks):
     seen = []
 
     def watching(model, x, y, task):
-        from isomod.train import StepOrder, cross_entropy
+        from isomod.training.trainer import StepOrder, cross_entropy
         seen.append(model.override["step_order"].tolist() if isinstance(model, StepOrder) else None)
         return cross_entropy(model, x, y, task)
 
@@ -286,7 +286,7 @@ def test_a_random_route_runs_the_modules_it_names():
 
 @pytest.mark.parametrize("random", [0.0, 1.0])
 def test_random_routes_train_modules_no_task_route_runs(two_tasks, random):
-    from isomod.regimes import REGIMES
+    from isomod.training.regimes import REGIMES
 
     model_cfg, cfg = REGIMES["random_routes"].apply(ModelConfig(channels=4, steps=3), quick(steps=6))
     assert model_cfg.num_modules == 3 and cfg.route_random == 0.5

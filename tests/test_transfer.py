@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, TaskSpec, TrainConfig, Trainer, load_checkpoint
-from isomod.transfer import TRANSFER, TRANSFER_METHODS, few_shot, fit_route, select_source, transfer
+from isomod.methods.transfer import TRANSFER, TRANSFER_METHODS, few_shot, fit_route, select_source, transfer
 from isomod.cli import main
 from isomod.data.tasks import load_task, read_idx
 
@@ -201,7 +201,7 @@ def test_a_transfer_run_depends_on_its_seed_not_on_what_ran_before(pretrained, d
 @pytest.fixture(scope="module")
 def soft_pretrained(digit_tasks):
     """A model of the template regime: soft route, norms' affine parameters in the modules."""
-    from isomod.regimes import REGIMES
+    from isomod.training.regimes import REGIMES
 
     mnist = digit_tasks[0]
     model_cfg, train_cfg = REGIMES["templates_norms"].apply(

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from isomod import IsomodError, ModelConfig, ModularNet, PlainResNet, TaskSpec, TrainConfig, Trainer, evaluate
-from isomod.blocks import TransformerModule, transformer_block
-from isomod.checkpoint import load_checkpoint, save_checkpoint
+from isomod.core.blocks import TransformerModule, transformer_block
+from isomod.io.checkpoint import load_checkpoint, save_checkpoint
 from isomod.data.tasks import TaskData
-from isomod.export import export_task, save_onnx, save_torchscript
+from isomod.io.export import export_task, save_onnx, save_torchscript
 
 
 def config(**kw):
@@ -120,7 +120,7 @@ def test_a_transformer_takes_the_image_size_its_position_embedding_covers():
 
 
 def test_transformer_pool_and_plain_vit_learn_and_transfer(digit_tasks):
-    from isomod.transfer import transfer
+    from isomod.methods.transfer import transfer
 
     glyph_a, glyph_b = digit_tasks  # MNIST, UCI digits
     cfg = TrainConfig(steps=300, batch_size=32, lr=3e-3, lr_heads=3e-3, warmup_steps=5, checkpoint_every=0,
@@ -138,7 +138,7 @@ def test_transformer_pool_and_plain_vit_learn_and_transfer(digit_tasks):
 
 
 def test_adaptation_over_a_transformer_pool_keeps_what_is_shared():
-    from isomod.adapt import adapt
+    from isomod.methods.adapt import adapt
 
     g = torch.Generator().manual_seed(0)
 

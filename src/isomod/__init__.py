@@ -4,15 +4,15 @@ A pool of interchangeable residual modules; each task learns a route (the module
 at each step), annealed to discrete or kept soft.
 """
 
-from isomod.baselines import IndependentNets, PlainResNet
-from isomod.checkpoint import load_checkpoint, save_checkpoint
+from isomod.core.baselines import IndependentNets, PlainResNet
+from isomod.io.checkpoint import load_checkpoint, save_checkpoint
 from isomod.errors import CheckpointError, IsomodError, TrainingDiverged
-from isomod.network import ModelConfig, ModularNet, TaskSpec
-from isomod.pool import ModulePool
-from isomod.objectives import Objective, Output
-from isomod.route import Route
-from isomod.route_schedule import RouteSchedule
-from isomod.train import TrainConfig, Trainer, evaluate
+from isomod.core.network import ModelConfig, ModularNet, TaskSpec
+from isomod.core.pool import ModulePool
+from isomod.training.objectives import Objective, Output
+from isomod.core.route import Route
+from isomod.training.route_schedule import RouteSchedule
+from isomod.training.trainer import TrainConfig, Trainer, evaluate
 
 __all__ = [
     "CheckpointError", "IndependentNets", "IsomodError", "ModelConfig", "ModularNet", "ModulePool",

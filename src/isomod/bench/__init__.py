@@ -1,40 +1,17 @@
 """Benchmarks: one module per experiment, each writing results.json, report.md and PNGs.
 
-`registry()` imports them all; each registers itself (see `isomod.bench.base`).
+Importing this package imports every bench module, each of which registers itself (see
+`isomod.bench.base`); `registry()` gives them by name.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import replace
-from pathlib import Path
-
-import torch
-
 from isomod.bench.base import BENCHES, Bench
-from isomod.data.tasks import TaskData
-from isomod.network import ModelConfig, ModularNet
-from isomod.train import TrainConfig, Trainer
+from isomod.bench import mtl, transfer, continual, adapt, reuse, speed  # noqa: F401  each registers itself
 
 NAMES = ("mtl", "transfer", "continual", "adapt", "reuse", "speed")
 
 
 def registry() -> dict[str, Bench]:
     """Every benchmark, by name, in the order of `NAMES`."""
-    for name in NAMES:
-        importlib.import_module(f"isomod.bench.{name}")
     return {name: BENCHES[name] for name in NAMES}
-
-
-def train_modular(run_dir: Path, tasks: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
-                  seed: int, progress: bool, routes: dict[str, list[int]] | None = None
-                  ) -> tuple[ModularNet, dict[str, float]]:
-    """Train a ModularNet on `tasks` with `seed` in `run_dir`, or, when its checkpoint
-    there is complete, reload it; returns the model and its test accuracy per task.
-    `routes` fixes some tasks' routes (module per step) before training."""
-    torch.manual_seed(seed)
-    model = ModularNet(model_config, [t.spec for t in tasks])
-    for name, pattern in (routes or {}).items():
-        model.route(name).set_choice(pattern)
-    trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=run_dir, progress=progress)
-    return model, trainer.fit(resume="auto")

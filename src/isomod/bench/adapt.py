@@ -5,7 +5,7 @@ For every target domain and seed, a ModularNet is trained on the other domains (
 route and set of step norms per domain; shared stem, pool and head): for a `digits5`
 target the four other domains, for an `mnistc` target all five (one model per seed
 serves every corruption). The target's training images, without labels, are then given
-to every method of `isomod.adapt`, in both settings (`setting`: `source_free`, or
+to every method of `isomod.methods.adapt`, in both settings (`setting`: `source_free`, or
 `with_sources`, where the methods also see the sources' labelled training images); its
 test images and labels score the result. Besides those methods, analysis rows that read
 target labels and adapt nothing: `source_only_each` holds every source route as it is,
@@ -51,20 +51,20 @@ import numpy as np
 import torch
 
 from isomod.data import digits5, mnistc
-from isomod.bench import train_modular
+from isomod.bench.models import train_modular
 from isomod.bench.adapt_report import (ANALYSIS, DEFAULT_REGIME, FEW_LABEL_METHODS, ORACLE, hindsight_rows, short,
                                        summary, write_report)
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
-from isomod.checkpoint import load_checkpoint
+from isomod.io.checkpoint import load_checkpoint
 from isomod.data.mnistc import DEVELOPMENT
 from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError, check_choices
-from isomod.network import ModelConfig, ModularNet
-from isomod.regimes import REGIMES
-from isomod.search import SearchConfig
-from isomod.train import TrainConfig, evaluate
-from isomod.transfer import few_shot
-from isomod.adapt import (ADAPT, ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, adapt,
+from isomod.core.network import ModelConfig, ModularNet
+from isomod.training.regimes import REGIMES
+from isomod.methods.search import SearchConfig
+from isomod.training.trainer import TrainConfig, evaluate
+from isomod.methods.transfer import few_shot
+from isomod.methods.adapt import (ADAPT, ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE_METHODS, ROUTE_METHODS, adapt,
                           add_as_copy, route_oracle, setting)
 
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
@@ -100,7 +100,7 @@ class AdaptBenchConfig:
         seeds: one source model and one set of adaptations per seed and target.
         domains: the source domains of the benchmark.
         regimes: the route regimes of the source models: `default` (the `model` and
-            `source` configs as they are) or a regime of `isomod.regimes` applied to them.
+            `source` configs as they are) or a regime of `isomod.training.regimes` applied to them.
         jobs: source models, then adaptations, side by side, each in its own process with
             an equal share of the threads.
         model: the multi-source model's shape. `permutation` starts every source domain

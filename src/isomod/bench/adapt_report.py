@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from isomod import report
-from isomod.adapt import ADAPT, ALIGN_ROUTE_METHODS
+from isomod.bench import report
+from isomod.methods.adapt import ADAPT, ALIGN_ROUTE_METHODS
 from isomod.bench.paired import INTERVAL, pair
 from isomod.data.tasks import load_task
-from isomod.regimes import REGIMES
+from isomod.training.regimes import REGIMES
 
 ANALYSIS = ("source_only_each", "adabn_each")  # rows that read target labels to analyse, one per source route
 ORACLE = "route_oracle"  # analysis: the target's route trained on the target's labels

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from isomod import distributed
-from isomod.data.cache import write_atomic
+from isomod.files import write_atomic
 from isomod.errors import IsomodError, check_out_dir
 
 ROW_KEYS = ("method", "task", "metric", "value")
@@ -270,7 +270,7 @@ def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, 
     refused unless `force`), then `report.md` and the figures. `inputs` reach the plan
     (`ctx.inputs`), e.g. data given instead of loaded. The folder is locked while the bench
     writes it; under torchrun, rank 0 alone writes."""
-    from isomod.runs import RunLock
+    from isomod.training.runs import RunLock
 
     distributed.setup(bench.device(config))
     out = Path(out_dir)
@@ -286,7 +286,7 @@ def run_bench(bench: Bench, out_dir: str | Path, config, progress: bool = True, 
 
 
 def _run_bench(bench: Bench, out: Path, config, progress: bool, force: bool, inputs: dict) -> dict:
-    from isomod.train import resolve_device
+    from isomod.training.trainer import resolve_device
 
     jobs = getattr(config, "jobs", 1)
     described, defaults = bench.describe(config, inputs), asdict(type(config)())
@@ -323,7 +323,7 @@ def refuse_another_run(path: Path, bench: Bench, config: dict, defaults: dict, f
                                                    json.loads(json.dumps(defaults))):
         return
     if force:
-        from isomod.runs import LOCK
+        from isomod.training.runs import LOCK
 
         for child in path.parent.iterdir():
             if child.name != LOCK:
@@ -399,12 +399,10 @@ def _worker_context():
     import multiprocessing
     import sys
 
-    from isomod.bench import NAMES
-
     if not sys.platform.startswith("linux"):
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([*(f"isomod.bench.{name}" for name in NAMES), "torch._dynamo"])
+    context.set_forkserver_preload([*(f"isomod.bench.{name}" for name in BENCHES), "torch._dynamo"])
     return context
 
 

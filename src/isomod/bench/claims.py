@@ -299,7 +299,7 @@ def readme_block(verdicts: list[Verdict]) -> str:
 
 def write_readme(path: str | Path, block: str) -> None:
     """Replace the README's generated claims block (between the markers)."""
-    from isomod.data.cache import write_atomic
+    from isomod.files import write_atomic
 
     path = Path(path)
     text = path.read_text()

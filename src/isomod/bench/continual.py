@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isomod import report
-from isomod.baselines import IndependentNets, PlainResNet
+from isomod.bench import report
+from isomod.core.baselines import IndependentNets, PlainResNet
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
-from isomod.checkpoint import save_checkpoint
-from isomod.continual import GrowConfig, learn_task
+from isomod.io.checkpoint import save_checkpoint
+from isomod.methods.continual import GrowConfig, learn_task
 from isomod.data.tasks import TaskData, load_task
-from isomod.network import ModelConfig, ModularNet, TaskModel
+from isomod.core.network import ModelConfig, ModularNet, TaskModel
 from isomod.errors import check_choices
-from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
-from isomod.network import to_float
-from isomod.train import TrainConfig, Trainer, evaluate
+from isomod.training.regimes import DEFAULT_REGIME, REGIMES, regime
+from isomod.core.network import to_float
+from isomod.training.trainer import TrainConfig, Trainer, evaluate
 
 METHODS = ("modular_grow", "independent", "finetune_seq")
 STREAM = ["glyphs/latin_upper", "glyphs/digits", "glyphs/greek", "mnist", "glyphs/cyrillic", "glyphs/armenian",
@@ -47,7 +47,7 @@ class ContinualConfig:
         stream: task names, in arrival order.
         methods: a subset of modular_grow, independent, finetune_seq.
         seeds: one pass over the stream per seed and method.
-        regime: the modular network's route regime (`isomod.regimes`), with a starting
+        regime: the modular network's route regime (`isomod.training.regimes`), with a starting
             pool of `model.num_modules` modules.
         jobs: passes over the stream side by side, each in its own process with an
             equal share of the threads.

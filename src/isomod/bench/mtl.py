@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isomod import diagnostics, report
-from isomod.baselines import IndependentNets, PlainResNet
+from isomod.bench import report
+from isomod.methods import diagnostics
+from isomod.core.baselines import IndependentNets, PlainResNet
 from isomod.data.tasks import TaskData, load_suite, resolve, split_validation
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, loss_fifths, read_log, register
-from isomod.network import ModelConfig, ModularNet, TaskModel
+from isomod.core.network import ModelConfig, ModularNet, TaskModel
 from isomod.errors import IsomodError, check_choices
-from isomod.regimes import DEFAULT_REGIME, REGIMES
-from isomod.train import TrainConfig, Trainer
+from isomod.training.regimes import DEFAULT_REGIME, REGIMES
+from isomod.training.trainer import TrainConfig, Trainer
 
-# `modular` trains with the default regime, `modular_<regime>` with another (isomod.regimes).
+# `modular` trains with the default regime, `modular_<regime>` with another (isomod.training.regimes).
 METHODS = {"modular": ModularNet, **{f"modular_{r}": ModularNet for r in REGIMES if r != DEFAULT_REGIME},
            "independent": IndependentNets, "shared_trunk": PlainResNet}
 
@@ -48,7 +49,7 @@ class MtlConfig:
         suite: the task suite (`isomod tasks` lists them).
         seeds: one run per seed and method.
         methods: a subset of modular (the default route regime), modular_<regime> for
-            the others in `isomod.regimes`, independent, shared_trunk.
+            the others in `isomod.training.regimes`, independent, shared_trunk.
         modules: pool size of every modular method; 0 gives each regime its own.
         validation: hold out this fraction of every task's training images and report
             accuracy on them (`val_acc`) instead of the test split: the split on which
@@ -103,7 +104,7 @@ def rows_for(method: str, model: TaskModel, accs: dict[str, float], seed: int, m
 
 def diagnostic_rows(method: str, model: TaskModel, tasks: dict[str, TaskData], seed: int
                     ) -> tuple[list[Row], dict]:
-    """Whether the routes carry the tasks (see `isomod.diagnostics`): the mean route
+    """Whether the routes carry the tasks (see `isomod.methods.diagnostics`): the mean route
     distance, the cross-route matrix's diagonal and off-diagonal means, and each task's
     accuracy with its route's steps shuffled; and the cross-route matrix itself."""
     common = {"params_total": model.param_count(), "seed": seed, "block": model.config.block}

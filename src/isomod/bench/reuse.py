@@ -8,7 +8,7 @@ only in the route, so any difference in accuracy comes from the order modules ru
     block_repeat  0 0 1 1 2 2 3 3
     learned       a soft route over the N modules, annealed, then discretised
     templates     the N modules as templates mixed softly at every step (soft parameter
-                  sharing, Savarese & Maire 2019): the `templates` regime of `isomod.regimes`
+                  sharing, Savarese & Maire 2019): the `templates` regime of `isomod.training.regimes`
     distinct      L modules 0 .. L-1 run once each: the upper reference, L/N times the parameters
 
 Parameters and multiply-adds per image are counted from the trained model; every run
@@ -25,15 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from isomod import distributed, report
-from isomod.bench import train_modular
+from isomod import distributed
+from isomod.bench import report
+from isomod.bench.models import train_modular
 from isomod.bench.base import (Bench, Context, Job, Row, check_jobs, check_seeds, loss_fifths, macs_per_image,
                                read_log, register)
 from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError, check_choice, check_choices
-from isomod.network import ModelConfig
-from isomod.regimes import REGIMES
-from isomod.train import TrainConfig
+from isomod.core.network import ModelConfig
+from isomod.training.regimes import REGIMES
+from isomod.training.trainer import TrainConfig
 
 REUSE_METHODS = ("once", "cyclic", "block_repeat", "learned", "templates", "distinct")
 LEARNED = ("learned", "templates")

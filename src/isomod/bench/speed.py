@@ -4,7 +4,7 @@ same width and depth, and inference of an exported route against the plain netwo
 measured in one run, on random images of one shape.
 
 `weight_mixing` is a soft route over N modules whose start is the model config's;
-`templates` is a template regime of `isomod.regimes` (`template_regime`: K = N templates
+`templates` is a template regime of `isomod.training.regimes` (`template_regime`: K = N templates
 over the model's `steps`, soft to the end, norms' affine parameters wherever that regime
 puts them), timed in training and, exported (each step's mixed weights computed once),
 in inference.
@@ -32,15 +32,15 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from isomod import report
-from isomod.baselines import PlainResNet
+from isomod.bench import report
+from isomod.core.baselines import PlainResNet
 from isomod.bench.base import Bench, Context, Job, Row, register
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError, check_choice
-from isomod.export import export_task
-from isomod.network import ModelConfig, ModularNet, TaskModel, TaskSpec
-from isomod.regimes import REGIMES, regime
-from isomod.train import PRECISIONS, TrainConfig, Trainer, resolve_device
+from isomod.io.export import export_task
+from isomod.core.network import ModelConfig, ModularNet, TaskModel, TaskSpec
+from isomod.training.regimes import REGIMES, regime
+from isomod.training.trainer import PRECISIONS, TrainConfig, Trainer, resolve_device
 
 TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete", "templates")
 

@@ -30,18 +30,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isomod import report
-from isomod.transfer import SEARCHING, TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
-from isomod.bench import train_modular
+from isomod.bench import report
+from isomod.methods.transfer import SEARCHING, TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
+from isomod.bench.models import train_modular
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
 from isomod.bench.paired import INTERVAL, pair
-from isomod.checkpoint import load_checkpoint
+from isomod.io.checkpoint import load_checkpoint
 from isomod.data.tasks import TaskData, load_task, split_validation
 from isomod.errors import IsomodError, check_choices
-from isomod.network import ModelConfig
-from isomod.regimes import DEFAULT_REGIME, REGIMES
-from isomod.search import SearchConfig
-from isomod.train import TrainConfig, Trainer
+from isomod.core.network import ModelConfig
+from isomod.training.regimes import DEFAULT_REGIME, REGIMES
+from isomod.methods.search import SearchConfig
+from isomod.training.trainer import TrainConfig, Trainer
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
@@ -61,7 +61,7 @@ class TransferBenchConfig:
             default all of them.
         seeds: one pre-training and one set of transfer runs per seed.
         data_dir: where data that is not embedded (Fashion-MNIST) is looked for first.
-        regimes: the route regimes of pre-training (`isomod.regimes`), one pool per regime
+        regimes: the route regimes of pre-training (`isomod.training.regimes`), one pool per regime
             and seed; a regime sets the pool size and the route fields of `model` and
             `pretrain`. Every row carries its pool's `regime`.
         validation: hold out this fraction of each held-out task's training images and

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from isomod.data import digits5, glyphs, mnistc, shipped
 from isomod.errors import IsomodError
-from isomod.spec import TaskSpec
+from isomod.core.spec import TaskSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

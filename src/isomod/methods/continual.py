@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from isomod.transfer import ROUTE_BIAS, fit_route, select_source
-from isomod.checkpoint import save_checkpoint
+from isomod.methods.transfer import ROUTE_BIAS, fit_route, select_source
+from isomod.io.checkpoint import save_checkpoint
 from isomod.data.tasks import TaskData, split_validation
 from isomod.errors import IsomodError
-from isomod.network import ModularNet
-from isomod.train import TrainConfig, Trainer, evaluate
+from isomod.core.network import ModularNet
+from isomod.training.trainer import TrainConfig, Trainer, evaluate
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from isomod.data.tasks import IMAGE_SUFFIXES
 from isomod.errors import IsomodError
-from isomod.network import to_float
+from isomod.core.network import to_float
 
 BATCH = 256
 

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError
-from isomod.methods import Methods
-from isomod.network import ModularNet, TaskModel
-from isomod.search import SearchConfig, SearchResult, search_route
-from isomod.train import TrainConfig, Trainer
+from isomod.methods.registry import Methods
+from isomod.core.network import ModularNet, TaskModel
+from isomod.methods.search import SearchConfig, SearchResult, search_route
+from isomod.training.trainer import TrainConfig, Trainer
 
 # Route, norms and head are a few thousand numbers on frozen features: they take a far
 # larger learning rate than whole networks. On held-out Georgian glyphs (400 steps) route-only
@@ -157,7 +157,7 @@ def stats_head(model: ModularNet, task: TaskData, source: str, config: TrainConf
                  numbers_set=model.stats_count(task.name))
 
 
-@TRANSFER.register("route_search", "transfer", "a discrete route found by search from the source's (isomod.search: "
+@TRANSFER.register("route_search", "transfer", "a discrete route found by search from the source's (isomod.methods.search: "
                    "every candidate's statistics re-estimated on the task's images, scored by a leave-one-out proxy "
                    "on its labelled images), those statistics, and a new head", learns_route=True)
 def route_search(model: ModularNet, task: TaskData, source: str, config: TrainConfig,

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from isomod.network import ModelConfig, TaskModel, TaskSpec, check_input, make_norm, make_pool, make_stem, pooled
+from isomod.core.network import ModelConfig, TaskModel, TaskSpec, check_input, make_norm, make_pool, make_stem, pooled
 
 
 class PlainResNet(TaskModel):

@@ -24,13 +24,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from isomod.adapt import (ADAPT, AdaptResult, Target, add_as_copy, by_im, changed_numbers, entropy, marginal_entropy,
+from isomod.methods.adapt.base import (ADAPT, AdaptResult, Target, add_as_copy, by_im, changed_numbers, entropy, marginal_entropy,
                           start_from_sources)
-from isomod.align import moment_gap, moments
+from isomod.methods.adapt.align import moment_gap, moments
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError
-from isomod.route_schedule import RouteSchedule
-from isomod.train import Trainer, evaluate
+from isomod.training.route_schedule import RouteSchedule
+from isomod.training.trainer import Trainer, evaluate
 
 SCORES = ("im", "confidence", "stats", "feature_gap")
 SELECT_IMAGES = 1000  # images per domain a candidate is scored on

@@ -1,9 +1,9 @@
 """Trainer: the one training loop. Task-homogeneous batches interleaved across tasks
-(`isomod.batches`), parameter groups with their own learning rates, the learning-rate
-schedule (`isomod.train_config`), the route schedule's hooks, logging, checkpoints, resume
+(`isomod.training.batches`), parameter groups with their own learning rates, the learning-rate
+schedule (`isomod.training.config`), the route schedule's hooks, logging, checkpoints, resume
 and signals, one process or many.
 
-The loss lives outside the model: an *objective* (`isomod.objectives`) maps a model and a
+The loss lives outside the model: an *objective* (`isomod.training.objectives`) maps a model and a
 batch to a loss, logits and metrics, and may own parameters or ask for more batches, so
 multi-task training, route-only transfer, unlabelled adaptation and alignment with labelled
 sources are objectives and parameter choices given to one Trainer, not copies of a loop.
@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 
 from isomod import distributed
-from isomod.batches import Batches, evaluate, random_shift
-from isomod.checkpoint import check_compatible, checkpoint_exists, load_trainer_state, load_weights, save_checkpoint
-from isomod.data.cache import write_atomic
+from isomod.training.batches import Batches, evaluate, random_shift
+from isomod.io.checkpoint import check_compatible, checkpoint_exists, load_trainer_state, load_weights, save_checkpoint
+from isomod.files import write_atomic
 from isomod.data.tasks import TaskData
 from isomod.errors import CheckpointError, Interrupted, IsomodError, TrainingDiverged, check_out_dir
-from isomod.logs import Progress, RunLog
-from isomod.network import ROLES, TaskModel, to_float
-from isomod.objectives import Batch, Objective, Output, as_objective, cross_entropy
-from isomod.route_schedule import RouteSchedule
-from isomod.runs import RunLock, check_resumed_config, check_start
-from isomod.train_config import (BATCH_ORDERS, PRECISIONS, SAMPLINGS, SCHEDULES, TrainConfig, forward_options,
+from isomod.training.logs import Progress, RunLog
+from isomod.core.network import ROLES, TaskModel, to_float
+from isomod.training.objectives import Batch, Objective, Output, as_objective, cross_entropy
+from isomod.training.route_schedule import RouteSchedule
+from isomod.training.runs import RunLock, check_resumed_config, check_start
+from isomod.training.config import (BATCH_ORDERS, PRECISIONS, SAMPLINGS, SCHEDULES, TrainConfig, forward_options,
                                  resolve_device, route_schedule)
 
 # What the rest of the library and its users import from here.
@@ -81,12 +81,12 @@ class Trainer:
     Args:
         model: ModularNet or a baseline.
         tasks: the tasks to train, by name or as a list, and any task an objective draws
-            extra batches from. Unlabelled data carries labels of -1 (see `isomod.adapt`);
+            extra batches from. Unlabelled data carries labels of -1 (see `isomod.methods.adapt`);
             tasks without test images are not evaluated.
         config: budget and schedule.
         out_dir: run folder for `checkpoint/`, `log.jsonl`, TensorBoard events and
             `train_config.json`; None trains without writing anything.
-        objective: an `isomod.objectives.Objective` or a function `(model, x, y, task) ->
+        objective: an `isomod.training.objectives.Objective` or a function `(model, x, y, task) ->
             (loss, logits)`; `cross_entropy` by default. Its own parameters train at `lr`.
         progress: show progress (a bar on a terminal, plain lines otherwise).
         train_tasks: the subset of `tasks` to draw batches from (default: all).

@@ -1,7 +1,7 @@
 """Route: a task's choice of module at each step, soft then discrete.
 
 How routes *train* (temperature, entropy penalty, discretisation, exchanged steps) is the
-training side's business (`isomod.route_schedule`); this file is only the route."""
+training side's business (`isomod.training.route_schedule`); this file is only the route."""
 
 from __future__ import annotations
 

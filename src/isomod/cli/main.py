@@ -14,7 +14,7 @@
     isomod report runs/bench-mtl [--docs docs/results/mtl.md]   redraw figures and report.md from results.json
     isomod tasks                     list registered suites and tasks
 
-The model commands live in `isomod.cli_model`.
+The model commands live in `isomod.cli.model`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from isomod.adapt import ADAPT
-from isomod.cli_model import (ONE_TASK, AdaptRun, TrainRun, TransferRun, add_image_size, add_label_space,
+from isomod.methods.adapt import ADAPT
+from isomod.cli.model import (ONE_TASK, AdaptRun, TrainRun, TransferRun, add_image_size, add_label_space,
                               add_run_folder_options, cmd_adapt, cmd_eval, cmd_export, cmd_predict, cmd_train,
                               cmd_transfer)
 from isomod.config import add_config_args, build_config, positive
 from isomod.errors import Interrupted, IsomodError
-from isomod.regimes import REGIMES
-from isomod.transfer import TRANSFER
+from isomod.training.regimes import REGIMES
+from isomod.methods.transfer import TRANSFER
 
 
 def cmd_tasks(args) -> int:
@@ -176,7 +176,7 @@ def add_train(sub) -> None:
     add_run_folder_options(p, resume=True)
     add_image_size(p, "28")
     add_label_space(p)
-    p.add_argument("--regime", choices=tuple(REGIMES), help="a route regime (isomod.regimes; default annealed): its "
+    p.add_argument("--regime", choices=tuple(REGIMES), help="a route regime (isomod.training.regimes; default annealed): its "
                    "pool size, route start and route schedule replace the defaults below; the config file and "
                    "options still win")
     p.set_defaults(func=cmd_train)
@@ -223,7 +223,7 @@ def add_adapt(sub) -> None:
 
 
 def add_export(sub) -> None:
-    from isomod.export import EXPORT_FORMATS
+    from isomod.io.export import EXPORT_FORMATS
 
     p = sub.add_parser("export", help="a task's route as a standalone TorchScript or ONNX network")
     p.add_argument("--from", dest="from_", required=True, help="a ModularNet's checkpoint or run folder")

@@ -40,8 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from isomod.errors import IsomodError, check_choice
-from isomod.network import ModelConfig
-from isomod.train import TrainConfig
+from isomod.core.network import ModelConfig
+from isomod.training.trainer import TrainConfig
 
 
 @dataclass(frozen=True)

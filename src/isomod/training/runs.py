@@ -86,7 +86,7 @@ def holds_run(folder: Path) -> bool:
 def check_start(folder: Path, resume: bool, force: bool) -> None:
     """Refuse to start a run over another one (`--resume` continues it, `--force` clears
     it first) and to resume where there is nothing to resume."""
-    from isomod.checkpoint import checkpoint_exists
+    from isomod.io.checkpoint import checkpoint_exists
 
     if resume and force:
         raise IsomodError("--resume continues the run in the folder and --force starts it over: give one of them")

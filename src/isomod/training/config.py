@@ -11,8 +11,8 @@ import torch
 from isomod import distributed
 from isomod.config import from_dict
 from isomod.errors import IsomodError, check_choice
-from isomod.network import TaskModel
-from isomod.route_schedule import ROUTE_SCHEDULES, RouteSchedule
+from isomod.core.network import TaskModel
+from isomod.training.route_schedule import ROUTE_SCHEDULES, RouteSchedule
 
 SCHEDULES = ("cosine", "step", "constant")
 SAMPLINGS = ("uniform", "proportional")

@@ -1,5 +1,5 @@
 """How routes train: what the one training loop asks at every step about the soft routes it
-trains. The route itself (`isomod.route`) knows nothing of this.
+trains. The route itself (`isomod.core.route`) knows nothing of this.
 
 The loop consults a `RouteSchedule` through five hooks:
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isomod.blocks import attention
-from isomod.data.cache import write_atomic
+from isomod.core.blocks import attention
+from isomod.files import write_atomic
 from isomod.errors import IsomodError
-from isomod.network import ModularNet
+from isomod.core.network import ModularNet
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 
@@ -145,7 +145,7 @@ def _layer_norm_affine(norm: nn.LayerNorm, affine: Affine) -> tuple[torch.Tensor
 def _transformer_steps(model: ModularNet, branch, choice: list[int] | None) -> list[StaticTransformerStep]:
     """Discrete (`choice`): each module's weights stored once however often it runs; soft:
     each step's mixed weights."""
-    from isomod.blocks import TransformerModule
+    from isomod.core.blocks import TransformerModule
 
     mixed = model.mixed_params(branch.route) if choice is None else None
     shared: dict[int, list[nn.Parameter]] = {}

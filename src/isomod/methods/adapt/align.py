@@ -1,5 +1,5 @@
 """Objectives that align a target domain's features with labelled source domains' (the
-`with_sources` setting of `isomod.adapt`), run by the one `Trainer`.
+`with_sources` setting of `isomod.methods.adapt`), run by the one `Trainer`.
 
 `SourceAlignment` makes the target's pooled features (what the head reads) look like the
 sources', by matching moments (`moment`: per-feature means and second moments, as M3SDA) or
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isomod.errors import check_choice
-from isomod.objectives import Batch, Objective, Output
+from isomod.training.objectives import Batch, Objective, Output
 
 ALIGNMENTS = ("moment", "adversarial")
 DISCRIMINATOR_HIDDEN = 64

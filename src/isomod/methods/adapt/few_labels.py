@@ -8,7 +8,7 @@ budget; after training, the target's statistics are re-estimated on every target
 
 - `route`: the target's route logits (soft to the end, from a mixture of the source routes
   that favours the chosen one), its statistics following the route;
-- `route_search`: a discrete route found by search (`isomod.search`, the `head` proxy: the
+- `route_search`: a discrete route found by search (`isomod.methods.search`, the `head` proxy: the
   labels' likelihood under the shared head, which nothing fits), its statistics;
 - `norm_patch`: the affine parameters of the target's norms (a model patch), AdaBN's
   statistics held while training;
@@ -26,10 +26,10 @@ from dataclasses import replace
 
 import torch
 
-from isomod.adapt import ADAPT, AdaptResult, Target, add_as_copy, by_im, changed_numbers, start_from_sources
-from isomod.route_schedule import RouteSchedule
-from isomod.search import SearchConfig, search_route
-from isomod.train import Trainer
+from isomod.methods.adapt.base import ADAPT, AdaptResult, Target, add_as_copy, by_im, changed_numbers, start_from_sources
+from isomod.training.route_schedule import RouteSchedule
+from isomod.methods.search import SearchConfig, search_route
+from isomod.training.trainer import Trainer
 
 
 def start_adabn(t: Target) -> tuple[str, dict[str, float], dict[str, torch.Tensor]]:
@@ -76,7 +76,7 @@ def route(t: Target) -> AdaptResult:
     return result(t, "route", source, scores, before)
 
 
-@ADAPT.register("route_search", "few_labels", "a discrete route found by search (isomod.search; the proxy: the "
+@ADAPT.register("route_search", "few_labels", "a discrete route found by search (isomod.methods.search; the proxy: the "
                 "labelled images' likelihood under the shared head) and its statistics", learns_route=True)
 def route_search(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)

@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from isomod.baselines import IndependentNets, PlainResNet
-from isomod.data.cache import usual_mode
+from isomod.core.baselines import IndependentNets, PlainResNet
+from isomod.files import usual_mode
 from isomod.errors import CheckpointError, IsomodError
-from isomod.network import ModelConfig, ModularNet, TaskModel
+from isomod.core.network import ModelConfig, ModularNet, TaskModel
 
 FORMAT = "isomod-checkpoint"
 VERSION = 1

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from isomod.blocks import AFFINE, ResidualModule, TransformerModule
+from isomod.core.blocks import AFFINE, ResidualModule, TransformerModule
 from isomod.errors import IsomodError
 
 BLOCKS = ("conv", "transformer")

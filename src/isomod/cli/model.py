@@ -15,14 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-from isomod.adapt import ADAPT, ADAPT_TRAIN
+from isomod.methods.adapt import ADAPT, ADAPT_TRAIN
 from isomod.config import build_config, positive
 from isomod.errors import IsomodError, check_out_dir, check_out_file
-from isomod.network import ModelConfig
-from isomod.regimes import DEFAULT_REGIME, REGIMES, regime
-from isomod.search import SearchConfig
-from isomod.train import TrainConfig
-from isomod.transfer import SEARCHING, TRANSFER_TRAIN
+from isomod.core.network import ModelConfig
+from isomod.training.regimes import DEFAULT_REGIME, REGIMES, regime
+from isomod.methods.search import SearchConfig
+from isomod.training.trainer import TrainConfig
+from isomod.methods.transfer import SEARCHING, TRANSFER_TRAIN
 
 ONE_TASK = ("train.tasks_per_step", "train.sampling")  # options that mean nothing when one task trains
 
@@ -49,7 +49,7 @@ class TransferRun:
 
     Args:
         train: the new task's training budget.
-        search: how `--method route_search` searches (isomod.search); its seed is the run's.
+        search: how `--method route_search` searches (isomod.methods.search); its seed is the run's.
     """
 
     train: TrainConfig = dataclasses.field(default_factory=lambda: TRANSFER_TRAIN)
@@ -62,7 +62,7 @@ class AdaptRun:
 
     Args:
         train: the budget of the methods that train.
-        search: how the few-label `route_search` searches (isomod.search).
+        search: how the few-label `route_search` searches (isomod.methods.search).
     """
 
     train: TrainConfig = dataclasses.field(default_factory=lambda: ADAPT_TRAIN)
@@ -78,8 +78,8 @@ def checkpoint_folder(path: str) -> Path:
 
 
 def load_model(path: str, device: str = "cpu"):
-    from isomod.checkpoint import load_checkpoint
-    from isomod.train import resolve_device
+    from isomod.io.checkpoint import load_checkpoint
+    from isomod.training.trainer import resolve_device
 
     return load_checkpoint(checkpoint_folder(path), device=resolve_device(device))
 
@@ -100,8 +100,8 @@ def cmd_train(args) -> int:
     import torch
 
     from isomod.data.tasks import load_task, resolve
-    from isomod.network import ModularNet
-    from isomod.train import Trainer
+    from isomod.core.network import ModularNet
+    from isomod.training.trainer import Trainer
 
     name = args.regime or DEFAULT_REGIME
     cfg = build_config(args, TrainRun(*regime(name).apply(ModelConfig(), TrainConfig())))
@@ -131,7 +131,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from isomod.data.tasks import load_recorded, resolve
-    from isomod.train import evaluate
+    from isomod.training.trainer import evaluate
 
     if args.limit < 0:
         raise IsomodError(f"--limit must be >= 0 (0: every image), got {args.limit}")
@@ -148,7 +148,7 @@ def cmd_eval(args) -> int:
     if args.diagnostics and not model.has_routes:
         print(f"route diagnostics skipped: the tasks of a {type(model).__name__} own no routes")
     elif args.diagnostics:
-        from isomod import diagnostics
+        from isomod.methods import diagnostics
 
         d = diagnostics.summary(model, tasks)
         print(f"route distance {d['route_distance']:.3f} (mean total variation between tasks' routes); "
@@ -186,8 +186,8 @@ def new_task(args, model, name: str):
 
 
 def cmd_transfer(args) -> int:
-    from isomod.runs import RunLock
-    from isomod.transfer import few_shot, transfer
+    from isomod.training.runs import RunLock
+    from isomod.methods.transfer import few_shot, transfer
 
     run = build_config(args, TransferRun())
     check_out_dir(Path(args.out))
@@ -221,18 +221,18 @@ def cmd_transfer(args) -> int:
 def guard_folder(args) -> None:
     """A transfer or adaptation writes a run folder of its own: refuse one holding another run
     (the trainer inside checks again, under the same lock)."""
-    from isomod.runs import check_start
+    from isomod.training.runs import check_start
 
     check_start(Path(args.out), resume=False, force=args.force)
 
 
 def cmd_adapt(args) -> int:
-    from isomod.adapt import adapt, check_target
-    from isomod.checkpoint import save_checkpoint
+    from isomod.methods.adapt import adapt, check_target
+    from isomod.io.checkpoint import save_checkpoint
     from isomod.data.tasks import load_recorded
-    from isomod.runs import RunLock
-    from isomod.train import evaluate
-    from isomod.transfer import few_shot
+    from isomod.training.runs import RunLock
+    from isomod.training.trainer import evaluate
+    from isomod.methods.transfer import few_shot
 
     run = build_config(args, AdaptRun())
     check_out_dir(Path(args.out))
@@ -284,7 +284,7 @@ def report_adaptation(args, model, target, res, acc: float, out: Path) -> None:
 def cmd_export(args) -> int:
     import torch
 
-    from isomod.export import example_input, export_task, metadata, save_onnx, save_torchscript
+    from isomod.io.export import example_input, export_task, metadata, save_onnx, save_torchscript
 
     check_out_file(Path(args.out))
     model = load_model(args.from_, args.device).eval()
@@ -312,7 +312,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from isomod.predict import predict_files
+    from isomod.io.predict import predict_files
 
     if args.top < 1:
         raise IsomodError(f"--top must be >= 1, got {args.top}")

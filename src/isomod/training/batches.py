@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from isomod import distributed
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError
-from isomod.network import TaskModel, to_float
+from isomod.core.network import TaskModel, to_float
 
 
 def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: slice | None = None,

@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isomod.blocks import residual_branch, with_affine
+from isomod.core.blocks import residual_branch, with_affine
 from isomod.distributed import BatchNorm
 from isomod.config import check_value, from_dict
 from isomod.errors import IsomodError, check_choice, check_choices
-from isomod.pool import BLOCKS, ModulePool
-from isomod.route import ROUTE_INITS, Route
-from isomod.spec import TaskSpec
+from isomod.core.pool import BLOCKS, ModulePool
+from isomod.core.route import ROUTE_INITS, Route
+from isomod.core.spec import TaskSpec
 
 MIXINGS = ("weight", "output")
 NORM_AFFINES = ("step", "module")

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import torch
 
 from isomod.data.tasks import TaskData
-from isomod.network import TaskModel
-from isomod.train import evaluate
+from isomod.core.network import TaskModel
+from isomod.training.trainer import evaluate
 
 
 def route_distance(model: TaskModel, tasks: list[str] | None = None) -> float:

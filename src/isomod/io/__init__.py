@@ -1,0 +1,1 @@
+"""What leaves or enters a process: checkpoints, exported networks, predictions."""
