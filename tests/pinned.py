@@ -129,7 +129,7 @@ def runs() -> dict[str, str]:
         for method in ("source_only", "adabn", "tent", "route_select", "route_entropy", "route_im", "route_moment",
                        "route_adversarial", "m3sda", "dann"):
             model = copy.deepcopy(sources)
-            adapt(model, target, method, adapt_budget, progress=False, sources={d.name: d for d in domains})
+            adapt(model, target, method, adapt_budget, progress=False, source_data={d.name: d for d in domains})
             out[f"adapt_{method}"] = digest_state(model.state_dict())
         oracle = route_oracle(sources, target, [d.name for d in domains], "d1", adapt_budget)[0]
         out["adapt_route_oracle"] = digest_state(oracle.state_dict())

@@ -70,7 +70,7 @@ def test_estimate_norm_stats_is_the_target_mean(sources_model, domains):
     add_as_copy(model, target.spec, "digits5/mnist")
     assert stats_distance(model, target.name, "digits5/mnist") == 0.0
     x = target.x_train[:100]
-    model.estimate_stats(target.name, x, batch_size=100)
+    model.estimate_stats(x, target.name, batch_size=100)
     with torch.no_grad():
         h = model.stem(x.float() / 255)  # what the first norm sees
     assert torch.allclose(model.branch(target.name).norms[0].running_mean, h.mean((0, 2, 3)), atol=1e-5)
@@ -95,7 +95,7 @@ def test_adaptation_never_reads_target_labels_and_changes_nothing_shared(sources
     for data in (target, shuffled):
         model = copy.deepcopy(sources_model)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        res = adapt(model, data, method, QUICK_ADAPT, progress=False, sources=source_data(domains))
+        res = adapt(model, data, method, QUICK_ADAPT, progress=False, source_data=source_data(domains))
         after = model.state_dict()
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
         assert unchanged == (method not in FULL_NETWORK_METHODS), "a shared or source parameter changed (or did not)"
@@ -112,7 +112,7 @@ def test_alignment_with_sources_lowers_its_loss_and_changes_only_the_route_and_s
     config = replace(QUICK_ADAPT, steps=60, batch_size=64, log_every=5)
     for method in ("route_moment", "m3sda"):
         model = copy.deepcopy(sources_model)
-        res = adapt(model, target, method, config, progress=False, sources=source_data(domains))
+        res = adapt(model, target, method, config, progress=False, source_data=source_data(domains))
         align = [h["align"] for h in res.history]
         # The route alone moves a few module weights (measured: 1.90 -> 1.84); the whole network far more.
         drop = 0.98 if method == "route_moment" else 0.8
@@ -122,7 +122,7 @@ def test_alignment_with_sources_lowers_its_loss_and_changes_only_the_route_and_s
             assert res.params_task > model.param_count() // 2  # the whole network moved
     for method in ALIGN_ROUTE_METHODS:
         model = copy.deepcopy(sources_model)
-        res = adapt(model, target, method, config, progress=False, sources=source_data(domains))
+        res = adapt(model, target, method, config, progress=False, source_data=source_data(domains))
         route, norms = model.route(target.name), model.branch(target.name).norms
         stats = sum(b.numel() for n, b in norms.named_buffers() if "running" in n)
         # Logits, statistics and the route's temperature (the source's annealed one, back to 1); nothing else.
@@ -159,7 +159,7 @@ def test_adaptation_with_sources_needs_their_data(sources_model, domains):
     model = copy.deepcopy(sources_model)
     for method in WITH_SOURCES:
         with pytest.raises(IsomodError, match="labelled source domains; their data is missing for digits5/synth"):
-            adapt(model, domains["uci"], method, QUICK_ADAPT, progress=False, sources={"digits5/mnist": domains["mnist"]})
+            adapt(model, domains["uci"], method, QUICK_ADAPT, progress=False, source_data={"digits5/mnist": domains["mnist"]})
     assert model.task_names == sources_model.task_names
 
 

@@ -71,7 +71,7 @@ def test_sources_keep_training_while_the_route_aligns_and_no_target_label_is_rea
     for data in (target, without_labels(target)):
         model = copy.deepcopy(sources_model)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        res = adapt(model, data, method, config, progress=False, sources=source_data(domains), sources_train=True)
+        res = adapt(model, data, method, config, progress=False, source_data=source_data(domains), sources_train=True)
         after = model.state_dict()
         assert not torch.equal(before["pool.blocks.0.w1"], after["pool.blocks.0.w1"])  # the sources trained
         assert res.info["sources_train"] and res.params_task > res.info["target_numbers"] > 0
@@ -102,7 +102,7 @@ def test_a_calibrated_route_comes_from_the_candidates_and_reads_no_target_label(
     states = []
     for data in (target, without_labels(target)):
         model = copy.deepcopy(base)
-        res = adapt(model, data, "route_calibrated", QUICK_ADAPT, progress=False, sources=sources)
+        res = adapt(model, data, "route_calibrated", QUICK_ADAPT, progress=False, source_data=sources)
         assert tuple(model.route(target.name).indices()) in routes and model.route(target.name).is_discrete
         assert set(res.info["calibration"]) == set(SCORES) and res.score in SCORES
         assert all(-1 <= v["spearman"] <= 1 and v["regret"] >= 0 for v in res.info["calibration"].values())
@@ -114,4 +114,4 @@ def test_a_calibrated_route_comes_from_the_candidates_and_reads_no_target_label(
 def test_calibrating_a_route_score_needs_three_sources(sources_model, domains):
     with pytest.raises(IsomodError, match="needs at least 3 source domains, the model has 2"):
         adapt(copy.deepcopy(sources_model), domains["uci"], "route_calibrated", QUICK_ADAPT, progress=False,
-              sources=source_data(domains))
+              source_data=source_data(domains))

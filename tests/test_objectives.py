@@ -27,7 +27,7 @@ class Scaled(Objective):
 
     def forward(self, model, batch: Batch) -> Output:
         logits = model(batch.x, batch.task)
-        x, y = batch.sampler.draw(self.other, 8)
+        x, y = batch.extra.draw(self.other, 8)
         self.drawn.append(x.shape[0])
         extra = F.cross_entropy(model(x, self.other), y)
         loss = self.log_scale.exp() * F.cross_entropy(logits, batch.y) + extra + 0.1 * self.log_scale ** 2

@@ -23,9 +23,9 @@ def planted():
                      [TaskSpec("src", 4, (1, 16, 16))])
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (400, 1, 16, 16), generator=g, dtype=torch.uint8)
-    net.add_task(TaskSpec("new", 4, (1, 16, 16)), start_from="src")
+    net.add_task(TaskSpec("new", 4, (1, 16, 16)), source="src")
     net.route("new").set_choice(PLANTED)
-    net.estimate_stats("new", x)
+    net.estimate_stats(x, "new")
     f = net.features(x, "new")
     y = ((f - f.mean(0)) @ torch.randn(f.shape[1], 4, generator=g)).argmax(1)
     return net, x, y

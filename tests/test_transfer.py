@@ -33,7 +33,7 @@ def test_route_only_transfer_learns_and_leaves_earlier_tasks_bit_identical(pretr
     shared = {k: v.clone() for k, v in pretrained.state_dict().items()}
     n_before = pretrained.param_count()
     cfg = TrainConfig(steps=200, batch_size=32, lr=5e-3, lr_heads=5e-3, warmup_steps=10, checkpoint_every=0)
-    accs = fit_route(pretrained, uci, cfg, out_dir=tmp_path, init_from="mnist", progress=False)
+    accs = fit_route(pretrained, uci, cfg, out_dir=tmp_path, source="mnist", progress=False)
     assert accs["uci-digits"] > 0.3, accs  # chance is 0.1; a tiny pool pre-trained for 150 steps
     assert pretrained.route("uci-digits").is_discrete
     for k, v in shared.items():
@@ -49,7 +49,7 @@ def test_route_only_transfer_learns_and_leaves_earlier_tasks_bit_identical(pretr
 def test_transfer_errors(pretrained, digit_tasks, tmp_path):
     uci = digit_tasks[1]
     with pytest.raises(IsomodError, match="unknown task 'greek'; this model has: mnist"):
-        fit_route(pretrained, uci, init_from="greek")
+        fit_route(pretrained, uci, source="greek")
     rgb = load_task(str(write_npz(tmp_path / "rgb.npz", shape=(12, 12, 3))))
     with pytest.raises(IsomodError, match="task 'rgb' has 3-channel inputs; this model's stem takes 1"):
         fit_route(pretrained, rgb)
@@ -191,7 +191,7 @@ def test_a_transfer_run_depends_on_its_seed_not_on_what_ran_before(pretrained, d
         model = mnist_only(pretrained)
         torch.manual_seed(state)
         if method == "fit_route":
-            fit_route(model, digit_tasks[1], cfg, init_from="mnist", progress=False)
+            fit_route(model, digit_tasks[1], cfg, source="mnist", progress=False)
         else:
             transfer(model, digit_tasks[1], method, cfg, source="mnist", progress=False)
         heads.append(model.branch("uci-digits").head.weight.detach().clone())

@@ -98,7 +98,7 @@ def test_adding_a_task_leaves_the_others_bit_identical_and_checkpoints_round_tri
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         before = net(x, "a")
-        net.add_task(TaskSpec("c", 3), start_from="a")
+        net.add_task(TaskSpec("c", 3), source="a")
         net.add_modules(2)
         assert torch.equal(before, net(x, "a"))
     save_checkpoint(net, tmp_path / "ck")

@@ -70,7 +70,6 @@ from isomod.methods.adapt import (ADAPT, ADAPT_METHODS, ADAPT_TRAIN, ALIGN_ROUTE
 DOMAINS = [f"digits5/{d}" for d in digits5.DOMAINS]
 CORRUPTED = [f"mnistc/{c}" for c in mnistc.CORRUPTIONS]
 DEFAULT_CORRUPTIONS = ("shot_noise", "shear", "scale")  # the corruptions the authors adapted to
-ROW_NAME = {"source_only": "source_only_best"}
 DEV_TARGET = f"mnistc/{DEVELOPMENT[0]}"
 FACTORS = (1.0, 1 / 3, 3.0)  # the learning rates tried, as factors of the defaults; the first wins ties
 SELECTION_RULE = ("learning rates by development-target accuracy: each tuned method at its default learning rates "
@@ -309,7 +308,7 @@ def adaptation_jobs(ctx: Context, regime: str, seed: int, target: str, sources: 
         variants = [(m, False) for m in config.methods]
         variants += [(m, True) for m in config.methods if config.sources_train and m in ALIGN_ROUTE_METHODS]
         for m, st in variants:
-            if not results.has(method=ROW_NAME.get(m, m), source=None, shots=None, sources_train=True if st else None,
+            if not results.has(method=ADAPT[m].row, source=None, shots=None, sources_train=True if st else None,
                                **common):
                 jobs.append(tuned_job(ctx, run_dir, target, sources, m, regime, seed, None,
                                       {"sources_train": True} if st else {}))
@@ -331,9 +330,9 @@ def tuned_job(ctx: Context, run_dir: Path, target: str, sources: list[str], meth
 
 
 def few_label_options(config: AdaptBenchConfig, method: str, seed: int) -> dict:
-    if method == "route_search":
+    if ADAPT[method].searches:
         return {"search": replace(config.search, seed=seed)}
-    return {"finetune_lr": config.finetune_lr} if method == "finetune" else {}
+    return {"finetune_lr": config.finetune_lr} if "finetune_lr" in ADAPT[method].tunes else {}
 
 
 def train_sources(run_dir: Path, sources: list[str], model_config: ModelConfig, train_config: TrainConfig,
@@ -358,7 +357,7 @@ def analysis_rows(run_dir: Path, target: str, source: str, seed: int, regime: st
         model = copy.deepcopy(base)
         add_as_copy(model, tgt.spec, source)
         if name == "adabn_each":
-            model.estimate_stats(target, tgt.x_train)
+            model.estimate_stats(tgt.x_train, target)
         acc = evaluate(model, {target: tgt})[target]
         rows.append(_row(name, target, acc, model.param_count(), 0, seed, source=source, regime=regime))
     return rows
@@ -369,14 +368,14 @@ def method_run(run_dir: Path, target: str, sources: list[str], method: str, conf
                ) -> tuple[Row, dict | None, float]:
     """One adaptation method on one target (with `shots` labelled images per class in the
     few-label setting): its row (with `fields` added), its route (route methods) and seconds."""
-    name, tgt = ROW_NAME.get(method, method) if shots is None else method, domain_data(target)
+    name, tgt = ADAPT[method].row if shots is None else method, domain_data(target)
     if progress:
         print(f"== {regime}: {name}{' (sources train)' if options.get('sources_train') else ''} -> {short(target)}"
               f"{f', {shots} labels a class' if shots else ''} (seed {config.seed})", flush=True)
     t0 = time.time()
     model = load_sources(run_dir)
     labelled = few_shot(tgt, shots, seed=config.seed) if shots is not None else None
-    res = adapt(model, tgt, method, config, progress=progress, sources={s: domain_data(s) for s in sources},
+    res = adapt(model, tgt, method, config, progress=progress, source_data={s: domain_data(s) for s in sources},
                 labelled=labelled, **options)
     acc = evaluate(model, {target: tgt})[target]  # the only place the target's test labels are read
     seconds = round(time.time() - t0, 1)
@@ -465,7 +464,7 @@ def soft_accuracy(model: ModularNet, target: TaskData, weights: list) -> float:
     name = target.spec.name
     soft = copy.deepcopy(model)
     soft.route(name).set_logits(torch.tensor(weights, dtype=torch.float32).clamp_min(1e-12).log())
-    soft.estimate_stats(name, target.x_train)
+    soft.estimate_stats(target.x_train, name)
     return round(evaluate(soft, {name: target})[name], 5)
 
 
@@ -475,7 +474,7 @@ def discretized(model: ModularNet, target: TaskData) -> tuple[float, list[int]]:
     name = target.spec.name
     hard = copy.deepcopy(model)
     hard.discretize(name)
-    hard.estimate_stats(name, target.x_train)
+    hard.estimate_stats(target.x_train, name)
     return round(evaluate(hard, {name: target})[name], 5), hard.route(name).indices()
 
 

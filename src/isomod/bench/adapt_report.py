@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from isomod.bench import report
-from isomod.methods.adapt import ADAPT, ALIGN_ROUTE_METHODS
+from isomod.methods.adapt import ADAPT
 from isomod.bench.paired import INTERVAL, pair
 from isomod.data.tasks import load_task
 from isomod.training.regimes import REGIMES
@@ -21,8 +21,12 @@ from isomod.training.regimes import REGIMES
 ANALYSIS = ("source_only_each", "adabn_each")  # rows that read target labels to analyse, one per source route
 ORACLE = "route_oracle"  # analysis: the target's route trained on the target's labels
 DEFAULT_REGIME = "default"  # the bench's own model and source configs
-FEW_LABEL_METHODS = ("route", "route_search", "norm_patch", "route_norms", "head", "finetune", "adabn")
-ROUTE_ONLY = ("route", "route_search")  # few-label methods that change the route and statistics alone
+# the few-label methods, then the baselines they are measured against (their common start)
+FEW_LABEL_METHODS = tuple(dict.fromkeys(ADAPT.names("few_labels") + ADAPT.baselines("few_labels")))
+ROUTE_ALONE = ADAPT.where(lambda m: m.setting == "few_labels" and m.route_alone)  # route and statistics, nothing else
+UNLABELLED_BASELINES = tuple(ADAPT[m].row for m in ADAPT.where(lambda m: {"source_free", "with_sources"}
+                                                                & set(m.baseline_for)))
+COMMON_START = next(m.name for m in ADAPT if {"source_free", "few_labels"} <= set(m.baseline_for))
 
 
 def short(task: str) -> str:
@@ -113,7 +117,7 @@ def findings(rows: list[dict]) -> list[str]:
     s = means(rows)
     names = {r["method"] for r in rows}
     routes = [m for m in names if m.removesuffix("+sources") in ADAPT and ADAPT[m.removesuffix("+sources")].routes]
-    refs = [m for m in ("source_only_best", "adabn", "tent", "m3sda", "dann") if m in names]
+    refs = [m for m in UNLABELLED_BASELINES if m in names]
     order = {m: i for i, m in enumerate(ADAPT.names())}
     routes.sort(key=lambda m: (m.endswith("+sources"), order[m.removesuffix("+sources")]))
     lines = comparison_table(rows, [(m, ref) for m in routes for ref in refs])
@@ -132,7 +136,7 @@ def findings(rows: list[dict]) -> list[str]:
 
 # The methods with sources that start from the nearest source's route (route_calibrated
 # chooses among routes and recombinations instead: it has no start of that kind).
-FROM_NEAREST = (*ALIGN_ROUTE_METHODS, "m3sda", "dann")
+FROM_NEAREST = ADAPT.where(lambda m: m.setting == "with_sources" and not m.sets_route)
 
 
 def start_gains(rows: list[dict]) -> dict[str, float]:
@@ -213,7 +217,7 @@ def few_label_table(rows: list[dict]) -> list[str]:
         parts.append("")
         at = [r for r in rows if r.get("setting") == "few_labels" and r["shots"] == shots]
         parts += route_forms(at)
-        pairs = [(m, ref) for m in ROUTE_ONLY for ref in ("adabn", "norm_patch") if (m, shots) in table]
+        pairs = [(m, ref) for m in ROUTE_ALONE for ref in ADAPT.baselines("few_labels") if (m, shots) in table]
         compared = comparison_table(at, pairs)
         if compared:
             parts += [f"Paired differences at {shots} a class (points) on (target, seed):", "", *compared]
@@ -247,7 +251,7 @@ def numbers_rows(rows: list[dict], family: str = "digits5", shots: int | None = 
     for (setting, method), g in groups.items():
         acc = float(np.mean([np.mean(v) for v in g["acc"].values()]))
         out.append({"setting": setting, "method": method, "acc": acc, "numbers": float(np.mean(g["numbers"]))})
-    base = {o["setting"]: o["acc"] for o in out if o["method"] == "adabn"}
+    base = {o["setting"]: o["acc"] for o in out if o["method"] == COMMON_START}
     for o in out:
         ref = base.get(o["setting"], base.get("unlabelled"))
         o["gain"] = None if ref is None else o["acc"] - ref
@@ -321,9 +325,16 @@ def per_source_table(results: dict) -> str:
     targets = list(dict.fromkeys(r["task"] for r in rows))
     used = {r["source"] for r in rows if r["method"] in ANALYSIS}
     sources = [d for d in results["config"]["domains"] if d in used]
-    lines = ["| target | " + " | ".join(short(s) for s in sources) + " | chosen by IM (source_only) | chosen by "
-             "statistics (route_select) | chosen by feature gap (with sources) |",
-             "|---|" + "---:|" * len(sources) + "---|---|---|"]
+    # one method per label-free score a source was chosen by: the first, in registry order, whose rows carry it
+    choosers: dict[str, str] = {}
+    for m in ADAPT:
+        score = next((r.get("score") for r in rows if r["method"] == m.row and r.get("chosen")), None)
+        if score and score not in choosers:
+            choosers[score] = m.row
+    lines = ["| target | " + " | ".join(short(s) for s in sources) + " | "
+             + " | ".join(f"chosen by {score} ({m})" for score, m in choosers.items()) + " |",
+             "|---|" + "---:|" * len(sources) + "---|" * len(choosers)]
+    choosers = list(choosers.values())
     for t in targets:
         cells = []
         for s in sources:
@@ -333,7 +344,7 @@ def per_source_table(results: dict) -> str:
                 vals.append(f"{100 * np.mean(v):.1f}" if v else "-")
             cells.append(" / ".join(vals))
         chosen = []
-        for m in ("source_only_best", "route_select", "route_moment"):
+        for m in choosers:
             picks = [short(r["chosen"]) for r in sorted((r for r in rows if r["method"] == m and r["task"] == t),
                                                         key=lambda r: r["seed"])]
             chosen.append(" / ".join(picks) or "-")
@@ -359,7 +370,7 @@ def write_report(out: Path, results: dict) -> Path:
              "changed.", "", summary(results), ""]
     all_routes = [r for name in regimes_of(results) for r in regime_view(results, name)["routes"].values()]
     kept = {m: [r[m]["kept"] for r in all_routes if r.get(m, {}).get("kept") is not None]
-            for m in ("route_entropy", "route_im")}
+            for m in dict.fromkeys(k for r in all_routes for k in r)}
     kept = {m: v for m, v in kept.items() if v}
     if kept:
         parts += ["Learned routes kept (their IM score beat the starting source route's; otherwise it was restored): "
@@ -425,7 +436,7 @@ def routes_section(out: Path, results: dict, name: str = DEFAULT_REGIME) -> list
         for s, route in r.get("sources", {}).items():
             label = f"{target}: source {short(s)}"
             panels[label], chosen[label] = np.eye(n)[route], route
-        for m in ("route_im", *ALIGN_ROUTE_METHODS):
+        for m in ADAPT.where(lambda m: m.learns_route and m.setting != "few_labels"):
             learned = r.get(m)
             if not learned:
                 continue

@@ -5,13 +5,13 @@ Route-only, head-only and norms+head train a few thousand numbers and use the tr
 budget's learning rate; fine-tuning and scratch train whole networks and use the
 pre-training learning rate instead. Same steps and batches for all.
 
-`route_search` runs come with an analysis of where the search goes wrong: every route it
+Route search runs come with an analysis of where the search goes wrong: every route it
 scored is run on (up to) 1,000 test images with the statistics the search estimated, and
 classified by the nearest class mean of the labelled images its proxy scored. The row
 carries the rank correlation (Spearman) of the proxy with that test accuracy over the
-routes (`proxy_test_spearman`), and a `route_search_hindsight` row (`setting: analysis`,
-chosen with test labels) gives the test accuracy of the route best on test, its head
-trained as route_search's.
+routes (`proxy_test_spearman`), and a `METHOD_hindsight` row (e.g. `route_search_hindsight`;
+`setting: analysis`, chosen with test labels) gives the test accuracy of the route best on
+test, its head trained as the search's.
 
 Pre-training runs once per seed (kept in `OUT/pretrain-s{seed}/checkpoint`, reused when
 the command runs again); every transfer run then starts from a fresh copy of that model.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from isomod.bench import report
-from isomod.methods.transfer import SEARCHING, TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
+from isomod.methods.transfer import TRANSFER, TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench.models import train_modular
 from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
 from isomod.bench.paired import INTERVAL, pair
@@ -151,7 +151,7 @@ def plan(ctx: Context):
     yield runs
 
 
-HINDSIGHT = "route_search_hindsight"  # analysis: the route search scored that is best on test
+HINDSIGHT = "_hindsight"  # suffix of the analysis rows: the route a search scored that is best on test
 ANALYSIS_TEST_IMAGES = 1000
 
 
@@ -191,13 +191,13 @@ def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, s
     data = held_out_task(name, config.data_dir or None, config.validation)
     task = few_shot(data, None if label == "all" else label, seed=seed)
     cfg = replace(config.transfer, seed=seed)
-    if method in ("finetune", "scratch"):
+    if TRANSFER[method].whole_network:
         cfg = replace(cfg, lr=config.pretrain.lr, lr_heads=config.pretrain.lr)
     if progress:
         print(f"== {regime_name}: {method} -> {data.name}, shots {label}, seed {seed} (source {source})", flush=True)
     params = base.param_count()
     t0 = time.time()
-    options = {"search": replace(config.search, seed=seed)} if method in SEARCHING else {}
+    options = {"search": replace(config.search, seed=seed)} if TRANSFER[method].searches else {}
     res = transfer(base, task, method, cfg, source=source, progress=progress, **options)
     seconds = round(time.time() - t0, 1)
     fields = {"shots": label, "params_total": params + res.params_task, "params_task": res.params_task,
@@ -212,7 +212,7 @@ def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, s
     if res.search is not None and not config.validation:
         analysis, acc = search_hindsight(run_dir, task, data, source, res.search, cfg)
         fields.update(analysis)
-        rows.append(Row(HINDSIGHT, data.name, metric, round(acc, 5), {**fields, "setting": "analysis",
+        rows.append(Row(method + HINDSIGHT, data.name, metric, round(acc, 5), {**fields, "setting": "analysis",
                                                                       "params_task": res.params_task}))
     return rows, route, seconds
 
@@ -229,7 +229,7 @@ def search_hindsight(run_dir: Path, task: TaskData, data: TaskData, source: str,
 
     torch.manual_seed(config.seed)  # the new head, as transfer() seeds it
     model = load_checkpoint(run_dir / "checkpoint").eval()
-    model.add_task(task.spec, start_from=source)
+    model.add_task(task.spec, source=source)
     name, k = task.name, task.spec.num_classes
     xs, ys = task.x_train[found.proxy_indices], task.y_train[found.proxy_indices]
     g = torch.Generator().manual_seed(config.seed)
@@ -238,7 +238,7 @@ def search_hindsight(run_dir: Path, task: TaskData, data: TaskData, source: str,
     test = {}
     for route in found.scored:
         model.route(name).set_choice(list(route))
-        model.estimate_stats(name, found.stats_images)
+        model.estimate_stats(found.stats_images, name)
         means = torch.zeros(k, model.config.channels, dtype=torch.float64).index_add_(
             0, ys, F.normalize(model.features(xs, name).double(), dim=1))
         sim = F.normalize(model.features(xt, name).double(), dim=1) @ F.normalize(means, dim=1).T  # (B, K)
@@ -247,7 +247,7 @@ def search_hindsight(run_dir: Path, task: TaskData, data: TaskData, source: str,
     rho = spearmanr([found.scored[r] for r in routes], [test[r] for r in routes]).statistic if len(routes) > 2 else None
     best = max(routes, key=lambda r: test[r])
     model.route(name).set_choice(list(best))
-    model.estimate_stats(name, found.stats_images)
+    model.estimate_stats(found.stats_images, name)
     trainer = Trainer(model, {name: task}, config, progress=False, train_tasks=[name],
                       params=model.param_groups([name], roles=("heads",)), fixed_stats=[model.branch(name).norms])
     acc = trainer.fit()[name]
@@ -311,8 +311,9 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-PAIRS = (("route_head", "head_only"), ("route_only", "norm_head"), ("route_only", "head_only"),
-         ("route_only", "finetune"))
+def pairs() -> list[tuple[str, str]]:
+    """The method pairs the bench compares: each method with those it names (`compare`)."""
+    return [(m.name, other) for m in TRANSFER for other in m.compare]
 
 
 def paired_gaps(rows: list[dict], a: str, b: str, shots: int | str) -> dict | None:
@@ -332,10 +333,11 @@ def paired_gaps(rows: list[dict], a: str, b: str, shots: int | str) -> dict | No
 def comparisons(results: dict) -> str:
     """The method pairs the bench exists to compare, run by run (same task, shots and seed):
     the mean gap in points, its range over seeds (the mean gap of each seed), and how often
-    the first method is ahead; then route-only's share of fine-tuning with all data."""
+    the first method is ahead; then each method's share of a whole network's accuracy it is
+    compared with, with all data."""
     rows, shots_list = results["rows"], results["config"]["shots"]
     lines = ["| comparison | shots | mean gap (points) | per seed | runs ahead |", "|---|---:|---:|---:|---:|"]
-    for a, b in PAIRS:
+    for a, b in pairs():
         for shots in shots_list:
             g = paired_gaps(rows, a, b, shots)
             if g is None:
@@ -347,12 +349,13 @@ def comparisons(results: dict) -> str:
         return ""
     acc = summary(rows)["acc"]
     tasks = dict.fromkeys(r["task"] for r in rows)
-    shares = {t: acc[("route_only", t, "all")] / acc[("finetune", t, "all")] for t in tasks
-              if ("route_only", t, "all") in acc and acc.get(("finetune", t, "all"))}
-    if shares:
-        lines += ["", "route_only as a share of finetune's accuracy, all data (mean over seeds): "
-                  + ", ".join(f"{t} {100 * v:.1f}%" for t, v in shares.items())
-                  + f"; mean {100 * np.mean(list(shares.values())):.1f}%."]
+    for a, b in ((a, b) for a, b in pairs() if TRANSFER[b].whole_network):
+        shares = {t: acc[(a, t, "all")] / acc[(b, t, "all")] for t in tasks
+                  if (a, t, "all") in acc and acc.get((b, t, "all"))}
+        if shares:
+            lines += ["", f"{a} as a share of {b}'s accuracy, all data (mean over seeds): "
+                      + ", ".join(f"{t} {100 * v:.1f}%" for t, v in shares.items())
+                      + f"; mean {100 * np.mean(list(shares.values())):.1f}%."]
     return "\n".join(lines)
 
 
@@ -361,26 +364,29 @@ def search_table(results: dict) -> str:
     each paired with head_only on (task, seed), and the rank correlation of the search's
     proxy with test accuracy over the routes it scored."""
     rows = [r for r in results["rows"] if r.get("metric") == "test_acc"]
-    if not any(r["method"] == HINDSIGHT for r in rows):
+    searches = [m for m in TRANSFER.where(lambda m: m.searches and m.learns_route)
+                if any(r["method"] == m + HINDSIGHT for r in rows)]
+    if not searches:
         return ""
+    probe = TRANSFER.baselines("transfer")[0]
     lines = [f"| shots | method | against | mean difference (points), {INTERVAL} | units | proxy-test Spearman, "
              "mean (range) |", "|---:|---|---|---|---:|---|"]
     for shots in results["config"]["shots"]:
         at = [r for r in rows if r["shots"] == shots]
-        probe = [r for r in at if r["method"] == "head_only"]
-        for m in ("route_search", HINDSIGHT):
+        theirs = [r for r in at if r["method"] == probe]
+        for m in (name for search in searches for name in (search, search + HINDSIGHT)):
             mine = [r for r in at if r["method"] == m]
-            p = pair(mine, probe, ("task", "seed"), lambda r: r["value"], lambda r: r["value"])
+            p = pair(mine, theirs, ("task", "seed"), lambda r: r["value"], lambda r: r["value"])
             if not p.n:
                 continue
             lo, hi = p.interval
             rho = [r["proxy_test_spearman"] for r in mine if r.get("proxy_test_spearman") is not None]
-            corr = f"{np.mean(rho):+.2f} ({min(rho):+.2f} to {max(rho):+.2f})" if rho and m == "route_search" else ""
-            lines.append(f"| {shots} | {m} | head_only | {p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {p.n} | {corr} |")
+            corr = f"{np.mean(rho):+.2f} ({min(rho):+.2f} to {max(rho):+.2f})" if rho and m in searches else ""
+            lines.append(f"| {shots} | {m} | {probe} | {p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {p.n} | {corr} |")
     if len(lines) == 2:
         return ""
     return "\n".join(["Route search against the linear probe, and the route best on test in hindsight "
-                      f"(`{HINDSIGHT}`, chosen with test labels: an analysis row):", "", *lines])
+                      f"(`METHOD{HINDSIGHT}`, chosen with test labels: an analysis row):", "", *lines])
 
 
 def regimes_of(results: dict) -> list[str]:
@@ -424,14 +430,15 @@ def numbers_rows(results: dict) -> list[dict]:
     the linear probe (`head_only`) of the same pool, in points and per thousand numbers."""
     out = []
     for name in regimes_of(results):
-        s = summary(regime_view(results, name)["rows"])
+        s = summary([r for r in regime_view(results, name)["rows"] if r["method"] in TRANSFER])
+        probe_name = TRANSFER.baselines("transfer")[0]
         head = {}
         for (m, t), p in s["params"].items():
-            if m == "head_only":
+            if m == probe_name:
                 head[t] = p
         for shots in results["config"]["shots"]:
             methods = dict.fromkeys(m for (m, t, k) in s["acc"] if k == shots)
-            probe = [s["acc"][("head_only", t, shots)] for (m, t, k) in s["acc"] if m == "head_only" and k == shots]
+            probe = [s["acc"][(probe_name, t, shots)] for (m, t, k) in s["acc"] if m == probe_name and k == shots]
             for m in methods:
                 tasks = [t for (mm, t, k) in s["acc"] if mm == m and k == shots]
                 acc = float(np.mean([s["acc"][(m, t, shots)] for t in tasks]))
@@ -443,14 +450,16 @@ def numbers_rows(results: dict) -> list[dict]:
 
 
 def numbers_table(results: dict) -> str:
-    found = [o for o in numbers_rows(results) if o["method"] not in ("finetune", "scratch") or o["numbers"] > 0]
+    found = [o for o in numbers_rows(results) if not TRANSFER[o["method"]].whole_network or o["numbers"] > 0]
     if not found:
         return ""
     lines = ["#### What each added number buys", "",
              "Mean accuracy over the held-out tasks against the numbers a method adds besides a new head (mean over "
-             "tasks and seeds), and its gain over the linear probe of the same pool (`head_only`), in points and per "
+             "tasks and seeds), and its gain over the linear probe of the same pool "
+             f"(`{TRANSFER.baselines('transfer')[0]}`), in points and per "
              "thousand numbers.", "",
-             "| pool | shots | method | numbers besides the head | accuracy | gain over head_only | per 1,000 numbers |",
+             f"| pool | shots | method | numbers besides the head | accuracy | gain over {TRANSFER.baselines('transfer')[0]} | "
+             "per 1,000 numbers |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for o in sorted(found, key=lambda o: (o["regime"], str(o["shots"]), o["numbers"])):
         gain = "" if o["gain"] is None else f"{100 * o['gain']:+.1f}"
@@ -534,7 +543,7 @@ def routes_section(out: Path, results: dict, name: str = "") -> list[str]:
     panels, chosen = {}, {}
     for key, route in results["routes"].items():
         method, _, rest = key.rpartition(":")
-        if not rest.endswith(f"/all-{first_seed}") or method not in ("", "route_only"):
+        if not rest.endswith(f"/all-{first_seed}") or method not in ("", TRANSFER.default()):
             continue
         task = rest.rsplit("/", 1)[0]
         new = np.asarray(route.get("soft_at_discretize") or route.get("final") or np.eye(n)[route["discrete"]])
@@ -558,11 +567,6 @@ def routes_section(out: Path, results: dict, name: str = "") -> list[str]:
             "module at a step, averaged over steps).", "", f"![routes]({figure})", ""]
 
 
-TRANSFER_STYLE = {"route_only": ("o", "tab:red"), "route_head": ("P", "tab:orange"), "route_search": ("*", "tab:brown"),
-                  "stats_head": ("p", "tab:cyan"), "head_only": ("s", "tab:blue"), "norm_head": ("D", "tab:green"),
-                  "finetune": ("^", "tab:purple"), "scratch": ("v", "tab:gray")}
-
-
 def plot_transfer(rows: list[dict], path: Path) -> Path:
     """Test accuracy against the numbers a task added (log scale), one panel per shot count,
     one marker per method and pool regime (a shade per regime), averaged over held-out tasks
@@ -578,7 +582,7 @@ def plot_transfer(rows: list[dict], path: Path) -> Path:
                        and r.get("regime", DEFAULT_REGIME) == name]
                 if not sel:
                     continue
-                marker, color = TRANSFER_STYLE.get(method, ("o", "tab:gray"))
+                marker, color = TRANSFER[method].style if method in TRANSFER else ("o", "tab:gray")
                 alpha = 1.0 - 0.35 * i
                 ax.scatter([r["params_task"] for r in sel], [100 * r["value"] for r in sel], marker=marker,
                            color=color, alpha=0.25 * alpha, s=14)

@@ -191,8 +191,8 @@ def add_transfer(sub) -> None:
     p.add_argument("--source", "--init-from", dest="source",
                    help="the checkpoint's task to start from (its norms; its route for the baselines); "
                         "default: the one whose features separate the new classes best")
-    p.add_argument("--method", default="route_only", choices=TRANSFER.names(),
-                   help=f"default route_only. {TRANSFER.help()}")
+    p.add_argument("--method", default=TRANSFER.default(), choices=TRANSFER.names(),
+                   help=f"default {TRANSFER.default()}. {TRANSFER.help()}")
     p.add_argument("--out", required=True, help="run folder for the new checkpoint and log")
     add_run_folder_options(p)
     add_image_size(p, "the size the model's tasks were trained at")
@@ -208,8 +208,8 @@ def add_adapt(sub) -> None:
                    "checkpoint or run folder")
     p.add_argument("--target", required=True, help="the new domain, e.g. digits5/mnistm, or your folder / .npz with "
                    "--label-space; its test labels are read only to report the final test accuracy")
-    p.add_argument("--method", default="route_select", choices=ADAPT.names(),
-                   help="default route_select. source_free methods read the target's images only; with_sources ones "
+    p.add_argument("--method", default=ADAPT.default(), choices=ADAPT.names(),
+                   help=f"default {ADAPT.default()}. source_free methods read the target's images only; with_sources ones "
                         "also the sources' labelled images (loaded by the model's domain names); few_labels ones "
                         f"--shots labelled target images per class. {ADAPT.help()}")
     p.add_argument("--shots", type=positive, help="few_labels methods: labelled target training images per class")

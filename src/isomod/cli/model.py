@@ -22,7 +22,7 @@ from isomod.core.network import ModelConfig
 from isomod.training.regimes import DEFAULT_REGIME, REGIMES, regime
 from isomod.methods.search import SearchConfig
 from isomod.training.trainer import TrainConfig
-from isomod.methods.transfer import SEARCHING, TRANSFER_TRAIN
+from isomod.methods.transfer import TRANSFER, TRANSFER_TRAIN
 
 ONE_TASK = ("train.tasks_per_step", "train.sampling")  # options that mean nothing when one task trains
 
@@ -201,7 +201,7 @@ def cmd_transfer(args) -> int:
     print(summarize(task))
     before = model.param_count()
     options = {"search": dataclasses.replace(run.search, seed=run.train.seed)} \
-        if args.method in SEARCHING else {}
+        if TRANSFER[args.method].searches else {}
     with RunLock(args.out):
         guard_folder(args)
         result = transfer(model, task, args.method, run.train, source=args.source, out_dir=args.out,
@@ -244,7 +244,7 @@ def cmd_adapt(args) -> int:
     print(summarize(target))
     kwargs = {}
     if unit.setting == "with_sources":  # the model's domains of the target's label space, by name
-        kwargs["sources"] = {n: load_recorded(model.specs[n], args.data_dir) for n in names}
+        kwargs["source_data"] = {n: load_recorded(model.specs[n], args.data_dir) for n in names}
         kwargs.update({"sources_train": True} if args.sources_train else {})
     if unit.setting == "few_labels":
         if args.shots is None:
@@ -274,7 +274,7 @@ def report_adaptation(args, model, target, res, acc: float, out: Path) -> None:
     if unit.setting == "with_sources" and (not unit.learns_route or res.info.get("sources_train")):
         print(f"the adaptation changed {res.params_task:,} numbers (the network trained on the sources' labels too); "
               f"checkpoint: {out}")
-    elif args.method in ("head", "finetune"):
+    elif unit.owns_head:
         print(f"the target changed {res.params_task:,} numbers (it has its own head now); checkpoint: {out}")
     else:
         print(f"the target changed {res.params_task:,} numbers; pool, stem, head and sources are unchanged; "

@@ -346,17 +346,17 @@ class ModularNet(TaskModel):
             self.add_task(spec)
 
     # --- tasks -------------------------------------------------------------------
-    def add_task(self, spec: TaskSpec, start_from: str | None = None) -> TaskBranch:
+    def add_task(self, spec: TaskSpec, source: str | None = None) -> TaskBranch:
         """Create a task's route, norms and head; nothing another task computes changes.
 
         Args:
             spec: the task's name, class count and input shape.
-            start_from: an existing task whose norms (statistics included) and route the
-                new task starts as a copy of; the route can then be given another start
+            source: an existing task whose norms (statistics included) and route the new
+                task starts as a copy of; the route can then be given another start
                 (`route(name).start_at(...)`).
         """
         self.check_spec(spec, self.config)
-        source = self.branch(start_from) if start_from is not None else None
+        source = self.branch(source) if source is not None else None
         device = self.stem.weight.device
         branch = TaskBranch(spec, self.config, len(self.pool)).to(device)
         if source is not None:
@@ -504,7 +504,7 @@ class ModularNet(TaskModel):
         return f"{task}: {self.route(task)}"
 
     @torch.no_grad()
-    def estimate_stats(self, task: str, x: torch.Tensor, batch_size: int = 256) -> None:
+    def estimate_stats(self, x: torch.Tensor, task: str, batch_size: int = 256) -> None:
         """Replace the running statistics of `task`'s norms by their average over the uint8
         images `x` under its route (AdaBN); nothing else changes. Layer norms (a transformer's)
         keep no statistics: for them this does nothing."""

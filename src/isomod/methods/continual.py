@@ -111,7 +111,7 @@ def learn_task(model: ModularNet, task: TaskData, config: TrainConfig, grow: Gro
     fit = split_validation(task, grow.val_fraction, seed=config.seed)
     source = select_source(model, fit, seed=config.seed)[0]
     route_config = replace(config, lr=grow.route_lr, lr_heads=grow.route_lr, lr_routes=grow.route_lr)
-    val_route = fit_route(model, fit, route_config, init_from=source, progress=progress)[name]
+    val_route = fit_route(model, fit, route_config, source=source, progress=progress)[name]
     outcome = TaskOutcome(name, False, 0, val_route, None, 0.0, config.steps, model.route(name).indices())
     if val_route < grow.threshold:
         _try_growing(model, task, fit, config, grow, outcome, progress)

@@ -158,7 +158,7 @@ class RouteScorer:
         key = tuple(route)
         if key not in self.cache:
             self.model.route(self.task).set_choice(route)
-            self.model.estimate_stats(self.task, self.x_stats)
+            self.model.estimate_stats(self.x_stats, self.task)
             f = self.model.features(self.x, self.task)
             if self.config.proxy == "ncm":
                 proxy = ncm_loo(f, self.y, self.k)
@@ -253,6 +253,6 @@ def search_route(model, task: str, x_stats: torch.Tensor, x: torch.Tensor, y: to
     best = SEARCHES[config.strategy](scorer, list(start), len(model.pool), config)
     best_score = scorer(best)
     model.route(task).set_choice(best)
-    model.estimate_stats(task, x_stats)
+    model.estimate_stats(x_stats, task)
     return SearchResult(best, best_score, list(start), start_score, scorer.scored, round(time.time() - t0, 2),
                         scorer.trace, dict(scorer.cache), x_stats, keep)

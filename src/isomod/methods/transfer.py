@@ -24,8 +24,7 @@ from isomod.methods.search import SearchConfig, SearchResult, search_route
 from isomod.training.trainer import TrainConfig, Trainer
 
 # Route, norms and head are a few thousand numbers on frozen features: they take a far
-# larger learning rate than whole networks. On held-out Georgian glyphs (400 steps) route-only
-# scored 73.3% at 5e-3, 84.6% at 2e-2 and 87.0% at 5e-2 (Hebrew: 88.2% at 5e-3, 93.4% at 2e-2).
+# larger learning rate than whole networks.
 TRANSFER_TRAIN = TrainConfig(steps=600, batch_size=128, lr=5e-2, lr_heads=5e-2, warmup_steps=20,
                              checkpoint_every=0, log_every=20)
 ROUTE_BIAS = 4.0
@@ -49,30 +48,30 @@ def few_shot(task: TaskData, shots: int | None, seed: int = 0) -> TaskData:
     return TaskData(task.spec, task.x_train[idx], task.y_train[idx], task.x_test, task.y_test)
 
 
-def prepare_route(model: ModularNet, task: TaskData, init_from: str | None = None) -> None:
+def prepare_route(model: ModularNet, task: TaskData, source: str | None = None) -> None:
     """Add `task` (unless already added); what trains afterwards is
     `model.param_groups([task.name])`: its route, step norms and head (not a head other
     domains run).
 
-    With `init_from`, the new task starts as a copy of that task's norms and route, the
+    With `source`, the new task starts as a copy of that task's norms and route, the
     route soft: a copy of its logits while it is soft, or `ROUTE_BIAS` on its module at
     each step once it is discrete (weight ~0.78 at bias 4 in a pool of 16).
     """
     model.require_routes("route-only transfer")
-    if init_from is not None:
-        model.check_task(init_from)
+    if source is not None:
+        model.check_task(source)
     if task.name in model.specs:
         if model.specs[task.name].num_classes != task.spec.num_classes:
             raise IsomodError(f"task {task.name!r} exists with {model.specs[task.name].num_classes} classes, "
                               f"the data has {task.spec.num_classes}")
         return
-    model.add_task(task.spec, start_from=init_from)
-    if init_from is not None and model.route(init_from).is_discrete:
-        model.route(task.name).start_at((model.route(init_from).indices(), ROUTE_BIAS))
+    model.add_task(task.spec, source=source)
+    if source is not None and model.route(source).is_discrete:
+        model.route(task.name).start_at((model.route(source).indices(), ROUTE_BIAS))
 
 
 def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_TRAIN,
-              out_dir: str | Path | None = None, init_from: str | None = None,
+              out_dir: str | Path | None = None, source: str | None = None,
               progress: bool = True) -> dict[str, float]:
     """Add `task` to a trained model (unless already added) and learn only its route,
     step norms and head; returns its test accuracy.
@@ -82,19 +81,32 @@ def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_
         task: the new task's data.
         config: budget and schedule of the route-only training.
         out_dir: run folder; its checkpoint serves every earlier task unchanged.
-        init_from: an existing task whose step norms the new task starts from, and whose
+        source: an existing task whose step norms the new task starts from, and whose
             route its own starts biased towards (see `prepare_route`).
         progress: show a progress bar.
     """
     torch.manual_seed(config.seed)  # the new head's initial weights follow the seed, not what ran before
-    prepare_route(model, task, init_from)
+    prepare_route(model, task, source)
     return Trainer(model, {task.name: task}, config, out_dir=out_dir, progress=progress, train_tasks=[task.name],
                    params=model.param_groups([task.name])).fit()
 
 
 # --- the methods ------------------------------------------------------------------------
 TRANSFER = Methods("transfer method")
-SEARCHING = ("route_search", "stats_head")  # methods that take a SearchConfig (stats_head: its image sample)
+
+
+@dataclass
+class NewTask:
+    """What a transfer method is given: the trained model, the new task's data, the existing
+    task it starts from, the budget, where to write, and the method's own options."""
+
+    model: ModularNet
+    task: TaskData
+    source: str
+    config: TrainConfig
+    out_dir: str | Path | None
+    progress: bool
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -112,32 +124,48 @@ class Setup:
     search: SearchResult | None = None  # route_search: what the search scored
 
 
+def train(t: NewTask, setup: Setup) -> TransferResult:
+    """Train what `setup` says with the one loop; the result with the numbers the task added."""
+    name = t.task.name
+    trainer = Trainer(setup.model, {name: t.task}, t.config, out_dir=t.out_dir, progress=t.progress,
+                      train_tasks=[name], params=setup.params, fixed_stats=setup.fixed_stats)
+    accs = trainer.fit()
+    trained = sum(p.numel() for ps in setup.params.values() for p in ps)
+    return TransferResult(setup.model, accs[name], trained + setup.numbers_set, t.source,
+                          (trainer.soft_usage or {}).get(name), info=setup.info, search=setup.search)
+
+
 @TRANSFER.register("route_only", "transfer", "a new route, step norms and head, in place; every earlier task is "
-                   "served unchanged", learns_route=True)
-def route_only(model: ModularNet, task: TaskData, source: str, config: TrainConfig) -> Setup:
-    prepare_route(model, task, init_from=source)
-    return Setup(model, model.param_groups([task.name]))
+                   "served unchanged", learns_route=True, changes={"route", "norms", "head"},
+                   compare=("norm_head", "head_only", "finetune"), style=("o", "tab:red"), default=True)
+def route_only(t: NewTask) -> TransferResult:
+    prepare_route(t.model, t.task, source=t.source)
+    return train(t, Setup(t.model, t.model.param_groups([t.task.name])))
 
 
 @TRANSFER.register("route_head", "transfer", "a new route and head, in place, over the source's frozen step norms "
                    "(with module-owned affine parameters the steps hold statistics only, which follow the new "
-                   "route)", learns_route=True)
-def route_head(model: ModularNet, task: TaskData, source: str, config: TrainConfig) -> Setup:
-    prepare_route(model, task, init_from=source)
-    return Setup(model, model.param_groups([task.name], roles=("routes", "heads")))
+                   "route)", learns_route=True, changes={"route", "head"}, compare=("head_only",),
+                   style=("P", "tab:orange"))
+def route_head(t: NewTask) -> TransferResult:
+    prepare_route(t.model, t.task, source=t.source)
+    return train(t, Setup(t.model, t.model.param_groups([t.task.name], roles=("routes", "heads"))))
 
 
 @TRANSFER.register("head_only", "transfer", "a linear probe, in place: a new head over the source's route and "
-                   "norms, frozen (statistics included)")
-def head_only(model: ModularNet, task: TaskData, source: str, config: TrainConfig) -> Setup:
-    branch = model.add_task(task.spec, start_from=source)
-    return Setup(model, model.param_groups([task.name], roles=("heads",)), [branch.norms])
+                   "norms, frozen (statistics included)", changes={"head"}, baseline_for=("transfer",),
+                   style=("s", "tab:blue"))
+def head_only(t: NewTask) -> TransferResult:
+    branch = t.model.add_task(t.task.spec, source=t.source)
+    return train(t, Setup(t.model, t.model.param_groups([t.task.name], roles=("heads",)), [branch.norms]))
 
 
-@TRANSFER.register("norm_head", "transfer", "the source's route; new step norms (a model patch) and head, in place")
-def norm_head(model: ModularNet, task: TaskData, source: str, config: TrainConfig) -> Setup:
-    branch = model.add_task(task.spec, start_from=source)
-    return Setup(model, {**model.param_groups([task.name], roles=("heads",)), "norms": list(branch.norms.parameters())})
+@TRANSFER.register("norm_head", "transfer", "the source's route; new step norms (a model patch) and head, in place",
+                   changes={"norms", "head"}, style=("D", "tab:green"))
+def norm_head(t: NewTask) -> TransferResult:
+    branch = t.model.add_task(t.task.spec, source=t.source)
+    heads = t.model.param_groups([t.task.name], roles=("heads",))
+    return train(t, Setup(t.model, {**heads, "norms": list(branch.norms.parameters())}))
 
 
 def stats_sample(task: TaskData, search: SearchConfig) -> torch.Tensor:
@@ -147,46 +175,48 @@ def stats_sample(task: TaskData, search: SearchConfig) -> torch.Tensor:
 
 
 @TRANSFER.register("stats_head", "transfer", "the source's route with its norm statistics re-estimated on the task's "
-                   "images, and a new head (route_search's start, without the search)")
-def stats_head(model: ModularNet, task: TaskData, source: str, config: TrainConfig,
-               search: SearchConfig | None = None) -> Setup:
-    search = search or SearchConfig(seed=config.seed)
-    branch = model.add_task(task.spec, start_from=source)
-    model.estimate_stats(task.name, stats_sample(task, search))
-    return Setup(model, model.param_groups([task.name], roles=("heads",)), [branch.norms],
-                 numbers_set=model.stats_count(task.name))
+                   "images, and a new head (route_search's start, without the search)", changes={"statistics", "head"},
+                   searches=True, style=("p", "tab:cyan"))
+def stats_head(t: NewTask) -> TransferResult:
+    search = t.options.get("search") or SearchConfig(seed=t.config.seed)
+    branch = t.model.add_task(t.task.spec, source=t.source)
+    t.model.estimate_stats(stats_sample(t.task, search), t.task.name)
+    return train(t, Setup(t.model, t.model.param_groups([t.task.name], roles=("heads",)), [branch.norms],
+                          numbers_set=t.model.stats_count(t.task.name)))
 
 
-@TRANSFER.register("route_search", "transfer", "a discrete route found by search from the source's (isomod.methods.search: "
-                   "every candidate's statistics re-estimated on the task's images, scored by a leave-one-out proxy "
-                   "on its labelled images), those statistics, and a new head", learns_route=True)
-def route_search(model: ModularNet, task: TaskData, source: str, config: TrainConfig,
-                 search: SearchConfig | None = None) -> Setup:
-    search = search or SearchConfig(seed=config.seed)
-    branch = model.add_task(task.spec, start_from=source)
-    found = search_route(model, task.name, task.x_train, task.x_train, task.y_train, model.route(source).indices(),
+@TRANSFER.register("route_search", "transfer", "a discrete route found by search from the source's "
+                   "(isomod.methods.search: every candidate's statistics re-estimated on the task's images, scored by "
+                   "a leave-one-out proxy on its labelled images), those statistics, and a new head", learns_route=True,
+                   changes={"route", "statistics", "head"}, searches=True, style=("*", "tab:brown"))
+def route_search(t: NewTask) -> TransferResult:
+    search = t.options.get("search") or SearchConfig(seed=t.config.seed)
+    model, name = t.model, t.task.name
+    branch = model.add_task(t.task.spec, source=t.source)
+    found = search_route(model, name, t.task.x_train, t.task.x_train, t.task.y_train, model.route(t.source).indices(),
                          search)
     info = {"strategy": search.strategy, "proxy": search.proxy, "candidates": found.candidates,
             "search_seconds": found.seconds, "proxy_start": round(found.start_score, 5),
             "proxy_found": round(found.score, 5)}
-    return Setup(model, model.param_groups([task.name], roles=("heads",)), [branch.norms],
-                 numbers_set=model.stats_count(task.name) + model.route(task.name).steps, info=info, search=found)
+    return train(t, Setup(model, model.param_groups([name], roles=("heads",)), [branch.norms],
+                          numbers_set=model.stats_count(name) + model.route(name).steps, info=info, search=found))
 
 
 @TRANSFER.register("finetune", "transfer", "a copy of the whole model from the source's route and norms: stem, "
-                   "pool, norms and head trained")
-def finetune(model: ModularNet, task: TaskData, source: str, config: TrainConfig) -> Setup:
-    target = copy.deepcopy(model)
-    branch = target.add_task(task.spec, start_from=source)
-    return Setup(target, {**target.param_groups([task.name], roles=("heads",)),
-                          "norms": list(branch.norms.parameters()), "stem": list(target.stem.parameters()),
-                          "pool": list(target.pool.parameters())})
+                   "pool, norms and head trained", changes={"network", "norms", "head"}, style=("^", "tab:purple"))
+def finetune(t: NewTask) -> TransferResult:
+    target = copy.deepcopy(t.model)
+    branch = target.add_task(t.task.spec, source=t.source)
+    return train(t, Setup(target, {**target.param_groups([t.task.name], roles=("heads",)),
+                                   "norms": list(branch.norms.parameters()), "stem": list(target.stem.parameters()),
+                                   "pool": list(target.pool.parameters())}))
 
 
-@TRANSFER.register("scratch", "transfer", "a fresh network of the same shape, route included, trained on the task")
-def scratch(model: ModularNet, task: TaskData, source: str, config: TrainConfig) -> Setup:
-    target = ModularNet(replace(model.config, num_modules=len(model.pool)), [task.spec])
-    return Setup(target, target.param_groups())
+@TRANSFER.register("scratch", "transfer", "a fresh network of the same shape, route included, trained on the task",
+                   changes={"network", "route", "norms", "head"}, style=("v", "tab:gray"))
+def scratch(t: NewTask) -> TransferResult:
+    target = ModularNet(replace(t.model.config, num_modules=len(t.model.pool)), [t.task.spec])
+    return train(t, Setup(target, target.param_groups()))
 
 
 TRANSFER_METHODS = TRANSFER.names()
@@ -264,15 +294,9 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
         source = select_source(model, task, seed=config.seed)[0]
     model.check_task(source)
     torch.manual_seed(config.seed)  # new heads (and a scratch network) follow the seed, not what ran before
-    setup = unit.run(model, task, source, config, **options)
-    trainer = Trainer(setup.model, {task.name: task}, config, out_dir=out_dir, progress=progress,
-                      train_tasks=[task.name], params=setup.params, fixed_stats=setup.fixed_stats)
-    accs = trainer.fit()
-    trained = sum(p.numel() for ps in setup.params.values() for p in ps)
-    result = TransferResult(setup.model, accs[task.name], trained + setup.numbers_set, source,
-                            (trainer.soft_usage or {}).get(task.name), info=setup.info, search=setup.search)
+    result = unit.run(NewTask(model, task, source, config, out_dir, progress, options))
     if unit.learns_route:
-        new, old = setup.model.route(task.name), setup.model.route(source)
+        new, old = result.model.route(task.name), result.model.route(source)
         result.route_steps_changed = sum(a != b for a, b in zip(new.indices(), old.indices()))
         result.route_change = round(0.5 * (new.weights() - old.weights()).abs().sum(-1).mean().item(), 5)
     return result

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 
 class Draw(Protocol):
-    """What an objective may ask the trainer's sampler for, from the run's own generator."""
+    """What an objective may draw besides its batch (`batch.extra`), from the run's own generator."""
 
     def draw(self, task: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`size` images (floats in [0, 1], on the run's device) and labels of `task`,
@@ -42,7 +42,7 @@ class Batch:
     x: torch.Tensor
     y: torch.Tensor
     progress: float
-    sampler: Draw
+    extra: Draw  # what the objective may draw besides this batch
 
 
 @dataclass

@@ -111,11 +111,11 @@ class SourceAlignment(Objective):
 
     def _source_features(self, model, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         if self.bank is not None:
-            idx = batch.sampler.indices(len(self.bank), self.batch_size).to(self.bank.device)
+            idx = batch.extra.indices(len(self.bank), self.batch_size).to(self.bank.device)
             return {"nearest": self.bank[idx]}, None
         feats, ce = {}, 0.0
         for s in self.sources:
-            x, y = batch.sampler.draw(s, self.per_source)
+            x, y = batch.extra.draw(s, self.per_source)
             f = model.forward_features(x, s)
             ce = ce + F.cross_entropy(model.forward_head(f, s), y) / len(self.sources)
             feats[s] = f

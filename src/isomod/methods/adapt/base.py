@@ -99,16 +99,16 @@ def im_objective(model, x, y, task):
     return entropy(logits) - marginal_entropy(logits), logits
 
 
-def predict_logits(model: ModularNet, task: str, x: torch.Tensor) -> torch.Tensor:
+def predict_logits(model: ModularNet, x: torch.Tensor, task: str) -> torch.Tensor:
     """Logits `(B, K)` of uint8 images `x` under `task`, in eval mode, on the CPU."""
     head = model.head_of(task)
     with torch.no_grad():
         return model.forward_head(model.features(x, task).to(head.weight.device), task).cpu()
 
 
-def im_score(model: ModularNet, task: str, x: torch.Tensor) -> float:
+def im_score(model: ModularNet, x: torch.Tensor, task: str) -> float:
     """`entropy - marginal entropy` of the task's predictions on `x`; lower is better."""
-    logits = predict_logits(model, task, x)
+    logits = predict_logits(model, x, task)
     return (entropy(logits) - marginal_entropy(logits)).item()
 
 
@@ -156,7 +156,7 @@ def add_as_copy(model: ModularNet, spec: TaskSpec, source: str) -> None:
     route. An earlier copy of the same name is replaced."""
     if spec.name in model.specs:
         model.remove_task(spec.name)
-    model.add_task(spec, start_from=source).requires_grad_(False)
+    model.add_task(spec, source=source).requires_grad_(False)
 
 
 def score_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, sources: list[str],
@@ -167,7 +167,7 @@ def score_sources(model: ModularNet, spec: TaskSpec, x: torch.Tensor, sources: l
     scores = {}
     for s in sources:
         add_as_copy(model, spec, s)
-        model.estimate_stats(spec.name, x)
+        model.estimate_stats(x, spec.name)
         scores[s] = score(model, spec.name, s)
     return scores
 
@@ -205,7 +205,7 @@ class Target:
     config: TrainConfig
     out_dir: str | Path | None
     progress: bool
-    data: dict[str, TaskData] | None = None
+    source_data: dict[str, TaskData] | None = None
     labelled: TaskData | None = None
     options: dict = field(default_factory=dict)
 
@@ -213,7 +213,7 @@ class Target:
 def by_im(t: Target) -> tuple[str, dict[str, float]]:
     """The source whose route and norms give the most confident and diverse predictions on
     the target images, and every source's IM score."""
-    scores = {s: im_score(t.model, s, t.x) for s in t.sources}
+    scores = {s: im_score(t.model, t.x, s) for s in t.sources}
     return min(scores, key=scores.get), scores
 
 
@@ -236,7 +236,7 @@ def route_oracle(base: ModularNet, target: TaskData, sources: list[str], start: 
                       params={"routes": [model.route(name).logits]}, frozen_norm_stats=False)
     trainer.fit()
     model.requires_grad_(False)
-    model.estimate_stats(name, target.x_train)
+    model.estimate_stats(target.x_train, name)
     return model, trainer, changed_numbers(before, model)
 
 
@@ -246,7 +246,7 @@ def setting(method: str) -> str:
 
 
 def adapt(model: ModularNet, target: TaskData, method: str = "route_select", config: TrainConfig = ADAPT_TRAIN,
-          out_dir: str | Path | None = None, progress: bool = True, sources: dict[str, TaskData] | None = None,
+          out_dir: str | Path | None = None, progress: bool = True, source_data: dict[str, TaskData] | None = None,
           labelled: TaskData | None = None, **options) -> AdaptResult:
     """Add the unlabelled `target` domain to `model` with one of the `ADAPT` methods, in place.
 
@@ -267,7 +267,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
             as many source images (split evenly over the sources) per step.
         out_dir: run folder for the log and checkpoint of the trained methods.
         progress: show a progress bar.
-        sources: the labelled source domains by name (`with_sources` methods only).
+        source_data: the labelled source domains' data by name (`with_sources` methods only).
         labelled: a few labelled images of the target (`few_labels` methods only), e.g.
             `few_shot(target, 10)`: its name and classes are the target's.
         options: the method's own, e.g. `sources_train=True` for `route_moment` and
@@ -279,7 +279,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
         check_labelled(target.spec, labelled)
         labelled = replace(labelled, x_test=labelled.x_test[:0], y_test=labelled.y_test[:0])  # never evaluated
     model.requires_grad_(False)  # the model is left frozen, whatever the method
-    result = unit.run(Target(model, target.spec, target.x_train, names, config, out_dir, progress, sources, labelled,
+    result = unit.run(Target(model, target.spec, target.x_train, names, config, out_dir, progress, source_data, labelled,
                              options))
     model.requires_grad_(False)  # a route started by the method comes back trainable
     return result

@@ -37,7 +37,7 @@ def start_adabn(t: Target) -> tuple[str, dict[str, float], dict[str, torch.Tenso
     the source, every source's score, and the model's state there (to count what changes)."""
     source, scores = by_im(t)
     add_as_copy(t.model, t.spec, source)
-    t.model.estimate_stats(t.spec.name, t.x)
+    t.model.estimate_stats(t.x, t.spec.name)
     return source, scores, {k: v.clone() for k, v in t.model.state_dict().items()}
 
 
@@ -52,7 +52,7 @@ def train_labelled(t: Target, params: dict, frozen_norm_stats: bool = True, fixe
                       fixed_stats=list(fixed_stats), routes=RouteSchedule.soft())
     trainer.fit()
     if restats:
-        t.model.estimate_stats(t.spec.name, t.x)
+        t.model.estimate_stats(t.x, t.spec.name)
     return trainer
 
 
@@ -68,7 +68,8 @@ def affine_params(t: Target) -> list[torch.nn.Parameter]:
 
 
 @ADAPT.register("route", "few_labels", "the target's route logits (soft) and statistics, trained on the labelled "
-                "target images", learns_route=True, tunes=("lr_routes",))
+                "target images", learns_route=True, tunes=("lr_routes",),
+                changes={"route", "statistics"}, style=("o", "tab:red"))
 def route(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     start_from_sources(t.model, t.spec.name, t.sources, source)
@@ -77,7 +78,8 @@ def route(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("route_search", "few_labels", "a discrete route found by search (isomod.methods.search; the proxy: the "
-                "labelled images' likelihood under the shared head) and its statistics", learns_route=True)
+                "labelled images' likelihood under the shared head) and its statistics", learns_route=True,
+                changes={"route", "statistics"}, searches=True, style=("*", "tab:brown"))
 def route_search(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     search = t.options.get("search") or SearchConfig(proxy="head", seed=t.config.seed)
@@ -89,7 +91,8 @@ def route_search(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("norm_patch", "few_labels", "the affine parameters of the target's norms (AdaBN's statistics held "
-                "while training)", tunes=("lr",))
+                "while training)", tunes=("lr",), changes={"norms", "statistics"},
+                baseline_for=("few_labels",), style=("D", "tab:green"))
 def norm_patch(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     train_labelled(t, {"norms": affine_params(t)}, fixed_stats=[t.model.branch(t.spec.name).norms])
@@ -97,7 +100,8 @@ def norm_patch(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("route_norms", "few_labels", "the target's route logits and norms' affine parameters, statistics "
-                "following the route", learns_route=True, tunes=("lr_routes", "lr"))
+                "following the route", learns_route=True, tunes=("lr_routes", "lr"),
+                changes={"route", "norms", "statistics"}, style=("P", "tab:orange"))
 def route_norms(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     start_from_sources(t.model, t.spec.name, t.sources, source)
@@ -107,7 +111,7 @@ def route_norms(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("head", "few_labels", "a copy of the shared head, the target's own, trained over frozen features",
-                tunes=("lr_heads",))
+                tunes=("lr_heads",), changes={"head"}, style=("s", "tab:purple"))
 def head(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     own = t.model.own_head(t.spec.name)
@@ -117,7 +121,7 @@ def head(t: Target) -> AdaptResult:
 
 
 @ADAPT.register("finetune", "few_labels", "stem, pool, the target's norms and its own copy of the head",
-                tunes=("finetune_lr",))
+                tunes=("finetune_lr",), changes={"network", "norms", "head", "statistics"}, style=("^", "tab:purple"))
 def finetune(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     own = t.model.own_head(t.spec.name)

@@ -67,7 +67,7 @@ def apply(model, task: str, candidate: Candidate, x: torch.Tensor) -> None:
     for i, source in enumerate(candidate.norms_from):
         norms[i].load_state_dict(model.branch(source).norms[i].state_dict())
     model.route(task).set_choice(list(candidate.route))
-    model.estimate_stats(task, x)
+    model.estimate_stats(x, task)
 
 
 def scores_of(model, task: str, candidate: Candidate, x: torch.Tensor, reference: dict) -> dict[str, float]:
@@ -116,7 +116,7 @@ def calibrate(t: Target, reference: dict) -> dict[str, dict[str, float]]:
     regret: dict[str, list[float]] = {s: [] for s in SCORES}
     model, name = t.model, f"{t.spec.name}~calibration"
     for held in t.sources:
-        data = t.data[held]
+        data = t.source_data[held]
         x, y = sample(data.x_train, t.config.seed), sample(data.y_train, t.config.seed)
         probe = TaskData(replace(t.spec, name=name), x[:0], y[:0], x, y)
         others = [s for s in t.sources if s != held]
@@ -137,13 +137,14 @@ def calibrate(t: Target, reference: dict) -> dict[str, dict[str, float]]:
 
 @ADAPT.register("route_calibrated", "with_sources", "the target's discrete route chosen among the source routes and "
                 "their recombinations by the label-free score that best ranked routes on held-out sources, with "
-                "target statistics", sets_route=True)
+                "target statistics", sets_route=True,
+                changes={"route", "norms", "statistics"})
 def route_calibrated(t: Target) -> AdaptResult:
-    missing = [n for n in t.sources if n not in (t.data or {})]
+    missing = [n for n in t.sources if n not in (t.source_data or {})]
     if missing:
         raise IsomodError(f"route_calibrated calibrates on the labelled source domains; their data is missing for "
-                          f"{', '.join(missing)} (pass `sources`)")
-    reference = {s: moments(t.model.features(sample(t.data[s].x_train, t.config.seed), s)) for s in t.sources}
+                          f"{', '.join(missing)} (pass `source_data`)")
+    reference = {s: moments(t.model.features(sample(t.source_data[s].x_train, t.config.seed), s)) for s in t.sources}
     table = calibrate(t, reference)
     score = max(table, key=lambda s: table[s]["spearman"])
     x = sample(t.x, t.config.seed)
@@ -160,7 +161,7 @@ def route_calibrated(t: Target) -> AdaptResult:
                        info={"calibration": table, "candidates": len(ranked), "norms_from": list(best.norms_from)})
 
 
-def pseudo_labels(model, task: str, x: torch.Tensor) -> torch.Tensor:
+def pseudo_labels(model, x: torch.Tensor, task: str) -> torch.Tensor:
     """SHOT's labels: centroids of the normalised features weighted by the predicted class
     probabilities, each image given its nearest centroid's class (cosine), once refined
     with the centroids of those labels."""
@@ -187,30 +188,30 @@ SHOT_ROUNDS = 2
 
 @ADAPT.register("route_shot", "source_free", "the target's route (soft) trained on its own pseudo-labels (SHOT's "
                 "feature centroids) with information maximisation, in rounds; statistics follow the route",
-                learns_route=True, tunes=("lr_routes",))
+                learns_route=True, tunes=("lr_routes",), changes={"route", "statistics"})
 def route_shot(t: Target) -> AdaptResult:
     source, scores = by_im(t)
     model, name = t.model, t.spec.name
     add_as_copy(model, t.spec, source)
-    model.estimate_stats(name, t.x)
+    model.estimate_stats(t.x, name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start_from_sources(model, name, t.sources, source)
     config = replace(t.config, steps=max(1, t.config.steps // SHOT_ROUNDS))
     agreement = []
     for round_ in range(SHOT_ROUNDS):
-        labels = pseudo_labels(model, name, t.x)
-        agreement.append(round(float((labels == predictions(model, name, t.x)).double().mean()), 5))
+        labels = pseudo_labels(model, t.x, name)
+        agreement.append(round(float((labels == predictions(model, t.x, name)).double().mean()), 5))
         data = TaskData(t.spec, t.x, labels, t.x[:0], labels[:0])
         Trainer(model, {name: data}, config, out_dir=t.out_dir, objective=shot_objective, progress=t.progress,
                 params={"routes": [model.route(name).logits]}, routes=RouteSchedule.soft(),
                 frozen_norm_stats=False).fit(force=round_ > 0)  # each round replaces the last one's checkpoint
-        model.estimate_stats(name, t.x)
+        model.estimate_stats(t.x, name)
     soft = model.route(name).weights().detach().cpu().tolist()
     return AdaptResult("route_shot", source, "im", scores, changed_numbers(before, model), soft,
                        info={"pseudo_label_agreement": agreement})
 
 
-def predictions(model, task: str, x: torch.Tensor) -> torch.Tensor:
+def predictions(model, x: torch.Tensor, task: str) -> torch.Tensor:
     head = model.head_of(task)
     with torch.no_grad():
         return model.forward_head(model.features(x, task).to(head.weight.device), task).argmax(-1).cpu()

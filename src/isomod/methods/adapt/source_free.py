@@ -28,37 +28,42 @@ from isomod.training.trainer import Trainer
 
 
 @ADAPT.register("source_only", "source_free", "nothing: the most confident and diverse source route and norms "
-                "(IM score) run the target as they are")
+                "(IM score) run the target as they are", baseline_for=("source_free",), row_name="source_only_best",
+                style=("s", "tab:gray"))
 def source_only(t: Target) -> AdaptResult:
     source, scores = by_im(t)
     add_as_copy(t.model, t.spec, source)
     return AdaptResult("source_only", source, "im", scores, 0)
 
 
-@ADAPT.register("adabn", "source_free", "the norm statistics of source_only's route, re-estimated on the target")
+@ADAPT.register("adabn", "source_free", "the norm statistics of source_only's route, re-estimated on the target",
+                changes={"statistics"}, baseline_for=("source_free", "with_sources", "few_labels"),
+                style=("s", "tab:blue"))
 def adabn(t: Target) -> AdaptResult:
     source, scores = by_im(t)
     add_as_copy(t.model, t.spec, source)
-    t.model.estimate_stats(t.spec.name, t.x)
+    t.model.estimate_stats(t.x, t.spec.name)
     return AdaptResult("adabn", source, "im", scores, t.model.stats_count(t.spec.name))
 
 
 @ADAPT.register("route_select", "source_free", "the source route whose target statistics lie closest to its own "
-                "source statistics, with the target statistics", sets_route=True)
+                "source statistics, with the target statistics", sets_route=True,
+                changes={"route", "statistics"}, default=True)
 def route_select(t: Target) -> AdaptResult:
     scores = score_sources(t.model, t.spec, t.x, t.sources, stats_distance)
     source = min(scores, key=scores.get)
     add_as_copy(t.model, t.spec, source)
-    t.model.estimate_stats(t.spec.name, t.x)
+    t.model.estimate_stats(t.x, t.spec.name)
     return AdaptResult("route_select", source, "stats_distance", scores, t.model.stats_count(t.spec.name))
 
 
 @ADAPT.register("tent", "source_free", "adabn, then the norms' affine parameters trained to minimise prediction "
-                "entropy (TENT)", tunes=("lr",))
+                "entropy (TENT)", tunes=("lr",), changes={"statistics", "norms"},
+                baseline_for=("source_free", "with_sources"), style=("D", "tab:cyan"))
 def tent(t: Target) -> AdaptResult:
     source, scores = by_im(t)
     add_as_copy(t.model, t.spec, source)
-    t.model.estimate_stats(t.spec.name, t.x)
+    t.model.estimate_stats(t.x, t.spec.name)
     params = {"norms": [p for m in t.model.branch(t.spec.name).norms for p in m.parameters()]}
     train_target(t, params, entropy_objective, frozen_norm_stats=True)
     changed = sum(p.numel() for ps in params.values() for p in ps) + t.model.stats_count(t.spec.name)
@@ -73,7 +78,7 @@ def train_target(t: Target, params: dict, objective, frozen_norm_stats: bool, **
                       frozen_norm_stats=frozen_norm_stats, **options)
     trainer.fit()
     t.model.discretize(t.spec.name)
-    t.model.estimate_stats(t.spec.name, t.x)
+    t.model.estimate_stats(t.x, t.spec.name)
     return trainer
 
 
@@ -84,28 +89,30 @@ def learn_route(t: Target, method: str, objective) -> AdaptResult:
     source, scores = by_im(t)
     model, name = t.model, t.spec.name
     add_as_copy(model, t.spec, source)
-    model.estimate_stats(name, t.x)
-    start = (model.route(name).indices(), im_score(model, name, t.x))  # the source route, target statistics
+    model.estimate_stats(t.x, name)
+    start = (model.route(name).indices(), im_score(model, t.x, name))  # the source route, target statistics
     start_from_sources(model, name, t.sources, source)
     params = {"routes": [model.route(name).logits]}
     trainer = train_target(t, params, objective, frozen_norm_stats=False)
     # A route that collapsed onto a few classes scores worse than its start and is
     # undone. A confidently wrong route can still pass: IM is only a proxy.
-    kept = im_score(model, name, t.x) < start[1]
+    kept = im_score(model, t.x, name) < start[1]
     if not kept:
         model.route(name).set_choice(start[0])
-        model.estimate_stats(name, t.x)
+        model.estimate_stats(t.x, name)
     changed = model.route(name).logits.numel() + model.stats_count(name)
     return AdaptResult(method, source, "im", scores, changed, (trainer.soft_usage or {}).get(name), kept)
 
 
 @ADAPT.register("route_entropy", "source_free", "the target's route (and statistics) learned by minimising "
-                "prediction entropy", learns_route=True, tunes=("lr_routes",))
+                "prediction entropy", learns_route=True, tunes=("lr_routes",),
+                changes={"route", "statistics"})
 def route_entropy(t: Target) -> AdaptResult:
     return learn_route(t, "route_entropy", entropy_objective)
 
 
 @ADAPT.register("route_im", "source_free", "the target's route (and statistics) learned by information "
-                "maximisation", learns_route=True, tunes=("lr_routes",))
+                "maximisation", learns_route=True, tunes=("lr_routes",),
+                changes={"route", "statistics"})
 def route_im(t: Target) -> AdaptResult:
     return learn_route(t, "route_im", im_objective)

@@ -1,4 +1,4 @@
-"""The methods with the labelled source domains at hand (`with_sources`, pass `sources`): the
+"""The methods with the labelled source domains at hand (`with_sources`, pass `source_data`): the
 target's route is trained to make the target's features (the pooled features the head reads)
 look like the sources':
 
@@ -46,12 +46,12 @@ def nearest_source(t: Target) -> tuple[str, dict[str, float], dict[str, torch.Te
     """The source whose route, run on the target with statistics estimated there, gives
     features whose moments lie closest to that source's own (`feature_gap`); every
     source's gap; and the sources' frozen features."""
-    missing = [n for n in t.sources if n not in (t.data or {})]
+    missing = [n for n in t.sources if n not in (t.source_data or {})]
     if missing:
         raise IsomodError(f"this method adapts with the labelled source domains; their data is missing for "
-                          f"{', '.join(missing)} (pass `sources`, a dict of TaskData by name)")
+                          f"{', '.join(missing)} (pass `source_data`, a dict of TaskData by name)")
     device = next(t.model.parameters()).device
-    feats = {s: t.model.features(t.data[s].x_train[:SOURCE_FEATURE_IMAGES], s).to(device) for s in t.sources}
+    feats = {s: t.model.features(t.source_data[s].x_train[:SOURCE_FEATURE_IMAGES], s).to(device) for s in t.sources}
     reference = {s: moments(f) for s, f in feats.items()}
 
     def feature_gap(model: ModularNet, task: str, s: str) -> float:
@@ -61,7 +61,7 @@ def nearest_source(t: Target) -> tuple[str, dict[str, float], dict[str, torch.Te
     return min(scores, key=scores.get), scores, feats
 
 
-def align_with_sources(t: Target, method: str, align: str, route_only: bool) -> AdaptResult:
+def align_with_sources(t: Target, method: str, align: str, route_alone: bool) -> AdaptResult:
     """The target aligned with the sources by `align` (see `isomod.methods.adapt.align`): its route alone
     towards the nearest source's frozen features, or the whole network with every source's
     cross-entropy, or (`sources_train` in the options, route methods) its route while stem,
@@ -73,28 +73,28 @@ def align_with_sources(t: Target, method: str, align: str, route_only: bool) -> 
     before = {k: v.clone() for k, v in model.state_dict().items()}  # the target equals its source here
     config = replace(t.config, batch_order="random", augment=False)
     torch.manual_seed(config.seed)  # the discriminator's initial weights
-    sources_train = route_only and bool(t.options.get("sources_train"))
+    sources_train = route_alone and bool(t.options.get("sources_train"))
     channels = model.config.channels
-    if route_only:
+    if route_alone:
         start_from_sources(model, name, t.sources, source)
     if sources_train:
         params = network_params(model, exclude=name)
         params["routes"] = params.get("routes", []) + [model.route(name).logits]
         config = replace(config, lr_heads=config.lr)
         objective = SourceAlignment(align, t.sources, config.batch_size, channels, target_logits=model.route(name).logits)
-    elif route_only:
+    elif route_alone:
         params = {"routes": [model.route(name).logits]}
         objective = SourceAlignment(align, [source], config.batch_size, channels, bank=feats[source])
     else:
         params = model.param_groups(include_frozen=True)
         config = replace(config, lr_heads=config.lr)  # every number of the network trains at one rate
         objective = SourceAlignment(align, t.sources, config.batch_size, channels)
-    trainer = Trainer(model, {name: unlabelled(t.spec, t.x), **{s: t.data[s] for s in t.sources}}, config,
+    trainer = Trainer(model, {name: unlabelled(t.spec, t.x), **{s: t.source_data[s] for s in t.sources}}, config,
                       out_dir=t.out_dir, objective=objective, progress=t.progress, train_tasks=[name],
                       params=params, routes=RouteSchedule.soft(), frozen_norm_stats=False)
     trainer.fit()
-    model.estimate_stats(name, t.x)
-    soft = model.route(name).weights().detach().cpu().tolist() if route_only else None
+    model.estimate_stats(t.x, name)
+    soft = model.route(name).weights().detach().cpu().tolist() if route_alone else None
     own = model.route(name).logits.numel() + model.stats_count(name)
     return AdaptResult(method, source, "feature_gap", scores, changed_numbers(before, model), soft,
                        setting="with_sources", history=trainer.history,
@@ -111,25 +111,28 @@ def network_params(model: ModularNet, exclude: str) -> dict[str, list[torch.nn.P
 
 
 @ADAPT.register("route_moment", "with_sources", "the target's route alone, trained to match its features' moments "
-                "to the nearest source's", learns_route=True, tunes=("lr_routes",))
+                "to the nearest source's", learns_route=True, tunes=("lr_routes",),
+                changes={"route", "statistics"})
 def route_moment(t: Target) -> AdaptResult:
-    return align_with_sources(t, "route_moment", "moment", route_only=True)
+    return align_with_sources(t, "route_moment", "moment", route_alone=True)
 
 
 @ADAPT.register("route_adversarial", "with_sources", "the target's route alone, trained through a reversed gradient "
                 "to fool a discriminator of the nearest source's features from the target's", learns_route=True,
-                tunes=("lr_routes",))
+                tunes=("lr_routes",), changes={"route", "statistics"})
 def route_adversarial(t: Target) -> AdaptResult:
-    return align_with_sources(t, "route_adversarial", "adversarial", route_only=True)
+    return align_with_sources(t, "route_adversarial", "adversarial", route_alone=True)
 
 
 @ADAPT.register("m3sda", "with_sources", "every number of the network: the sources' cross-entropy plus moment "
-                "matching of target and sources (M3SDA)", tunes=("lr",))
+                "matching of target and sources (M3SDA)", tunes=("lr",),
+                changes={"network", "statistics", "norms"}, baseline_for=("with_sources",))
 def m3sda(t: Target) -> AdaptResult:
-    return align_with_sources(t, "m3sda", "moment", route_only=False)
+    return align_with_sources(t, "m3sda", "moment", route_alone=False)
 
 
 @ADAPT.register("dann", "with_sources", "every number of the network: the sources' cross-entropy plus a domain "
-                "discriminator behind gradient reversal (DANN)", tunes=("lr",))
+                "discriminator behind gradient reversal (DANN)", tunes=("lr",),
+                changes={"network", "statistics", "norms"}, baseline_for=("with_sources",))
 def dann(t: Target) -> AdaptResult:
-    return align_with_sources(t, "dann", "adversarial", route_only=False)
+    return align_with_sources(t, "dann", "adversarial", route_alone=False)
