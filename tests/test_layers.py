@@ -91,3 +91,17 @@ def test_the_model_imports_nothing_from_training_and_the_foundation_nothing_abov
     core = [m for m in MODULES if layer(m) == "core"]
     assert core and not {n for m in core for n in GRAPH[m] if layer(n) not in ("foundation", "core")}
     assert not {n for m in MODULES if layer(m) == "foundation" for n in GRAPH[m] if layer(n) != "foundation"}
+
+
+def test_no_module_branches_on_a_block_kind_s_name():
+    """What differs between block types is the `BlockKind` record; an exporter per kind is
+    looked up by name at the edge (`isomod.io.export.STATIC`)."""
+    import re
+
+    from isomod.core.blocks import KINDS
+    from isomod.io.export import STATIC
+
+    branches = [f"{m}:{i + 1}" for m, p in MODULES.items() for i, line in enumerate(p.read_text().splitlines())
+                if re.search(r"block\s*[!=]=|[!=]=\s*\"(conv|transformer)\"", line)]
+    assert not branches, f"branches on a block's name: {branches}"
+    assert set(STATIC) == set(KINDS)

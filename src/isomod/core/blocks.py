@@ -9,16 +9,24 @@ A module of the pool owns its weights and, optionally, the affine parameters of 
 norms. Normalisation belongs to the route step that runs the module (see `network.py`), so
 a block is a pure function of its input, its weights (a module's, or a mixture of modules')
 and two normalisation callables: `Module.run(x, params, norm1, norm2)`.
+
+Everything that differs between block types is one `BlockKind` record (`KINDS`): the module
+class, the stem, the norm, how features are pooled, what a config must satisfy. The rest of
+the package asks the record and never branches on a block's name.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from isomod.distributed import BatchNorm
+from isomod.errors import IsomodError
 
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
@@ -177,3 +185,87 @@ class TransformerModule(PoolModule):
 
     def forward(self, x: torch.Tensor, norm1: Norm, norm2: Norm) -> torch.Tensor:
         return self.run(x, self.params(), norm1, norm2, self.heads)
+
+
+class PatchEmbed(nn.Module):
+    """A transformer's stem: `patch` x `patch` patches projected to `channels`, plus a learned
+    position embedding: images `(B, C_in, S, S)` -> tokens `(B, (S / patch)^2, channels)`."""
+
+    def __init__(self, in_channels: int, channels: int, patch: int, image_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, channels, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, channels) * 0.02)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The patch projection's weight (where the stem's device and dtype are read)."""
+        return self.proj.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, C)
+
+
+def conv_stem(in_channels: int, channels: int, stride: int, image_size: int) -> nn.Module:
+    """A 3x3 convolution for strides 1 and 2, a patchify convolution for larger strides."""
+    if stride <= 2:
+        return nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
+    return nn.Conv2d(in_channels, channels, stride, stride=stride)
+
+
+def check_transformer(config) -> None:
+    if config.channels % config.heads:
+        raise IsomodError(f"a transformer's channels ({config.channels}) must be divisible by its heads "
+                          f"({config.heads})")
+    if config.image_size % config.stem_stride:
+        raise IsomodError(f"a transformer's image size ({config.image_size}) must be a multiple of its patch "
+                          f"size (stem_stride {config.stem_stride})")
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """What one block type brings.
+
+    Args:
+        name: `ModelConfig.block`.
+        module: the pool's module class (`WEIGHTS`, `run`).
+        build: a new module from the pool's shape `(channels, kernel_size, heads, mlp_ratio,
+            residual_scale, norm_affine)`.
+        run: the block on `x` with given weights: `run(x, params, norm1, norm2, heads)`.
+        stem: the stem `(in_channels, channels, stride, image_size) -> nn.Module`.
+        norm: a norm over `channels` `(channels, affine) -> nn.Module`.
+        features: the pooled features `(B, C)` from the final norm's output.
+        check: refuses a config this kind cannot build, in one line.
+        fixed_size: whether the stem fixes the image size (a position embedding).
+        shares_first_norm: whether output mixing may run the step's first norm once for
+            every module (convolution blocks), rather than every module whole.
+    """
+
+    name: str
+    module: type
+    build: Callable[..., nn.Module]
+    run: Callable[..., torch.Tensor]
+    stem: Callable[[int, int, int, int], nn.Module]
+    norm: Callable[[int, bool], nn.Module]
+    features: Callable[[torch.Tensor], torch.Tensor]
+    check: Callable[[object], None] = lambda config: None
+    fixed_size: bool = False
+    shares_first_norm: bool = False
+
+
+KINDS: dict[str, BlockKind] = {
+    "conv": BlockKind(
+        "conv", ResidualModule,
+        build=lambda c, k, heads, mlp, scale, affine: ResidualModule(c, k, scale, affine),
+        run=lambda x, p, n1, n2, heads: ResidualModule.run(x, p, n1, n2),
+        stem=conv_stem, norm=lambda c, affine: BatchNorm(c, affine=affine),
+        features=lambda h: F.relu(h).mean(dim=(2, 3)),  # (B, C, H, W) -> (B, C)
+        shares_first_norm=True),
+    "transformer": BlockKind(
+        "transformer", TransformerModule,
+        build=lambda c, k, heads, mlp, scale, affine: TransformerModule(c, heads, mlp, scale, affine),
+        run=TransformerModule.run, stem=PatchEmbed,
+        norm=lambda c, affine: nn.LayerNorm(c, elementwise_affine=affine),
+        features=lambda h: h.mean(dim=1),  # (B, T, C) -> (B, C)
+        check=check_transformer, fixed_size=True),
+}
+BLOCKS = tuple(KINDS)

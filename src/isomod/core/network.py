@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isomod.core.blocks import residual_branch, with_affine
-from isomod.distributed import BatchNorm
+from isomod.core.blocks import KINDS, residual_branch, with_affine
 from isomod.config import check_value, from_dict
 from isomod.errors import IsomodError, check_choice, check_choices
 from isomod.core.pool import BLOCKS, ModulePool
@@ -94,56 +93,25 @@ class ModelConfig:
                      "image_size"):
             if getattr(self, name) < 1:
                 raise IsomodError(f"model config {name} must be >= 1, got {getattr(self, name)}")
-        if self.block == "transformer":
-            if self.channels % self.heads:
-                raise IsomodError(f"a transformer's channels ({self.channels}) must be divisible by its heads "
-                                  f"({self.heads})")
-            if self.image_size % self.stem_stride:
-                raise IsomodError(f"a transformer's image size ({self.image_size}) must be a multiple of its patch "
-                                  f"size (stem_stride {self.stem_stride})")
+        KINDS[self.block].check(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return from_dict(cls, data, "model config")
 
 
-class PatchEmbed(nn.Module):
-    """A transformer's stem: `patch` x `patch` patches projected to `channels`, plus a learned
-    position embedding: images `(B, C_in, S, S)` -> tokens `(B, (S / patch)^2, channels)`."""
-
-    def __init__(self, in_channels: int, channels: int, patch: int, image_size: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, channels, patch, stride=patch)
-        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, channels) * 0.02)
-
-    @property
-    def weight(self) -> nn.Parameter:
-        """The patch projection's weight (where the stem's device and dtype are read)."""
-        return self.proj.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, C)
-
-
 def make_stem(config: ModelConfig) -> nn.Module:
-    """Convolution blocks: a 3x3 convolution for strides 1 and 2, a patchify convolution for
-    larger strides. Transformer blocks: patches and a position embedding (`PatchEmbed`)."""
-    s = config.stem_stride
-    if config.block == "transformer":
-        return PatchEmbed(config.in_channels, config.channels, s, config.image_size)
-    if s <= 2:
-        return nn.Conv2d(config.in_channels, config.channels, 3, stride=s, padding=1)
-    return nn.Conv2d(config.in_channels, config.channels, s, stride=s)
+    """The stem of the config's block kind (`isomod.core.blocks.KINDS`)."""
+    return KINDS[config.block].stem(config.in_channels, config.channels, config.stem_stride, config.image_size)
 
 
 def make_norm(config_or_channels: "ModelConfig | int", affine: bool = True) -> nn.Module:
-    """Convolution blocks: batch norm whose statistics cover the global batch under data
-    parallelism. Transformer blocks: layer norm over each token's channels."""
+    """A norm of the config's block kind (batch norm over the global batch under data
+    parallelism for convolution blocks, layer norm for transformer blocks); given a channel
+    count, batch norm."""
     if isinstance(config_or_channels, int):
-        return BatchNorm(config_or_channels, affine=affine)
-    if config_or_channels.block == "transformer":
-        return nn.LayerNorm(config_or_channels.channels, elementwise_affine=affine)
-    return BatchNorm(config_or_channels.channels, affine=affine)
+        return KINDS["conv"].norm(config_or_channels, affine)
+    return KINDS[config_or_channels.block].norm(config_or_channels.channels, affine)
 
 
 def make_pool(config: ModelConfig, num_modules: int | None = None) -> ModulePool:
@@ -153,11 +121,9 @@ def make_pool(config: ModelConfig, num_modules: int | None = None) -> ModulePool
 
 
 def pooled(config: ModelConfig, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """The features the head reads `(B, C)`: the final norm, then the mean over positions
-    (after a ReLU for feature maps; over tokens for a transformer)."""
-    if config.block == "transformer":
-        return norm(h).mean(dim=1)
-    return F.relu(norm(h)).mean(dim=(2, 3))
+    """The features the head reads `(B, C)`: the final norm, then the block kind's pooling
+    (the mean over positions after a ReLU for feature maps; over tokens for a transformer)."""
+    return KINDS[config.block].features(norm(h))
 
 
 class TaskBranch(nn.Module):
@@ -206,7 +172,7 @@ class TaskModel(nn.Module):
         count, a label space of another class count, an image size a transformer does not
         cover)."""
         in_channels = config if isinstance(config, int) else config.in_channels
-        if not isinstance(config, int) and config.block == "transformer" and \
+        if not isinstance(config, int) and KINDS[config.block].fixed_size and \
                 tuple(spec.input_shape[1:]) != (config.image_size,) * 2:
             raise IsomodError(f"task {spec.name!r} has {spec.input_shape[1]}x{spec.input_shape[2]} images; this "
                               f"transformer's position embedding covers {config.image_size}x{config.image_size} "
@@ -313,7 +279,7 @@ def check_input(x: torch.Tensor, config: "ModelConfig | int") -> None:
     in_channels = config if isinstance(config, int) else config.in_channels
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise IsomodError(f"expected input (B, {in_channels}, H, W), got {tuple(x.shape)}")
-    if not isinstance(config, int) and config.block == "transformer" and tuple(x.shape[2:]) != (config.image_size,) * 2:
+    if not isinstance(config, int) and KINDS[config.block].fixed_size and tuple(x.shape[2:]) != (config.image_size,) * 2:
         raise IsomodError(f"expected {config.image_size}x{config.image_size} images (this transformer's position "
                           f"embedding covers that size), got {x.shape[2]}x{x.shape[3]}")
 
@@ -440,7 +406,7 @@ class ModularNet(TaskModel):
                 h = self.pool.run(h, {name: m[l] for name, m in mixed.items()}, norms[2 * l], norms[2 * l + 1])
         else:
             w = route.weights() if order is None else route.weights()[order]  # (L, N)
-            mix = self._output_mix if self.config.block == "conv" else self._output_mix_blocks
+            mix = self._output_mix if KINDS[self.config.block].shares_first_norm else self._output_mix_blocks
             for l in range(route.steps):
                 h = mix(h, w[l], norms[2 * l], norms[2 * l + 1])
         return pooled(self.config, h, norms[-1])  # (B, C)

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from isomod.core.blocks import AFFINE, ResidualModule, TransformerModule
+from isomod.core.blocks import AFFINE, KINDS
 from isomod.errors import IsomodError
 
-BLOCKS = ("conv", "transformer")
+BLOCKS = tuple(KINDS)
 
 
 class ModulePool(nn.Module):
@@ -53,13 +53,17 @@ class ModulePool(nn.Module):
         return len(self.blocks)
 
     def _new_module(self) -> nn.Module:
-        if self.block == "transformer":
-            return TransformerModule(self.channels, self.heads, self.mlp_ratio, self.residual_scale, self.norm_affine)
-        return ResidualModule(self.channels, self.kernel_size, self.residual_scale, self.norm_affine)
+        return self.kind.build(self.channels, self.kernel_size, self.heads, self.mlp_ratio, self.residual_scale,
+                               self.norm_affine)
+
+    @property
+    def kind(self):
+        """The block kind's record (`isomod.core.blocks.KINDS`)."""
+        return KINDS[self.block]
 
     @property
     def module_class(self) -> type:
-        return TransformerModule if self.block == "transformer" else ResidualModule
+        return self.kind.module
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -69,9 +73,7 @@ class ModulePool(nn.Module):
 
     def run(self, x: torch.Tensor, params: dict[str, torch.Tensor], norm1, norm2) -> torch.Tensor:
         """The pool's block on `x` with the given weights (one module's, or a mixture's)."""
-        if self.block == "transformer":
-            return TransformerModule.run(x, params, norm1, norm2, self.heads)
-        return ResidualModule.run(x, params, norm1, norm2)
+        return self.kind.run(x, params, norm1, norm2, self.heads)
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """Every module parameter stacked over the pool, by name: `w1` and `w2` `(N, C, C, k, k)`,

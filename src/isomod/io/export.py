@@ -181,17 +181,25 @@ def export_task(model: ModularNet, task: str) -> StaticNet | StaticViT:
     device = model.stem.weight.device
     head = nn.Linear(source.in_features, source.out_features).to(device)
     head.load_state_dict(source.state_dict())
-    if model.config.block == "transformer":
-        steps = _transformer_steps(model, branch, choice if route.is_discrete else None)
-        final = copy.deepcopy(branch.norms[-1])
-        net = StaticViT(copy.deepcopy(model.stem), steps, final, head, choice, soft=not route.is_discrete)
-        return net.to(device).eval().requires_grad_(False)
-    steps = _discrete_steps(model, branch, choice) if route.is_discrete else _mixed_steps(model, branch)
+    net = STATIC[model.config.block](model, branch, choice, route.is_discrete, head)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def _static_conv(model: ModularNet, branch, choice: list[int], discrete: bool, head: nn.Linear) -> StaticNet:
+    steps = _discrete_steps(model, branch, choice) if discrete else _mixed_steps(model, branch)
     stem = nn.Conv2d(model.stem.in_channels, model.stem.out_channels, model.stem.kernel_size, model.stem.stride,
-                     model.stem.padding).to(device)
+                     model.stem.padding).to(model.stem.weight.device)
     stem.load_state_dict(model.stem.state_dict())
-    net = StaticNet(stem, steps, branch.norms[-1], head, choice, soft=not route.is_discrete).to(device)
-    return net.eval().requires_grad_(False)
+    return StaticNet(stem, steps, branch.norms[-1], head, choice, soft=not discrete)
+
+
+def _static_vit(model: ModularNet, branch, choice: list[int], discrete: bool, head: nn.Linear) -> StaticViT:
+    steps = _transformer_steps(model, branch, choice if discrete else None)
+    return StaticViT(copy.deepcopy(model.stem), steps, copy.deepcopy(branch.norms[-1]), head, choice, soft=not discrete)
+
+
+# How each block kind (`isomod.core.blocks.KINDS`) is exported: a static network of its steps.
+STATIC = {"conv": _static_conv, "transformer": _static_vit}
 
 
 def _affines(params: dict[str, torch.Tensor]) -> tuple[Affine, Affine]:

@@ -56,7 +56,7 @@ class Regime:
         train: TrainConfig fields the regime sets.
         routes_at_weight_lr: route logits train at the weights' learning rate (`lr`), as
             the authors' did, instead of `lr_routes`.
-        transformer: ModelConfig fields the regime sets instead over transformer blocks.
+        per_block: ModelConfig fields the regime sets instead over a block kind, by kind name.
     """
 
     name: str
@@ -64,7 +64,7 @@ class Regime:
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     routes_at_weight_lr: bool = False
-    transformer: dict = field(default_factory=dict)
+    per_block: dict = field(default_factory=dict)
 
     def pool_size(self, steps: int) -> int:
         return max(1, round(self.modules_per_step * steps))
@@ -75,7 +75,7 @@ class Regime:
         (default: `modules_per_step * model.steps`)."""
         if modules is not None and modules < 1:
             raise IsomodError(f"a regime's pool needs at least 1 module, got {modules}")
-        fields = {**self.model, **(self.transformer if model.block == "transformer" else {})}
+        fields = {**self.model, **self.per_block.get(model.block, {})}
         model = replace(model, num_modules=modules or self.pool_size(model.steps), **fields)
         train = replace(train, **self.train)
         if self.routes_at_weight_lr:
@@ -86,7 +86,7 @@ class Regime:
 TEMPLATE_MODEL = {"route_init": "flat", "route_init_scale": 1.1, "norm_affine": "step"}
 REGIMES: dict[str, Regime] = {
     "annealed": Regime("annealed", 2.0, {"route_init": "cyclic", "route_init_scale": 1.0, "norm_affine": "step"},
-                       {"routes": "annealed", "route_swap": 0.0}, transformer={"route_init_scale": 4.0}),
+                       {"routes": "annealed", "route_swap": 0.0}, per_block={"transformer": {"route_init_scale": 4.0}}),
     "templates": Regime("templates", 0.5, TEMPLATE_MODEL, {"routes": "soft", "route_swap": 0.0}, True),
     "templates_norms": Regime("templates_norms", 0.5, {**TEMPLATE_MODEL, "norm_affine": "module"},
                               {"routes": "soft", "route_swap": 0.0}, True),
@@ -101,11 +101,11 @@ REGIMES: dict[str, Regime] = {
                                    {"routes": "soft", "route_swap": 0.5}, True),
     "annealed_swap": Regime("annealed_swap", 2.0, {"route_init": "cyclic", "route_init_scale": 1.0,
                                                   "norm_affine": "step"},
-                            {"routes": "annealed", "route_swap": 0.5}, transformer={"route_init_scale": 4.0}),
+                            {"routes": "annealed", "route_swap": 0.5}, per_block={"transformer": {"route_init_scale": 4.0}}),
     "random_routes": Regime("random_routes", 1.0, {"route_init": "cyclic", "route_init_scale": 1.0,
                                                    "norm_affine": "step"},
                             {"routes": "annealed", "route_swap": 0.0, "route_random": 0.5},
-                            transformer={"route_init_scale": 4.0}),
+                            per_block={"transformer": {"route_init_scale": 4.0}}),
 }
 DEFAULT_REGIME = "annealed"
 
