@@ -7,7 +7,11 @@ so the record carries a fingerprint of this platform's arithmetic; where it diff
 digests cannot be compared and the test says so.
 
     python tests/pinned.py            # print the digests of this checkout
-    python tests/pinned.py --record   # write them to tests/data/pinned.json
+    python tests/pinned.py --record COMMIT   # record them for this platform in tests/data/pinned.json
+
+The record holds one entry per platform (its fingerprint): recording on a new kind of
+machine adds one, from a commit whose results are known to equal the recorded ones on a
+platform recorded before (run the old commit and the new one there and compare).
 """
 
 from __future__ import annotations
@@ -145,12 +149,15 @@ def replace_steps(config, steps):
 def main(argv: list[str]) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     digests = runs()
-    record = {"fingerprint": fingerprint(), "digests": digests}
+    here = {"fingerprint": fingerprint(), "digests": digests}
     if "--record" in argv:
+        record = json.loads(RECORD.read_text()) if RECORD.is_file() else {"platforms": {}}
+        commit = argv[argv.index("--record") + 1] if len(argv) > argv.index("--record") + 1 else "unnamed"
+        record["platforms"][here["fingerprint"]] = {"recorded": commit, "digests": digests}
         RECORD.parent.mkdir(exist_ok=True)
         RECORD.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {RECORD}")
-    print(json.dumps(record, indent=1))
+    print(json.dumps(here, indent=1))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The one loop's seams: objectives that own parameters and draw extra batches, what `fit`
-leaves behind, and a core that imports nothing from training."""
+"""The one loop's seams: objectives that own parameters and draw extra batches, and what
+`fit` leaves behind (the layering itself: `test_layers.py`)."""
 
 
 import pytest

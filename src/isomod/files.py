@@ -31,3 +31,9 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically (see `write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text.encode()))
+    return path

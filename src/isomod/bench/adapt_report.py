@@ -17,6 +17,7 @@ from isomod.methods.adapt import ADAPT
 from isomod.bench.paired import INTERVAL, pair
 from isomod.data.tasks import load_task
 from isomod.training.regimes import REGIMES
+from isomod.files import write_text_atomic
 
 ANALYSIS = ("source_only_each", "adabn_each")  # rows that read target labels to analyse, one per source route
 ORACLE = "route_oracle"  # analysis: the target's route trained on the target's labels
@@ -399,7 +400,7 @@ def write_report(out: Path, results: dict) -> Path:
                   + f" | {v['seconds']} |" for k, v in models.items()]
         parts.append("")
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

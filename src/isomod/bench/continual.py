@@ -32,6 +32,7 @@ from isomod.errors import check_choices
 from isomod.training.regimes import DEFAULT_REGIME, REGIMES, regime
 from isomod.core.network import to_float
 from isomod.training.trainer import TrainConfig, Trainer, evaluate
+from isomod.files import write_text_atomic
 
 METHODS = ("modular_grow", "independent", "finetune_seq")
 STREAM = ["glyphs/latin_upper", "glyphs/digits", "glyphs/greek", "mnist", "glyphs/cyrillic", "glyphs/armenian",
@@ -230,7 +231,7 @@ def write_report(out: Path, results: dict) -> Path:
     parts += ["Test accuracy of each task (row) after each task of the stream (column):", "",
               "![forgetting](forgetting.png)", ""]
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

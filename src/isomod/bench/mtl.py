@@ -19,6 +19,7 @@ from isomod.core.network import ModelConfig, ModularNet, TaskModel
 from isomod.errors import IsomodError, check_choices
 from isomod.training.regimes import DEFAULT_REGIME, REGIMES
 from isomod.training.trainer import TrainConfig, Trainer
+from isomod.files import write_text_atomic
 
 # `modular` trains with the default regime, `modular_<regime>` with another (isomod.training.regimes).
 METHODS = {"modular": ModularNet, **{f"modular_{r}": ModularNet for r in REGIMES if r != DEFAULT_REGIME},
@@ -312,7 +313,7 @@ def write_report(out: Path, results: dict) -> Path:
                   "at a step, averaged over steps.", "", "![task similarity](similarity.png)", ""]
     parts += report.markdown_times(results.get("train_seconds", {}))
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

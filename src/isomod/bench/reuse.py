@@ -35,6 +35,7 @@ from isomod.errors import IsomodError, check_choice, check_choices
 from isomod.core.network import ModelConfig
 from isomod.training.regimes import REGIMES
 from isomod.training.trainer import TrainConfig
+from isomod.files import write_text_atomic
 
 REUSE_METHODS = ("once", "cyclic", "block_repeat", "learned", "templates", "distinct")
 LEARNED = ("learned", "templates")
@@ -266,7 +267,7 @@ def write_report(out: Path, results: dict) -> Path:
     parts += [f"{name}: {' '.join(map(str, r))}" for name, r in results.get("routes", {}).items()] + ["```", ""]
     parts += report.markdown_times(results.get("train_seconds", {}))
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

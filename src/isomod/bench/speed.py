@@ -41,6 +41,7 @@ from isomod.io.export import export_task
 from isomod.core.network import ModelConfig, ModularNet, TaskModel, TaskSpec
 from isomod.training.regimes import REGIMES, regime
 from isomod.training.trainer import PRECISIONS, TrainConfig, Trainer, resolve_device
+from isomod.files import write_text_atomic
 
 TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete", "templates")
 
@@ -404,7 +405,7 @@ def write_report(out: Path, results: dict) -> Path:
              f"{cfg['speed']['repeats']} steps.", "", markdown_table(results), "", "## Headline ratios", ""]
     parts += [f"- {line}" for line in checks(results)] + ["", "![speed](speed.png)", ""]
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

@@ -42,6 +42,7 @@ from isomod.core.network import ModelConfig
 from isomod.training.regimes import DEFAULT_REGIME, REGIMES
 from isomod.methods.search import SearchConfig
 from isomod.training.trainer import TrainConfig, Trainer
+from isomod.files import write_text_atomic
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
@@ -502,7 +503,7 @@ def write_report(out: Path, results: dict) -> Path:
     for name in regimes_of(results):
         parts += regime_sections(out, regime_view(results, name), name)
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

@@ -1,4 +1,4 @@
-"""Shapes and routing maths: soft, discrete and output mixing; pool operations."""
+"""The network (`isomod.core.network`, with its pool and routes): shapes and routing maths; soft, discrete and output mixing; pool operations."""
 
 import copy
 import pytest

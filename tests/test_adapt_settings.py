@@ -1,5 +1,6 @@
-"""Adaptation beyond the unsupervised setting: a few labelled target images, sources that
-keep training while the route aligns, routes chosen by a calibrated label-free score."""
+"""The adaptation settings beyond the source-free one (`isomod.methods.adapt.few_labels`,
+`with_sources`, `select`): a few labelled target images, sources that keep training while the
+route aligns, routes chosen by a calibrated label-free score."""
 
 import copy
 from dataclasses import replace
