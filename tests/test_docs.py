@@ -33,7 +33,7 @@ def test_a_docs_page_regenerates_from_its_committed_results_byte_for_byte(page, 
 
 
 def test_report_of_a_results_file_needs_a_destination(tmp_path, capsys):
-    from isomod.bench.base import Results, Row
+    from isomod.bench.results import Results, Row
     from isomod.cli import main
 
     res = Results(tmp_path / "r.json", "reuse", {})

@@ -38,7 +38,8 @@ def test_means_are_recomputed_from_per_task_rows():
 
 
 def test_a_run_resumed_elsewhere_records_which_rows_each_sitting_made(tmp_path):
-    from isomod.bench.base import Results, Row, read_results, write_docs
+    from isomod.bench.docs import write_docs
+    from isomod.bench.results import Results, Row, read_results
     from isomod.errors import IsomodError
 
     path, a, b = tmp_path / "results.json", {"commit": "aaa", "threads": 1}, {"commit": "bbb", "threads": 1}
@@ -64,7 +65,7 @@ def test_a_run_resumed_elsewhere_records_which_rows_each_sitting_made(tmp_path):
 
 
 def test_results_save_atomically_and_resume_only_the_same_config(tmp_path):
-    from isomod.bench.base import Results, Row
+    from isomod.bench.results import Results, Row
 
     path = tmp_path / "results.json"
     res = Results(path, "b", {"k": 1}, extra={})

@@ -9,7 +9,7 @@ from isomod.bench import reuse
 from isomod.bench.reuse import reuse_pattern
 from isomod.cli import main
 from isomod.core.network import ModelConfig, ModularNet, TaskSpec
-from isomod.bench.base import macs_per_image
+from isomod.bench.metrics import macs_per_image
 from isomod.training.trainer import TrainConfig
 
 

@@ -54,7 +54,9 @@ from isomod.data import digits5, mnistc
 from isomod.bench.models import train_modular
 from isomod.bench.adapt_report import (ANALYSIS, DEFAULT_REGIME, FEW_LABEL_METHODS, ORACLE, hindsight_rows, short,
                                        summary, write_report)
-from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
+from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.results import Row
+from isomod.bench.workers import check_jobs
 from isomod.io.checkpoint import load_checkpoint
 from isomod.data.mnistc import DEVELOPMENT
 from isomod.data.tasks import TaskData, load_task

@@ -234,7 +234,7 @@ def registry() -> dict[str, Claim]:
 def evaluate(folder: str | Path, names: list[str] | None = None) -> list[Verdict]:
     """Every claim (or those named) evaluated on `folder/{results}.json`; a claim whose
     results file is missing is `not measured`."""
-    from isomod.bench.base import read_results
+    from isomod.bench.results import read_results
 
     claims = registry()
     unknown = [n for n in names or [] if n not in claims]

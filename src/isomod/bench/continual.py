@@ -23,7 +23,9 @@ import torch
 
 from isomod.bench import report
 from isomod.core.baselines import IndependentNets, PlainResNet
-from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
+from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.results import Row
+from isomod.bench.workers import check_jobs
 from isomod.io.checkpoint import save_checkpoint
 from isomod.methods.continual import GrowConfig, learn_task
 from isomod.data.tasks import TaskData, load_task

@@ -14,7 +14,10 @@ from isomod.bench import report
 from isomod.methods import diagnostics
 from isomod.core.baselines import IndependentNets, PlainResNet
 from isomod.data.tasks import TaskData, load_suite, resolve, split_validation
-from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, loss_fifths, read_log, register
+from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.metrics import loss_fifths, read_log
+from isomod.bench.results import Row
+from isomod.bench.workers import check_jobs
 from isomod.core.network import ModelConfig, ModularNet, TaskModel
 from isomod.errors import IsomodError, check_choices
 from isomod.training.regimes import DEFAULT_REGIME, REGIMES

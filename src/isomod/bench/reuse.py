@@ -28,8 +28,10 @@ import numpy as np
 from isomod import distributed
 from isomod.bench import report
 from isomod.bench.models import train_modular
-from isomod.bench.base import (Bench, Context, Job, Row, check_jobs, check_seeds, loss_fifths, macs_per_image,
-                               read_log, register)
+from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.metrics import loss_fifths, macs_per_image, read_log
+from isomod.bench.results import Row
+from isomod.bench.workers import check_jobs
 from isomod.data.tasks import TaskData, load_task
 from isomod.errors import IsomodError, check_choice, check_choices
 from isomod.core.network import ModelConfig

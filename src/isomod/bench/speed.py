@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from isomod.bench import report
 from isomod.core.baselines import PlainResNet
-from isomod.bench.base import Bench, Context, Job, Row, register
+from isomod.bench.base import Bench, Context, Job, register
+from isomod.bench.results import Row
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError, check_choice
 from isomod.io.export import export_task

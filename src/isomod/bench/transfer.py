@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from isomod.bench import report
 from isomod.methods.transfer import TRANSFER, TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench.models import train_modular
-from isomod.bench.base import Bench, Context, Job, Row, check_jobs, check_seeds, register
+from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.results import Row
+from isomod.bench.workers import check_jobs
 from isomod.bench.paired import INTERVAL, pair
 from isomod.io.checkpoint import load_checkpoint
 from isomod.data.tasks import TaskData, load_task, split_validation

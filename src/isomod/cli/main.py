@@ -97,7 +97,8 @@ def demo_config():
 
 def cmd_report(args) -> int:
     from isomod.bench import registry
-    from isomod.bench.base import read_results, write_docs
+    from isomod.bench.docs import write_docs
+    from isomod.bench.results import read_results
 
     if args.claims:
         return report_claims(args)
