@@ -298,3 +298,64 @@ def test_random_routes_train_modules_no_task_route_runs(two_tasks, random):
     Trainer(model, two_tasks, replace(cfg, route_random=random)).fit()
     moved = [not torch.equal(a, b.w1) for a, b in zip(before, model.pool.blocks)]
     assert moved == [True, bool(random), bool(random)]
+
+
+@pytest.mark.parametrize("tasks_per_step", [1, 2])
+def test_training_steps_read_no_tensor_value_between_log_steps(two_tasks, monkeypatch, tasks_per_step):
+    """On a GPU every `item()`, `tolist()` or `bool()` of a device tensor waits for the device:
+    isomod's code makes none in the 20 steps between two log steps, soft routes or discrete
+    (torch's own reads, such as an optimiser's step counter, are not isomod's)."""
+    import sys
+    from pathlib import Path
+
+    import isomod
+
+    src = str(Path(isomod.__file__).parent)
+    calls = []
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(src):
+                calls.append((name, caller.rsplit("/", 2)[-2:], sys._getframe(1).f_lineno))
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    model = tiny_model(two_tasks, route_init="flat")
+    trainer = Trainer(model, two_tasks, quick(steps=200, log_every=50, tasks_per_step=tasks_per_step,
+                                              discretize_at=1.0), progress=False)
+    run = trainer.start()
+    try:
+        for phase in ("soft", "discrete"):
+            if phase == "discrete":
+                model.discretize()
+            trainer.train_step(run)  # the first step after a change may set things up
+            with monkeypatch.context() as patch:
+                for name in ("item", "tolist", "__bool__"):
+                    patch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+                for _ in range(20):
+                    trainer.train_step(run)
+            assert not calls, f"{phase} routes: {calls}"
+    finally:
+        trainer.finish(run)
+    assert trainer.step == 42
+
+
+def test_task_draws_made_an_interval_at_a_time_resume_as_if_made_one_by_one():
+    from isomod.training.batches import TaskDraws
+
+    weights = torch.ones(5)
+    one = torch.Generator().manual_seed(3)
+    singly = [torch.multinomial(weights, 2, replacement=False, generator=one).tolist() for _ in range(9)]
+    draws = TaskDraws(torch.Generator().manual_seed(3), weights, 2)
+    draws.refill(4)
+    got = [draws.next() for _ in range(3)]
+    state = draws.state()  # a checkpoint after 3 steps, mid-interval
+    got += [draws.next()]
+    draws.refill(5)
+    got += [draws.next() for _ in range(5)]
+    assert got == singly
+    resumed = TaskDraws(torch.Generator(), weights, 2)
+    resumed.set_state(state)
+    resumed.refill(6)
+    assert [resumed.next() for _ in range(6)] == singly[3:]

@@ -395,12 +395,13 @@ class ModularNet(TaskModel):
             for l, c in enumerate(modules):
                 h = self.pool.blocks[c](h, norms[2 * l], norms[2 * l + 1])
             return pooled(self.config, h, norms[-1])
-        order = None if step_order is None else step_order.to(route.choice.device)
         if route.is_discrete:
-            choice = route.choice if order is None else route.choice[order]
-            for l, c in enumerate(choice.tolist()):
+            chosen = route.chosen if step_order is None else [route.chosen[i] for i in step_order.tolist()]
+            for l, c in enumerate(chosen):
                 h = self.pool.blocks[c](h, norms[2 * l], norms[2 * l + 1])
-        elif self.config.mixing == "weight":
+            return pooled(self.config, h, norms[-1])
+        order = None if step_order is None else step_order.to(route.logits.device)
+        if self.config.mixing == "weight":
             mixed = self.mixed_params(route, order)
             for l in range(route.steps):
                 h = self.pool.run(h, {name: m[l] for name, m in mixed.items()}, norms[2 * l], norms[2 * l + 1])

@@ -17,6 +17,10 @@ ROUTE_INITS = ("random", "flat", "uniform", "cyclic", "permutation")
 UNUSABLE = -1e9  # the logit of a module a route never picks
 
 
+def _after_load(route: "Route", keys) -> None:
+    route._sync()
+
+
 class Route(nn.Module):
     """Learnable logits over the pool at each of `L` steps.
 
@@ -24,6 +28,10 @@ class Route(nn.Module):
     `choice[l]` holds one module index per step (`-1` while soft) and the weights are
     one-hot. `discretize()` moves from the first to the second; the temperature is a
     buffer so that an annealing schedule survives a checkpoint.
+
+    What a forward pass branches on (whether the route is discrete, its modules, which
+    modules a soft route can weight) is also kept in Python, updated by every verb and by
+    loading a state, so a training step reads no tensor value from the device.
 
     Args:
         steps: number of steps `L`.
@@ -60,6 +68,9 @@ class Route(nn.Module):
         self.logits = nn.Parameter(logits)  # (L, N)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("choice", torch.full((steps,), -1, dtype=torch.long))  # (L,)
+        self.chosen: list[int] | None = None  # `choice` in Python once discrete
+        self._support: torch.Tensor | None = None  # the modules a soft route can weight, None: all
+        self.register_load_state_dict_post_hook(_after_load)
 
     @classmethod
     def fixed(cls, pattern: Sequence[int], num_modules: int) -> "Route":
@@ -78,7 +89,15 @@ class Route(nn.Module):
 
     @property
     def is_discrete(self) -> bool:
-        return bool((self.choice >= 0).all())
+        return self.chosen is not None
+
+    def _sync(self) -> None:
+        """Read `choice` and the logits' unusable modules into Python (after a state was
+        loaded or the tensors were written): never in a training step."""
+        chosen = self.choice.tolist()
+        self.chosen = chosen if all(c >= 0 for c in chosen) else None
+        usable = self.logits[0] > UNUSABLE / 2
+        self._support = None if bool(usable.all()) else usable.nonzero().flatten()
 
     def set_choice(self, pattern: Sequence[int]) -> None:
         """Make the route discrete with the given module index per step."""
@@ -88,6 +107,7 @@ class Route(nn.Module):
         if any(not 0 <= p < self.num_modules for p in pattern):
             raise IsomodError(f"route pattern {pattern} names a module outside 0..{self.num_modules - 1}")
         self.choice.copy_(torch.tensor(pattern, dtype=torch.long))
+        self.chosen = pattern
         self.logits.requires_grad_(False)
 
     def start_at(self, *biases: tuple[Sequence[int], float], temperature: float = 1.0) -> None:
@@ -101,6 +121,7 @@ class Route(nn.Module):
                 self.logits[steps, torch.as_tensor(list(pattern), dtype=torch.long)] = bias
             self.temperature.fill_(temperature)
             self.choice.fill_(-1)
+        self._sync()
         self.logits.requires_grad_(True)
 
     def set_logits(self, logits: torch.Tensor, temperature: float = 1.0) -> None:
@@ -111,6 +132,7 @@ class Route(nn.Module):
             self.logits.copy_(logits)
             self.temperature.fill_(temperature)
             self.choice.fill_(-1)
+        self._sync()
         self.logits.requires_grad_(True)
 
     def copy_from(self, other: "Route") -> None:
@@ -136,8 +158,9 @@ class Route(nn.Module):
         every module: modules added to the pool after the route (`add_modules`) get
         exactly zero weight, and leaving them out of the mixture keeps what the route
         computes bit-identical."""
-        usable = self.logits[0] > UNUSABLE / 2
-        return None if bool(usable.all()) else usable.nonzero().flatten()
+        if self._support is not None and self._support.device != self.logits.device:
+            self._support = self._support.to(self.logits.device)
+        return self._support
 
     def discretize(self) -> None:
         """Freeze the route to its argmax at every step."""
@@ -146,7 +169,7 @@ class Route(nn.Module):
 
     def indices(self) -> list[int]:
         """The module chosen at each step (argmax while soft)."""
-        return self.choice.tolist() if self.is_discrete else self.logits.argmax(-1).tolist()
+        return list(self.chosen) if self.is_discrete else self.logits.argmax(-1).tolist()
 
     def add_modules(self, count: int) -> None:
         """Extend to a pool grown by `count` modules, which this route never picks."""
@@ -155,16 +178,18 @@ class Route(nn.Module):
         pad = self.logits.new_full((self.steps, count), UNUSABLE)
         grad = self.logits.requires_grad
         self.logits = nn.Parameter(torch.cat([self.logits.detach(), pad], 1), requires_grad=grad)
+        self._sync()
 
     def remove_module(self, index: int) -> None:
         """Drop module `index` from the pool; later indices move down by one."""
-        if self.is_discrete and index in self.choice.tolist():
+        if self.is_discrete and index in self.chosen:
             raise IsomodError(f"module {index} is used by this route and cannot be removed")
         keep = [i for i in range(self.num_modules) if i != index]
         grad = self.logits.requires_grad
         self.logits = nn.Parameter(self.logits.detach()[:, keep].clone(), requires_grad=grad)
         if self.is_discrete:
             self.choice.sub_((self.choice > index).long())
+        self._sync()
 
     def __str__(self) -> str:
         text = " ".join(str(i) for i in self.indices())

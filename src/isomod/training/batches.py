@@ -31,6 +31,45 @@ def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: 
     return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+class TaskDraws:
+    """Which tasks each step trains, drawn from the run's generator a log interval at a time
+    (one read of the drawn indices per interval, none in between), and the generator's state
+    as if it had drawn one step at a time (what a checkpoint saves and a resume restores)."""
+
+    def __init__(self, g: torch.Generator, weights: torch.Tensor, k: int):
+        self.g, self.weights, self.k = g, weights, k
+        self.start = g.get_state()  # the state before the current chunk
+        self.chunk: list[list[int]] = []
+        self.used = 0
+
+    def refill(self, steps: int) -> None:
+        """Draw the next `steps` steps' tasks (the chunk still unused is dropped, as the state
+        it left behind)."""
+        self.g.set_state(self.state())
+        self.start = self.g.get_state()
+        draws = torch.stack([torch.multinomial(self.weights, self.k, replacement=False, generator=self.g)
+                             for _ in range(max(1, steps))])
+        self.chunk, self.used = draws.tolist(), 0
+
+    def next(self) -> list[int]:
+        if self.used >= len(self.chunk):
+            self.refill(1)
+        self.used += 1
+        return self.chunk[self.used - 1]
+
+    def state(self) -> torch.Tensor:
+        """The generator's state after the draws used so far."""
+        replay = torch.Generator()
+        replay.set_state(self.start)
+        for _ in range(self.used):
+            torch.multinomial(self.weights, self.k, replacement=False, generator=replay)
+        return replay.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.g.set_state(state)
+        self.start, self.chunk, self.used = state, [], 0
+
+
 class Batches:
     """Task-homogeneous batches, epoch-wise shuffled (or drawn with replacement), from one
     generator whose state resumes exactly; also what an objective draws beside them.
@@ -57,16 +96,16 @@ class Batches:
         if self.random:
             idx_t = torch.randint(n, (self.batch_size,), generator=self.g)[distributed.shard(self.batch_size)]
             return data.x_train[idx_t], data.y_train[idx_t], self.batch_size
-        idx = []
-        while len(idx) < min(self.batch_size, n):
+        parts, size = [], min(self.batch_size, n)  # index tensors: no value is read back
+        while sum(len(p) for p in parts) < size:
             if task not in self.order or self.cursor[task] >= n:
                 self.order[task] = torch.randperm(n, generator=self.g)
                 self.cursor[task] = 0
-            take = min(self.batch_size - len(idx), n - self.cursor[task])
-            idx.extend(self.order[task][self.cursor[task] : self.cursor[task] + take].tolist())
+            take = min(size - sum(len(p) for p in parts), n - self.cursor[task])
+            parts.append(self.order[task][self.cursor[task] : self.cursor[task] + take])
             self.cursor[task] += take
-        idx_t = torch.tensor(idx[distributed.shard(len(idx))])
-        return data.x_train[idx_t], data.y_train[idx_t], len(idx)
+        idx_t = torch.cat(parts)[distributed.shard(size)]
+        return data.x_train[idx_t], data.y_train[idx_t], size
 
     def indices(self, n: int, size: int) -> torch.Tensor:
         return torch.randint(n, (size,), generator=self.g)[distributed.shard(size)]

@@ -2,7 +2,7 @@
 
 An objective is a small `nn.Module`. Its `forward(model, batch)` returns an `Output`: the
 loss, the logits of the batch's task (for running accuracy; None when it has none) and
-named metrics (floats the trainer logs). It may own parameters (a domain discriminator:
+named metrics (numbers or tensors the trainer logs). It may own parameters (a domain discriminator:
 the trainer optimises them under the role `objective`, saves them in its checkpoint and
 averages their gradients over data-parallel processes) and may ask for more images than
 the batch holds through `batch.draw` (the labelled sources of domain adaptation).

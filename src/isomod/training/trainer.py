@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from isomod import distributed
-from isomod.training.batches import Batches, evaluate, random_shift
+from isomod.training.batches import Batches, TaskDraws, evaluate, random_shift
 from isomod.io.checkpoint import check_compatible, checkpoint_exists, load_trainer_state, load_weights, save_checkpoint
 from isomod.files import write_atomic
 from isomod.data.tasks import TaskData
@@ -38,6 +38,9 @@ from isomod.training.config import (BATCH_ORDERS, PRECISIONS, SAMPLINGS, SCHEDUL
 __all__ = ["BATCH_ORDERS", "PRECISIONS", "SAMPLINGS", "SCHEDULES", "Batches", "StepOrder", "Trainer", "TrainConfig",
            "check_out_dir", "cross_entropy", "evaluate", "forward_options", "random_shift", "resolve_device",
            "route_schedule", "to_float"]
+
+
+DRAW_CHUNK = 1000  # task draws made at once: between log steps further apart, one read per chunk
 
 
 class StepOrder:
@@ -67,11 +70,13 @@ class _Run:
     forward: Callable
     autocast: torch.autocast
     trainable: list[torch.Tensor]
-    weights: torch.Tensor
-    running: dict
+    draws: TaskDraws
+    running: dict  # task -> running training accuracy, a float64 tensor on the device (NaN: none yet)
     bar: Progress | None = None
-    loss_ema: float | None = None
+    loss_ema: torch.Tensor | None = None  # float64, on the device
     metrics: dict = field(default_factory=dict)
+    diverged: torch.Tensor | None = None  # (first step with a non-finite loss, that loss), -1 while none
+    chosen: dict = field(default_factory=dict)  # step -> the tasks it trained, since the last check
 
 
 class Trainer:
@@ -215,10 +220,11 @@ class Trainer:
     def _state(self, run: _Run) -> dict:
         """The trainer's state as tensors and plain values (read back with weights_only)."""
         return {"step": self.step, "optimizer": run.optimizer.state_dict(), "batches": run.batches.state_dict(),
-                "sampler": self.sampler.get_state(), "aug": self.aug.get_state(), "torch_rng": torch.get_rng_state(),
+                "sampler": run.draws.state(), "aug": self.aug.get_state(), "torch_rng": torch.get_rng_state(),
                 "objective": self.objective.state_dict(), "train_config": asdict(self.config)}
 
     def _save(self, run: _Run) -> None:
+        self._check_finite(run)  # a diverged run never overwrites its last good checkpoint
         if self.checkpoint_path is None:
             return
         if not self.main:
@@ -357,10 +363,15 @@ class Trainer:
         optimizer = self._optimizer()
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
         forward, autocast = forward_options(self.model, self.device, c.precision, c.compile)
-        run = _Run(optimizer, batches, forward, autocast, trainable, self._task_weights(),
-                   {t: None for t in self.train_tasks})
+        k = min(c.tasks_per_step, len(self.train_tasks))
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=self.device)
+        run = _Run(optimizer, batches, forward, autocast, trainable, TaskDraws(self.sampler, self._task_weights(), k),
+                   {t: nan for t in self.train_tasks},
+                   diverged=torch.tensor([-1.0, 0.0], dtype=torch.float64, device=self.device))
         if state is not None:
             self._resume(run, state)
+            run.draws.set_state(self.sampler.get_state())
+        run.draws.refill(self._to_next_log())
         run.bar = Progress(c.steps, self.step, self.progress)
         if self.out_dir and self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -397,22 +408,28 @@ class Trainer:
         temperature = self.route_schedule.temperature(self.step)
         for route in self._trained_routes():
             route.temperature.fill_(temperature)
-        k = min(c.tasks_per_step, len(self.train_tasks))
-        chosen = [self.train_tasks[i] for i in
-                  torch.multinomial(run.weights, k, replacement=False, generator=self.sampler).tolist()]
-        total = self.optimizer_step(run, chosen)
+        chosen = [self.train_tasks[i] for i in run.draws.next()]
+        run.chosen[self.step] = chosen
+        total = self.optimizer_step(run, chosen).double()
         self.step += 1
         run.loss_ema = total if run.loss_ema is None else 0.95 * run.loss_ema + 0.05 * total
         run.bar.update(1)
         if self.step % c.log_every == 0 or self.step == c.steps:
             self._log_step(run, c.lr * factor, temperature)
+            run.draws.refill(self._to_next_log())
         if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
             self._evaluate(run.bar)
         if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
             self._save(run)
 
-    def optimizer_step(self, run: _Run, chosen: list[str]) -> float:
-        """One optimiser step on one batch of each task in `chosen`; returns the loss."""
+    def _to_next_log(self) -> int:
+        """Steps from this one to the next log step (or the run's end), at most `DRAW_CHUNK`."""
+        c = self.config
+        return max(1, min(c.log_every - self.step % c.log_every, c.steps - self.step, DRAW_CHUNK))
+
+    def optimizer_step(self, run: _Run, chosen: list[str]) -> torch.Tensor:
+        """One optimiser step on one batch of each task in `chosen`; returns the loss (on the
+        device: nothing in a step reads a tensor's value back)."""
         c = self.config
         run.optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -432,24 +449,36 @@ class Trainer:
         if penalty is not None:
             total = total + penalty
         total.backward()
-        # All ranks see the same averaged loss, so all of them stop together on divergence.
+        # All ranks see the same averaged loss, so all of them stop together on divergence,
+        # at the next log step or checkpoint (`_check_finite`), naming the first bad step.
         total = distributed.average_gradients(run.trainable, total)
-        if not torch.isfinite(total):
-            kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() else None
-            self.log.write(event="diverged", step=self.step)
-            raise TrainingDiverged(f"loss became {total.item()} at step {self.step} (tasks {chosen}); training "
-                                   f"stopped, last good checkpoint: {kept or 'none written yet'}")
+        bad = ~torch.isfinite(total) & (run.diverged[0] < 0)
+        run.diverged = torch.where(bad, torch.stack([total.new_tensor(self.step).double(), total.double()]),
+                                   run.diverged)
         run.optimizer.step()
-        return total.item()
+        return total.detach()
+
+    def _check_finite(self, run: _Run) -> None:
+        """Stop, keeping the last good checkpoint, when a step's loss was not finite."""
+        step, value = run.diverged.tolist()
+        tasks, run.chosen = run.chosen, {}
+        if step >= 0:
+            kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() else None
+            self.log.write(event="diverged", step=int(step))
+            raise TrainingDiverged(f"loss became {value} at step {int(step)} (tasks {tasks.get(int(step))}); training "
+                                   f"stopped, last good checkpoint: {kept or 'none written yet'}")
 
     def _track(self, run: _Run, task: str, y: torch.Tensor, out: Output) -> None:
-        """Running training accuracy of a labelled batch, and the objective's metrics."""
-        if out.logits is not None and (y >= 0).any():
-            acc = (out.logits.argmax(-1) == y).float().mean().item()
-            run.running[task] = acc if run.running[task] is None else 0.9 * run.running[task] + 0.1 * acc
+        """Running training accuracy of a labelled batch, and the objective's metrics, kept on
+        the device until a log step reads them."""
+        if out.logits is not None:
+            acc = (out.logits.argmax(-1) == y).float().mean().double()
+            old = run.running[task]
+            new = torch.where(torch.isnan(old), acc, 0.9 * old + 0.1 * acc)
+            run.running[task] = torch.where((y >= 0).any(), new, old)
         for name, value in out.metrics.items():
             total, count = run.metrics.get(name, (0.0, 0))
-            run.metrics[name] = (total + value, count + 1)
+            run.metrics[name] = (total + (value.detach() if torch.is_tensor(value) else value), count + 1)
 
     def _bound(self, forward, task: str):
         """The forward pass a batch of `task` runs: a random route when the route schedule
@@ -496,19 +525,23 @@ class Trainer:
         return True
 
     def _log_step(self, run: _Run, lr: float, temperature: float) -> None:
-        accs = {t: round(a, 4) for t, a in run.running.items() if a is not None}
-        metrics = {name: round(total / count, 6) for name, (total, count) in run.metrics.items()}
+        """Read what the steps since the last log step kept on the device, and write it."""
+        self._check_finite(run)
+        values = torch.stack(list(run.running.values())).tolist()  # one read per log step
+        accs = {t: round(a, 4) for t, a in zip(run.running, values) if a == a}
+        metrics = {name: round(float(total) / count, 6) for name, (total, count) in run.metrics.items()}
         run.metrics = {}
-        record = {"step": self.step, "loss": round(run.loss_ema, 5), "lr": lr, "temperature": temperature,
+        loss = float(run.loss_ema)
+        record = {"step": self.step, "loss": round(loss, 5), "lr": lr, "temperature": temperature,
                   "train_acc": accs, **metrics, "time": round(time.time() - run.bar.t0, 2)}
         self.history.append(record)
         self.log.write(**record)
-        self.log.scalars(self.step, {"loss": run.loss_ema, "lr": lr, "temperature": temperature, **metrics,
+        self.log.scalars(self.step, {"loss": loss, "lr": lr, "temperature": temperature, **metrics,
                                      **{f"train_acc/{t}": a for t, a in accs.items()}})
         shown = "".join(f", {k} {v:.3f}" for k, v in metrics.items())
         accuracy = ", train acc " + " ".join(f"{short(t)} {a:.2f}" for t, a in accs.items()) if accs else ""
         # The values are those of this log step; a plain progress line between log steps says so.
-        run.bar.set_postfix(f"at step {self.step}: train loss {run.loss_ema:.3f}{shown}{accuracy}")
+        run.bar.set_postfix(f"at step {self.step}: train loss {loss:.3f}{shown}{accuracy}")
 
     def _evaluate(self, bar: Progress) -> dict[str, float]:
         accs = evaluate(self.model, self._labelled())

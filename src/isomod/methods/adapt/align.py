@@ -76,7 +76,7 @@ def domain_loss(disc: nn.Module, source: torch.Tensor, target: torch.Tensor, sca
     loss = (F.binary_cross_entropy_with_logits(d_s, torch.zeros_like(d_s))
             + F.binary_cross_entropy_with_logits(d_t, torch.ones_like(d_t)))
     acc = 0.5 * ((d_s < 0).float().mean() + (d_t > 0).float().mean())
-    return loss, acc.item()
+    return loss, acc.detach()
 
 
 class SourceAlignment(Objective):
@@ -145,9 +145,9 @@ class SourceAlignment(Objective):
         else:
             align, metrics["domain_acc"] = domain_loss(self.disc, torch.cat(list(feats.values())), ft,
                                                        dann_scale(batch.progress))
-        metrics["align"] = align.item()
+        metrics["align"] = align.detach()
         if ce is not None:
-            metrics["ce"] = ce.item()
+            metrics["ce"] = ce.detach()
         return Output(align if ce is None else ce + ALIGN_WEIGHT * align, logits, metrics)
 
     def _route_aligning(self, ft: torch.Tensor, feats: dict, ce: torch.Tensor, logits: torch.Tensor,
@@ -156,14 +156,14 @@ class SourceAlignment(Objective):
         is the alignment's gradient with respect to the target's route logits alone (its value
         is zero, so the logged loss stays the cross-entropy's)."""
         held = {k: v.detach() for k, v in feats.items()}
-        metrics = {"ce": ce.item()}
+        metrics = {"ce": ce.detach()}
         if self.align == "moment":
             align, disc_loss = self._moment_loss(ft, held), 0.0
         else:
             disc_loss, metrics["domain_acc"] = domain_loss(self.disc, torch.cat(list(held.values())), ft.detach(), 1.0)
             d_t = self.disc(reverse_gradient(ft, dann_scale(batch.progress)))
             align = F.binary_cross_entropy_with_logits(d_t, torch.ones_like(d_t))
-        metrics["align"] = align.item()
+        metrics["align"] = align.detach()
         (logits_param,) = self.target_logits
         (grad,) = torch.autograd.grad(align, logits_param, retain_graph=True)
         steer = (logits_param * grad).sum()
