@@ -49,6 +49,8 @@ class Claim:
         metric: the rows' `metric`.
         registered: when the claim was registered (a hypothesis is registered before its
             run: the commit that adds it comes before the results).
+        planned: the units its bench's full grid gives (0: whatever the results hold); a
+            claim read on fewer says so.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Claim:
     below: bool = False
     scale: float = 100.0
     registered: str = ""
+    planned: int = 0
 
     def rows(self, results: dict, method: str, metric: str, where: dict) -> list[dict]:
         return [r for r in results["rows"] if r["method"] == method and r.get("metric") == metric
@@ -191,21 +194,25 @@ CLAIMS: tuple[Claim, ...] = (
     *(Claim(f"search-{regime}-{shots}", "transfer-search", "route_search", "head_only", 3.0,
             f"route search over a `{regime}` pool beats a linear probe by at least 3 points ({shots} images per "
             "class)", SEARCH, where={"regime": regime, "shots": shots}, route="discrete",
-            registered="2026-12-02, before its run")
+            registered="2026-12-02, before its run", planned=15)
       for regime in ("templates_swap", "random_routes") for shots in (10, "all")),
     # --- domain adaptation, each route soft and discrete ------------------------------------------
     *(Claim(f"adapt-few10-route-adabn-{form}", "adapt", "route", "adabn", 5.0,
             f"with 10 labels a class, a route-only method ({form} route) beats AdaBN by at least 5 points",
-            ADAPT_FEW, where={"setting": "few_labels", "shots": 10}, route=form) for form in ("soft", "discrete")),
+            ADAPT_FEW, where={"setting": "few_labels", "shots": 10}, route=form, planned=24)
+      for form in ("soft", "discrete")),
     *(Claim(f"adapt-few10-route-normpatch-{form}", "adapt", "route", "norm_patch", 0.0,
             f"with 10 labels a class, a route-only method ({form} route) beats the norm patch",
-            ADAPT_FEW, where={"setting": "few_labels", "shots": 10}, route=form) for form in ("soft", "discrete")),
+            ADAPT_FEW, where={"setting": "few_labels", "shots": 10}, route=form, planned=24)
+      for form in ("soft", "discrete")),
     *(Claim(f"adapt-unsup-shot-adabn-{form}", "adapt", "route_shot", "adabn", 3.0,
             f"without labels, a route self-trained on pseudo-labels ({form} route) beats AdaBN by at least 3 points",
-            ADAPT_UNSUP, where={"setting": "source_free"}, route=form) for form in ("soft", "discrete")),
+            ADAPT_UNSUP, where={"setting": "source_free"}, route=form, planned=24)
+      for form in ("soft", "discrete")),
     *(Claim(f"adapt-unsup-shot-tent-{form}", "adapt", "route_shot", "tent", 0.0,
             f"without labels, a route self-trained on pseudo-labels ({form} route) beats TENT",
-            ADAPT_UNSUP, where={"setting": "source_free"}, route=form) for form in ("soft", "discrete")),
+            ADAPT_UNSUP, where={"setting": "source_free"}, route=form, planned=24)
+      for form in ("soft", "discrete")),
     # --- continual learning and block reuse -------------------------------------------------------
     Claim("continual-independent", "continual", "modular_grow", "independent", -1.0,
           "a growing pool is within 1 point of independent networks at the end of the stream", FIXED,
@@ -283,7 +290,7 @@ def readme_block(verdicts: list[Verdict]) -> str:
     rank = {name: i for i, name in enumerate(ORDER)}
     for v in sorted(verdicts, key=lambda v: rank.get(v.claim.results, len(ORDER))):
         c = v.claim
-        units = f"{v.paired.n} {UNITS.get(c.unit, ', '.join(c.unit))}"
+        units = f"{v.paired.n}{f' of {c.planned}' if c.planned else ''} {UNITS.get(c.unit, ', '.join(c.unit))}"
         lines.append(f"| [{c.results}](docs/results/{c.results}.md) | {c.says} (`{c.comparison}`, "
                      f"{'at most' if c.below else 'at least'} {c.target:+g}) | {v.figure} | {units} | "
                      f"**{v.verdict}** | {v.selection} |")
