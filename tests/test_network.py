@@ -252,3 +252,32 @@ def test_tasks_of_a_step_share_one_weight_stack_and_gradients_stay_exact():
     assert torch.equal(net.pool.stacked()["w2"][3], net.pool.blocks[3].w2)
     net.to(torch.float64)
     assert net.pool.stacked()["w1"].dtype == torch.float64
+
+
+def test_route_mixing_stays_fp32_under_a_bf16_autocast():
+    """The route's weights mix the modules in fp32 whatever the autocast: its gradient passes
+    through that product (in bf16 it kept 8 bits of mantissa)."""
+    torch.manual_seed(0)
+    net = ModularNet(ModelConfig(channels=8, num_modules=4, steps=3, route_init="flat"), [TaskSpec("t", 3, (1, 12, 12))])
+    route = net.route("t")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = net.mixed_params(route)
+        loss = net(torch.rand(2, 1, 12, 12), "t").float().sum()
+    assert {m.dtype for m in mixed.values()} == {torch.float32}
+    loss.backward()
+    assert route.logits.grad is not None and route.logits.grad.dtype == torch.float32
+    exact = {k: torch.tensordot(route.weights().double(), s.double(), dims=1) for k, s in net.pool.stacked().items()}
+    assert all(torch.allclose(mixed[k].double(), exact[k], atol=1e-6) for k in mixed)
+
+
+def test_attention_is_the_softmax_of_scaled_dot_products():
+    from isomod.core.blocks import attention
+
+    torch.manual_seed(0)
+    b, t, c, heads = 2, 5, 8, 2
+    x, qkv_w, qkv_b = torch.randn(b, t, c), torch.randn(3 * c, c), torch.randn(3 * c)
+    proj_w, proj_b = torch.randn(c, c), torch.randn(c)
+    qkv = torch.nn.functional.linear(x, qkv_w, qkv_b).view(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    att = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * (c // heads) ** -0.5, dim=-1)  # (B, H, T, T)
+    expected = torch.nn.functional.linear((att @ qkv[2]).transpose(1, 2).reshape(b, t, c), proj_w, proj_b)
+    assert torch.allclose(attention(x, qkv_w, qkv_b, proj_w, proj_b, heads), expected, atol=1e-5)

@@ -129,10 +129,9 @@ def attention(x: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor, proj_w:
     """Multi-head self-attention of tokens `x` `(B, T, C)` with `heads` heads."""
     b, t, c = x.shape
     qkv = F.linear(x, qkv_w, qkv_b).view(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    att = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * (c // heads) ** -0.5, dim=-1)  # (B, H, T, T)
-    out = torch.matmul(att, v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
-    return F.linear(out, proj_w, proj_b)
+    # softmax(q k^T / sqrt(d)) v, fused where the device has a kernel: (B, H, T, T) never stored
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, d)
+    return F.linear(out.transpose(1, 2).reshape(b, t, c), proj_w, proj_b)  # (B, T, C)
 
 
 def transformer_block(x: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor, proj_w: torch.Tensor,

@@ -424,7 +424,9 @@ class ModularNet(TaskModel):
         keep = route.support()
         if keep is not None:
             w, stacks = w[:, keep], {name: stack[keep] for name, stack in stacks.items()}
-        return {name: torch.tensordot(w, stack, dims=1) for name, stack in stacks.items()}
+        # In fp32 under a bf16 autocast too: the route's gradient passes through this product.
+        with torch.autocast(w.device.type, enabled=False):
+            return {name: torch.tensordot(w.float(), stack.float(), dims=1) for name, stack in stacks.items()}
 
     def _output_mix(self, h: torch.Tensor, w: torch.Tensor, norm1: nn.Module, norm2: nn.Module) -> torch.Tensor:
         # Exact soft ordering: every module with a non-negligible weight runs on the same

@@ -154,6 +154,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_settings(device: torch.device) -> None:
+    """What a CUDA run turns on: TF32 matrix products and convolutions (fp32 runs keep their
+    accumulations in fp32), and cuDNN's search for the fastest convolution algorithm (whose
+    choice can differ between runs: a CUDA run is not bit-for-bit repeatable)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
 def forward_options(model: TaskModel, device: torch.device, precision: str, compile: str
                     ) -> tuple[TaskModel, torch.autocast]:
     """What training forward passes run through: the model, or its `torch.compile`d
