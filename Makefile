@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 BENCHES := bench-mtl bench-transfer bench-continual bench-adapt bench-reuse bench-speed
 
-.PHONY: demo test $(BENCHES) clean
+.PHONY: demo test gpu-check $(BENCHES) clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: $(VENV)/.installed
 # Two workers, a file each at a time (module fixtures are built once per file), one thread each.
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# Every command for a few steps on CUDA, fp32 and bf16, one line each (scripts/gpu_check.py).
+gpu-check: $(VENV)/.installed
+	$(BIN)/python scripts/gpu_check.py
 
 # `make bench-mtl` runs `isomod bench mtl --out runs/bench-mtl`, and so on.
 $(BENCHES): bench-%: $(VENV)/.installed
