@@ -6,6 +6,7 @@
     isomod eval --from runs/x [--tasks T] [--data PATH] [--diagnostics]
     isomod predict --from runs/x --task T IMAGE_OR_FOLDER... [--top 3] [--json]
     isomod export --from runs/x --task glyphs/greek --format torchscript|onnx --out greek.pt
+    isomod task list|add|remove --from runs/x [TASK_FOLDER... | TASK...] [--out runs/x2]   task files in and out
     isomod transfer --from runs/x --task uci-digits [--shots 10] [--method route_search] --out runs/y
     isomod adapt --from runs/x --target digits5/mnistm --out runs/z [--method route_select] [--shots 10]
     isomod bench NAME --out runs/bench-NAME [--config cfg.yaml] [options]   (NAME: see `isomod bench --help`;
@@ -228,7 +229,9 @@ def add_export(sub) -> None:
 
     p = sub.add_parser("export", help="a task's route as a standalone TorchScript or ONNX network")
     p.add_argument("--from", dest="from_", required=True, help="a ModularNet's checkpoint or run folder")
-    p.add_argument("--task", required=True, help="the task to export (a soft route needs weight mixing)")
+    p.add_argument("--task", help="the task to export (a soft route needs weight mixing); default: the one "
+                   "--task-file adds")
+    add_task_file(p)
     p.add_argument("--format", default="torchscript", choices=EXPORT_FORMATS,
                    help="torchscript (torch.jit.load, no isomod needed) or onnx (onnxruntime; needs the onnx and "
                         "onnxscript packages)")
@@ -237,10 +240,29 @@ def add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def add_task_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task-file", action="append", metavar="DIR",
+                   help="a task folder (task.json, task.safetensors) to add to the --from checkpoint first; it loads "
+                        "only onto the pool it was learned on (repeatable)")
+
+
+def add_task(sub) -> None:
+    from isomod.cli.model import cmd_task
+
+    p = sub.add_parser("task", help="list a checkpoint's tasks, add task files to it, or remove tasks (--out)")
+    p.add_argument("action", choices=("list", "add", "remove"))
+    p.add_argument("items", nargs="*", metavar="TASK", help="add: task folders; remove: task names")
+    p.add_argument("--from", dest="from_", required=True, help="a ModularNet's checkpoint or run folder")
+    p.add_argument("--out", help="add, remove: the new checkpoint folder (the --from one is never changed)")
+    p.set_defaults(func=cmd_task)
+
+
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy of a checkpoint on its tasks")
     p.add_argument("--from", dest="from_", required=True, help="a checkpoint or run folder")
-    p.add_argument("--tasks", nargs="*", help="tasks to evaluate (default: all of the checkpoint's)")
+    p.add_argument("--tasks", nargs="*", help="tasks to evaluate (default: those --task-file adds, else all of the "
+                   "checkpoint's)")
+    add_task_file(p)
     p.add_argument("--data", help="one task's images from here instead (a folder of class sub-folders, train/ and "
                    "test/ folders, or an .npz): for data that moved, or a new test set")
     p.add_argument("--split", default="test", choices=("test", "train"))
@@ -257,7 +279,8 @@ def add_eval(sub) -> None:
 def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="the classes a trained model gives image files")
     p.add_argument("--from", dest="from_", required=True, help="a checkpoint or run folder")
-    p.add_argument("--task", required=True, help="the task whose classes to predict")
+    p.add_argument("--task", help="the task whose classes to predict; default: the one --task-file adds")
+    add_task_file(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     p.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON: file, then class, index and probability")
@@ -299,8 +322,8 @@ def add_tasks(sub) -> None:
     p.set_defaults(func=cmd_tasks)
 
 
-COMMANDS = (add_demo, add_train, add_eval, add_predict, add_transfer, add_adapt, add_export, add_bench, add_report,
-            add_tasks)
+COMMANDS = (add_demo, add_train, add_eval, add_predict, add_transfer, add_adapt, add_export, add_task, add_bench,
+            add_report, add_tasks)
 
 
 def make_parser() -> argparse.ArgumentParser:

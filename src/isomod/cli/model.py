@@ -77,11 +77,25 @@ def checkpoint_folder(path: str) -> Path:
     return folder
 
 
-def load_model(path: str, device: str = "cpu"):
+def load_model(path: str, device: str = "cpu", task_files: list[str] | None = None):
+    """The checkpoint at `path` (a run folder or checkpoint), with the task files added."""
     from isomod.io.checkpoint import load_checkpoint
     from isomod.training.trainer import resolve_device
 
-    return load_checkpoint(checkpoint_folder(path), device=resolve_device(device))
+    model = load_checkpoint(checkpoint_folder(path), device=resolve_device(device))
+    for folder in task_files or []:
+        model.require_routes(f"{path}: --task-file")
+        model.load_task(folder)
+    return model
+
+
+def only_task(args, model) -> str:
+    """`--task`, or the one task a single `--task-file` added."""
+    if args.task:
+        return args.task
+    if len(args.task_file or []) == 1:
+        return model.task_names[-1]
+    raise IsomodError("name the task with --task (or give one --task-file)")
 
 
 def input_shape_of(model) -> tuple[int, int, int] | None:
@@ -135,8 +149,9 @@ def cmd_eval(args) -> int:
 
     if args.limit < 0:
         raise IsomodError(f"--limit must be >= 0 (0: every image), got {args.limit}")
-    model = load_model(args.from_, args.device)
-    names = resolve(args.tasks) if args.tasks else model.task_names
+    model = load_model(args.from_, args.device, args.task_file)
+    added = model.task_names[len(model.task_names) - len(args.task_file or []):]
+    names = resolve(args.tasks) if args.tasks else (added or model.task_names)
     if args.data and len(names) != 1:
         raise IsomodError(f"--data gives one task's images; name that task with --tasks (this model has "
                           f"{', '.join(model.task_names)})")
@@ -215,7 +230,23 @@ def cmd_transfer(args) -> int:
               f"{i['search_seconds']:.1f} s; proxy {i['proxy_start']:.3f} at the start, {i['proxy_found']:.3f} found")
     print(f"added {result.params_task:,} numbers ({100 * result.params_task / before:.2f}% of the {before:,} "
           f"parameters before); checkpoint: {out} (holds {len(result.model.task_names)} task(s))")
+    print(task_file_line(result.model, task.name, Path(args.out), args.from_, TRANSFER[args.method].whole_network))
     return 0
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def task_file_line(model, task: str, out: Path, base: str, changed_pool: bool) -> str:
+    """Write the task's file beside the run's checkpoint (unless the method changed the pool,
+    when only the checkpoint serves it) and say how large each is."""
+    if changed_pool:
+        return "no task file: this method changed the pool, so the task lives in the checkpoint alone"
+    folder = model.save_task(task, out / "task", base=str(base))
+    small, whole = folder_bytes(folder), folder_bytes(out / "checkpoint")
+    return (f"task file: {folder} ({small / 1e3:,.1f} kB, {100 * small / whole:.2f}% of the checkpoint's "
+            f"{whole / 1e6:,.2f} MB); it loads onto {base} or any copy of its pool (--task-file)")
 
 
 def guard_folder(args) -> None:
@@ -260,6 +291,9 @@ def cmd_adapt(args) -> int:
                                                                           "method": args.method})
     acc = evaluate(model, {target.name: target})[target.name]  # the target's test labels are read here, and only here
     report_adaptation(args, model, target, res, acc, out)
+    unit = ADAPT[args.method]
+    print(task_file_line(model, target.name, Path(args.out), args.from_,
+                         unit.whole_network or bool(res.info.get("sources_train"))))
     return 0
 
 
@@ -287,7 +321,8 @@ def cmd_export(args) -> int:
     from isomod.io.export import example_input, export_task, metadata, save_onnx, save_torchscript
 
     check_out_file(Path(args.out))
-    model = load_model(args.from_, args.device).eval()
+    model = load_model(args.from_, args.device, args.task_file).eval()
+    args.task = only_task(args, model)
     model.check_task(args.task)
     net = export_task(model, args.task)
     meta = metadata(model, args.task, net)
@@ -316,8 +351,8 @@ def cmd_predict(args) -> int:
 
     if args.top < 1:
         raise IsomodError(f"--top must be >= 1, got {args.top}")
-    model = load_model(args.from_, args.device)
-    predictions, resized = predict_files(model, args.task, args.inputs, args.top)
+    model = load_model(args.from_, args.device, args.task_file)
+    predictions, resized = predict_files(model, only_task(args, model), args.inputs, args.top)
     if args.json:
         print(json.dumps(predictions, indent=1))
     else:
@@ -348,3 +383,42 @@ def add_label_space(p: argparse.ArgumentParser) -> None:
 
 def add_image_size(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--image-size", type=positive, help=f"side a folder's images are resized to (default {default})")
+
+
+def cmd_task(args) -> int:
+    """`isomod task list|add|remove`: a checkpoint's tasks, and task files in and out of it."""
+    from isomod.io.checkpoint import save_checkpoint
+
+    model = load_model(args.from_)
+    model.require_routes(f"{args.from_}: isomod task")
+    if args.action == "list":
+        fingerprint = model.pool_fingerprint()
+        print(f"{checkpoint_folder(args.from_)}: pool {fingerprint[:16]}, {len(model.pool)} modules, "
+              f"{model.param_count():,} parameters")
+        for name, spec in model.specs.items():
+            route = model.route(name)
+            print(f"  {name}: {spec.num_classes} classes, {model.task_param_count(name):,} numbers, route "
+                  f"{route}{f', label space {spec.label_space}' if spec.label_space else ''}")
+        return 0
+    if not args.out:
+        raise IsomodError(f"isomod task {args.action} writes a new checkpoint: give --out DIR")
+    check_out_dir(Path(args.out))
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise IsomodError(f"--out {args.out}: exists and is not empty; give a new folder (the --from checkpoint is "
+                          "never changed)")
+    if args.action == "add":
+        if not args.items:
+            raise IsomodError("isomod task add: give one or more task folders")
+        added = [model.load_task(folder) for folder in args.items]
+        what = f"added {', '.join(added)}"
+    else:
+        if not args.items:
+            raise IsomodError("isomod task remove: name one or more tasks")
+        for name in args.items:
+            model.check_task(name)
+        for name in args.items:
+            model.remove_task(name)
+        what = f"removed {', '.join(args.items)}"
+    out = save_checkpoint(model, Path(args.out))
+    print(f"{what}; wrote {out} ({len(model.task_names)} task(s): {', '.join(model.task_names)})")
+    return 0

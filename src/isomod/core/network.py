@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from isomod.core import task_file
 from isomod.core.blocks import KINDS, residual_branch, with_affine
 from isomod.config import check_value, from_dict
 from isomod.errors import IsomodError, check_choice, check_choices
@@ -333,6 +334,25 @@ class ModularNet(TaskModel):
         self.tasks[spec.name] = branch
         self.specs[spec.name] = spec
         return branch
+
+    def new_branch(self, spec: TaskSpec) -> TaskBranch:
+        """A fresh branch for `spec` on this pool, not added (what a task of it holds)."""
+        return TaskBranch(spec, self.config, len(self.pool))
+
+    # --- task files ----------------------------------------------------------------
+    def pool_fingerprint(self) -> str:
+        """SHA-256 over the stem's and the pool's weights: which pool a task file belongs to."""
+        return task_file.pool_fingerprint(self)
+
+    def save_task(self, task: str, folder, base: str = ""):
+        """Write what `task` owns to `folder` (`task.safetensors`, `task.json`), with this
+        pool's fingerprint and the name of the checkpoint it came from (`base`)."""
+        return task_file.save_task(self, task, folder, base)
+
+    def load_task(self, folder) -> str:
+        """Add the task saved in `folder` (refused, in one line, unless it belongs to this
+        pool and holds what a task of it holds); its name. No other task's outputs change."""
+        return task_file.load_task(self, folder)
 
     def remove_task(self, task: str) -> None:
         """Delete a task's route, norms and own head (a shared head goes with its last
