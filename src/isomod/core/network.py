@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isomod.core import task_file
+from isomod.core import mixed, task_file
 from isomod.core.blocks import KINDS, residual_branch, with_affine
 from isomod.config import check_value, from_dict
 from isomod.errors import IsomodError, check_choice, check_choices
@@ -334,6 +334,15 @@ class ModularNet(TaskModel):
         self.tasks[spec.name] = branch
         self.specs[spec.name] = spec
         return branch
+
+    def forward(self, x: torch.Tensor, task: str | list[str], **options) -> torch.Tensor:
+        """Logits `(B, K)` of `x` under `task`; given a list of task names, one per image
+        (eval mode), logits `(B, K_max)`, `-inf` past each image's task's classes
+        (`isomod.core.mixed`)."""
+        if isinstance(task, (list, tuple)):
+            check_input(x, self.config)
+            return mixed.forward_mixed(self, x, list(task))
+        return super().forward(x, task, **options)
 
     def new_branch(self, spec: TaskSpec) -> TaskBranch:
         """A fresh branch for `spec` on this pool, not added (what a task of it holds)."""
