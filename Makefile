@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-BENCHES := bench-mtl bench-transfer bench-continual bench-adapt bench-reuse bench-speed
+BENCHES := bench-mtl bench-transfer bench-continual bench-adapt bench-reuse bench-speed bench-serve
 
 .PHONY: demo test gpu-check $(BENCHES) clean
 

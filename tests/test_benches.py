@@ -162,3 +162,21 @@ def test_bench_continual_end_to_end(tmp_path, capsys):
     assert redone["independent"]["s0"] == seconds["independent"]["s0"]
 
 
+
+
+def test_bench_serve_times_a_mixed_batch_against_one_task_s(tmp_path, capsys):
+    out = tmp_path / "serve"
+    assert main(["bench", "serve", "--out", str(out), "--tasks", "1", "3", "--threads", "1", "--repeats", "2",
+                 "--warmup", "0", "--batch-size", "12", "--model-channels", "4", "--model-num-modules", "4",
+                 "--model-steps", "2", "--image-size", "12", "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    speeds = {(r["method"], r["tasks"], r["distribution"]) for r in rows if r["metric"] == "img_per_s"}
+    assert speeds == {(m, t, d) for m in ("mixed", "single_task", "exported", "plain")
+                      for t, d in ((1, "uniform"), (3, "uniform"), (3, "skewed"))}
+    assert all(r["value"] > 0 for r in rows)
+    assert len([r for r in rows if r["metric"] == "mixed_to_single"]) == 3 * 2  # one a round
+    assert "| 3 | skewed |" in (out / "report.md").read_text()
+    from isomod.bench.serve import assignment
+
+    skew = assignment(4, 12, "skewed")
+    assert skew.count("t0") == 6 and set(skew) == {"t0", "t1", "t2", "t3"}

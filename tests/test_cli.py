@@ -79,7 +79,7 @@ def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
 def test_unknown_benchmark_and_config_section(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "nope", "--out", "x"])
-    assert "invalid choice: 'nope' (choose from 'mtl', 'transfer', 'continual', 'adapt', 'reuse', 'speed')" in capsys.readouterr().err
+    assert "invalid choice: 'nope' (choose from 'mtl', 'transfer', 'continual', 'adapt', 'reuse', 'speed', 'serve')" in capsys.readouterr().err
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("grow:\n  threshold: 0.5\n")
     assert main(["train", "--tasks", "mnist", "--out", str(tmp_path / "r"), "--config", str(cfg)]) == 2

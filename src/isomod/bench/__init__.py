@@ -7,9 +7,9 @@ Importing this package imports every bench module, each of which registers itsel
 from __future__ import annotations
 
 from isomod.bench.base import BENCHES, Bench
-from isomod.bench import mtl, transfer, continual, adapt, reuse, speed  # noqa: F401  each registers itself
+from isomod.bench import mtl, transfer, continual, adapt, reuse, speed, serve  # noqa: F401  each registers itself
 
-NAMES = ("mtl", "transfer", "continual", "adapt", "reuse", "speed")
+NAMES = ("mtl", "transfer", "continual", "adapt", "reuse", "speed", "serve")
 
 
 def registry() -> dict[str, Bench]:

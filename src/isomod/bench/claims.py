@@ -23,7 +23,7 @@ from pathlib import Path
 from isomod.bench.paired import INTERVAL, Paired, pair
 from isomod.errors import IsomodError
 
-UNITS = {("seed",): "seeds", ("task", "seed"): "(task, seed)", ("N",): "pool sizes"}
+UNITS = {("seed",): "seeds", ("task", "seed"): "(task, seed)", ("N",): "pool sizes", ("round",): "rounds"}
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,12 @@ CLAIMS: tuple[Claim, ...] = (
     _reuse("reuse", "distinct", "8 distinct modules beat 4 run once"),
     *(_reuse("reuse-transformer", m, f"over transformer blocks, {m} routes over 4 modules at 8 steps beat running "
              "each once") for m in ("cyclic", "block_repeat", "learned")),
+    # --- serving several tasks from one batch -------------------------------------------------------
+    *(Claim(f"serve-mixed-8-{threads}thread", "serve", "mixed", None, 0.9,
+            f"a batch mixing 8 tasks runs at least 0.9 times as fast as one task's batch ({threads} thread"
+            f"{'s' if threads > 1 else ''}, uniform)", SPEED,
+            where={"tasks": 8, "distribution": "uniform", "threads": threads}, unit=("round",),
+            metric="mixed_to_single", scale=1.0, planned=9) for threads in (1, 2)),
     # --- cost -------------------------------------------------------------------------------------
     *(Claim(f"speed-{block}-{tasks}task", results, "weight_mixing", None, 1.1,
             f"a routed training step ({block} pool, {tasks} task{'s' if tasks > 1 else ''} per step) costs at most "
@@ -277,7 +283,7 @@ def as_json(verdicts: list[Verdict]) -> str:
 
 README_BEGIN, README_END = "<!-- isomod claims: begin -->", "<!-- isomod claims: end -->"
 ORDER = ("mtl", "mtl-transformer", "mtl-regimes", "transfer", "transfer-transformer", "transfer-search", "adapt",
-         "continual", "reuse", "reuse-transformer", "speed", "speed-transformer")
+         "continual", "reuse", "reuse-transformer", "speed", "speed-transformer", "serve")
 
 
 def readme_block(verdicts: list[Verdict]) -> str:
