@@ -70,8 +70,11 @@ class AdaptRun:
 
 
 def checkpoint_folder(path: str) -> Path:
-    """A checkpoint folder, or the run folder that holds one (`RUN/checkpoint`)."""
-    folder = Path(path)
+    """A checkpoint folder, the run folder that holds one (`RUN/checkpoint`), or a pool the
+    package ships (`pretrained:NAME`)."""
+    from isomod.io.checkpoint import resolve
+
+    folder = resolve(path)
     if not (folder / "config.json").is_file() and (folder / "checkpoint" / "config.json").is_file():
         return folder / "checkpoint"
     return folder

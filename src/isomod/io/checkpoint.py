@@ -151,8 +151,29 @@ def load_weights(model: TaskModel, path: str | Path) -> None:
         raise CheckpointError(f"{file}: weights do not match the model's config: {detail}") from None
 
 
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"  # pools shipped with the package
+
+
+def shipped() -> list[str]:
+    """The names of the pretrained pools the package ships (`pretrained:NAME`)."""
+    return sorted(p.name for p in PRETRAINED.iterdir() if (p / CONFIG).is_file()) if PRETRAINED.is_dir() else []
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder: `pretrained:NAME` names a pool shipped with the package."""
+    text = str(path)
+    if not text.startswith("pretrained:"):
+        return Path(path)
+    name = text.removeprefix("pretrained:")
+    if name not in shipped():
+        raise IsomodError(f"no pretrained pool {name!r}; shipped: {', '.join(shipped()) or 'none'}")
+    return PRETRAINED / name
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TaskModel:
-    """Rebuild a model from `config.json` and load its weights; the files are only read."""
+    """Rebuild a model from `config.json` and load its weights; the files are only read.
+    `pretrained:NAME` loads a pool shipped with the package."""
+    path = resolve(path)
     config = read_config(path)
     try:
         model = MODEL_KINDS[config["kind"]].from_config(config)
