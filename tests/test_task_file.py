@@ -194,6 +194,24 @@ def test_task_files_on_the_command_line(tmp_path, capsys):
     assert capsys.readouterr().out.split("   ")[0] == evaluated.split("   ")[0]  # the same accuracy either way
     assert main(["export", "--from", str(pool_ck), "--task-file", str(tmp_path / "tr" / "task"), "--out",
                  str(tmp_path / "b.pt")]) == 0 and (tmp_path / "b.pt").stat().st_size > 0
+    # predict: several tasks in one call, one per input, served in one batch
+    from PIL import Image
+
+    img = tmp_path / "one.png"
+    Image.fromarray((torch.rand(16, 16) * 255).byte().numpy()).save(img)
+    capsys.readouterr()
+    assert main(["predict", "--from", str(pool_ck), "--task-file", str(tmp_path / "tr" / "task"), str(img), str(img),
+                 "--json", "--tasks", "a", "b"]) == 0
+    both_tasks = json.loads(capsys.readouterr().out)
+    assert [p["task"] for p in both_tasks] == ["a", "b"]
+    for p in both_tasks:  # the same as predicting each under its own task alone
+        assert main(["predict", "--from", str(pool_ck), "--task-file", str(tmp_path / "tr" / "task"), "--task",
+                     p["task"], str(img), "--json"]) == 0
+        alone = json.loads(capsys.readouterr().out)[0]["top"]
+        assert [c["class"] for c in alone] == [c["class"] for c in p["top"]]
+        assert all(abs(x["p"] - y["p"]) < 1e-4 for x, y in zip(alone, p["top"]))
+    assert main(["predict", "--from", str(pool_ck), str(img), str(img), "--tasks", "a"]) == 2
+    assert "one task per image or folder: 1 tasks for 2 inputs" in capsys.readouterr().err
     # isomod task: list, add to a new checkpoint, remove; the --from checkpoint never changes
     assert main(["task", "list", "--from", str(pool_ck)]) == 0
     assert "pool " in capsys.readouterr().out

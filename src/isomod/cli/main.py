@@ -280,6 +280,8 @@ def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="the classes a trained model gives image files")
     p.add_argument("--from", dest="from_", required=True, help="a checkpoint or run folder")
     p.add_argument("--task", help="the task whose classes to predict; default: the one --task-file adds")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="one task per IMAGE (a folder's images all take its "
+                   "task): several tasks served in one batch")
     add_task_file(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     p.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")

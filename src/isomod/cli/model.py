@@ -355,15 +355,19 @@ def cmd_predict(args) -> int:
     if args.top < 1:
         raise IsomodError(f"--top must be >= 1, got {args.top}")
     model = load_model(args.from_, args.device, args.task_file)
-    predictions, resized = predict_files(model, only_task(args, model), args.inputs, args.top)
+    task = args.tasks if args.tasks else only_task(args, model)
+    predictions, resized = predict_files(model, task, args.inputs, args.top)
+    several = len({p["task"] for p in predictions}) > 1
     if args.json:
         print(json.dumps(predictions, indent=1))
     else:
         for p in predictions:
-            print(f"{p['file']}: " + ", ".join(f"{c['class']} {c['p']:.3f}" for c in p["top"]))
+            under = f" ({p['task']})" if several else ""
+            print(f"{p['file']}{under}: " + ", ".join(f"{c['class']} {c['p']:.3f}" for c in p["top"]))
     if resized:
-        h, w = model.specs[args.task].input_shape[1:]
-        print(f"note: {resized} of {len(predictions)} images resized to {h}x{w}, the size {args.task} was trained at",
+        names = ", ".join(dict.fromkeys(p["task"] for p in predictions))
+        h, w = model.specs[predictions[0]["task"]].input_shape[1:]
+        print(f"note: {resized} of {len(predictions)} images resized to {h}x{w}, the size {names} was trained at",
               file=sys.stderr)
     return 0
 

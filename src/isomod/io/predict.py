@@ -55,23 +55,35 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, boo
 
 
 @torch.no_grad()
-def predict_files(model, task: str, inputs: list[str], top: int = 3) -> tuple[list[dict], int]:
-    """The `top` classes and probabilities of every image in `inputs` under `task`, and how
-    many images were resized: `[{"file": ..., "top": [{"class": ..., "index": ..., "p": ...}]}]`."""
-    spec = model.check_task(task)
-    files = image_files(inputs)
-    names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
+def predict_files(model, task: str | list[str], inputs: list[str], top: int = 3) -> tuple[list[dict], int]:
+    """The `top` classes and probabilities of every image in `inputs` under `task` (or, given
+    one task per input, each input's images under its task, several tasks served in one
+    batch), and how many images were resized:
+    `[{"file": ..., "task": ..., "top": [{"class": ..., "index": ..., "p": ...}]}]`."""
+    tasks = [task] * len(inputs) if isinstance(task, str) else list(task)
+    if len(tasks) != len(inputs):
+        raise IsomodError(f"give one task per image or folder: {len(tasks)} tasks for {len(inputs)} inputs")
+    specs = {t: model.check_task(t) for t in tasks}
+    shapes = {tuple(s.input_shape) for s in specs.values()}
+    if len(shapes) > 1:
+        raise IsomodError(f"the tasks take images of different shapes ({', '.join(map(str, sorted(shapes)))}); "
+                          "predict them in separate calls")
+    shape = shapes.pop()
+    jobs = [(f, t) for item, t in zip(inputs, tasks) for f in image_files([item])]
     device = next(model.parameters()).device
     out, resized = [], 0
     with model.evaluating():
-        for i in range(0, len(files), BATCH):
-            part = files[i : i + BATCH]
-            images = [read_image(f, tuple(spec.input_shape)) for f in part]
+        for i in range(0, len(jobs), BATCH):
+            part = jobs[i : i + BATCH]
+            images = [read_image(f, shape) for f, _ in part]
             resized += sum(r for _, r in images)
-            x = torch.from_numpy(np.stack([a for a, _ in images]))  # (B, C, H, W) uint8
-            probs = torch.softmax(model(to_float(x.to(device)), task), -1).cpu()  # (B, K)
-            p, idx = probs.topk(min(top, len(names)), dim=1)
-            for f, ps, ks in zip(part, p.tolist(), idx.tolist()):
-                out.append({"file": str(f), "top": [{"class": names[k], "index": k, "p": round(v, 5)}
-                                                    for v, k in zip(ps, ks)]})
+            x = to_float(torch.from_numpy(np.stack([a for a, _ in images])).to(device))  # (B, C, H, W)
+            names = [t for _, t in part]
+            logits = model(x, names[0]) if len(set(names)) == 1 else model(x, names)  # (B, K) or (B, K_max)
+            probs = torch.softmax(logits, -1).cpu()
+            for (f, t), row in zip(part, probs):
+                classes = list(specs[t].class_names) or [str(k) for k in range(specs[t].num_classes)]
+                p, idx = row[: len(classes)].topk(min(top, len(classes)))
+                out.append({"file": str(f), "task": t, "top": [{"class": classes[k], "index": k, "p": round(v, 5)}
+                                                              for v, k in zip(p.tolist(), idx.tolist())]})
     return out, resized
