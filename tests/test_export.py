@@ -133,3 +133,30 @@ def test_speed_bench_measures_every_method(tmp_path):
     assert speed.value(rows, "exported_templates", 2, 1, "infer_time_ratio_to_plain") > 0
     assert len(speed.checks(results)) == 6 and (tmp_path / "speed" / "speed.png").exists()
     assert "| exported / plain |" in (tmp_path / "speed" / "report.md").read_text()
+
+
+def test_a_multitask_torchscript_file_serves_every_task_like_the_model(tmp_path):
+    """Several tasks in one TorchScript file, the task an index input: the same logits as the
+    model's mixed batch, read back without isomod; ONNX stays one task a file."""
+    import json
+
+    from isomod import ModelConfig, ModularNet, TaskSpec
+    from isomod.cli import main
+    from isomod.io.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = ModularNet(ModelConfig(channels=8, num_modules=4, steps=3), [TaskSpec("a", 3), TaskSpec("b", 5)]).eval()
+    net.route("b").set_choice([1, 2, 0])
+    ck = save_checkpoint(net, tmp_path / "ck")
+    assert main(["export", "--from", str(ck), "--tasks", "a", "b", "--out", str(tmp_path / "ab.pt")]) == 0
+    extra = {"isomod.json": ""}
+    scripted = torch.jit.load(str(tmp_path / "ab.pt"), _extra_files=extra)
+    meta = json.loads(extra["isomod.json"])
+    assert meta["tasks"] == ["a", "b"] and len(meta["class_names"]["b"]) == 5
+    x, index = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 1, 0, 1, 0])
+    with torch.no_grad():
+        mine, theirs = scripted(x, index), net(x, ["a", "b", "b", "a", "b", "a"])
+    assert torch.allclose(mine.nan_to_num(0.0, neginf=0.0), theirs.nan_to_num(0.0, neginf=0.0), atol=1e-5)
+    assert torch.equal(torch.isinf(mine), torch.isinf(theirs))
+    assert main(["export", "--from", str(ck), "--tasks", "a", "b", "--format", "onnx", "--out",
+                 str(tmp_path / "ab.onnx")]) == 2

@@ -231,6 +231,8 @@ def add_export(sub) -> None:
     p.add_argument("--from", dest="from_", required=True, help="a ModularNet's checkpoint or run folder")
     p.add_argument("--task", help="the task to export (a soft route needs weight mixing); default: the one "
                    "--task-file adds")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="several tasks in one TorchScript file, which takes "
+                   "the index of each image's task beside the images (ONNX: one task a file)")
     add_task_file(p)
     p.add_argument("--format", default="torchscript", choices=EXPORT_FORMATS,
                    help="torchscript (torch.jit.load, no isomod needed) or onnx (onnxruntime; needs the onnx and "

@@ -237,6 +237,45 @@ def _mixed_steps(model: ModularNet, branch) -> list[StaticStep]:
     return steps
 
 
+class MultiTaskNet(nn.Module):
+    """Several tasks' static networks behind one input: `forward(x, task)` with `task` `(B,)`
+    the index of each image's task; logits `(B, K_max)`, `-inf` past each task's classes.
+    Scriptable; each task's images run its own network."""
+
+    def __init__(self, nets: list[nn.Module], classes: list[int]):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        self.classes = classes
+        self.k_max = max(classes)
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        out = torch.full((x.shape[0], self.k_max), float("-inf"), device=x.device, dtype=x.dtype)
+        for i, net in enumerate(self.nets):
+            rows = (task == i).nonzero().flatten()
+            if rows.numel() > 0:
+                out[rows, : self.classes[i]] = net(x[rows])
+        return out
+
+
+def export_tasks(model: ModularNet, tasks: list[str]) -> MultiTaskNet:
+    """Several tasks of `model` as one static network taking a task index per image."""
+    if len(set(tasks)) != len(tasks) or not tasks:
+        raise IsomodError(f"give each task once, at least one: got {tasks}")
+    nets = [export_task(model, t) for t in tasks]
+    return MultiTaskNet(nets, [model.check_task(t).num_classes for t in tasks]).eval()
+
+
+def multi_metadata(model: ModularNet, tasks: list[str], net: MultiTaskNet) -> dict:
+    """A multi-task file's metadata: per task index, what `metadata` gives for one task."""
+    one = [metadata(model, t, n) for t, n in zip(tasks, net.nets)]
+    return {"format": "isomod-export-multitask", "tasks": [m["task"] for m in one],
+            "class_names": {m["task"]: m["class_names"] for m in one}, "input_shape": one[0]["input_shape"],
+            "value_range": [0.0, 1.0],
+            "input": "float32 images (batch, channels, height, width), pixel values divided by 255; and the index "
+                     "of each image's task in `tasks` (batch,), int64",
+            "output": "logits (batch, most classes of any task), -inf past each image's task's classes"}
+
+
 def metadata(model: ModularNet, task: str, net: StaticNet) -> dict:
     """What a user of an exported file needs to feed it and read its output: the task, its
     class names (output index -> name), the input shape and value range, and the route."""
