@@ -31,6 +31,26 @@ def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2, part: 
     return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+HELD_SHARE = 0.25  # of the device's free memory, at most, holds training images
+
+
+def held_on_device(tasks: dict[str, TaskData], device: torch.device | None) -> dict:
+    """On a CUDA device, the training images and labels of the tasks that fit in a quarter of
+    its free memory, copied there once (a batch is then gathered on the device); none on the
+    CPU, and none of a lazily read folder."""
+    if device is None or torch.device(device).type != "cuda":
+        return {}
+    budget, held = torch.cuda.mem_get_info(device)[0] * HELD_SHARE, {}
+    for name, data in tasks.items():
+        if not isinstance(data.x_train, torch.Tensor):
+            continue
+        size = data.x_train.numel() * data.x_train.element_size()
+        if size <= budget:
+            held[name] = (data.x_train.to(device), data.y_train.to(device))
+            budget -= size
+    return held
+
+
 class TaskDraws:
     """Which tasks each step trains, drawn from the run's generator a log interval at a time
     (one read of the drawn indices per interval, none in between), and the generator's state
@@ -86,6 +106,7 @@ class Batches:
         self.g = torch.Generator().manual_seed(seed)
         self.order: dict[str, torch.Tensor] = {}
         self.cursor: dict[str, int] = {}
+        self.held = held_on_device(tasks, device)  # tasks whose images live on the device
 
     def next(self, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This rank's share of the next batch of `task`, and the global batch size."""
@@ -93,9 +114,10 @@ class Batches:
         n = len(data.y_train)
         if n == 0:
             raise IsomodError(f"task {task!r} has no training images")
+        x_all, y_all = self.held.get(task, (data.x_train, data.y_train))
         if self.random:
             idx_t = torch.randint(n, (self.batch_size,), generator=self.g)[distributed.shard(self.batch_size)]
-            return data.x_train[idx_t], data.y_train[idx_t], self.batch_size
+            return x_all[idx_t.to(y_all.device)], y_all[idx_t.to(y_all.device)], self.batch_size
         parts, size = [], min(self.batch_size, n)  # index tensors: no value is read back
         while sum(len(p) for p in parts) < size:
             if task not in self.order or self.cursor[task] >= n:
@@ -104,8 +126,8 @@ class Batches:
             take = min(size - sum(len(p) for p in parts), n - self.cursor[task])
             parts.append(self.order[task][self.cursor[task] : self.cursor[task] + take])
             self.cursor[task] += take
-        idx_t = torch.cat(parts)[distributed.shard(size)]
-        return data.x_train[idx_t], data.y_train[idx_t], size
+        idx_t = torch.cat(parts)[distributed.shard(size)].to(y_all.device)
+        return x_all[idx_t], y_all[idx_t], size
 
     def indices(self, n: int, size: int) -> torch.Tensor:
         return torch.randint(n, (size,), generator=self.g)[distributed.shard(size)]

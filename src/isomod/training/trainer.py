@@ -436,6 +436,8 @@ class Trainer:
         total = 0.0
         for task in chosen:
             x, y, global_batch = run.batches.next(task)
+            if x.device != self.device and self.device.type == "cuda":  # host images: an asynchronous copy
+                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
             x, y = to_float(x.to(self.device)), y.to(self.device)
             if c.augment:
                 x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
