@@ -432,8 +432,10 @@ class ModularNet(TaskModel):
         order = None if step_order is None else step_order.to(route.logits.device)
         if self.config.mixing == "weight":
             mixed = self.mixed_params(route, order)
+            # unbind, not index: one backward for all steps, not a zero-filled (L, ...) gradient per step
+            steps = [dict(zip(mixed, ws)) for ws in zip(*(m.unbind(0) for m in mixed.values()))]
             for l in range(route.steps):
-                h = self.pool.run(h, {name: m[l] for name, m in mixed.items()}, norms[2 * l], norms[2 * l + 1])
+                h = self.pool.run(h, steps[l], norms[2 * l], norms[2 * l + 1])
         else:
             w = route.weights() if order is None else route.weights()[order]  # (L, N)
             mix = self._output_mix if KINDS[self.config.block].shares_first_norm else self._output_mix_blocks
