@@ -23,6 +23,7 @@ class PerImageNorm:
     normalised by its task's norm (eval mode), as a scale and shift per channel."""
 
     def __init__(self, norms: list[nn.Module], device: torch.device):
+        self.norms = norms
         self.layer = isinstance(norms[0], nn.LayerNorm)
         self.eps = norms[0].eps
         if self.layer:  # statistics per token; only the affine parameters differ between tasks
@@ -39,13 +40,16 @@ class PerImageNorm:
                 shifts.append(b - n.running_mean * w * s)
             self.scale, self.shift = torch.stack(scales), torch.stack(shifts)  # (T, C)
 
-    def on(self, rows: torch.Tensor):
-        """The norm of the images whose task indices are `rows` `(G,)`."""
+    def on(self, rows: torch.Tensor, task: int | None = None):
+        """The norm of the images whose task indices are `rows` `(G,)`; when they are all of
+        one task (`task`), that task's own norm module."""
+        if task is not None:
+            return self.norms[task]
         scale, shift = self.scale[rows], self.shift[rows]  # (G, C)
         if self.layer:
             c = scale.shape[1]
-            return lambda z: F.layer_norm(z, (c,), eps=self.eps) * scale[:, None, :] + shift[:, None, :]
-        return lambda z: z * scale[:, :, None, None] + shift[:, :, None, None]  # (G, C, H, W)
+            return lambda z: torch.addcmul(shift[:, None, :], F.layer_norm(z, (c,), eps=self.eps), scale[:, None, :])
+        return lambda z: torch.addcmul(shift[:, :, None, None], z, scale[:, :, None, None])  # (G, C, H, W)
 
 
 def forward_mixed(model, x: torch.Tensor, tasks: list[str]) -> torch.Tensor:
@@ -72,10 +76,10 @@ def forward_mixed(model, x: torch.Tensor, tasks: list[str]) -> torch.Tensor:
         norm1 = PerImageNorm([b.norms[2 * l] for b in branches], h.device)
         norm2 = PerImageNorm([b.norms[2 * l + 1] for b in branches], h.device)
         out = h.clone()
-        for rows_mask, params in step_groups(model, routes, mixed, index, l):
+        for rows_mask, params, alone in step_groups(model, routes, mixed, index, l):
             rows = rows_mask.nonzero().flatten()
             tid = index[rows]
-            out[rows] = model.pool.run(h[rows], params, norm1.on(tid), norm2.on(tid))
+            out[rows] = model.pool.run(h[rows], params, norm1.on(tid, alone), norm2.on(tid, alone))
         h = out
     final = PerImageNorm([b.norms[-1] for b in branches], h.device)
     features = KINDS[model.config.block].features(final.on(index)(h))  # (B, C)
@@ -83,16 +87,18 @@ def forward_mixed(model, x: torch.Tensor, tasks: list[str]) -> torch.Tensor:
 
 
 def step_groups(model, routes, mixed: dict, index: torch.Tensor, step: int):
-    """The groups of images one block call runs at `step`, with its weights: the images whose
-    discrete routes run module `m`, then each soft-routed task's images."""
+    """The groups of images one block call runs at `step`, with its weights and, when they are
+    all of one task, that task's index: the images whose discrete routes run module `m`, then
+    each soft-routed task's images."""
     by_module: dict[int, list[int]] = {}
     for i, r in enumerate(routes):
         if r.is_discrete:
             by_module.setdefault(r.chosen[step], []).append(i)
     for m, tasks in by_module.items():
-        yield torch.isin(index, torch.tensor(tasks, device=index.device)), model.pool.blocks[m].params()
+        yield (torch.isin(index, torch.tensor(tasks, device=index.device)), model.pool.blocks[m].params(),
+               tasks[0] if len(tasks) == 1 else None)
     for i, params in mixed.items():
-        yield index == i, {name: p[step] for name, p in params.items()}
+        yield index == i, {name: p[step] for name, p in params.items()}, i
 
 
 def heads(model, features: torch.Tensor, names: list[str], index: torch.Tensor) -> torch.Tensor:
