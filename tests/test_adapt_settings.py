@@ -50,7 +50,7 @@ def test_few_label_methods_read_only_the_labelled_images_and_keep_what_they_shou
         shared_changed = any(not torch.equal(before[k], after[k]) for k in before)
         assert shared_changed == (method == "finetune"), method
         assert res.setting == "few_labels" and res.params_task > 0
-        assert (model.head_of(target.name) is model.heads["digits5"]) == (method not in ("head", "finetune"))
+        assert (model.head_of(target.name) is model.heads["digits5"]) == (method not in ("head_only", "finetune"))
         states.append(after)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 

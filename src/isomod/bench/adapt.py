@@ -52,10 +52,10 @@ import torch
 
 from isomod.data import digits5, mnistc
 from isomod.bench.models import train_modular
-from isomod.bench.adapt_report import (ANALYSIS, DEFAULT_REGIME, FEW_LABEL_METHODS, ORACLE, hindsight_rows, short,
+from isomod.bench.adapt_report import (ANALYSIS, CONFIGURED, FEW_LABEL_METHODS, ORACLE, hindsight_rows, short,
                                        summary, write_report)
 from isomod.bench.base import Bench, Context, Job, check_seeds, register
-from isomod.bench.results import Row
+from isomod.bench.results import Row, renamed
 from isomod.bench.workers import check_jobs
 from isomod.io.checkpoint import load_checkpoint
 from isomod.data.mnistc import DEVELOPMENT
@@ -95,12 +95,12 @@ class AdaptBenchConfig:
             route_adversarial) while stem, pool, head and the sources keep training on the
             sources' labels (rows carry `sources_train: true`).
         few_label_methods: the methods of the `few_labels` setting (route, route_search,
-            norm_patch, route_norms, head, finetune, and adabn as their common start).
+            norm_patch, route_norms, head_only, finetune, and adabn as their common start).
         shots: labelled target images per class in the `few_labels` setting.
         few_label_targets: the targets of the `few_labels` setting (by default every target).
         seeds: one source model and one set of adaptations per seed and target.
         domains: the source domains of the benchmark.
-        regimes: the route regimes of the source models: `default` (the `model` and
+        regimes: the route regimes of the source models: `configured` (the `model` and
             `source` configs as they are) or a regime of `isomod.training.regimes` applied to them.
         jobs: source models, then adaptations, side by side, each in its own process with
             an equal share of the threads.
@@ -129,7 +129,7 @@ class AdaptBenchConfig:
     few_label_targets: list[str] = field(default_factory=lambda: DOMAINS + [f"mnistc/{c}" for c in DEFAULT_CORRUPTIONS])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
-    regimes: list[str] = field(default_factory=lambda: [DEFAULT_REGIME])
+    regimes: list[str] = field(default_factory=lambda: [CONFIGURED])
     jobs: int = 1
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         in_channels=3, channels=32, num_modules=8, steps=8, stem_stride=4, route_init="permutation"))
@@ -148,7 +148,7 @@ class AdaptBenchConfig:
         check_choices("few-label method", self.few_label_methods, FEW_LABEL_METHODS)
         check_choices("target", self.targets, self.domains + CORRUPTED)
         check_choices("few-label target", self.few_label_targets, self.domains + CORRUPTED)
-        check_choices("source regime", self.regimes, (DEFAULT_REGIME, *REGIMES))
+        check_choices("source regime", self.regimes, (CONFIGURED, *REGIMES))
         check_choices("development target", [self.dev_target], CORRUPTED)
         if self.dev_target in self.targets + self.few_label_targets:
             raise IsomodError(f"the development target {self.dev_target} chooses learning rates with its labels; it "
@@ -160,7 +160,7 @@ class AdaptBenchConfig:
 
     def shapes(self, regime: str) -> tuple[ModelConfig, TrainConfig]:
         """The model and source budget of a regime's source models."""
-        return (self.model, self.source) if regime == DEFAULT_REGIME else REGIMES[regime].apply(self.model, self.source)
+        return (self.model, self.source) if regime == CONFIGURED else REGIMES[regime].apply(self.model, self.source)
 
 
 def left_out(target: str, domains: list[str]) -> str:
@@ -174,8 +174,8 @@ def domain_data(name: str) -> TaskData:
     return load_task(name)
 
 
-def source_dir(out: Path, target: str, domains: list[str], seed: int, regime: str = DEFAULT_REGIME) -> Path:
-    tag = "" if regime == DEFAULT_REGIME else f"{regime}-"
+def source_dir(out: Path, target: str, domains: list[str], seed: int, regime: str = CONFIGURED) -> Path:
+    tag = "" if regime == CONFIGURED else f"{regime}-"
     return out / f"sources-{tag}{left_out(target, domains)}-s{seed}"
 
 
@@ -490,6 +490,37 @@ def _row(method: str, task: str, acc: float, params_total: int, params_task: int
                                                          "seed": seed, **extra})
 
 
+def migrate(results: dict) -> dict:
+    """An older `results.json` of this bench in today's names: renamed methods (`formerly`
+    in the registry) and `configured`, once `default`, for the bench's own model configs."""
+    methods, regimes = ADAPT.renamed(), {"default": CONFIGURED}
+    out = dict(results)
+    out["rows"] = [{**r, "method": renamed(r["method"], methods),
+                    **({"regime": renamed(r["regime"], regimes)} if "regime" in r else {})}
+                   if isinstance(r, dict) and "method" in r else r for r in results["rows"]]
+    if isinstance(results.get("config"), dict):
+        config = dict(results["config"])
+        for key in ("methods", "few_label_methods"):
+            if key in config:
+                config[key] = renamed(config[key], methods)
+        if "regimes" in config:
+            config["regimes"] = renamed(config["regimes"], regimes)
+        out["config"] = config
+    if isinstance(results.get("routes"), dict):
+        out["routes"] = {renamed(k, regimes): v for k, v in results["routes"].items()}
+    selection = results.get("selection")
+    if isinstance(selection, dict):
+        selection = dict(selection)
+        if isinstance(selection.get("tunes"), dict):
+            selection["tunes"] = {renamed(k, methods): v for k, v in selection["tunes"].items()}
+        if isinstance(selection.get("chosen"), dict):  # keys `model/method/sSEED`
+            selection["chosen"] = {"/".join(renamed(part, methods) if i == 1 else part
+                                            for i, part in enumerate(k.split("/"))): v
+                                   for k, v in selection["chosen"].items()}
+        out["selection"] = selection
+    return out
+
+
 BENCH = register(Bench("adapt", "unsupervised multi-source domain adaptation on digits5 (leave one domain out) and "
                        "MNIST-C style targets: route methods vs source-only, AdaBN and TENT (source-free), and vs "
                        "M3SDA and DANN (with sources)", AdaptBenchConfig, plan, write_report, summary,
@@ -497,5 +528,5 @@ BENCH = register(Bench("adapt", "unsupervised multi-source domain adaptation on 
                        extra=("source_models", "routes", "seconds", "selection"),
                        extensible=("targets", "methods", "few_label_methods", "shots", "few_label_targets", "seeds",
                                    "regimes"),
-                       hidden=("source.seed", "adapt.seed", "few.seed", "search.seed")))
+                       hidden=("source.seed", "adapt.seed", "few.seed", "search.seed"), migrate=migrate))
 run = BENCH.run

@@ -21,7 +21,7 @@ from isomod.files import write_text_atomic
 
 ANALYSIS = ("source_only_each", "adabn_each")  # rows that read target labels to analyse, one per source route
 ORACLE = "route_oracle"  # analysis: the target's route trained on the target's labels
-DEFAULT_REGIME = "default"  # the bench's own model and source configs
+CONFIGURED = "configured"  # not a regime of isomod.training.regimes: the bench's own model and source configs
 # the few-label methods, then the baselines they are measured against (their common start)
 FEW_LABEL_METHODS = tuple(dict.fromkeys(ADAPT.names("few_labels") + ADAPT.baselines("few_labels")))
 ROUTE_ALONE = ADAPT.where(lambda m: m.setting == "few_labels" and m.route_alone)  # route and statistics, nothing else
@@ -40,14 +40,14 @@ def group(task: str) -> str:
 
 
 def regimes_of(results: dict) -> list[str]:
-    return list(results["config"].get("regimes") or [DEFAULT_REGIME])
+    return list(results["config"].get("regimes") or [CONFIGURED])
 
 
 def regime_view(results: dict, regime: str) -> dict:
     """The rows of one regime's source models (rows without a regime: the default's), with
     the display names of rows whose sources kept training."""
     rows = [{**r, "method": f"{r['method']}+sources"} if r.get("sources_train") else r
-            for r in results["rows"] if r.get("regime", DEFAULT_REGIME) == regime]
+            for r in results["rows"] if r.get("regime", CONFIGURED) == regime]
     routes = results.get("routes", {})
     routes = routes.get(regime, {}) if "regimes" in results["config"] else routes
     return {**results, "rows": rows, "routes": routes}
@@ -424,12 +424,12 @@ def plot_numbers(found: list[dict], path: Path, title: str) -> Path | None:
     return report.save_figure(fig, path)
 
 
-def routes_section(out: Path, results: dict, name: str = DEFAULT_REGIME) -> list[str]:
+def routes_section(out: Path, results: dict, name: str = CONFIGURED) -> list[str]:
     """The first seed's source routes and learned target routes, drawn, with their heading."""
     cfg = results["config"]
     first = min(cfg["seeds"]) if cfg["seeds"] else None
     panels, chosen = {}, {}
-    n = cfg["model"]["num_modules"] if name == DEFAULT_REGIME else REGIMES[name].pool_size(cfg["model"]["steps"])
+    n = cfg["model"]["num_modules"] if name == CONFIGURED else REGIMES[name].pool_size(cfg["model"]["steps"])
     for key, r in results.get("routes", {}).items():
         if not key.endswith(f"-s{first}"):
             continue
@@ -447,7 +447,7 @@ def routes_section(out: Path, results: dict, name: str = DEFAULT_REGIME) -> list
             chosen[label] = learned["discrete"]
     if not panels:
         return []
-    figure = "routes.png" if name == DEFAULT_REGIME else f"routes-{name}.png"
+    figure = "routes.png" if name == CONFIGURED else f"routes-{name}.png"
     report.plot_usage(panels, out / figure, chosen=chosen, cols=len(cfg["domains"]) + 2,
                       title="per target: the source routes, then the target's learned routes (soft weights: "
                             "route_im's before discretising, the aligned ones as kept; dots: the argmax, "

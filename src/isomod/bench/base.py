@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from isomod import distributed
-from isomod.bench.results import Results, job_environment, read_results, same_run, with_defaults
+from isomod.bench.results import MIGRATIONS, Results, job_environment, read_results, same_run, with_defaults
 from isomod.bench.workers import Workers, check_jobs
 from isomod.errors import IsomodError, check_out_dir
 
@@ -73,6 +73,8 @@ class Bench:
         extensible: config lists a resumed run may extend (see `Results`).
         hidden: config fields the command line does not offer (`section.field`): those the
             bench sets itself, per run (a seed) or per method (a regime's pool size).
+        migrate: `migrate(results) -> results`, an older version's `results.json` in today's
+            names (a renamed method or regime); every read of the bench's results applies it.
     """
 
     name: str
@@ -88,6 +90,7 @@ class Bench:
     resume: bool = True
     extensible: tuple[str, ...] = ()
     hidden: tuple[str, ...] = ()
+    migrate: Callable[[dict], dict] | None = None
 
     def run(self, out_dir: str | Path, config=None, progress: bool = True, force: bool = False, **inputs) -> dict:
         return run_bench(self, out_dir, config if config is not None else self.config(), progress, force, **inputs)
@@ -181,4 +184,6 @@ def check_seeds(seeds: list[int]) -> None:
 
 def register(bench: Bench) -> Bench:
     BENCHES[bench.name] = bench
+    if bench.migrate is not None:
+        MIGRATIONS[bench.name] = bench.migrate
     return bench

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from isomod.errors import IsomodError
 from isomod.files import write_atomic
 
 ROW_KEYS = ("method", "task", "metric", "value")
+MIGRATIONS: dict[str, Callable[[dict], dict]] = {}  # bench name -> migrate(results) (`Bench.migrate`)
 
 
 @dataclass
@@ -175,7 +177,15 @@ def read_results(path: str | Path) -> dict:
             and isinstance(s.get("environment"), (dict, type(None))) for s in sittings):
         raise IsomodError(f"{path}: 'sittings' must be a list of objects with an integer 'first_row' and an "
                           "'environment' object")
-    return data
+    migrate = MIGRATIONS.get(data["bench"])
+    return migrate(data) if migrate else data
+
+
+def renamed(value, names: dict[str, str]):
+    """`value` with the old names of `names` replaced: a name, or each item of a list."""
+    if isinstance(value, list):
+        return [names.get(v, v) if isinstance(v, str) else v for v in value]
+    return names.get(value, value) if isinstance(value, str) else value
 
 
 def job_environment(device: str | torch.device | None, jobs: int) -> dict:

@@ -46,6 +46,8 @@ class Method:
         style: its plot marker and colour.
         default: whether it is its kind's default (`--method` unset).
         row_name: the name its result rows carry when not its own.
+        formerly: names it had in earlier versions (results files written then are read
+            with this name).
     """
 
     name: str
@@ -62,6 +64,7 @@ class Method:
     style: tuple[str, str] = ("o", "tab:gray")
     default: bool = False
     row_name: str = ""
+    formerly: tuple[str, ...] = ()
 
     @property
     def routes(self) -> bool:
@@ -102,12 +105,20 @@ class Methods:
         if unknown:
             raise IsomodError(f"method {name}: unknown roles {sorted(unknown)}; known: {', '.join(ROLES)}")
 
+        taken = set(self._methods) | set(self.renamed())
+        clash = ({name} | set(attributes.get("formerly", ()))) & taken
+        if clash:
+            raise IsomodError(f"method {name}: the name {sorted(clash)[0]!r} is taken by another {self.what} "
+                              "(a name, or a former name, names one method)")
+
         def add(fn: Callable) -> Callable:
             self._methods[name] = Method(name, setting, trains, fn, changes=frozenset(changes), **attributes)
             return fn
         return add
 
     def __getitem__(self, name: str) -> Method:
+        if name in self.renamed():
+            raise IsomodError(f"{self.what} {name!r} is called {self.renamed()[name]!r} now")
         check_choice(self.what, name, tuple(self._methods))
         return self._methods[name]
 
@@ -139,6 +150,10 @@ class Methods:
     def by_row(self, row: str) -> Method | None:
         """The method whose result rows carry the name `row` (None: an analysis row)."""
         return next((m for m in self._methods.values() if m.row == row), None)
+
+    def renamed(self) -> dict[str, str]:
+        """Each former method name to its name now."""
+        return {old: m.name for m in self._methods.values() for old in m.formerly}
 
     def help(self) -> str:
         """One clause per method, for `--help`."""

@@ -14,7 +14,7 @@ registers them all:
 - `with_sources`: the labelled source domains too (`route_moment`, `route_adversarial`,
   `m3sda`, `dann`; and `route_calibrated` in `select`);
 - `few_labels`: a few labelled target images per class (`route`, `route_search`,
-  `norm_patch`, `route_norms`, `head`, `finetune`);
+  `norm_patch`, `route_norms`, `head_only`, `finetune`);
 - `select`: choosing or self-training the target's route without its labels.
 
 Every method is a registered unit with its setting, what it changes and what a bench may

@@ -252,7 +252,7 @@ def adapt(model: ModularNet, target: TaskData, method: str = "route_select", con
 
     Only `target.spec` and `target.x_train` are read, and under the `few_labels` methods
     `labelled` too; the target's own labels never are. Except under `m3sda`, `dann`, the
-    route methods with `sources_train`, and the few-label `head` and `finetune`, pool, stem,
+    route methods with `sources_train`, and the few-label `head_only` and `finetune`, pool, stem,
     the shared head and every source domain stay bit-identical. The model is left with every
     parameter frozen.
 

@@ -11,13 +11,15 @@ budget; after training, the target's statistics are re-estimated on every target
 - `route_search`: a discrete route found by search (`isomod.methods.search`, the `head` proxy: the
   labels' likelihood under the shared head, which nothing fits), its statistics;
 - `norm_patch`: the affine parameters of the target's norms (a model patch), AdaBN's
-  statistics held while training;
+  statistics held while training; the shared head stays (transfer's `norm_head` trains a new
+  head besides, hence its other name);
 - `route_norms`: route logits and norms' affine parameters together;
-- `head`: a copy of the shared head, the target's own, over frozen features;
+- `head_only`: a copy of the shared head, the target's own, over frozen features (transfer's
+  `head_only` in this setting);
 - `finetune`: stem, pool, the target's norms and its own copy of the head.
 
 `route`, `route_search`, `norm_patch` and `route_norms` leave pool, stem, the shared head
-and every source bit-identical; `head` and `finetune` give the target its own head.
+and every source bit-identical; `head_only` and `finetune` give the target its own head.
 """
 
 from __future__ import annotations
@@ -110,14 +112,14 @@ def route_norms(t: Target) -> AdaptResult:
     return result(t, "route_norms", source, scores, before)
 
 
-@ADAPT.register("head", "few_labels", "a copy of the shared head, the target's own, trained over frozen features",
-                tunes=("lr_heads",), changes={"head"}, style=("s", "tab:purple"))
-def head(t: Target) -> AdaptResult:
+@ADAPT.register("head_only", "few_labels", "a copy of the shared head, the target's own, trained over frozen features",
+                tunes=("lr_heads",), changes={"head"}, style=("s", "tab:purple"), formerly=("head",))
+def head_only(t: Target) -> AdaptResult:
     source, scores, before = start_adabn(t)
     own = t.model.own_head(t.spec.name)
     train_labelled(t, {"heads": list(own.parameters())}, fixed_stats=[t.model.branch(t.spec.name).norms],
                    restats=False)
-    return result(t, "head", source, scores, before)
+    return result(t, "head_only", source, scores, before)
 
 
 @ADAPT.register("finetune", "few_labels", "stem, pool, the target's norms and its own copy of the head",
