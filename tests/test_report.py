@@ -84,3 +84,23 @@ def test_results_save_atomically_and_resume_only_the_same_config(tmp_path):
     with pytest.raises(Exception, match=r"a result row is a Row \(method, task, metric, value and fields\), got dict"):
         res.add({"method": "m", "task": "t", "metric": "x"})
 
+
+
+def test_md_table_aligns_columns_and_refuses_a_ragged_row():
+    from isomod.bench.docs import md_table
+
+    assert md_table(["a", "b"], [[1, "x"], ["", 2.5]], "lr") == ["| a | b |", "|---|---:|", "| 1 | x |", "|  | 2.5 |"]
+    with pytest.raises(ValueError, match="a table row of 1 cells under 2 columns"):
+        md_table(["a", "b"], [[1]], "lr")
+    with pytest.raises(ValueError, match="one of 'l' or 'r' per column"):
+        md_table(["a", "b"], [], "lc")
+
+
+def test_every_report_table_goes_through_md_table():
+    """No bench assembles a markdown table's alignment row by hand (19 did, in 7 files)."""
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "src" / "isomod" / "bench"
+    by_hand = [f"{p.name}:{i}" for p in sorted(bench.glob("*.py")) if p.name != "docs.py"
+               for i, line in enumerate(p.read_text().splitlines(), 1) if '"|---' in line or "'|---" in line]
+    assert not by_hand, f"tables written by hand: {by_hand}; use isomod.bench.docs.md_table"

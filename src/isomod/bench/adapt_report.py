@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from isomod.bench import report
+from isomod.bench.docs import md_table
 from isomod.methods.adapt import ADAPT
 from isomod.bench.paired import INTERVAL, pair
 from isomod.data.tasks import load_task
@@ -98,7 +99,7 @@ def comparison_table(rows: list[dict], pairs: list[tuple[str, str]], unit: tuple
                      ) -> list[str]:
     """A markdown table of paired differences (points) of each (method, comparator), the
     method's route read soft and discretised."""
-    lines = [f"| method | route | against | mean difference, {INTERVAL} | units |", "|---|---|---|---|---:|"]
+    body = []
     for m, ref in pairs:
         mine, theirs = [r for r in rows if r["method"] == m], [r for r in rows if r["method"] == ref]
         if not mine or not theirs:
@@ -108,8 +109,8 @@ def comparison_table(rows: list[dict], pairs: list[tuple[str, str]], unit: tuple
             p = pair(mine, theirs, unit, route_value(form), route_value("soft"))
             if p.n:
                 lo, hi = p.interval
-                lines.append(f"| {m} | {form} | {ref} | {p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {p.n} |")
-    return lines if len(lines) > 2 else []
+                body.append([m, form, ref, f"{p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", p.n])
+    return md_table(["method", "route", "against", f"mean difference, {INTERVAL}", "units"], body, "llllr") if body else []
 
 
 def findings(rows: list[dict]) -> list[str]:
@@ -173,15 +174,14 @@ def route_forms(rows: list[dict]) -> list[str]:
                                                                            if r["method"] == m)]
     if not methods:
         return []
-    lines = ["| route method | ended as | soft | discretised | runs |", "|---|---|---:|---:|---:|"]
+    body = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m and "route_form" in r]
         soft = [r["acc_soft"] for r in mine if "acc_soft" in r]
         hard = [r["acc_discretized"] for r in mine]
         ended = "/".join(sorted({r["route_form"] for r in mine}))
-        lines.append(f"| {m} | {ended} | {f'{100 * np.mean(soft):.1f}' if soft else ''} | {100 * np.mean(hard):.1f} | "
-                     f"{len(mine)} |")
-    return lines + [""]
+        body.append([m, ended, f"{100 * np.mean(soft):.1f}" if soft else "", f"{100 * np.mean(hard):.1f}", len(mine)])
+    return md_table(["route method", "ended as", "soft", "discretised", "runs"], body, "llrrr") + [""]
 
 
 def few_label_means(rows: list[dict]) -> dict[tuple[str, int], dict[str, float]]:
@@ -209,12 +209,11 @@ def few_label_table(rows: list[dict]) -> list[str]:
              "images and budget.", ""]
     for shots in sorted({k[1] for k in table}):
         tasks = sorted({t for (m, k), per in table.items() if k == shots for t in per if t != "mean"})
+        body = [["**mean**" if t == "mean" else t,
+                 *(f"{100 * table[(m, shots)][t]:.1f}" if t in table.get((m, shots), {}) else "" for m in methods)]
+                for t in tasks + ["mean"]]
         parts += [f"{shots} labelled image{'s' if shots > 1 else ''} per class:", "",
-                  "| target | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-        for t in tasks + ["mean"]:
-            cells = [f"{100 * table[(m, shots)][t]:.1f}" if t in table.get((m, shots), {}) else "" for m in methods]
-            label = "**mean**" if t == "mean" else t
-            parts.append(f"| {label} | " + " | ".join(cells) + " |")
+                  *md_table(["target", *methods], body, "l" + "r" * len(methods))]
         parts.append("")
         at = [r for r in rows if r.get("setting") == "few_labels" and r["shots"] == shots]
         parts += route_forms(at)
@@ -269,14 +268,12 @@ def numbers_table(rows: list[dict]) -> list[str]:
     lines = ["### What each adapted number buys (digits5 targets)", "",
              "Mean test accuracy over the digits5 targets against the numbers each method changes (weights and norm "
              f"statistics; mean over runs; {few}), and the gain over AdaBN of the same setting, in points and per "
-             "thousand numbers.", "",
-             "| setting | method | numbers changed | accuracy | gain over AdaBN | gain per 1,000 numbers |",
-             "|---|---|---:|---:|---:|---:|"]
-    for o in found:
-        gain = "" if o["gain"] is None else f"{100 * o['gain']:+.1f}"
-        per = "" if o["gain_per_k"] is None else f"{100 * o['gain_per_k']:+.3f}"
-        lines.append(f"| {o['setting']} | {o['method']} | {o['numbers']:,.0f} | {100 * o['acc']:.1f} | {gain} | {per} |")
-    return lines + [""]
+             "thousand numbers.", ""]
+    body = [[o["setting"], o["method"], f"{o['numbers']:,.0f}", f"{100 * o['acc']:.1f}",
+             "" if o["gain"] is None else f"{100 * o['gain']:+.1f}",
+             "" if o["gain_per_k"] is None else f"{100 * o['gain_per_k']:+.3f}"] for o in found]
+    return lines + md_table(["setting", "method", "numbers changed", "accuracy", "gain over AdaBN",
+                             "gain per 1,000 numbers"], body, "llrrrr") + [""]
 
 
 def selection_section(results: dict) -> list[str]:
@@ -292,17 +289,17 @@ def selection_section(results: dict) -> list[str]:
     factors = sel["factors"]
     parts += [f"Development accuracy (%) on `{sel['dev_target']}`, mean over source models and seeds, at each factor "
               "of the default learning rates, and how often each factor was chosen (one choice per source model and "
-              "seed):", "",
-              "| method | shots | " + " | ".join(f"x{f:.3g}" for f in factors) + " | chosen |",
-              "|---|---:|" + "---:|" * len(factors) + "---|"]
+              "seed):", ""]
+    body = []
     for m, k in dict.fromkeys((r["method"], r.get("shots")) for r in dev):
         mine = [r for r in dev if r["method"] == m and r.get("shots") == k]
         cells = [f"{100 * np.mean([r['value'] for r in mine if r['factor'] == f]):.1f}"
                  if any(r["factor"] == f for r in mine) else "" for f in factors]
         picks = [v for key, v in sel.get("chosen", {}).items() if key.split("/")[-2] == m]
         counts = ", ".join(f"x{f:.3g} {picks.count(f)}" for f in factors if picks.count(f))
-        parts.append(f"| {m} | {'-' if k is None else k} | " + " | ".join(cells) + f" | {counts} |")
-    return parts + [""]
+        body.append([m, "-" if k is None else k, *cells, counts])
+    return parts + md_table(["method", "shots", *(f"x{f:.3g}" for f in factors), "chosen"], body,
+                            "lr" + "r" * len(factors) + "l") + [""]
 
 
 def summary(results: dict) -> str:
@@ -332,10 +329,9 @@ def per_source_table(results: dict) -> str:
         score = next((r.get("score") for r in rows if r["method"] == m.row and r.get("chosen")), None)
         if score and score not in choosers:
             choosers[score] = m.row
-    lines = ["| target | " + " | ".join(short(s) for s in sources) + " | "
-             + " | ".join(f"chosen by {score} ({m})" for score, m in choosers.items()) + " |",
-             "|---|" + "---:|" * len(sources) + "---|" * len(choosers)]
+    header = ["target", *(short(s) for s in sources), *(f"chosen by {score} ({m})" for score, m in choosers.items())]
     choosers = list(choosers.values())
+    body = []
     for t in targets:
         cells = []
         for s in sources:
@@ -349,8 +345,8 @@ def per_source_table(results: dict) -> str:
             picks = [short(r["chosen"]) for r in sorted((r for r in rows if r["method"] == m and r["task"] == t),
                                                         key=lambda r: r["seed"])]
             chosen.append(" / ".join(picks) or "-")
-        lines.append(f"| {short(t)} | " + " | ".join(cells + chosen) + " |")
-    return "\n".join(lines)
+        body.append([short(t), *cells, *chosen])
+    return "\n".join(md_table(header, body, "l" + "r" * len(sources) + "l" * len(choosers)))
 
 
 def write_report(out: Path, results: dict) -> Path:
@@ -395,10 +391,10 @@ def write_report(out: Path, results: dict) -> Path:
     parts += ["## Samples", "", "Test images of each domain.", "", "![samples](samples.png)", ""]
     models = results.get("source_models", {})
     if models:
-        parts += ["## Source models", "", "| domain left out, seed | source test accuracy | seconds |", "|---|---|---:|"]
-        parts += [f"| {k} | " + ", ".join(f"{short(t)} {100 * a:.1f}" for t, a in v["test_acc"].items())
-                  + f" | {v['seconds']} |" for k, v in models.items()]
-        parts.append("")
+        parts += ["## Source models", "", *md_table(
+            ["domain left out, seed", "source test accuracy", "seconds"],
+            [[k, ", ".join(f"{short(t)} {100 * a:.1f}" for t, a in v["test_acc"].items()), v["seconds"]]
+             for k, v in models.items()], "llr"), ""]
     path = out / "report.md"
     write_text_atomic(path, "\n".join(parts))
     return path

@@ -24,6 +24,7 @@ import torch
 from isomod.bench import report
 from isomod.core.baselines import IndependentNets, PlainResNet
 from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.docs import md_table
 from isomod.bench.results import Row
 from isomod.bench.workers import check_jobs
 from isomod.io.checkpoint import save_checkpoint
@@ -177,29 +178,25 @@ def final_table(results: dict) -> str:
     def acc(m: str, t: str) -> float:
         return float(np.mean([r["value"] for r in last[(m, t)]]))
 
-    lines = ["| task | " + " | ".join(f"{m} end (just learned)" for m in methods) + " |",
-             "|---|" + "---:|" * len(methods)]
-    for t in stream:
-        lines.append(f"| {t} | " + " | ".join(f"{100 * acc(m, t):.1f} ({100 * np.mean(first[(m, t)]):.1f})"
-                                               for m in methods) + " |")
+    body = [[t, *(f"{100 * acc(m, t):.1f} ({100 * np.mean(first[(m, t)]):.1f})" for m in methods)] for t in stream]
     means = [f"**{100 * np.mean([acc(m, t) for t in stream]):.1f}** "
              f"({100 * np.mean([np.mean(first[(m, t)]) for t in stream]):.1f})" for m in methods]
-    lines.append("| **mean** | " + " | ".join(means) + " |")
+    body.append(["**mean**", *means])
     # A run that has not finished every pass has methods with fewer seeds than others:
     # each cell lists the seeds its method has, in order.
     seeds = {m: sorted({r["seed"] for t in stream for r in last[(m, t)]}) for m in methods}
     every_seed = sorted(set().union(*seeds.values()))
     if any(len(s) > 1 for s in seeds.values()):
-        lines.append("| mean, each seed | " + " | ".join(" / ".join(
+        body.append(["mean, each seed", *(" / ".join(
             f"{100 * np.mean([r['value'] for t in stream for r in last[(m, t)] if r['seed'] == s]):.1f}"
             for s in seeds[m]) + ("" if seeds[m] == every_seed else
                                   f" (seed{'s' if len(seeds[m]) > 1 else ''} {', '.join(map(str, seeds[m]))})")
-            for m in methods) + " |")
-    lines.append("| params at the end | " + " | ".join(
-        f"{np.mean([r['params_total'] for r in last[(m, stream[-1])]]):,.0f}" for m in methods) + " |")
-    lines.append("| training steps | " + " | ".join(
-        f"{np.mean([info['steps'] for info in results['methods'][m].values()]):,.0f}" for m in methods) + " |")
-    return "\n".join(lines)
+            for m in methods)])
+    body.append(["params at the end", *(f"{np.mean([r['params_total'] for r in last[(m, stream[-1])]]):,.0f}"
+                                        for m in methods)])
+    body.append(["training steps", *(f"{np.mean([info['steps'] for info in results['methods'][m].values()]):,.0f}"
+                                     for m in methods)])
+    return "\n".join(md_table(["task", *(f"{m} end (just learned)" for m in methods)], body, "l" + "r" * len(methods)))
 
 
 def write_report(out: Path, results: dict) -> Path:
@@ -218,15 +215,13 @@ def write_report(out: Path, results: dict) -> Path:
         first_seed, grow = next(iter(grows.items()))
         parts += [f"`modular_grow` ({cfg.get('regime', 'annealed')} regime): earlier tasks' logits after the last "
                   f"task are bit-identical to those right after learning them for {sum(exact)} of {len(exact)} "
-                  f"tasks over all seeds; final pool {sizes} modules (each seed). Seed {first_seed[1:]}:", "",
-                  "| task | grew | modules added | val acc, route over frozen pool | val acc, grown | test acc | "
-                  "route (argmax when soft) |", "|---|---|---:|---:|---:|---:|---|"]
-        for o in grow["outcomes"]:
-            vr = "" if o["val_route"] is None else f"{100 * o['val_route']:.1f}"
-            vg = "" if o["val_grown"] is None else f"{100 * o['val_grown']:.1f}"
-            parts.append(f"| {o['task']} | {'yes' if o['grew'] else 'no'} | {o['modules_added']} | {vr} | {vg} | "
-                         f"{100 * o['test_acc']:.1f} | {' '.join(map(str, o['route']))} |")
-        parts.append("")
+                  f"tasks over all seeds; final pool {sizes} modules (each seed). Seed {first_seed[1:]}:", ""]
+        body = [[o["task"], "yes" if o["grew"] else "no", o["modules_added"],
+                 "" if o["val_route"] is None else f"{100 * o['val_route']:.1f}",
+                 "" if o["val_grown"] is None else f"{100 * o['val_grown']:.1f}",
+                 f"{100 * o['test_acc']:.1f}", " ".join(map(str, o["route"]))] for o in grow["outcomes"]]
+        parts += md_table(["task", "grew", "modules added", "val acc, route over frozen pool", "val acc, grown",
+                           "test acc", "route (argmax when soft)"], body, "llrrrrl") + [""]
     plot_continual(rows, cfg["task_names"], out / "continual.png")
     parts += ["![accuracy and parameters along the stream](continual.png)", ""]
     plot_forgetting(rows, cfg["task_names"], out / "forgetting.png")

@@ -3,6 +3,7 @@ with where the rows were made; the hand-written text around it stays."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from isomod.files import write_atomic
@@ -35,3 +36,22 @@ def write_docs(page: Path, source: str, results: dict, block: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + generated + "\n"
     write_atomic(page, lambda f: f.write(text.encode()))
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence], align: str) -> list[str]:
+    """A markdown table's lines: the `header` row, the alignment row (`align`, a letter per
+    column: `l` left, `r` right), then one line per row of `rows` (cells as `str` gives them).
+    Every table a report writes goes through here."""
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(f"align {align!r}: one of 'l' or 'r' per column of {list(header)}")
+    lines = [row_line(header), "|" + "".join("---:|" if a == "r" else "---|" for a in align)]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a table row of {len(row)} cells under {len(header)} columns: {list(row)}")
+        lines.append(row_line(row))
+    return lines
+
+
+def row_line(cells: Sequence) -> str:
+    """One markdown table line."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"

@@ -15,6 +15,7 @@ from isomod.methods import diagnostics
 from isomod.core.baselines import IndependentNets, PlainResNet
 from isomod.data.tasks import TaskData, load_suite, resolve, split_validation
 from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.docs import md_table
 from isomod.bench.metrics import loss_fifths, read_log
 from isomod.bench.results import Row
 from isomod.bench.workers import check_jobs
@@ -202,12 +203,13 @@ def diagnostics_table(rows: list[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["metric"] in metrics))
     if not methods:
         return ""
-    lines = ["| method | route distance | cross-route own | cross-route other | shuffled |", "|---|---:|---:|---:|---:|"]
+    body = []
     for m in methods:
         vals = [float(np.mean([r["value"] for r in rows if r["method"] == m and r["metric"] == k and r["task"] == "mean"]))
                 for k in metrics]
-        lines.append(f"| {m} | {vals[0]:.3f} | {100 * vals[1]:.1f} | {100 * vals[2]:.1f} | {100 * vals[3]:.1f} |")
-    return "\n".join(lines)
+        body.append([m, f"{vals[0]:.3f}", *(f"{100 * v:.1f}" for v in vals[1:])])
+    return "\n".join(md_table(["method", "route distance", "cross-route own", "cross-route other", "shuffled"], body,
+                               "lrrrr"))
 
 
 def accuracy_metric(config: dict) -> str:
@@ -231,10 +233,8 @@ def evaluation_table(logs: dict[str, list[dict]]) -> str:
     if not evals:
         return ""
     steps = sorted({s for e in evals.values() for s in e})
-    lines = ["| run | " + " | ".join(f"{s:,}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
-    for name, e in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * e[s]:.1f}" if s in e else "" for s in steps) + " |")
-    return "\n".join(lines)
+    body = [[name, *(f"{100 * e[s]:.1f}" if s in e else "" for s in steps)] for name, e in evals.items()]
+    return "\n".join(md_table(["run", *(f"{s:,}" for s in steps)], body, "l" + "r" * len(steps)))
 
 
 def convergence_table(rows: list[dict]) -> str:
@@ -243,15 +243,15 @@ def convergence_table(rows: list[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["metric"] == "loss_last_fifth"))
     if not methods:
         return ""
-    lines = ["| method | loss, 4th fifth | loss, last fifth | change |", "|---|---|---|---:|"]
+    body = []
     for m in methods:
         fourth = {r["seed"]: r["value"] for r in rows if r["method"] == m and r["metric"] == "loss_fourth_fifth"}
         last = {r["seed"]: r["value"] for r in rows if r["method"] == m and r["metric"] == "loss_last_fifth"}
         seeds = sorted(set(fourth) & set(last))
         change = np.mean([(last[s] - fourth[s]) / fourth[s] for s in seeds])
-        lines.append(f"| {m} | {' / '.join(f'{fourth[s]:.3f}' for s in seeds)} | "
-                     f"{' / '.join(f'{last[s]:.3f}' for s in seeds)} | {100 * change:+.1f}% |")
-    return "\n".join(lines)
+        body.append([m, " / ".join(f"{fourth[s]:.3f}" for s in seeds), " / ".join(f"{last[s]:.3f}" for s in seeds),
+                     f"{100 * change:+.1f}%"])
+    return "\n".join(md_table(["method", "loss, 4th fifth", "loss, last fifth", "change"], body, "lllr"))
 
 
 def summary(results: dict) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from isomod.bench.docs import md_table
+
 
 def pyplot():
     import matplotlib
@@ -121,23 +123,20 @@ def markdown_results(rows: list[dict], metric: str = "test_acc") -> str:
     params = params_table(rows, metric)
     methods = list(table)
     tasks = [t for t in table[methods[0]] if t != "mean"]
-    lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    for t in tasks:
-        lines.append(f"| {t} | " + " | ".join(f"{100 * table[m].get(t, float('nan')):.1f}" for m in methods) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{100 * table[m]['mean']:.1f}**" for m in methods) + " |")
+    body = [[t, *(f"{100 * table[m].get(t, float('nan')):.1f}" for m in methods)] for t in tasks]
+    body.append(["**mean**", *(f"**{100 * table[m]['mean']:.1f}**" for m in methods)])
     by_seed = seed_means(rows, metric)
     if any(len(v) > 1 for v in by_seed.values()):
-        lines.append("| mean, each seed | " + " | ".join(
-            " / ".join(f"{100 * v:.1f}" for v in by_seed[m].values()) for m in methods) + " |")
-    lines.append("| params total | " + " | ".join(f"{params[m][0]:,}" for m in methods) + " |")
-    lines.append("| params per task | " + " | ".join(f"{params[m][1]:,}" for m in methods) + " |")
-    return "\n".join(lines)
+        body.append(["mean, each seed", *(" / ".join(f"{100 * v:.1f}" for v in by_seed[m].values()) for m in methods)])
+    body.append(["params total", *(f"{params[m][0]:,}" for m in methods)])
+    body.append(["params per task", *(f"{params[m][1]:,}" for m in methods)])
+    return "\n".join(md_table(["task", *methods], body, "l" + "r" * len(methods)))
 
 
 def markdown_times(times: dict[str, float]) -> list[str]:
     """A report section with each run's training time (none when there are no times)."""
     if not times:
         return []
-    return ["## Training time (s)", "", "| run | seconds |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in times.items()] + [""]
+    return ["## Training time (s)", "", *md_table(["run", "seconds"], times.items(), "lr"), ""]
 
 

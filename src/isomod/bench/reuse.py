@@ -29,6 +29,7 @@ from isomod import distributed
 from isomod.bench import report
 from isomod.bench.models import train_modular
 from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.docs import md_table
 from isomod.bench.metrics import loss_fifths, macs_per_image, read_log
 from isomod.bench.results import Row
 from isomod.bench.workers import check_jobs
@@ -216,14 +217,14 @@ def grouped(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| N | L | method | test acc (%) | spread | params | MMACs / image | loss, 4th / last fifth |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    body = []
     for s in sorted(grouped(results["rows"]), key=lambda s: (s["N"], s["L"], REUSE_METHODS.index(s["method"]))):
         loss = (f"{s['loss_fourth_fifth']:.3f} / {s['loss_last_fifth']:.3f}" if s["loss_last_fifth"] is not None
                 else "")
-        lines.append(f"| {s['N']} | {s['L']} | {s['method']} | {100 * s['mean']:.2f} | {100 * s['spread']:.2f} | "
-                     f"{s['params']:,} | {s['macs'] / 1e6:.2f} | {loss} |")
-    return "\n".join(lines)
+        body.append([s["N"], s["L"], s["method"], f"{100 * s['mean']:.2f}", f"{100 * s['spread']:.2f}", f"{s['params']:,}",
+                     f"{s['macs'] / 1e6:.2f}", loss])
+    return "\n".join(md_table(["N", "L", "method", "test acc (%)", "spread", "params", "MMACs / image",
+                               "loss, 4th / last fifth"], body, "rrlrrrrr"))
 
 
 def checks(results: dict) -> list[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from isomod.bench.base import Bench, Context, Job, register
+from isomod.bench.docs import md_table
 from isomod.bench.results import Row
 from isomod.core.baselines import PlainResNet
 from isomod.core.network import ModelConfig, ModularNet, TaskSpec
@@ -176,18 +177,18 @@ def summary(results: dict) -> str:
              f"{results['config']['batch_size']} images, and the throughput of the mixed batch over the same batch "
              "from one task (median of the per-round ratios).", ""]
     for threads in results["config"]["threads"]:
-        lines += [f"{threads} thread{'s' if threads > 1 else ''}:", "",
-                  "| tasks | distribution | mixed | one task | exported, per task | plain | mixed / one task |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
+        body = []
         for r in rows:
             if r["metric"] != "img_per_s" or r["method"] != "mixed" or r["threads"] != threads:
                 continue
             cells = [next(s["value"] for s in rows if s["metric"] == "img_per_s" and s["method"] == m
                           and s["threads"] == threads and s["tasks"] == r["tasks"]
                           and s["distribution"] == r["distribution"]) for m in METHODS]
-            lines.append(f"| {r['tasks']} | {r['distribution']} | " + " | ".join(f"{c:,.0f}" for c in cells)
-                         + f" | {ratio(rows, threads, r['tasks'], r['distribution']):.2f} |")
-        lines.append("")
+            body.append([r["tasks"], r["distribution"], *(f"{c:,.0f}" for c in cells),
+                         f"{ratio(rows, threads, r['tasks'], r['distribution']):.2f}"])
+        lines += [f"{threads} thread{'s' if threads > 1 else ''}:", "",
+                  *md_table(["tasks", "distribution", "mixed", "one task", "exported, per task", "plain",
+                             "mixed / one task"], body, "rlrrrrr"), ""]
     return "\n".join(lines).rstrip()
 
 

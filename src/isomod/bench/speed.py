@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from isomod.bench import report
 from isomod.core.baselines import PlainResNet
 from isomod.bench.base import Bench, Context, Job, register
+from isomod.bench.docs import md_table
 from isomod.bench.results import Row
 from isomod.data.tasks import TaskData
 from isomod.errors import IsomodError, check_choice
@@ -361,8 +362,7 @@ def value(rows: list[dict], method: str, n: int, tasks: int, metric: str) -> flo
 def markdown_table(results: dict) -> str:
     rows = results["rows"]
     cfg = results["config"]
-    lines = ["| method | N | tasks / step | img/s | step time / plain | peak memory / plain | T-task step / 1-task step "
-             "| G multiply-adds / s | MFU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    body = []
     for t in cfg["tasks"]:
         for n in cfg["modules"]:
             for method in TRAIN_METHODS:
@@ -370,12 +370,14 @@ def markdown_table(results: dict) -> str:
                     continue
                 multi = value(rows, method, n, t, "multitask_time_ratio")
                 macs, mfu = value(rows, method, n, t, "train_macs_per_s"), value(rows, method, n, t, "mfu")
-                lines.append(f"| {method} | {'-' if method == 'plain' else n} | {t} | "
-                             f"{value(rows, method, n, t, 'train_img_per_s'):,.0f} | "
-                             f"{value(rows, method, n, t, 'train_time_ratio_to_plain'):.2f} | "
-                             f"{value(rows, method, n, t, 'peak_mem_ratio_to_plain'):.2f} | "
-                             f"{'' if multi is None else f'{multi:.2f}'} | "
-                             f"{'' if macs is None else f'{macs / 1e9:.2f}'} | {'' if mfu is None else f'{mfu:.3f}'} |")
+                body.append([method, "-" if method == "plain" else n, t,
+                             f"{value(rows, method, n, t, 'train_img_per_s'):,.0f}",
+                             f"{value(rows, method, n, t, 'train_time_ratio_to_plain'):.2f}",
+                             f"{value(rows, method, n, t, 'peak_mem_ratio_to_plain'):.2f}",
+                             "" if multi is None else f"{multi:.2f}", "" if macs is None else f"{macs / 1e9:.2f}",
+                             "" if mfu is None else f"{mfu:.3f}"])
+    lines = md_table(["method", "N", "tasks / step", "img/s", "step time / plain", "peak memory / plain",
+                      "T-task step / 1-task step", "G multiply-adds / s", "MFU"], body, "lrrrrrrrr")
     peak = next((r for r in rows if r["metric"] == "mfu"), None)
     if peak:
         reference = (f"{peak['peak_reference']}: " if "peak_reference" in peak else "a large matmul's ")
@@ -384,13 +386,11 @@ def markdown_table(results: dict) -> str:
                   f"{peak['peak_macs_per_s'] / 1e9:.2f} G multiply-adds/s" + (", measured in the same run."
                                                                               if "peak_reference" in peak else
                                                                               " measured in the same run.")]
-    lines += ["", "| inference | " + " | ".join(f"N={n}" for n in cfg["modules"]) + " |",
-              "|---|" + "---:|" * len(cfg["modules"])]
-    for method in ("discrete", "exported", "exported_templates"):
-        if value(rows, method, cfg["modules"][0], 1, "infer_time_ratio_to_plain") is None:
-            continue  # results written before the method existed
-        lines.append(f"| {method} / plain | " + " | ".join(
-            f"{value(rows, method, n, 1, 'infer_time_ratio_to_plain'):.3f}" for n in cfg["modules"]) + " |")
+    body = [[f"{method} / plain", *(f"{value(rows, method, n, 1, 'infer_time_ratio_to_plain'):.3f}"
+                                    for n in cfg["modules"])]
+            for method in ("discrete", "exported", "exported_templates")
+            if value(rows, method, cfg["modules"][0], 1, "infer_time_ratio_to_plain") is not None]  # else: written before it existed
+    lines += ["", *md_table(["inference", *(f"N={n}" for n in cfg["modules"])], body, "l" + "r" * len(cfg["modules"]))]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from isomod.bench import report
 from isomod.methods.transfer import TRANSFER, TRANSFER_METHODS, TRANSFER_TRAIN, few_shot, select_source, transfer
 from isomod.bench.models import train_modular
 from isomod.bench.base import Bench, Context, Job, check_seeds, register
+from isomod.bench.docs import md_table
 from isomod.bench.results import Row
 from isomod.bench.workers import check_jobs
 from isomod.bench.paired import INTERVAL, pair
@@ -279,7 +280,7 @@ def markdown_table(results: dict) -> str:
     s = summary(results["rows"])
     several = len({r["seed"] for r in results["rows"]}) > 1
     methods = [m for m in cfg["methods"] if any(k[0] == m for k in s["acc"])]
-    lines = ["| task | shots | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    body = []
     tasks = list(dict.fromkeys(r["task"] for r in results["rows"]))
     for task in tasks:
         for shots in cfg["shots"]:
@@ -294,21 +295,22 @@ def markdown_table(results: dict) -> str:
                     continue
                 cell = f"**{100 * v:.1f}**" if v == best else f"{100 * v:.1f}"
                 cells.append(cell + (f" ({100 * s['spread'][(m, task, shots)]:.1f})" if several else ""))
-            lines.append(f"| {task} | {shots} | " + " | ".join(cells) + " |")
+            body.append([task, shots, *cells])
     for shots in cfg["shots"]:
         means = []
         for m in methods:
             vals = [s["acc"][(m, t, shots)] for t in tasks if (m, t, shots) in s["acc"]]
             means.append(f"{100 * np.mean(vals):.1f}" if vals else "")
         if any(means):
-            lines.append(f"| **mean** | {shots} | " + " | ".join(means) + " |")
+            body.append(["**mean**", shots, *means])
     pre = next(iter(results.get("pretrain", {}).values()), {}).get("params")
     for task in tasks:
         cells = []
         for m in methods:
             p = s["params"].get((m, task))
             cells.append("" if p is None else f"{p:,}" + (f" ({100 * p / pre:.2f}%)" if pre else ""))
-        lines.append(f"| params added: {task} | | " + " | ".join(cells) + " |")
+        body.append([f"params added: {task}", "", *cells])
+    lines = md_table(["task", "shots", *methods], body, "lr" + "r" * len(methods))
     if several:
         lines += ["", "Cells: the mean over seeds, and in brackets the spread (max - min)."]
     return "\n".join(lines)
@@ -339,17 +341,18 @@ def comparisons(results: dict) -> str:
     the first method is ahead; then each method's share of a whole network's accuracy it is
     compared with, with all data."""
     rows, shots_list = results["rows"], results["config"]["shots"]
-    lines = ["| comparison | shots | mean gap (points) | per seed | runs ahead |", "|---|---:|---:|---:|---:|"]
+    body = []
     for a, b in pairs():
         for shots in shots_list:
             g = paired_gaps(rows, a, b, shots)
             if g is None:
                 continue
             lo, hi = min(g["per_seed"].values()), max(g["per_seed"].values())
-            lines.append(f"| {a} - {b} | {shots} | {100 * g['mean']:+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} | "
-                         f"{g['ahead']} of {g['runs']} |")
-    if len(lines) == 2:
+            body.append([f"{a} - {b}", shots, f"{100 * g['mean']:+.1f}", f"{100 * lo:+.1f} to {100 * hi:+.1f}",
+                         f"{g['ahead']} of {g['runs']}"])
+    if not body:
         return ""
+    lines = md_table(["comparison", "shots", "mean gap (points)", "per seed", "runs ahead"], body, "lrrrr")
     acc = summary(rows)["acc"]
     tasks = dict.fromkeys(r["task"] for r in rows)
     for a, b in ((a, b) for a, b in pairs() if TRANSFER[b].whole_network):
@@ -372,8 +375,7 @@ def search_table(results: dict) -> str:
     if not searches:
         return ""
     probe = TRANSFER.baselines("transfer")[0]
-    lines = [f"| shots | method | against | mean difference (points), {INTERVAL} | units | proxy-test Spearman, "
-             "mean (range) |", "|---:|---|---|---|---:|---|"]
+    body = []
     for shots in results["config"]["shots"]:
         at = [r for r in rows if r["shots"] == shots]
         theirs = [r for r in at if r["method"] == probe]
@@ -385,11 +387,13 @@ def search_table(results: dict) -> str:
             lo, hi = p.interval
             rho = [r["proxy_test_spearman"] for r in mine if r.get("proxy_test_spearman") is not None]
             corr = f"{np.mean(rho):+.2f} ({min(rho):+.2f} to {max(rho):+.2f})" if rho and m in searches else ""
-            lines.append(f"| {shots} | {m} | {probe} | {p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {p.n} | {corr} |")
-    if len(lines) == 2:
+            body.append([shots, m, probe, f"{p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", p.n, corr])
+    if not body:
         return ""
     return "\n".join(["Route search against the linear probe, and the route best on test in hindsight "
-                      f"(`METHOD{HINDSIGHT}`, chosen with test labels: an analysis row):", "", *lines])
+                      f"(`METHOD{HINDSIGHT}`, chosen with test labels: an analysis row):", "",
+                      *md_table(["shots", "method", "against", f"mean difference (points), {INTERVAL}", "units",
+                                 "proxy-test Spearman, mean (range)"], body, "rlllrl")])
 
 
 def regimes_of(results: dict) -> list[str]:
@@ -460,15 +464,13 @@ def numbers_table(results: dict) -> str:
              "Mean accuracy over the held-out tasks against the numbers a method adds besides a new head (mean over "
              "tasks and seeds), and its gain over the linear probe of the same pool "
              f"(`{TRANSFER.baselines('transfer')[0]}`), in points and per "
-             "thousand numbers.", "",
-             f"| pool | shots | method | numbers besides the head | accuracy | gain over {TRANSFER.baselines('transfer')[0]} | "
-             "per 1,000 numbers |",
-             "|---|---:|---|---:|---:|---:|---:|"]
-    for o in sorted(found, key=lambda o: (o["regime"], str(o["shots"]), o["numbers"])):
-        gain = "" if o["gain"] is None else f"{100 * o['gain']:+.1f}"
-        per = "" if o["gain_per_k"] is None else f"{100 * o['gain_per_k']:+.3f}"
-        lines.append(f"| {o['regime']} | {o['shots']} | {o['method']} | {o['numbers']:,.0f} | {100 * o['acc']:.1f} | "
-                     f"{gain} | {per} |")
+             "thousand numbers.", ""]
+    body = [[o["regime"], o["shots"], o["method"], f"{o['numbers']:,.0f}", f"{100 * o['acc']:.1f}",
+             "" if o["gain"] is None else f"{100 * o['gain']:+.1f}",
+             "" if o["gain_per_k"] is None else f"{100 * o['gain_per_k']:+.3f}"]
+            for o in sorted(found, key=lambda o: (o["regime"], str(o["shots"]), o["numbers"]))]
+    lines += md_table(["pool", "shots", "method", "numbers besides the head", "accuracy",
+                       f"gain over {TRANSFER.baselines('transfer')[0]}", "per 1,000 numbers"], body, "lrlrrrr")
     return "\n".join(lines)
 
 
@@ -522,14 +524,14 @@ def regime_sections(out: Path, view: dict, name: str) -> list[str]:
                   "The pre-training task whose frozen features separate the new classes best (nearest-class-mean "
                   "accuracy); every method but scratch starts from its norms, head-only, norms+head and fine-tuning "
                   "keep its route, and the route methods start their own route from it.", "",
-                  "| held-out task | source | score |", "|---|---|---:|"]
-        parts += [f"| {k} | {v['source']} | {v['scores'][v['source']]:.3f} |" for k, v in view["sources"].items()]
-        parts.append("")
+                  *md_table(["held-out task", "source", "score"],
+                            [[k, v["source"], f"{v['scores'][v['source']]:.3f}"] for k, v in view["sources"].items()],
+                            "llr"), ""]
     if view["pretrain"]:
-        parts += ["### Pre-training", "", "| seed | mean test acc | parameters |", "|---|---:|---:|"]
-        parts += [f"| {s} | {100 * np.mean(list(v['test_acc'].values())):.1f} | {v['params']:,} |"
-                  for s, v in view["pretrain"].items()]
-        parts.append("")
+        parts += ["### Pre-training", "", *md_table(
+            ["seed", "mean test acc", "parameters"],
+            [[s, f"{100 * np.mean(list(v['test_acc'].values())):.1f}", f"{v['params']:,}"]
+             for s, v in view["pretrain"].items()], "lrr"), ""]
     return parts
 
 
