@@ -11,7 +11,7 @@ SRC = Path(__file__).parents[1] / "src" / "isomod"
 # Bottom to top. The foundation is the package's own files; `isomod/__init__.py` and
 # `__main__.py` only hand names on and stand above everything.
 LAYERS = ("foundation", "core", "data", "io", "training", "methods", "bench", "cli")
-FOUNDATION = {"errors", "config", "distributed", "files"}
+FOUNDATION = {"errors", "config", "distributed", "files", "seeds"}
 
 
 def module_name(path: Path) -> str:
@@ -105,3 +105,16 @@ def test_no_module_branches_on_a_block_kind_s_name():
                 if re.search(r"block\s*[!=]=|[!=]=\s*\"(conv|transformer)\"", line)]
     assert not branches, f"branches on a block's name: {branches}"
     assert set(STATIC) == set(KINDS)
+
+
+def test_a_run_is_seeded_only_through_isomod_seeds():
+    """`isomod.seeds.seed` is the one call that sets torch's global generator; each call
+    reads the seed of a run's config (a timing bench's fixed 0 aside)."""
+    import re
+
+    calls = {str(p.relative_to(SRC)): p.read_text() for p in SRC.rglob("*.py")}
+    direct = [path for path, text in calls.items()
+              if path != "seeds.py" and re.search(r"torch\.(cuda\.)?manual_seed(_all)?\(", text)]
+    assert not direct, f"torch.manual_seed called outside isomod/seeds.py: {direct}"
+    args = [(path, a) for path, text in calls.items() for a in re.findall(r"seeds\.seed\(([^)]*)\)", text)]
+    assert args and all(re.search(r"seed\b", a) or (path == "bench/speed.py" and a == "0") for path, a in args), args

@@ -110,7 +110,7 @@ def comparison_table(rows: list[dict], pairs: list[tuple[str, str]], unit: tuple
             if p.n:
                 lo, hi = p.interval
                 body.append([m, form, ref, f"{p.mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", p.n])
-    return md_table(["method", "route", "against", f"mean difference, {INTERVAL}", "units"], body, "llllr") if body else []
+    return md_table(["method", "route form", "against", f"mean difference, {INTERVAL}", "units"], body, "llllr") if body else []
 
 
 def findings(rows: list[dict]) -> list[str]:

@@ -36,6 +36,7 @@ from isomod.training.regimes import DEFAULT_REGIME, REGIMES, regime
 from isomod.core.network import to_float
 from isomod.training.trainer import TrainConfig, Trainer, evaluate
 from isomod.files import write_text_atomic
+from isomod import seeds
 
 METHODS = ("modular_grow", "independent", "finetune_seq")
 STREAM = ["glyphs/latin_upper", "glyphs/digits", "glyphs/greek", "mnist", "glyphs/cyrillic", "glyphs/armenian",
@@ -93,7 +94,7 @@ def run_method(method: str, stream: list[TaskData], model_config: ModelConfig, t
                grow: GrowConfig, out: Path, progress: bool) -> tuple[list[Row], dict]:
     """Learn the stream with one method (seeded by `train_config.seed`); rows after every
     task, plus what the method did."""
-    torch.manual_seed(train_config.seed)
+    seeds.seed(train_config.seed)
     cfg0 = replace(model_config, in_channels=stream[0].spec.input_shape[0])
     model: TaskModel = {"modular_grow": ModularNet, "independent": IndependentNets, "finetune_seq": PlainResNet}[method](cfg0)
     rows, info = [], {"outcomes": [], "steps": 0, "seconds": 0.0}

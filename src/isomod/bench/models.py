@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from isomod.core.network import ModelConfig, ModularNet
 from isomod.data.tasks import TaskData
 from isomod.training.trainer import TrainConfig, Trainer
+from isomod import seeds
 
 
 def train_modular(run_dir: Path, tasks: list[TaskData], model_config: ModelConfig, train_config: TrainConfig,
@@ -18,7 +17,7 @@ def train_modular(run_dir: Path, tasks: list[TaskData], model_config: ModelConfi
     """Train a ModularNet on `tasks` with `seed` in `run_dir`, or, when its checkpoint
     there is complete, reload it; returns the model and its test accuracy per task.
     `routes` fixes some tasks' routes (module per step) before training."""
-    torch.manual_seed(seed)
+    seeds.seed(seed)
     model = ModularNet(model_config, [t.spec for t in tasks])
     for name, pattern in (routes or {}).items():
         model.route(name).set_choice(pattern)

@@ -24,6 +24,7 @@ from isomod.errors import IsomodError, check_choices
 from isomod.training.regimes import DEFAULT_REGIME, REGIMES
 from isomod.training.trainer import TrainConfig, Trainer
 from isomod.files import write_text_atomic
+from isomod import seeds
 
 # `modular` trains with the default regime, `modular_<regime>` with another (isomod.training.regimes).
 METHODS = {"modular": ModularNet, **{f"modular_{r}": ModularNet for r in REGIMES if r != DEFAULT_REGIME},
@@ -169,7 +170,7 @@ def train_one(method: str, seed: int, config: MtlConfig, tasks: list[TaskData], 
     """Train one method with one seed in `out/runs/{method}-s{seed}`; its rows, its routes
     and route diagnostics (None for the baselines) and its training seconds."""
     model_config, train_config = method_configs(method, config.model, config.train, config.modules)
-    torch.manual_seed(seed)
+    seeds.seed(seed)
     model = METHODS[method](model_config, [t.spec for t in tasks])
     if progress:
         print(f"== {method} (seed {seed}): {model.param_count():,} parameters", flush=True)

@@ -33,6 +33,7 @@ from isomod.core.network import ModelConfig, ModularNet, TaskSpec
 from isomod.errors import IsomodError
 from isomod.files import write_text_atomic
 from isomod.io.export import export_task
+from isomod import seeds
 
 DISTRIBUTIONS = ("uniform", "skewed")
 METHODS = ("mixed", "single_task", "exported", "plain")
@@ -83,7 +84,7 @@ class ServeConfig:
 
 def build(cfg: ServeConfig) -> tuple[ModularNet, PlainResNet]:
     """A pool serving `max(tasks)` tasks on random discrete routes, and the plain network."""
-    torch.manual_seed(cfg.seed)
+    seeds.seed(cfg.seed)
     shape = (1, cfg.image_size, cfg.image_size)
     n = max(cfg.tasks)
     net = ModularNet(cfg.model, [TaskSpec(f"t{i}", cfg.num_classes, shape) for i in range(n)]).eval()

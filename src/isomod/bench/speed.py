@@ -44,6 +44,7 @@ from isomod.core.network import ModelConfig, ModularNet, TaskModel, TaskSpec
 from isomod.training.regimes import REGIMES, regime
 from isomod.training.trainer import PRECISIONS, TrainConfig, Trainer, resolve_device
 from isomod.files import write_text_atomic
+from isomod import seeds
 
 TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete", "templates")
 
@@ -287,7 +288,7 @@ def measure_training(config: "SpeedBenchConfig", device: torch.device, peak_macs
 
 
 def make(config: "SpeedBenchConfig", method: str, n: int, t: int, device: torch.device) -> Prepared:
-    torch.manual_seed(0)
+    seeds.seed(0)
     speed = config.speed
     return prepare_training(build(method, config.model, n, t, speed.num_classes, speed.image_size,
                                   config.template_regime), speed, device)
@@ -314,7 +315,7 @@ def measure_inference(config: "SpeedBenchConfig", device: torch.device, say) -> 
     shape = (model_config.in_channels, speed.image_size, speed.image_size)
     rows = []
     for n in config.modules:
-        torch.manual_seed(0)
+        seeds.seed(0)
         plain = build("plain", model_config, 1, 1, speed.num_classes, speed.image_size).to(device).eval()
         modular = build("discrete", model_config, n, 1, speed.num_classes, speed.image_size).to(device).eval()
         soft = build("templates", model_config, n, 1, speed.num_classes, speed.image_size,

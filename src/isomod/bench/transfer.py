@@ -46,6 +46,7 @@ from isomod.training.regimes import DEFAULT_REGIME, REGIMES
 from isomod.methods.search import SearchConfig
 from isomod.training.trainer import TrainConfig, Trainer
 from isomod.files import write_text_atomic
+from isomod import seeds
 
 PRETRAIN = ["glyphs/latin_upper", "glyphs/latin_lower", "glyphs/digits", "glyphs/greek", "glyphs/cyrillic",
             "glyphs/armenian"]
@@ -231,7 +232,7 @@ def search_hindsight(run_dir: Path, task: TaskData, data: TaskData, source: str,
     trained as route_search's (chosen with test labels: analysis only)."""
     from scipy.stats import spearmanr
 
-    torch.manual_seed(config.seed)  # the new head, as transfer() seeds it
+    seeds.seed(config.seed)  # the new head, as transfer() seeds it
     model = load_checkpoint(run_dir / "checkpoint").eval()
     model.add_task(task.spec, source=source)
     name, k = task.name, task.spec.num_classes

@@ -23,6 +23,7 @@ from isomod.training.regimes import DEFAULT_REGIME, REGIMES, regime
 from isomod.methods.search import SearchConfig
 from isomod.training.trainer import TrainConfig
 from isomod.methods.transfer import TRANSFER, TRANSFER_TRAIN
+from isomod import seeds
 
 ONE_TASK = ("train.tasks_per_step", "train.sampling")  # options that mean nothing when one task trains
 
@@ -130,7 +131,7 @@ def cmd_train(args) -> int:
         raise IsomodError(f"tasks mix {sorted(channels)}-channel inputs; one model takes one channel count")
     model_cfg = dataclasses.replace(cfg.model, in_channels=channels.pop())
     print(f"read {len(tasks)} task{'s' if len(tasks) > 1 else ''}:", *map(summarize, tasks), sep="\n")
-    torch.manual_seed(cfg.train.seed)  # the seed fixes the initial weights too, not only the batches
+    seeds.seed(cfg.train.seed)  # the seed fixes the initial weights too, not only the batches
     model = ModularNet(model_cfg, [t.spec for t in tasks])
     record = {"regime": name, "image_size": args.image_size, "model": dataclasses.asdict(model_cfg),
               "tasks": [dataclasses.asdict(t.spec) for t in tasks], "command": ["isomod", *args.argv]}

@@ -22,6 +22,7 @@ from isomod.methods.registry import Methods
 from isomod.core.network import ModularNet, TaskModel
 from isomod.methods.search import SearchConfig, SearchResult, search_route
 from isomod.training.trainer import TrainConfig, Trainer
+from isomod import seeds
 
 # Route, norms and head are a few thousand numbers on frozen features: they take a far
 # larger learning rate than whole networks.
@@ -85,7 +86,7 @@ def fit_route(model: ModularNet, task: TaskData, config: TrainConfig = TRANSFER_
             route its own starts biased towards (see `prepare_route`).
         progress: show a progress bar.
     """
-    torch.manual_seed(config.seed)  # the new head's initial weights follow the seed, not what ran before
+    seeds.seed(config.seed)  # the new head's initial weights follow the seed, not what ran before
     prepare_route(model, task, source)
     return Trainer(model, {task.name: task}, config, out_dir=out_dir, progress=progress, train_tasks=[task.name],
                    params=model.param_groups([task.name])).fit()
@@ -293,7 +294,7 @@ def transfer(model: ModularNet, task: TaskData, method: str, config: TrainConfig
     if source is None:
         source = select_source(model, task, seed=config.seed)[0]
     model.check_task(source)
-    torch.manual_seed(config.seed)  # new heads (and a scratch network) follow the seed, not what ran before
+    seeds.seed(config.seed)  # new heads (and a scratch network) follow the seed, not what ran before
     result = unit.run(NewTask(model, task, source, config, out_dir, progress, options))
     if unit.learns_route:
         new, old = result.model.route(task.name), result.model.route(source)

@@ -33,6 +33,7 @@ from isomod.training.route_schedule import RouteSchedule
 from isomod.training.runs import RunLock, check_resumed_config, check_start
 from isomod.training.config import (BATCH_ORDERS, PRECISIONS, SAMPLINGS, SCHEDULES, TrainConfig, device_settings,
                                     forward_options, resolve_device, route_schedule)
+from isomod import seeds
 
 # What the rest of the library and its users import from here.
 __all__ = ["BATCH_ORDERS", "PRECISIONS", "SAMPLINGS", "SCHEDULES", "Batches", "StepOrder", "Trainer", "TrainConfig",
@@ -350,7 +351,7 @@ class Trainer:
         c = self.config
         resume = self._open_folder(resume, force)
         state = self._read_resume_state(extend) if resume else None
-        torch.manual_seed(c.seed)
+        seeds.seed(c.seed)
         device_settings(self.device)
         self.model.to(self.device)
         self.objective.to(self.device)

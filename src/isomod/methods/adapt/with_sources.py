@@ -40,6 +40,7 @@ from isomod.methods.adapt.base import (ADAPT, SOURCE_FEATURE_IMAGES, AdaptResult
                                        changed_numbers, score_sources, start_from_sources, unlabelled)
 from isomod.training.route_schedule import RouteSchedule
 from isomod.training.trainer import Trainer
+from isomod import seeds
 
 
 def nearest_source(t: Target) -> tuple[str, dict[str, float], dict[str, torch.Tensor]]:
@@ -72,7 +73,7 @@ def align_with_sources(t: Target, method: str, align: str, route_alone: bool) ->
     add_as_copy(model, t.spec, source)
     before = {k: v.clone() for k, v in model.state_dict().items()}  # the target equals its source here
     config = replace(t.config, batch_order="random", augment=False)
-    torch.manual_seed(config.seed)  # the discriminator's initial weights
+    seeds.seed(config.seed)  # the discriminator's initial weights
     sources_train = route_alone and bool(t.options.get("sources_train"))
     channels = model.config.channels
     if route_alone:
