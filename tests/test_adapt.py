@@ -263,7 +263,7 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     assert {r["task"] for r in rows} == {"digits5/uci", "mnistc/rotate"} and all(r["metric"] == "test_acc" for r in rows)
     assert {r["setting"] for r in unsupervised if r["method"] in WITH_SOURCES} == {"with_sources"}
     assert {r["setting"] for r in unsupervised if r["method"] not in WITH_SOURCES + ("route_oracle",)} == {"source_free"}
-    assert all(r["regime"] == "default" for r in rows)
+    assert all(r["regime"] == "configured" for r in rows)
     trained = [r for r in unsupervised if r.get("sources_train")]
     assert sorted(r["method"] for r in trained) == sorted(2 * list(ALIGN_ROUTE_METHODS))
     few = [r for r in rows if r["setting"] == "few_labels"]
@@ -297,7 +297,7 @@ def test_adapt_and_bench_adapt_cli(tmp_path, capsys):
     assert "few-label methods at 2 labelled images per class" in text and "| few_labels | route |" in text
     assert "### MNIST-C style targets" in text and "route_oracle, analysis" in text
     assert "### A few labelled target images per class" in text and "What each adapted number buys" in text
-    assert (out / "numbers-default.png").stat().st_size > 0
+    assert (out / "numbers-configured.png").stat().st_size > 0
     n = len(results["rows"])
     assert main(argv) == 0  # a second run resumes: nothing new
     assert len(json.loads((out / "results.json").read_text())["rows"]) == n

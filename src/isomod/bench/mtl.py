@@ -31,6 +31,21 @@ METHODS = {"modular": ModularNet, **{f"modular_{r}": ModularNet for r in REGIMES
            "independent": IndependentNets, "shared_trunk": PlainResNet}
 
 
+def routes_key(method: str, seed: int) -> str:
+    """Where a modular method's routes of one seed are kept in `results["routes"]`."""
+    return f"s{seed}" if method == "modular" else f"{method}-s{seed}"
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    """The run folder (log, checkpoint) of one method and seed."""
+    return out / "runs" / f"{method}-s{seed}"
+
+
+def learned_routes(results: dict, seed: int, method: str = "modular") -> dict[str, list[int]]:
+    """Each task's route a modular method learned with `seed`: the module per step."""
+    return results["routes"][routes_key(method, seed)]["discrete"]
+
+
 def regime_of(method: str) -> str | None:
     """The route regime a modular method trains with (None for the baselines)."""
     if method == "modular":
@@ -142,7 +157,7 @@ def plan(ctx: Context):
         results["train_seconds"][f"{method}-s{seed}"] = seconds
         results.add(*rows)
         if routes is not None:
-            results["routes"][f"s{seed}" if method == "modular" else f"{method}-s{seed}"] = routes
+            results["routes"][routes_key(method, seed)] = routes
         if config.jobs > 1:
             mean = next(r.value for r in rows if r.metric == metric and r.task == "mean")
             ctx.say(f"== {method} (seed {seed}): {metric} {100 * mean:.1f}, {seconds:.0f} s")
@@ -174,7 +189,7 @@ def train_one(method: str, seed: int, config: MtlConfig, tasks: list[TaskData], 
     model = METHODS[method](model_config, [t.spec for t in tasks])
     if progress:
         print(f"== {method} (seed {seed}): {model.param_count():,} parameters", flush=True)
-    trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=out / "runs" / f"{method}-s{seed}",
+    trainer = Trainer(model, tasks, replace(train_config, seed=seed), out_dir=run_dir(out, method, seed),
                       progress=progress)
     t0 = time.time()
     accs = trainer.fit(resume="auto")  # a run a stopped bench left half done goes on from its checkpoint

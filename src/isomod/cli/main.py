@@ -29,7 +29,7 @@ from isomod.methods.adapt import ADAPT
 from isomod.cli.model import (ONE_TASK, AdaptRun, TrainRun, TransferRun, add_image_size, add_label_space,
                               add_run_folder_options, cmd_adapt, cmd_eval, cmd_export, cmd_predict, cmd_train,
                               cmd_transfer)
-from isomod.config import add_config_args, build_config, positive
+from isomod.cli.options import add_config_args, build_config, positive
 from isomod.errors import Interrupted, IsomodError
 from isomod.training.regimes import REGIMES
 from isomod.methods.transfer import TRANSFER
@@ -72,12 +72,11 @@ def cmd_demo(args) -> int:
     results = mtl.run(args.out, config, tasks=tasks, progress=not args.no_progress)
     print()
     print(mtl.summary(results))
-    routes = results["routes"][f"s{config.seeds[0]}"]["discrete"]
     print("\nlearned routes (module per step):")
-    for name, r in routes.items():
+    for name, r in mtl.learned_routes(results, config.seeds[0]).items():
         print(f"  {name}: {' '.join(map(str, r))}")
     out = Path(args.out)
-    print(f"\nreport: {out / 'report.md'}\ncheckpoint: {out / 'runs' / f'modular-s{config.seeds[0]}' / 'checkpoint'}")
+    print(f"\nreport: {out / 'report.md'}\ncheckpoint: {mtl.run_dir(out, 'modular', config.seeds[0]) / 'checkpoint'}")
     return 0
 
 

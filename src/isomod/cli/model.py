@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from isomod.methods.adapt import ADAPT, ADAPT_TRAIN
-from isomod.config import build_config, positive
+from isomod.cli.options import build_config, positive
 from isomod.errors import IsomodError, check_out_dir, check_out_file
 from isomod.core.network import ModelConfig
 from isomod.training.regimes import DEFAULT_REGIME, REGIMES, regime
