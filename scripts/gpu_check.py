@@ -64,6 +64,10 @@ def check(device: str, precision: str, work: Path, checks: Checks, quick: bool) 
     if not checks.run(f"train ({tag})", isomod("train", "--tasks", "glyphs/digits", "glyphs/greek", "--steps", "6",
                                                  "--out", str(glyphs), *TINY, *run)):
         return
+    compiler = "aot_eager" if quick else "inductor"  # inductor on a CPU needs a C++ toolchain and minutes
+    checks.run(f"train compiled, {compiler} ({tag})", isomod(
+        "train", "--tasks", "glyphs/digits", "glyphs/greek", "--steps", "6", "--out", str(work / f"compiled-{precision}"),
+        *TINY, *run, "--compile", compiler, "--discretize-at", "0.5"))
     checks.run(f"eval ({tag})", isomod("eval", "--from", str(glyphs), "--device", device, "--limit", "64",
                                        "--split", "train"))
     sample = work / "sample.png"

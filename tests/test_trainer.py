@@ -359,3 +359,38 @@ def test_task_draws_made_an_interval_at_a_time_resume_as_if_made_one_by_one():
     resumed.set_state(state)
     resumed.refill(6)
     assert [resumed.next() for _ in range(6)] == singly[3:]
+
+
+def test_a_compiled_forward_holds_one_graph_for_every_task_without_breaks():
+    """16 tasks, half on discrete routes: one graph per kind of call (soft, discrete, each
+    with and without exchanged steps; a random route), never one per task, the eager numbers,
+    and no graph break in a soft or a discrete route's forward (conv and transformer pools)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from isomod.core.network import ModelConfig, ModularNet
+    from isomod.core.spec import TaskSpec
+    from isomod.training.compiled import CompiledForward
+
+    def pool(**extra):
+        torch.manual_seed(0)
+        net = ModularNet(ModelConfig(channels=8, num_modules=4, steps=3, **extra),
+                         [TaskSpec(f"t{i}", 10) for i in range(16)])
+        for i in range(8, 16):
+            net.route(f"t{i}").set_choice([i % 4, (i + 1) % 4, (3 * i) % 4])
+        return net
+
+    x = torch.randn(4, 1, 28, 28)
+    net, counter = pool(), CompileCounter()
+    forward = CompiledForward(net, counter)
+    calls = [(f"t{i}", {}) for i in range(16)] + [(t, o) for t in ("t1", "t2", "t9", "t10") for o in (
+        {"step_order": torch.randperm(3)}, {"modules": [int(t[1:]) % 4, 1, 2]})]
+    for task, options in calls:
+        assert torch.allclose(forward(x, task, **options), net(x, task, **options), atol=1e-5)
+    assert counter.frame_count == 5  # soft, discrete, each with and without a step order; a random route
+    for net in (net, pool(block="transformer", heads=2)):
+        for task in ("t0", "t9"):  # a soft route, a discrete one
+            explained = dynamo.explain(net.branch_features)(x, net.branch(task), None, None, indexed=True)
+            assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    with pytest.raises(Exception, match="unknown compile mode 'fast'"):
+        TrainConfig(compile_mode="fast")

@@ -415,16 +415,35 @@ class ModularNet(TaskModel):
         """
         branch = self.branch(task)
         check_input(x, self.config)
+        if modules is not None:
+            self.check_modules(branch, modules)
+        return self.branch_features(x, branch, step_order, modules)
+
+    def check_modules(self, branch: TaskBranch, modules) -> None:
+        """Refuse, in one line, a module list that is not one pool index per step."""
+        modules = modules.tolist() if torch.is_tensor(modules) else modules
+        if len(modules) != branch.route.steps or not all(0 <= m < len(self.pool) for m in modules):
+            raise IsomodError(f"modules must name one of the {len(self.pool)} pool modules at each of the "
+                              f"{branch.route.steps} steps, got {list(modules)}")
+
+    def branch_features(self, x: torch.Tensor, branch: TaskBranch, step_order: torch.Tensor | None = None,
+                        modules: list[int] | torch.Tensor | None = None, indexed: bool = False) -> torch.Tensor:
+        """`forward_features` given the task's branch, its input checked. With `indexed`, a
+        discrete route and `modules` (then a tensor) run by indexing the pool's stacked
+        weights with the route's `choice` tensor, not by a module list in Python: what a
+        compiled forward runs, so that one graph serves every task and route (the same
+        numbers: a module's block is the same function of the same weights)."""
         h = self.stem(x)  # (B, C, H', W'), or tokens (B, T, C)
         route, norms = branch.route, branch.norms
         if modules is not None:
-            if len(modules) != route.steps or not all(0 <= m < len(self.pool) for m in modules):
-                raise IsomodError(f"modules must name one of the {len(self.pool)} pool modules at each of the "
-                                  f"{route.steps} steps, got {list(modules)}")
+            if indexed:
+                return self._indexed(h, modules, norms)
             for l, c in enumerate(modules):
                 h = self.pool.blocks[c](h, norms[2 * l], norms[2 * l + 1])
             return pooled(self.config, h, norms[-1])
         if route.is_discrete:
+            if indexed:
+                return self._indexed(h, route.choice if step_order is None else route.choice[step_order], norms)
             chosen = route.chosen if step_order is None else [route.chosen[i] for i in step_order.tolist()]
             for l, c in enumerate(chosen):
                 h = self.pool.blocks[c](h, norms[2 * l], norms[2 * l + 1])
@@ -442,6 +461,14 @@ class ModularNet(TaskModel):
             for l in range(route.steps):
                 h = mix(h, w[l], norms[2 * l], norms[2 * l + 1])
         return pooled(self.config, h, norms[-1])  # (B, C)
+
+    def _indexed(self, h: torch.Tensor, modules: torch.Tensor, norms: nn.ModuleList) -> torch.Tensor:
+        """The pool's modules `modules` `(L,)` (an index tensor) run step by step on `h`."""
+        stacks = self.pool.stacked()  # (N, ...) each
+        steps = [dict(zip(stacks, ws)) for ws in zip(*(s[modules.to(s.device)].unbind(0) for s in stacks.values()))]
+        for l, p in enumerate(steps):
+            h = self.pool.run(h, p, norms[2 * l], norms[2 * l + 1])
+        return pooled(self.config, h, norms[-1])
 
     def mixed_params(self, route: Route, step_order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every module parameter mixed by a soft route's weights at each step: `w1, w2`

@@ -12,6 +12,7 @@ from isomod import distributed
 from isomod.config import from_dict
 from isomod.errors import IsomodError, check_choice
 from isomod.core.network import TaskModel
+from isomod.training.compiled import COMPILE_MODES, compiled
 from isomod.training.route_schedule import ROUTE_SCHEDULES, RouteSchedule
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -63,7 +64,10 @@ class TrainConfig:
         precision: `fp32`, or `bf16` to run forward passes under bfloat16 autocast (GPUs
             with bf16 support; on the CPU it runs, slower than fp32).
         compile: a `torch.compile` backend for the model's forward pass (`inductor` on a
-            GPU; `aot_eager` checks the graph without generating code); empty for none.
+            GPU; `aot_eager` checks the graph without generating code); empty for none. A
+            modular network compiles one graph for every task (`isomod.training.compiled`).
+        compile_mode: the `torch.compile` mode (`default`, `reduce-overhead`,
+            `max-autotune`, `max-autotune-no-cudagraphs`); empty for torch's default.
     """
 
     steps: int = 2000
@@ -92,12 +96,14 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: str = ""
+    compile_mode: str = ""
 
     def __post_init__(self):
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("sampling", self.sampling, SAMPLINGS)
         check_choice("batch order", self.batch_order, BATCH_ORDERS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("compile mode", self.compile_mode, COMPILE_MODES)
         check_choice("route schedule", self.routes, ROUTE_SCHEDULES)
         for name in ("steps", "batch_size", "tasks_per_step", "log_every"):
             if getattr(self, name) < 1:
@@ -164,10 +170,10 @@ def device_settings(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def forward_options(model: TaskModel, device: torch.device, precision: str, compile: str
+def forward_options(model: TaskModel, device: torch.device, precision: str, compile: str, mode: str = ""
                     ) -> tuple[TaskModel, torch.autocast]:
     """What training forward passes run through: the model, or its `torch.compile`d
-    forward (parameters, routes and heads stay the model's), and the autocast context
-    `precision` asks for (disabled for `fp32`)."""
-    forward = torch.compile(model, backend=compile) if compile else model
+    forward (parameters, routes and heads stay the model's; `isomod.training.compiled`),
+    and the autocast context `precision` asks for (disabled for `fp32`)."""
+    forward = compiled(model, compile, mode) if compile else model
     return forward, torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -364,7 +364,7 @@ class Trainer:
         self.aug = torch.Generator().manual_seed(c.seed + 2)
         optimizer = self._optimizer()
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
-        forward, autocast = forward_options(self.model, self.device, c.precision, c.compile)
+        forward, autocast = forward_options(self.model, self.device, c.precision, c.compile, c.compile_mode)
         k = min(c.tasks_per_step, len(self.train_tasks))
         nan = torch.full((), float("nan"), dtype=torch.float64, device=self.device)
         run = _Run(optimizer, batches, forward, autocast, trainable, TaskDraws(self.sampler, self._task_weights(), k),
