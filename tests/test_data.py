@@ -148,3 +148,32 @@ def test_union_task_offsets_labels():
     assert torch.equal(u.y_train[len(a.y_train):], b.y_train + 10)
     assert torch.equal(u.x_test[: len(a.y_test)], a.x_test)
     assert "glyphs/all" in TASKS
+
+
+def test_a_lazy_folder_reads_its_next_batch_ahead_and_draws_what_the_eager_one_draws(tmp_path):
+    """Batches of a folder read lazily equal the eager folder's, draw for draw; within an
+    epoch each next batch is decoded ahead (a hit), and the object pickles without threads."""
+    import pickle
+
+    from isomod.training.batches import Batches, evaluate  # noqa: F401
+
+    root = image_folder(tmp_path / "colour", classes=("a", "b", "c"), n=12, rgb=True, size=20)
+    eager = load_image_folder(root, image_size=12)
+    lazy = load_image_folder(root, image_size=12, lazy=True)
+    a = Batches({"t": eager}, batch_size=4, seed=3)
+    b = Batches({"t": lazy}, batch_size=4, seed=3)
+    for _ in range(10):  # several epochs of 28 training images, 4 a batch
+        (xa, ya, _), (xb, yb, _) = a.next("t"), b.next("t")
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert lazy.x_train.hits >= 8 and lazy.x_train.misses <= 2
+    assert lazy.x_train.pin is False  # pinned memory only for a GPU
+    copy = pickle.loads(pickle.dumps(lazy.x_train))
+    assert copy._pool is None and torch.equal(copy[torch.tensor([1, 2])], eager.x_train[[1, 2]])
+    lazy.x_test.hits = lazy.x_test.misses = 0
+    assert lazy.x_test[0:4].shape == (4, 3, 12, 12) and lazy.x_test.misses == 1
+    lazy.x_test.prefetch(slice(4, 8))
+    assert torch.equal(lazy.x_test[4:8], eager.x_test[4:8]) and lazy.x_test.hits == 1
+    broken = ImageFiles([tmp_path / "missing.png"], 12, "RGB")
+    broken.prefetch([0])
+    with pytest.raises(IsomodError, match="missing.png: not a readable image"):
+        broken[[0]]

@@ -94,7 +94,10 @@ class Batches:
     """Task-homogeneous batches, epoch-wise shuffled (or drawn with replacement), from one
     generator whose state resumes exactly; also what an objective draws beside them.
 
-    Every data-parallel rank draws the same global batch and loads only its share.
+    Every data-parallel rank draws the same global batch and loads only its share. A task
+    read lazily from a folder (`ImageFiles`) has its next batch decoded in the background
+    while the step runs, whenever that batch is already known (within an epoch), and in
+    pinned memory on a GPU.
     """
 
     def __init__(self, tasks: dict[str, TaskData], batch_size: int, seed: int, order: str = "epochs",
@@ -107,6 +110,9 @@ class Batches:
         self.order: dict[str, torch.Tensor] = {}
         self.cursor: dict[str, int] = {}
         self.held = held_on_device(tasks, device)  # tasks whose images live on the device
+        for data in tasks.values():
+            if hasattr(data.x_train, "prefetch"):
+                data.x_train.pin = device is not None and torch.device(device).type == "cuda"
 
     def next(self, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This rank's share of the next batch of `task`, and the global batch size."""
@@ -127,6 +133,8 @@ class Batches:
             parts.append(self.order[task][self.cursor[task] : self.cursor[task] + take])
             self.cursor[task] += take
         idx_t = torch.cat(parts)[distributed.shard(size)].to(y_all.device)
+        if hasattr(x_all, "prefetch") and self.cursor[task] + size <= n:  # the next batch is known: read ahead
+            x_all.prefetch(self.order[task][self.cursor[task] : self.cursor[task] + size][distributed.shard(size)])
         return x_all[idx_t], y_all[idx_t], size
 
     def indices(self, n: int, size: int) -> torch.Tensor:
@@ -164,6 +172,8 @@ def evaluate(model: TaskModel, tasks: dict[str, TaskData] | list[TaskData], spli
             correct = 0
             for i in range(part.start, part.stop, batch_size):
                 j = min(i + batch_size, part.stop)
+                if hasattr(x_all, "prefetch") and j < part.stop:  # a folder read lazily: the next slice ahead
+                    x_all.prefetch(slice(j, min(j + batch_size, part.stop)))
                 x = to_float(x_all[i:j].to(device))
                 correct += (model(x, name).argmax(-1).cpu() == y_all[i:j]).sum().item()
             correct = distributed.all_sum(torch.tensor([float(correct)], device=device)).item()
