@@ -394,3 +394,11 @@ def test_a_compiled_forward_holds_one_graph_for_every_task_without_breaks():
             assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     with pytest.raises(Exception, match="unknown compile mode 'fast'"):
         TrainConfig(compile_mode="fast")
+
+
+def test_the_optimizer_is_fused_on_a_gpu_and_foreach_on_the_cpu():
+    from isomod.training.trainer import optimizer_kernels
+
+    assert optimizer_kernels(torch.device("cuda")) == {"fused": True}
+    assert optimizer_kernels(torch.device("cuda", 1)) == {"fused": True}
+    assert optimizer_kernels(torch.device("cpu")) == {"foreach": True}

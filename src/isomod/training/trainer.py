@@ -62,6 +62,15 @@ class StepOrder:
         return getattr(self.model, name)
 
 
+def optimizer_kernels(device: torch.device) -> dict[str, bool]:
+    """How AdamW updates the parameters on `device`: on a GPU `fused` (one kernel for every
+    tensor, the step counts kept on the device); on the CPU `foreach` (one call per group
+    instead of one per tensor: a task owns many small tensors, its norms), which keeps the
+    CPU's results as they were (the pinned digests). The fused kernel on the CPU would take
+    the optimizer's ATen calls of an 8-task step from 8,613 to 2,320 but round differently."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+
+
 @dataclass
 class _Run:
     """What one call of `fit` holds while it runs."""
@@ -208,9 +217,7 @@ class Trainer:
         params = {**self.params, **({"objective": own} if own else {})}
         groups = [{"params": ps, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": decay.get(name, 0.0),
                    "name": name} for name, ps in params.items()]
-        # foreach: one kernel per group instead of one per tensor; a task owns many small
-        # tensors (its norms), so the per-tensor loop dominated multi-task steps on the CPU.
-        return torch.optim.AdamW(groups, betas=(0.9, 0.99), foreach=True)
+        return torch.optim.AdamW(groups, betas=(0.9, 0.99), **optimizer_kernels(self.device))
 
     def _task_weights(self) -> torch.Tensor:
         if self.config.sampling == "uniform":
