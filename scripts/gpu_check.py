@@ -68,6 +68,9 @@ def check(device: str, precision: str, work: Path, checks: Checks, quick: bool) 
     checks.run(f"train compiled, {compiler} ({tag})", isomod(
         "train", "--tasks", "glyphs/digits", "glyphs/greek", "--steps", "6", "--out", str(work / f"compiled-{precision}"),
         *TINY, *run, "--compile", compiler, "--discretize-at", "0.5"))
+    checks.run(f"train grouped, 2 tasks a step ({tag})", isomod(
+        "train", "--tasks", "glyphs/digits", "glyphs/greek", "--steps", "6", "--out", str(work / f"grouped-{precision}"),
+        *TINY, *run, "--tasks-per-step", "2", "--group-tasks", "true", "--discretize-at", "0.5"))
     checks.run(f"eval ({tag})", isomod("eval", "--from", str(glyphs), "--device", device, "--limit", "64",
                                        "--split", "train"))
     sample = work / "sample.png"

@@ -131,7 +131,7 @@ def test_speed_bench_measures_every_method(tmp_path):
     assert speed.value(rows, "output_mixing", 2, 1, "peak_mem_ratio_to_plain") > 1.2
     assert speed.value(rows, "exported", 2, 1, "infer_time_ratio_to_plain") > 0
     assert speed.value(rows, "exported_templates", 2, 1, "infer_time_ratio_to_plain") > 0
-    assert len(speed.checks(results)) == 6 and (tmp_path / "speed" / "speed.png").exists()
+    assert len(speed.checks(results)) == 7 and (tmp_path / "speed" / "speed.png").exists()
     assert "| exported / plain |" in (tmp_path / "speed" / "report.md").read_text()
 
 

@@ -300,8 +300,8 @@ def test_random_routes_train_modules_no_task_route_runs(two_tasks, random):
     assert moved == [True, bool(random), bool(random)]
 
 
-@pytest.mark.parametrize("tasks_per_step", [1, 2])
-def test_training_steps_read_no_tensor_value_between_log_steps(two_tasks, monkeypatch, tasks_per_step):
+@pytest.mark.parametrize("tasks_per_step,group", [(1, False), (2, False), (2, True)])
+def test_training_steps_read_no_tensor_value_between_log_steps(two_tasks, monkeypatch, tasks_per_step, group):
     """On a GPU every `item()`, `tolist()` or `bool()` of a device tensor waits for the device:
     isomod's code makes none in the 20 steps between two log steps, soft routes or discrete
     (torch's own reads, such as an optimiser's step counter, are not isomod's)."""
@@ -323,7 +323,7 @@ def test_training_steps_read_no_tensor_value_between_log_steps(two_tasks, monkey
 
     model = tiny_model(two_tasks, route_init="flat")
     trainer = Trainer(model, two_tasks, quick(steps=200, log_every=50, tasks_per_step=tasks_per_step,
-                                              discretize_at=1.0), progress=False)
+                                              discretize_at=1.0, group_tasks=group), progress=False)
     run = trainer.start()
     try:
         for phase in ("soft", "discrete"):

@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def world_size() -> int:
@@ -165,24 +166,39 @@ class BatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and world_size() > 1):
             return super().forward(x)
-        # Statistics in fp32 whatever the autocast dtype (bf16 would round a count of
-        # 25,089 to 25,088 and cannot lerp fp32 running statistics), gathered in one
-        # all-reduce: the sums, the sums of squares and the image count (exact in fp32 up
-        # to 2^24 values a channel).
-        dims, c = (0, 2, 3), x.shape[1]
-        xf = x.float()
-        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), x.numel() // c)])  # (2C + 1,)
-        total = _SumOverRanks.apply(local)
-        count = total[-1]
-        mean = total[:c] / count  # (C,)
-        var = (total[c:2 * c] / count - mean * mean).clamp(min=0)  # (C,), biased
+        momentum = self.momentum
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), momentum)
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.weight is not None:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y.to(x.dtype)
+            self.num_batches_tracked += 1
+            if momentum is None:
+                momentum = 1.0 / self.num_batches_tracked.item()
+        running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return global_batch_norm(x, *running, self.weight, self.bias, momentum, self.eps)
+
+
+def global_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                      weight: torch.Tensor | None, bias: torch.Tensor | None, momentum: float,
+                      eps: float) -> torch.Tensor:
+    """Training-mode batch norm of `x` `(B, C, H, W)` over the global batch of all ranks,
+    updating `running_mean` and `running_var` `(C,)` in place (unless None), as
+    `F.batch_norm` does in one process (there: exactly `F.batch_norm`)."""
+    if world_size() == 1:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    # Statistics in fp32 whatever the autocast dtype (bf16 would round a count of
+    # 25,089 to 25,088 and cannot lerp fp32 running statistics), gathered in one
+    # all-reduce: the sums, the sums of squares and the image count (exact in fp32 up
+    # to 2^24 values a channel).
+    dims, c = (0, 2, 3), x.shape[1]
+    xf = x.float()
+    local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), x.numel() // c)])  # (2C + 1,)
+    total = _SumOverRanks.apply(local)
+    count = total[-1]
+    mean = total[:c] / count  # (C,)
+    var = (total[c:2 * c] / count - mean * mean).clamp(min=0)  # (C,), biased
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.lerp_(mean.detach(), momentum)
+            running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), momentum)
+    y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
+    if weight is not None:
+        y = y * weight[None, :, None, None] + bias[None, :, None, None]
+    return y.to(x.dtype)

@@ -237,6 +237,10 @@ CLAIMS: tuple[Claim, ...] = (
             "1.1 times a plain network's", SPEED, where={"tasks": tasks}, unit=("N",),
             metric="train_time_ratio_to_plain", below=True, scale=1.0)
       for results, block, tasks in (("speed", "conv", 1), ("speed", "conv", 8), ("speed-transformer", "transformer", 1))),
+    Claim("speed-conv-8task-grouped", "speed", "grouped", None, 1.05,
+          "with the step's 8 tasks as one forward pass (group_tasks), a routed training step costs at most 1.05 "
+          "times a plain network's", SPEED, where={"tasks": 8}, unit=("N",), metric="train_time_ratio_to_plain",
+          below=True, scale=1.0, registered="2026-12-02, before its run (issue 32's target)"),
 )
 
 

@@ -4,6 +4,8 @@ same width and depth, and inference of an exported route against the plain netwo
 measured in one run, on random images of one shape.
 
 `weight_mixing` is a soft route over N modules whose start is the model config's;
+`grouped` the same network trained with the step's tasks as one forward pass
+(`TrainConfig.group_tasks`: a grouped convolution per block half, `isomod.training.grouped`);
 `templates` is a template regime of `isomod.training.regimes` (`template_regime`: K = N templates
 over the model's `steps`, soft to the end, norms' affine parameters wherever that regime
 puts them), timed in training and, exported (each step's mixed weights computed once),
@@ -47,7 +49,7 @@ from isomod.training.trainer import PRECISIONS, TrainConfig, Trainer, resolve_de
 from isomod.files import write_text_atomic
 from isomod import seeds
 
-TRAIN_METHODS = ("plain", "weight_mixing", "output_mixing", "discrete", "templates")
+TRAIN_METHODS = ("plain", "weight_mixing", "grouped", "output_mixing", "discrete", "templates")
 
 
 @dataclass
@@ -137,15 +139,18 @@ class Prepared:
     done: Callable[[], None]
 
 
-def prepare_training(model: TaskModel, cfg: SpeedConfig, device: torch.device, seed: int = 0) -> Prepared:
+def prepare_training(model: TaskModel, cfg: SpeedConfig, device: torch.device, seed: int = 0,
+                     group_tasks: bool = False) -> Prepared:
     """The Trainer's own optimiser step on `model` (every task in each step, `batch_size /
-    T` images of each), warmed up, its peak bytes and its multiply-adds."""
+    T` images of each; with `group_tasks`, as one forward pass), warmed up, its peak bytes
+    and its multiply-adds."""
     names = model.task_names
     per_task = cfg.batch_size // len(names)
     if per_task < 1:
         raise IsomodError(f"batch size {cfg.batch_size} cannot be split over {len(names)} tasks")
     train = TrainConfig(steps=10**9, batch_size=per_task, warmup_steps=0, augment=False, checkpoint_every=0,
-                        log_every=10**9, device=str(device), precision=cfg.precision, compile=cfg.compile, seed=seed)
+                        log_every=10**9, device=str(device), precision=cfg.precision, compile=cfg.compile, seed=seed,
+                        group_tasks=group_tasks)
     trainer = Trainer(model, random_tasks(model, per_task, cfg.num_classes, seed), train, progress=False)
     run = trainer.start()
 
@@ -302,7 +307,7 @@ def make(config: "SpeedBenchConfig", method: str, n: int, t: int, device: torch.
     seeds.seed(0)
     speed = config.speed
     return prepare_training(build(method, config.model, n, t, speed.num_classes, speed.image_size,
-                                  config.template_regime), speed, device)
+                                  config.template_regime), speed, device, group_tasks=method == "grouped")
 
 
 def measure_multitask(config: "SpeedBenchConfig", device: torch.device, say) -> list[Row]:
@@ -406,6 +411,7 @@ def markdown_table(results: dict) -> str:
 
 
 HEADLINES = (("weight_mixing", "train_time_ratio_to_plain", "weight-mixing training step / plain's"),
+             ("grouped", "train_time_ratio_to_plain", "weight-mixing step with the tasks grouped / plain's"),
              ("templates", "train_time_ratio_to_plain", "template-regime training step / plain's"),
              ("exported_templates", "infer_time_ratio_to_plain", "exported template route's inference / plain's"),
              ("weight_mixing", "multitask_time_ratio", "weight mixing, a T-task step / a 1-task step"),
@@ -446,7 +452,7 @@ def plot_speed(rows: list[dict], path: Path) -> Path:
     dashed for more."""
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    colors = {"weight_mixing": "tab:red", "output_mixing": "tab:blue", "discrete": "tab:green", "templates": "tab:purple"}
+    colors = {"weight_mixing": "tab:red", "grouped": "tab:orange", "output_mixing": "tab:blue", "discrete": "tab:green", "templates": "tab:purple"}
     for ax, metric, label in zip(axes, ("train_time_ratio_to_plain", "peak_mem_ratio_to_plain"),
                                  ("training step time / plain", "peak training memory / plain")):
         for method, color in colors.items():

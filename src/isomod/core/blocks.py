@@ -237,6 +237,8 @@ class BlockKind:
         fixed_size: whether the stem fixes the image size (a position embedding).
         shares_first_norm: whether output mixing may run the step's first norm once for
             every module (convolution blocks), rather than every module whole.
+        groups_tasks: whether a step's tasks can run side by side as channel groups
+            (`isomod.training.grouped`: grouped convolutions, norms per channel).
     """
 
     name: str
@@ -249,6 +251,7 @@ class BlockKind:
     check: Callable[[object], None] = lambda config: None
     fixed_size: bool = False
     shares_first_norm: bool = False
+    groups_tasks: bool = False
 
 
 KINDS: dict[str, BlockKind] = {
@@ -258,7 +261,7 @@ KINDS: dict[str, BlockKind] = {
         run=lambda x, p, n1, n2, heads: ResidualModule.run(x, p, n1, n2),
         stem=conv_stem, norm=lambda c, affine: BatchNorm(c, affine=affine),
         features=lambda h: F.relu(h).mean(dim=(2, 3)),  # (B, C, H, W) -> (B, C)
-        shares_first_norm=True),
+        shares_first_norm=True, groups_tasks=True),
     "transformer": BlockKind(
         "transformer", TransformerModule,
         build=lambda c, k, heads, mlp, scale, affine: TransformerModule(c, heads, mlp, scale, affine),

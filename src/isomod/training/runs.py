@@ -19,8 +19,9 @@ from isomod.errors import IsomodError
 
 LOCK = ".isomod.lock"
 RUN_FILES = ("checkpoint", "log.jsonl", "train_config.json")
-# Options a resumed run may change: what is written and shown, and where it runs.
-FREE_OPTIONS = ("eval_every", "checkpoint_every", "log_every", "device", "compile")
+# Options a resumed run may change: what is written and shown, where it runs, and how (compiled,
+# or tasks grouped: the same numbers up to float rounding).
+FREE_OPTIONS = ("eval_every", "checkpoint_every", "log_every", "device", "compile", "compile_mode", "group_tasks")
 
 
 _HELD: dict[Path, int] = {}  # folders this process holds, and how many times over

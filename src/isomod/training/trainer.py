@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from isomod import distributed
 from isomod.training.batches import Batches, TaskDraws, evaluate, random_shift
@@ -26,6 +27,7 @@ from isomod.io.checkpoint import check_compatible, checkpoint_exists, load_train
 from isomod.files import write_atomic
 from isomod.data.tasks import TaskData
 from isomod.errors import CheckpointError, Interrupted, IsomodError, TrainingDiverged, check_out_dir
+from isomod.training.grouped import GroupedForward, grouped_refusal
 from isomod.training.logs import Progress, RunLog
 from isomod.core.network import ROLES, TaskModel, to_float
 from isomod.training.objectives import Batch, Objective, Output, as_objective, cross_entropy
@@ -87,6 +89,7 @@ class _Run:
     metrics: dict = field(default_factory=dict)
     diverged: torch.Tensor | None = None  # (first step with a non-finite loss, that loss), -1 while none
     chosen: dict = field(default_factory=dict)  # step -> the tasks it trained, since the last check
+    grouped: GroupedForward | None = None  # the step's tasks as one forward pass (`config.group_tasks`)
 
 
 class Trainer:
@@ -238,6 +241,8 @@ class Trainer:
         if not self.main:
             distributed.barrier()  # no rank runs ahead of a checkpoint being written
             return
+        if run.grouped is not None:
+            run.grouped.write_back()
         save_checkpoint(self.model, self.checkpoint_path, trainer_state=self._state(run), extra={"step": self.step})
         distributed.barrier()
 
@@ -310,7 +315,7 @@ class Trainer:
                     self._interrupt(run)
             run.bar.close()
             self._save(run)
-            return self._evaluate(run.bar)
+            return self._evaluate(run)
         finally:
             self._release_signals()
             self.finish(run)
@@ -380,6 +385,8 @@ class Trainer:
         if state is not None:
             self._resume(run, state)
             run.draws.set_state(self.sampler.get_state())
+        if c.group_tasks:
+            run.grouped = self._grouped()
         run.draws.refill(self._to_next_log())
         run.bar = Progress(c.steps, self.step, self.progress)
         if self.out_dir and self.main:
@@ -396,9 +403,26 @@ class Trainer:
         distributed.broadcast_module(self.objective)
         return run
 
+    def _grouped(self) -> GroupedForward:
+        """The grouped forward pass of the tasks this run trains, or a one-line refusal of
+        `group_tasks` naming what stands in its way."""
+        c = self.config
+        why = grouped_refusal(self.model, self.tasks, self.train_tasks, c.batch_size)
+        if why is None and getattr(self.objective, "fn", None) is not cross_entropy:
+            why = f"it trains the supervised cross-entropy only, not {type(self.objective).__name__}"
+        if why is None and (c.route_swap or c.route_random):
+            why = "each task's batch runs its own route (route_swap and route_random must be 0)"
+        if why is None and c.compile:
+            why = "it runs eagerly (compile must be empty)"
+        if why is not None:
+            raise IsomodError(f"group_tasks cannot train this run: {why}")
+        return GroupedForward(self.model, self.train_tasks)
+
     def finish(self, run: _Run | None) -> None:
         """Close the progress bar and the log; put back the flags and modes `start` changed;
         unlock the run folder."""
+        if run is not None and run.grouped is not None:
+            run.grouped.write_back()
         if run is not None and run.bar is not None:
             run.bar.close()
         self.log.close()
@@ -427,7 +451,7 @@ class Trainer:
             self._log_step(run, c.lr * factor, temperature)
             run.draws.refill(self._to_next_log())
         if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
-            self._evaluate(run.bar)
+            self._evaluate(run)
         if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
             self._save(run)
 
@@ -442,13 +466,10 @@ class Trainer:
         c = self.config
         run.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        if run.grouped is not None:
+            return self._grouped_step(run, chosen)
         for task in chosen:
-            x, y, global_batch = run.batches.next(task)
-            if x.device != self.device and self.device.type == "cuda":  # host images: an asynchronous copy
-                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-            x, y = to_float(x.to(self.device)), y.to(self.device)
-            if c.augment:
-                x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
+            x, y, global_batch = self._batch(run, task)
             with run.autocast:
                 out = self.objective(self._bound(run.forward, task), Batch(task, x, y, self.step / c.steps,
                                                                           run.batches))
@@ -456,6 +477,34 @@ class Trainer:
             share = distributed.world_size() * len(y) / global_batch
             total = total + share * out.loss / len(chosen)
             self._track(run, task, y, out)
+        return self._backward_and_step(run, total)
+
+    def _batch(self, run: _Run, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This process's share of the next batch of `task` on the device (augmented), and the
+        global batch size."""
+        x, y, global_batch = run.batches.next(task)
+        if x.device != self.device and self.device.type == "cuda":  # host images: an asynchronous copy
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        x, y = to_float(x.to(self.device)), y.to(self.device)
+        if self.config.augment:
+            x = random_shift(x, self.aug, part=distributed.shard(global_batch), total=global_batch)
+        return x, y, global_batch
+
+    def _grouped_step(self, run: _Run, chosen: list[str]) -> torch.Tensor:
+        """`optimizer_step` with the tasks' batches as one forward pass (`GroupedForward`)."""
+        batches = [self._batch(run, task) for task in chosen]
+        with run.autocast:
+            logits = run.grouped([x for x, _, _ in batches], chosen)
+        total = 0.0
+        for task, (x, y, global_batch), out in zip(chosen, batches, logits):
+            loss = F.cross_entropy(out, y)
+            total = total + distributed.world_size() * len(y) / global_batch * loss / len(chosen)
+            self._track(run, task, y, Output(loss, out))
+        return self._backward_and_step(run, total)
+
+    def _backward_and_step(self, run: _Run, total: torch.Tensor) -> torch.Tensor:
+        """The route penalty added to the step's loss `total`, its backward pass, the
+        gradients averaged over processes and the optimiser's step; the loss."""
         penalty = self.route_schedule.penalty(self.step, self._trained_routes())
         if penalty is not None:
             total = total + penalty
@@ -554,7 +603,10 @@ class Trainer:
         # The values are those of this log step; a plain progress line between log steps says so.
         run.bar.set_postfix(f"at step {self.step}: train loss {loss:.3f}{shown}{accuracy}")
 
-    def _evaluate(self, bar: Progress) -> dict[str, float]:
+    def _evaluate(self, run: _Run) -> dict[str, float]:
+        if run.grouped is not None:
+            run.grouped.write_back()
+        bar = run.bar
         accs = evaluate(self.model, self._labelled())
         self.log.write(event="eval", step=self.step, test_acc=accs)
         self.log.scalars(self.step, {f"test_acc/{t}": a for t, a in accs.items()})
