@@ -85,6 +85,10 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
         assert r["regime"] == "annealed"
         assert ("route_steps_changed" in r) == ("route_change" in r) == TRANSFER[r["method"]].learns_route
         assert ("candidates" in r) == (r["method"] == "route_search")
+        if TRANSFER[r["method"]].learns_route:  # soft and discrete, side by side
+            assert r["route_form"] == ("discrete" if r["method"] == "route_search" else "soft")
+            assert 0 <= r["acc_discretized"] <= 1 and (r["route_form"] == "discrete") == ("acc_soft" not in r)
+            assert r["value"] == r.get("acc_soft", r["acc_discretized"])
     by = {(r["method"], r["task"], r["shots"]): r["params_task"] for r in rows}
     assert by[("head_only", "new0", 2)] < by[("route_head", "new0", 2)] < by[("route_only", "new0", 2)]
     assert by[("head_only", "new0", 2)] < by[("norm_head", "new0", 2)] < by[("route_only", "new0", 2)] \

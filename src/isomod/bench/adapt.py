@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from isomod.data import digits5, mnistc
+from isomod.bench.metrics import discretized, route_accuracies
 from isomod.bench.models import train_modular
 from isomod.bench.adapt_report import (ANALYSIS, CONFIGURED, FEW_LABEL_METHODS, ORACLE, hindsight_rows, short,
                                        summary, write_report)
@@ -445,39 +446,6 @@ def oracle_row(base: ModularNet, target: TaskData, sources: list[str], start: st
                acc_soft=round(acc, 5), acc_discretized=acc_discretized, loss_first_fifth=round(float(np.mean(losses[:fifth])), 5),
                loss_last_fifth=round(float(np.mean(losses[-fifth:])), 5))
     return row, {"discrete": discrete, "soft": model.route(name).weights().detach().cpu().tolist()}
-
-
-def route_accuracies(model: ModularNet, target: TaskData, acc: float, soft: list | None) -> dict:
-    """A route row's `route_form` (what its accuracy `acc` measured), `acc_soft` (where a soft
-    route existed: the route as it ended, or the weights it had when it was discretised) and
-    `acc_discretized` (one module per step, statistics re-estimated)."""
-    name = target.spec.name
-    if not model.route(name).is_discrete:
-        return {"route_form": "soft", "acc_soft": round(acc, 5), "acc_discretized": discretized(model, target)[0]}
-    out = {"route_form": "discrete", "acc_discretized": round(acc, 5)}
-    if soft is not None:
-        out["acc_soft"] = soft_accuracy(model, target, soft)
-    return out
-
-
-def soft_accuracy(model: ModularNet, target: TaskData, weights: list) -> float:
-    """Test accuracy (rounded) of a copy of `model` whose route for `target` runs the soft
-    weights `(L, N)`, statistics re-estimated on the target images."""
-    name = target.spec.name
-    soft = copy.deepcopy(model)
-    soft.route(name).set_logits(torch.tensor(weights, dtype=torch.float32).clamp_min(1e-12).log())
-    soft.estimate_stats(target.x_train, name)
-    return round(evaluate(soft, {name: target})[name], 5)
-
-
-def discretized(model: ModularNet, target: TaskData) -> tuple[float, list[int]]:
-    """Test accuracy (rounded) of a copy of `model` whose soft route for `target` is frozen to
-    its argmax, statistics re-estimated on the target images; and that route."""
-    name = target.spec.name
-    hard = copy.deepcopy(model)
-    hard.discretize(name)
-    hard.estimate_stats(target.x_train, name)
-    return round(evaluate(hard, {name: target})[name], 5), hard.route(name).indices()
 
 
 def _row(method: str, task: str, acc: float, params_total: int, params_task: int, seed: int, **extra) -> Row:

@@ -103,12 +103,18 @@ class Claim:
 
 
 def reader(route: str):
-    """How a row's accuracy is read: a route row's `acc_soft` or `acc_discretized` (older rows
-    without `route_form`: their value), any other row's `value`."""
+    """How a row's accuracy is read: a route row's `acc_soft` or `acc_discretized` (None where
+    it was not measured), any other row's `value`. Rows from before `route_form` read their
+    value as soft, and as discrete unless it was a learned soft route's (an older transfer
+    row with `route_steps_changed` and no search `candidates`: not measured)."""
     if route == "-":
         return lambda r: r["value"]
-    if route == "discrete":  # rows from before route_form carry acc_discretized only where the route was soft
-        return lambda r: r.get("acc_discretized", r["value"])
+    if route == "discrete":
+        def discrete(r: dict) -> float | None:
+            if "acc_discretized" in r:
+                return r["acc_discretized"]
+            return None if "route_steps_changed" in r and "candidates" not in r else r["value"]
+        return discrete
     return lambda r: r.get("acc_soft") if "route_form" in r else r["value"]
 
 
@@ -180,16 +186,19 @@ CLAIMS: tuple[Claim, ...] = (
             f"the default regime (annealed) beats `{other}` on validation accuracy", REGIMES_RULE, metric="val_acc")
       for other in ("annealed_swap", "templates_swap")),
     # --- transfer to a new task -----------------------------------------------------------------
-    *(Claim(f"transfer-route-head-{shots}", "transfer", "route_head", "head_only", 3.0,
-            f"a learned route adds at least 3 points to a linear probe ({shots} images per class)", TRANSFER,
-            where={"shots": shots}, route="soft") for shots in (10, "all")),
+    *(Claim(f"transfer-route-head-{shots}" + ("" if form == "soft" else "-discrete"), "transfer", "route_head",
+            "head_only", 3.0, f"a learned route ({form}) adds at least 3 points to a linear probe ({shots} images per "
+            "class)", TRANSFER, where={"shots": shots}, route=form, planned=15)
+      for shots in (10, "all") for form in ("soft", "discrete")),
     *(Claim(f"transfer-search-head-{shots}", "transfer", "route_search", "head_only", 3.0,
             f"a searched route adds at least 3 points to a linear probe ({shots} images per class)", SEARCH,
-            where={"shots": shots}, route="discrete") for shots in (10, "all")),
+            where={"shots": shots}, route="discrete", planned=15) for shots in (10, "all")),
     Claim("transfer-norms-head-all", "transfer", "norm_head", "head_only", 3.0,
-          "new step norms add at least 3 points to a linear probe (all images)", TRANSFER, where={"shots": "all"}),
-    Claim("transfer-route-norms-all", "transfer", "route_only", "norm_head", 0.0,
-          "a learned route adds to new step norms (all images)", TRANSFER, where={"shots": "all"}, route="soft"),
+          "new step norms add at least 3 points to a linear probe (all images)", TRANSFER, where={"shots": "all"},
+          planned=15),
+    *(Claim("transfer-route-norms-all" + ("" if form == "soft" else "-discrete"), "transfer", "route_only",
+            "norm_head", 0.0, f"a learned route ({form}) adds to new step norms (all images)", TRANSFER,
+            where={"shots": "all"}, route=form, planned=15) for form in ("soft", "discrete")),
     Claim("transfer-transformer-route-head", "transfer-transformer", "route_head", "head_only", 3.0,
           "over transformer blocks, a learned route adds at least 3 points to a linear probe (all images)", TRANSFER,
           where={"shots": "all"}, route="soft"),

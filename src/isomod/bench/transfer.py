@@ -13,6 +13,11 @@ routes (`proxy_test_spearman`), and a `METHOD_hindsight` row (e.g. `route_search
 `setting: analysis`, chosen with test labels) gives the test accuracy of the route best on
 test, its head trained as the search's.
 
+Rows of the route methods also carry `route_form` (whether `value` is the accuracy of a
+soft route or of a discrete one), `acc_soft` (where the route is soft) and `acc_discretized`
+(the discrete route: a soft route's argmax with statistics re-estimated on the task's
+training images, or the route itself when it is discrete).
+
 Pre-training runs once per seed (kept in `OUT/pretrain-s{seed}/checkpoint`, reused when
 the command runs again); every transfer run then starts from a fresh copy of that model.
 Rows are written to `results.json` as they come, and a second run of the same command
@@ -36,6 +41,7 @@ from isomod.bench.models import train_modular
 from isomod.bench.base import Bench, Context, Job, check_seeds, register
 from isomod.bench.docs import md_table
 from isomod.bench.results import Row
+from isomod.bench.metrics import route_accuracies
 from isomod.bench.workers import check_jobs
 from isomod.bench.paired import INTERVAL, pair
 from isomod.io.checkpoint import load_checkpoint
@@ -209,7 +215,8 @@ def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, s
               "seed": seed, "source": source, "regime": regime_name, "block": base.config.block, **res.info}
     route = None
     if res.route_steps_changed is not None:
-        fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change)
+        fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change,
+                      **route_accuracies(res.model, task, res.test_acc, res.soft_route))
         route = {"discrete": res.model.route(data.name).indices(), "soft_at_discretize": res.soft_route,
                  "final": res.model.route(data.name).weights().tolist()}
     metric = "val_acc" if config.validation else "test_acc"
