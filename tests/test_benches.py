@@ -184,3 +184,63 @@ def test_bench_serve_times_a_mixed_batch_against_one_task_s(tmp_path, capsys):
 
     skew = assignment(4, 12, "skewed")
     assert skew.count("t0") == 6 and set(skew) == {"t0", "t1", "t2", "t3"}
+
+
+SLEEPER = '''
+import os, signal, sys, time
+from pathlib import Path
+
+
+def sleep_here(folder):
+    """Write this worker's pid, then wait; on SIGTERM note it and stop."""
+    def stop(signum, frame):
+        (Path(folder) / f"stopped-{os.getpid()}").write_text("")
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    (Path(folder) / f"worker-{os.getpid()}").write_text("")
+    time.sleep(120)
+'''
+
+RUNNER = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+from isomod.bench.workers import Workers
+from isomod.errors import Interrupted
+from sleeper import sleep_here
+
+if __name__ == "__main__":  # worker processes import this file too
+    try:
+        with Workers(2) as workers:
+            list(workers.map(sleep_here, [(sys.argv[1],), (sys.argv[1],)]))
+    except Interrupted as exc:
+        print(exc)
+        sys.exit(143)
+'''
+
+
+def test_a_terminated_bench_stops_its_worker_processes_too(tmp_path):
+    """SIGTERM to a bench running jobs side by side reaches its workers (a training run
+    saves its step and stops) before the bench exits: none runs on alone, holding its folder."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bench = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("worker-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+    assert len(workers) == 2, bench.communicate(timeout=5)
+    bench.send_signal(signal.SIGTERM)
+    out, err = bench.communicate(timeout=60)
+    assert bench.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    assert sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("stopped-*")) == sorted(workers)
+    for pid in workers:  # gone, not running on
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

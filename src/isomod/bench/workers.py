@@ -3,11 +3,13 @@ that each take an equal share of the threads."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
 
-from isomod.errors import IsomodError
+from isomod.errors import Interrupted, IsomodError
+
 
 def check_jobs(jobs: int) -> None:
     if jobs < 1:
@@ -46,14 +48,36 @@ class Workers:
     def __init__(self, jobs: int = 1, preload: tuple[str, ...] = ()):
         check_jobs(jobs)
         self.jobs, self.preload, self._pool = jobs, tuple(preload), None
+        self._futures: list = []  # the calls of the current `map`
 
     def __enter__(self) -> Workers:
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
+            if exc[0] is not None:  # interrupted or failed: no worker goes on alone
+                self.stop()
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+
+    def stop(self, timeout: float = 300.0) -> None:
+        """Stop every worker: SIGTERM (a training run saves a checkpoint of its step in
+        progress and ends its job), the jobs still running waited for up to `timeout`
+        seconds, then the processes shut down (killed if they do not)."""
+        import concurrent.futures
+
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for future in self._futures:
+            future.cancel()
+        concurrent.futures.wait(self._futures, timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
 
     def map(self, fn: Callable, calls: list[tuple]) -> Iterator:
         """`fn(*args)` for every `args` in `calls`, yielded in order. `fn` must be a
@@ -68,11 +92,31 @@ class Workers:
             threads = max(1, torch.get_num_threads() // self.jobs)
             self._pool = ProcessPoolExecutor(self.jobs, mp_context=_worker_context(self.preload), initializer=_init_worker,
                                              initargs=(threads,))
-        futures = [self._pool.submit(fn, *args) for args in calls]
-        try:
+        self._futures = futures = [self._pool.submit(fn, *args) for args in calls]
+        with terminate_raises():
             for future in futures:
                 yield future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+
+
+@contextlib.contextmanager
+def terminate_raises():
+    """While it lasts, SIGTERM raises `Interrupted` in this process's main thread (by
+    default it would end the process at once, leaving its worker processes to run on
+    alone, holding their run folders)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}: the worker processes saved their runs and "
+                          "stopped; the same command again resumes",
+                          signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
