@@ -244,3 +244,31 @@ def test_a_terminated_bench_stops_its_worker_processes_too(tmp_path):
     for pid in workers:  # gone, not running on
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_discrete_route_over_frozen_statistics_keeps_them():
+    """The discrete form of a route learned over frozen norms (`route_head`) runs with the
+    statistics the method held, not re-estimated ones, which would change the features its
+    head was trained on; a route whose statistics followed it gets them re-estimated."""
+    import copy
+
+    import torch
+
+    from isomod import ModelConfig, ModularNet
+    from isomod.bench.metrics import route_accuracies
+    from isomod.training.batches import evaluate
+    from conftest import glyph_task
+
+    task = glyph_task("digits", train=30, test=20)
+    torch.manual_seed(0)
+    model = ModularNet(ModelConfig(channels=8, num_modules=3, steps=3, route_init="flat"), [task.spec]).eval()
+    name = task.spec.name
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hard = copy.deepcopy(model)
+    hard.discretize(name)
+    kept = route_accuracies(model, task, 0.5, None, reestimate=False)
+    assert kept == {"route_form": "soft", "acc_soft": 0.5, "acc_discretized": round(evaluate(hard, [task])[name], 5)}
+    hard.estimate_stats(task.x_train, name)
+    again = route_accuracies(model, task, 0.5, None)
+    assert again["acc_discretized"] == round(evaluate(hard, [task])[name], 5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model itself is untouched

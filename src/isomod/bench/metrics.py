@@ -15,36 +15,44 @@ from isomod.data.tasks import TaskData
 from isomod.training.batches import evaluate
 
 
-def route_accuracies(model: ModularNet, target: TaskData, acc: float, soft: list | None) -> dict:
+def route_accuracies(model: ModularNet, target: TaskData, acc: float, soft: list | None,
+                     reestimate: bool = True) -> dict:
     """A route row's `route_form` (what its accuracy `acc` measured), `acc_soft` (where a soft
     route existed: the route as it ended, or the weights it had when it was discretised) and
-    `acc_discretized` (one module per step, statistics re-estimated)."""
+    `acc_discretized` (one module per step). With `reestimate`, the other form's norm
+    statistics are re-estimated on the target's images (a method whose statistics followed
+    its route); without, they stay as the method held them (frozen statistics: re-estimating
+    them would change the features its head was trained on)."""
     name = target.spec.name
     if not model.route(name).is_discrete:
-        return {"route_form": "soft", "acc_soft": round(acc, 5), "acc_discretized": discretized(model, target)[0]}
+        return {"route_form": "soft", "acc_soft": round(acc, 5),
+                "acc_discretized": discretized(model, target, reestimate)[0]}
     out = {"route_form": "discrete", "acc_discretized": round(acc, 5)}
     if soft is not None:
-        out["acc_soft"] = soft_accuracy(model, target, soft)
+        out["acc_soft"] = soft_accuracy(model, target, soft, reestimate)
     return out
 
 
-def soft_accuracy(model: ModularNet, target: TaskData, weights: list) -> float:
+def soft_accuracy(model: ModularNet, target: TaskData, weights: list, reestimate: bool = True) -> float:
     """Test accuracy (rounded) of a copy of `model` whose route for `target` runs the soft
-    weights `(L, N)`, statistics re-estimated on the target images."""
+    weights `(L, N)`, statistics re-estimated on the target images (with `reestimate`)."""
     name = target.spec.name
     soft = copy.deepcopy(model)
     soft.route(name).set_logits(torch.tensor(weights, dtype=torch.float32).clamp_min(1e-12).log())
-    soft.estimate_stats(target.x_train, name)
+    if reestimate:
+        soft.estimate_stats(target.x_train, name)
     return round(evaluate(soft, {name: target})[name], 5)
 
 
-def discretized(model: ModularNet, target: TaskData) -> tuple[float, list[int]]:
+def discretized(model: ModularNet, target: TaskData, reestimate: bool = True) -> tuple[float, list[int]]:
     """Test accuracy (rounded) of a copy of `model` whose soft route for `target` is frozen to
-    its argmax, statistics re-estimated on the target images; and that route."""
+    its argmax, statistics re-estimated on the target images (with `reestimate`); and that
+    route."""
     name = target.spec.name
     hard = copy.deepcopy(model)
     hard.discretize(name)
-    hard.estimate_stats(target.x_train, name)
+    if reestimate:
+        hard.estimate_stats(target.x_train, name)
     return round(evaluate(hard, {name: target})[name], 5), hard.route(name).indices()
 
 

@@ -15,8 +15,10 @@ test, its head trained as the search's.
 
 Rows of the route methods also carry `route_form` (whether `value` is the accuracy of a
 soft route or of a discrete one), `acc_soft` (where the route is soft) and `acc_discretized`
-(the discrete route: a soft route's argmax with statistics re-estimated on the task's
-training images, or the route itself when it is discrete).
+(the discrete route: a soft route's argmax, or the route itself when it is discrete). The
+argmax of a method that trains the step norms (`route_only`) has its statistics re-estimated
+on the task's training images; one over frozen norms (`route_head`) keeps the source's, as
+the method does (re-estimated, they would change the features its head was trained on).
 
 Pre-training runs once per seed (kept in `OUT/pretrain-s{seed}/checkpoint`, reused when
 the command runs again); every transfer run then starts from a fresh copy of that model.
@@ -216,7 +218,8 @@ def transfer_one(run_dir: Path, config: TransferBenchConfig, regime_name: str, s
     route = None
     if res.route_steps_changed is not None:
         fields.update(route_steps_changed=res.route_steps_changed, route_change=res.route_change,
-                      **route_accuracies(res.model, task, res.test_acc, res.soft_route))
+                      **route_accuracies(res.model, task, res.test_acc, res.soft_route,
+                                         reestimate="norms" in TRANSFER[method].changes))
         route = {"discrete": res.model.route(data.name).indices(), "soft_at_discretize": res.soft_route,
                  "final": res.model.route(data.name).weights().tolist()}
     metric = "val_acc" if config.validation else "test_acc"
