@@ -231,13 +231,17 @@ def test_a_terminated_bench_stops_its_worker_processes_too(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bench = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while len(list(tmp_path.glob("worker-*"))) < 2 and time.time() < deadline:
-        time.sleep(0.2)
-    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
-    assert len(workers) == 2, bench.communicate(timeout=5)
-    bench.send_signal(signal.SIGTERM)
-    out, err = bench.communicate(timeout=60)
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("worker-*"))) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+        assert len(workers) == 2, bench.communicate(timeout=5)
+        bench.send_signal(signal.SIGTERM)
+        out, err = bench.communicate(timeout=60)
+    finally:  # a failed check leaves nothing running
+        if bench.poll() is None:
+            bench.kill()
     assert bench.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in out
     assert sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("stopped-*")) == sorted(workers)
