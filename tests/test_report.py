@@ -37,6 +37,19 @@ def test_means_are_recomputed_from_per_task_rows():
     assert "| params total | 100 |" in text
 
 
+def test_rows_made_after_a_sitting_that_made_none_carry_their_own_environment(tmp_path):
+    """A bench stopped before its first row (say, while pre-training) and resumed on other
+    code: its rows name the code that made them, not the first sitting's."""
+    from isomod.bench.results import Results, Row
+
+    path, a, b = tmp_path / "results.json", {"commit": "aaa", "threads": 1}, {"commit": "bbb", "threads": 1}
+    Results(path, "b", {"k": 1}, environment=a).save()
+    later = Results(path, "b", {"k": 1}, resume=True, environment=b)
+    later.add(Row("m", "t", "test_acc", 0.5, {"seed": 0}))
+    data = json.loads(later.save().read_text())
+    assert data["environment"] == b and "sittings" not in data
+
+
 def test_a_run_resumed_elsewhere_records_which_rows_each_sitting_made(tmp_path):
     from isomod.bench.docs import write_docs
     from isomod.bench.results import Results, Row, read_results

@@ -126,8 +126,12 @@ class Results:
                 here = json.loads(json.dumps(self.data.get("environment")))
                 self.data = {**self.data, **old, "config": merged_config(old["config"], self.data["config"],
                                                                          extensible)}
-                if here is not None and self.rows and here != self.sittings()[-1]["environment"]:
-                    self._new_sitting = here
+                if here is not None and here != self.sittings()[-1]["environment"]:
+                    if self.rows:
+                        self._new_sitting = here
+                    else:  # a sitting that made no row: the rows to come are this one's
+                        self.data["environment"] = here
+                        self.data.pop("sittings", None)
 
     def sittings(self) -> list[dict]:
         """Each sitting's `environment` and `first_row`, the first one's at row 0."""
