@@ -96,6 +96,8 @@ def test_bench_transfer_end_to_end_writes_the_contract_and_resumes(tmp_path, cap
     report = (out / "report.md").read_text()
     assert "| new0 | all |" in report and "| **mean** | 2 |" in report
     assert "| all | route_search_hindsight | head_only |" in report
+    assert "| method | shots | soft route | its argmax | argmax - soft (points) |" in report  # both forms
+    assert "| route_head | 2 |" in report and "| route_only | all |" in report
     assert "- route_head: a different module at some step in " in report and "weight moved" in report
     for png in ("accuracy_vs_params.png", "routes-annealed.png"):
         assert (out / png).stat().st_size > 1000 and png in report

@@ -376,6 +376,30 @@ def comparisons(results: dict) -> str:
     return "\n".join(lines)
 
 
+def route_forms(results: dict) -> str:
+    """Each learned soft route against its argmax (one module per step, its head as trained):
+    the mean test accuracy (%) of both forms, the paired difference with its range over seeds,
+    and in how many runs the argmax is the source task's route."""
+    body = []
+    for method in dict.fromkeys(r["method"] for r in results["rows"] if r.get("route_form") == "soft"):
+        for shots in results["config"]["shots"]:
+            sel = [r for r in results["rows"] if r["method"] == method and r["shots"] == shots
+                   and r.get("route_form") == "soft"]
+            if not sel:
+                continue
+            gap = {seed: np.mean([r["acc_discretized"] - r["acc_soft"] for r in sel if r["seed"] == seed])
+                   for seed in sorted({r["seed"] for r in sel})}
+            body.append([method, shots, f"{100 * np.mean([r['acc_soft'] for r in sel]):.1f}",
+                         f"{100 * np.mean([r['acc_discretized'] for r in sel]):.1f}",
+                         f"{100 * np.mean([r['acc_discretized'] - r['acc_soft'] for r in sel]):+.1f}",
+                         f"{100 * min(gap.values()):+.1f} to {100 * max(gap.values()):+.1f}",
+                         f"{sum(r['route_steps_changed'] == 0 for r in sel)} of {len(sel)}"])
+    if not body:
+        return ""
+    return "\n".join(md_table(["method", "shots", "soft route", "its argmax", "argmax - soft (points)", "per seed",
+                               "argmax = source's route"], body, "lrrrrrr"))
+
+
 def search_table(results: dict) -> str:
     """Where route search goes wrong: route_search and the route best on test in hindsight,
     each paired with head_only on (task, seed), and the rank correlation of the search's
@@ -438,7 +462,7 @@ def summary_block(results: dict) -> str:
             continue
         if len(names) > 1:
             parts.append(f"#### Pools of the `{name}` regime")
-        parts += [p for p in (markdown_table(view), comparisons(view), search_table(view)) if p]
+        parts += [p for p in (markdown_table(view), comparisons(view), route_forms(view), search_table(view)) if p]
     return "\n\n".join(parts + [numbers_table(results)]).rstrip()
 
 
