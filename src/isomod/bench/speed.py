@@ -169,8 +169,12 @@ def prepare_training(model: TaskModel, cfg: SpeedConfig, device: torch.device, s
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             step()
         peak = sum(p.numel() * p.element_size() for p in params) * 4 + counter.total  # weights, grads, 2 moments
+    # Counted on the per-task loop, the same arithmetic: torch's flop counter over-counts
+    # the backward pass of a grouped convolution (as if it were not grouped).
+    grouped, run.grouped = run.grouped, None
     with FlopCounterMode(display=False) as flops:
         step()
+    run.grouped = grouped
     return Prepared(step, per_task * len(names), peak, flops.get_total_flops() // 2, lambda: trainer.finish(run))
 
 
