@@ -32,22 +32,25 @@ from isomod.errors import IsomodError
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
 
-def residual_block(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, norm1: Norm, norm2: Norm) -> torch.Tensor:
+def residual_block(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, norm1: Norm, norm2: Norm,
+                   groups: int = 1) -> torch.Tensor:
     """Pre-activation residual block `x + conv(relu(norm2(conv(relu(norm1(x))))))`.
 
     Args:
         x: input `(B, C, H, W)`.
-        w1, w2: convolution weights `(C, C, k, k)`, `k` odd.
+        w1, w2: convolution weights `(C, C / groups, k, k)`, `k` odd.
         norm1, norm2: normalisation layers (or callables) over `C` channels.
+        groups: independent channel groups (several tasks' blocks side by side,
+            `isomod.training.grouped`).
     """
-    return x + residual_branch(F.relu(norm1(x)), w1, w2, norm2)
+    return x + residual_branch(F.relu(norm1(x)), w1, w2, norm2, groups)
 
 
-def residual_branch(a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, norm2: Norm) -> torch.Tensor:
+def residual_branch(a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, norm2: Norm, groups: int = 1) -> torch.Tensor:
     """`f(x)` of the block from its pre-activated input `a = relu(norm1(x))`."""
     pad = w1.shape[-1] // 2
-    h = F.conv2d(a, w1, padding=pad)  # (B, C, H, W)
-    return F.conv2d(F.relu(norm2(h)), w2, padding=pad)  # (B, C, H, W)
+    h = F.conv2d(a, w1, padding=pad, groups=groups)  # (B, C, H, W)
+    return F.conv2d(F.relu(norm2(h)), w2, padding=pad, groups=groups)  # (B, C, H, W)
 
 
 AFFINE = ("g1", "b1", "g2", "b2")  # a module's own scale and shift of its two norms, when it owns them
@@ -100,12 +103,12 @@ class ResidualModule(PoolModule):
     WEIGHTS = ("w1", "w2")
 
     @staticmethod
-    def run(x: torch.Tensor, p: dict[str, torch.Tensor], norm1: Norm, norm2: Norm) -> torch.Tensor:
+    def run(x: torch.Tensor, p: dict[str, torch.Tensor], norm1: Norm, norm2: Norm, groups: int = 1) -> torch.Tensor:
         """The block on `x` with weights `p` and the step's norms (statistics-only ones when
-        `p` holds the affine parameters)."""
+        `p` holds the affine parameters), in `groups` independent channel groups."""
         if "g1" in p:
             norm1, norm2 = with_affine(norm1, p["g1"], p["b1"]), with_affine(norm2, p["g2"], p["b2"])
-        return residual_block(x, p["w1"], p["w2"], norm1, norm2)
+        return residual_block(x, p["w1"], p["w2"], norm1, norm2, groups)
 
     def forward(self, x: torch.Tensor, norm1: Norm, norm2: Norm) -> torch.Tensor:
         """The block on `x` with the step's norms (statistics-only ones when the module

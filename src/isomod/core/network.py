@@ -276,6 +276,13 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
+def mix(w: torch.Tensor, stacks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each stacked module parameter `(N, ...)` mixed by route weights `(..., N)`: `(..., ...)`.
+    In fp32 under a bf16 autocast too: the route's gradient passes through this product."""
+    with torch.autocast(w.device.type, enabled=False):
+        return {name: torch.tensordot(w.float(), stack.float(), dims=1) for name, stack in stacks.items()}
+
+
 def check_input(x: torch.Tensor, config: "ModelConfig | int") -> None:
     in_channels = config if isinstance(config, int) else config.in_channels
     if x.dim() != 4 or x.shape[1] != in_channels:
@@ -482,9 +489,7 @@ class ModularNet(TaskModel):
         keep = route.support()
         if keep is not None:
             w, stacks = w[:, keep], {name: stack[keep] for name, stack in stacks.items()}
-        # In fp32 under a bf16 autocast too: the route's gradient passes through this product.
-        with torch.autocast(w.device.type, enabled=False):
-            return {name: torch.tensordot(w.float(), stack.float(), dims=1) for name, stack in stacks.items()}
+        return mix(w, stacks)
 
     def _output_mix(self, h: torch.Tensor, w: torch.Tensor, norm1: nn.Module, norm2: nn.Module) -> torch.Tensor:
         # Exact soft ordering: every module with a non-negligible weight runs on the same

@@ -22,11 +22,10 @@ and compares them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from isomod import distributed
-from isomod.core.blocks import KINDS
-from isomod.core.network import TaskModel
+from isomod.core.blocks import KINDS, ResidualModule
+from isomod.core.network import TaskModel, mix
 from isomod.errors import IsomodError
 
 
@@ -96,35 +95,25 @@ class GroupedForward:
         h = model.stem(torch.cat(xs))  # (T B, C, H, W)
         c, size = h.shape[1], h.shape[2:]
         h = h.view(t, b, c, *size).transpose(0, 1).reshape(b, t * c, *size)  # (B, T C, H, W)
-        mixed = self.mixed(branches)  # name -> (L, T, ...)
-        steps = [dict(zip(mixed, ws)) for ws in zip(*(m.unbind(0) for m in mixed.values()))]
-        pad = model.config.kernel_size // 2
+        mixed = mix(torch.stack([br.route.weights() for br in branches], 1), model.pool.stacked())  # (L, T, ...)
+        # One step's T blocks side by side: weights (T C, C, k, k), module-owned affine (T C,)
+        steps = [{name: w.flatten(0, 1) for name, w in zip(mixed, ws)}
+                 for ws in zip(*(m.unbind(0) for m in mixed.values()))]
         for l, p in enumerate(steps):
-            a = F.relu(self.norm(h, 2 * l, branches, rows, p.get("g1"), p.get("b1")))
-            a = F.conv2d(a, p["w1"].reshape(t * c, *p["w1"].shape[2:]), padding=pad, groups=t)
-            a = F.relu(self.norm(a, 2 * l + 1, branches, rows, p.get("g2"), p.get("b2")))
-            h = h + F.conv2d(a, p["w2"].reshape(t * c, *p["w2"].shape[2:]), padding=pad, groups=t)
-        h = self.norm(h, self.positions - 1, branches, rows)
-        return F.relu(h).mean(dim=(2, 3)).view(b, t, c).transpose(0, 1)  # (T, B, C)
+            h = ResidualModule.run(h, p, lambda z, j=2 * l: self.norm(z, j, branches, rows),
+                                   lambda z, j=2 * l + 1: self.norm(z, j, branches, rows), groups=t)
+        h = KINDS[model.config.block].features(self.norm(h, self.positions - 1, branches, rows))  # (B, T C)
+        return h.view(b, t, c).transpose(0, 1)  # (T, B, C)
 
     def __call__(self, xs: list[torch.Tensor], names: list[str]) -> list[torch.Tensor]:
         """Each task's logits `(B, K_t)` of its batch."""
         features = self.features(xs, names)
         return [self.model.forward_head(f, n) for f, n in zip(features.unbind(0), names)]
 
-    def mixed(self, branches: list) -> dict[str, torch.Tensor]:
-        """Every module parameter mixed by each task's route at each step, `(L, T, ...)`, in
-        fp32 under a bf16 autocast too (route gradients pass through this product)."""
-        w = torch.stack([br.route.weights() for br in branches], 1)  # (L, T, N)
-        with torch.autocast(w.device.type, enabled=False):
-            return {name: torch.tensordot(w.float(), stack.float(), dims=1)
-                    for name, stack in self.model.pool.stacked().items()}
-
-    def norm(self, h: torch.Tensor, j: int, branches: list, rows: torch.Tensor | None,
-             scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+    def norm(self, h: torch.Tensor, j: int, branches: list, rows: torch.Tensor | None) -> torch.Tensor:
         """The tasks' norms at position `j` on `h` `(B, T C, H, W)`: batch statistics per
-        channel, running statistics updated in the stacks, then each task's affine parameters
-        (its norm's, or `scale` and `shift` `(T, C)` mixed from module-owned ones)."""
+        channel, running statistics updated in the stacks, each task's own affine parameters
+        (where its step norms have them)."""
         first = branches[0].norms[j]
         if rows is None:
             mean, var = self.mean[j].view(-1), self.var[j].view(-1)  # views: updated in place
@@ -140,8 +129,6 @@ class GroupedForward:
                 t = len(branches)
                 self.mean[j].index_copy_(0, rows, mean.view(t, -1))
                 self.var[j].index_copy_(0, rows, var.view(t, -1))
-        if scale is not None:
-            out = out * scale.reshape(-1)[None, :, None, None] + shift.reshape(-1)[None, :, None, None]
         return out
 
     @torch.no_grad()

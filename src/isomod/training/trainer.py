@@ -473,9 +473,7 @@ class Trainer:
             with run.autocast:
                 out = self.objective(self._bound(run.forward, task), Batch(task, x, y, self.step / c.steps,
                                                                           run.batches))
-            # Weighted so that the average over ranks is the global batch's mean loss.
-            share = distributed.world_size() * len(y) / global_batch
-            total = total + share * out.loss / len(chosen)
+            total = total + share(out.loss, y, global_batch, len(chosen))
             self._track(run, task, y, out)
         return self._backward_and_step(run, total)
 
@@ -498,7 +496,7 @@ class Trainer:
         total = 0.0
         for task, (x, y, global_batch), out in zip(chosen, batches, logits):
             loss = F.cross_entropy(out, y)
-            total = total + distributed.world_size() * len(y) / global_batch * loss / len(chosen)
+            total = total + share(loss, y, global_batch, len(chosen))
             self._track(run, task, y, Output(loss, out))
         return self._backward_and_step(run, total)
 
@@ -615,6 +613,12 @@ class Trainer:
         if self.step < self.config.steps:
             bar.write(f"step {self.step}: test acc " + " ".join(f"{short(t)} {a:.3f}" for t, a in accs.items()))
         return accs
+
+
+def share(loss: torch.Tensor, y: torch.Tensor, global_batch: int, tasks: int) -> torch.Tensor:
+    """A task's part of a step's loss: its batch's mean `loss` over `tasks` tasks, weighted so
+    that the average over data-parallel ranks is the global batch's mean loss."""
+    return distributed.world_size() * len(y) / global_batch * loss / tasks
 
 
 def short(task: str) -> str:
